@@ -1,0 +1,1 @@
+"""gref-serve: loadtest."""
