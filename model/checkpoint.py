@@ -1,0 +1,142 @@
+"""Checkpoints: safetensors weights + a JSON config beside them. Nothing is unpickled.
+
+A checkpoint directory holds
+- model.safetensors   the weights,
+- config.json         {"kind", "model_config", "train_config", "meta"}: everything needed
+                      to rebuild the model (the export and the service never use defaults),
+- train_state.safetensors + train_state.json (optional): optimizer moments, step, epoch,
+                      best validation score and RNG states, so an interrupted run resumes.
+Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.config import ModelConfig
+
+CHECKPOINT_VERSION = 1
+
+
+def _model_classes() -> dict[str, type[nn.Module]]:
+    from model.baselines import PRM, NAR4Rec, PointwiseDNN
+    from model.network import GenReranker
+
+    return {"gen_reranker": GenReranker, "dnn": PointwiseDNN, "prm": PRM, "nar4rec": NAR4Rec}
+
+
+def kind_of(model: nn.Module) -> str:
+    for kind, cls in _model_classes().items():
+        if type(model) is cls:
+            return kind
+    raise TypeError(f"not a checkpointable model: {type(model).__name__}")
+
+
+def build_model(kind: str, cfg: ModelConfig) -> nn.Module:
+    classes = _model_classes()
+    if kind not in classes:
+        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(classes)}")
+    return classes[kind](cfg)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    cfg: ModelConfig,
+    train_config: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = d / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "kind": kind_of(model)})
+    tmp.replace(d / "model.safetensors")
+    config = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "kind": kind_of(model),
+        "model_config": cfg.to_dict(),
+        "train_config": train_config or {},
+        "meta": meta or {},
+    }
+    _atomic_write_bytes(d / "config.json", json.dumps(config, indent=2).encode())
+    return d
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a gref checkpoint directory)")
+    config: dict[str, Any] = json.loads(path.read_text())
+    version = config.get("checkpoint_version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint_version {version!r}, expected {CHECKPOINT_VERSION}")
+    return config
+
+
+def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Rebuild the model from its own config and load its weights (strict)."""
+    config = read_config(directory)
+    cfg = ModelConfig.from_dict(config["model_config"])
+    model = build_model(config["kind"], cfg)
+    weights = load_file(str(Path(directory) / "model.safetensors"))
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    return model, cfg, config
+
+
+def save_train_state(
+    directory: str | Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Optimizer moments as tensors, scalars and RNG states as JSON."""
+    d = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, pstate in optimizer.state_dict()["state"].items():
+        for name, value in pstate.items():
+            key = f"opt.{pid}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().contiguous().cpu()
+            else:
+                scalars[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = d / "train_state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(d / "train_state.safetensors")
+    payload = {"state": state, "opt_scalars": scalars}
+    _atomic_write_bytes(d / "train_state.json", json.dumps(payload).encode())
+
+
+def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    d = Path(directory)
+    tensors = load_file(str(d / "train_state.safetensors"))
+    payload = json.loads((d / "train_state.json").read_text())
+    sd = optimizer.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(payload["opt_scalars"].items()):
+        if not key.startswith("opt."):
+            continue
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.torch"])
+    result: dict[str, Any] = payload["state"]
+    return result
+
+
+def has_train_state(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / "train_state.safetensors").exists() and (d / "train_state.json").exists()

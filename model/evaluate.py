@@ -1,0 +1,156 @@
+"""Evaluation: the gold metric (true utility under the simulator's user model), the
+logged-data metrics (AUC, NDCG/MAP/clicks@k on the exposed lists), decoder passes and
+decode latency — every model measured the same way, side by side.
+
+Logged-data metrics rerank the EXPOSED items only (the other candidates are masked out,
+their upstream positions kept), since only exposed items carry feedback; this is how
+LibRerank evaluates rerankers on logs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.data import ListBatch
+from model.features import FeatureSchema
+from model.metrics import auc, list_metrics, ranked_labels
+from model.tensors import Inputs, to_inputs
+
+
+@dataclass(frozen=True)
+class Reranker:
+    """A model plus how to decode it. kind: upstream | dnn | prm | nar4rec | gen_reranker."""
+
+    name: str
+    kind: str
+    model: nn.Module | None = None
+    items_per_pass: int | None = None  # gen_reranker: items emitted per decoder pass
+    beam: int | None = None  # gen_reranker: beam width (one item per pass)
+
+
+@dataclass(frozen=True)
+class Reranked:
+    order: np.ndarray  # (B, k) candidate indices, -1 = none
+    item_scores: np.ndarray  # (B, M) per-candidate score (for AUC)
+    passes: int  # decoder passes (0 for one-shot scorers)
+
+
+@torch.no_grad()
+def rerank(r: Reranker, inp: Inputs, k: int) -> Reranked:
+    from model.decode import beam_decode, greedy_decode, rank_scores
+
+    B, M = inp.batch_size, inp.m
+    if r.kind == "upstream":
+        # candidates arrive in upstream order: take the first k real ones
+        idx = torch.arange(M).expand(B, M)
+        key = torch.where(inp.cand_mask, idx, idx + M)
+        order = torch.sort(key, dim=1).values[:, :k]
+        order = torch.where(order < M, order, torch.full_like(order, -1))
+        scores = torch.where(inp.cand_mask, -idx.float(), torch.full((B, M), -1e9))
+        return Reranked(order.numpy(), scores.numpy(), 0)
+    if r.model is None:
+        raise ValueError(f"{r.name}: kind {r.kind!r} needs a model")
+    if r.kind == "gen_reranker":
+        if r.beam and r.beam > 1:
+            res = beam_decode(r.model, inp, k, beam=r.beam)
+        else:
+            res = greedy_decode(r.model, inp, k, items_per_pass=r.items_per_pass)
+        return Reranked(res.order.numpy(), rank_scores(res.order, M).numpy(), int(res.passes))
+    order, scores = r.model.rerank(inp, k)  # type: ignore[operator]
+    passes = 1 if r.kind == "nar4rec" else 0
+    return Reranked(order.numpy(), scores.float().numpy(), passes)
+
+
+def exposed_only(batch: ListBatch) -> ListBatch:
+    """Mask every candidate that was not exposed (upstream positions unchanged)."""
+    B, M = batch.item_id.shape
+    exposed_mask = np.zeros((B, M), dtype=bool)
+    rows, cols = np.nonzero(batch.exposed >= 0)
+    exposed_mask[rows, batch.exposed[rows, cols]] = True
+    return batch.with_(cand_mask=batch.cand_mask & exposed_mask)
+
+
+def clicks_by_candidate(batch: ListBatch) -> np.ndarray:
+    """(B, M) click label per candidate (0 for the unexposed)."""
+    B, M = batch.item_id.shape
+    out = np.zeros((B, M), dtype=np.float32)
+    rows, cols = np.nonzero(batch.exposed >= 0)
+    out[rows, batch.exposed[rows, cols]] = batch.click[rows, cols]
+    return out
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def logged_metrics(
+    r: Reranker, batch: ListBatch, schema: FeatureSchema, chunk: int = 4096
+) -> dict[str, float]:
+    """AUC and NDCG/MAP/clicks@{1,3,5,10} of reranking each exposed list."""
+    exp = exposed_only(batch)
+    labels = clicks_by_candidate(batch)
+    K = batch.k
+    ranked, flat_scores, flat_labels = [], [], []
+    for sl in _chunks(len(exp), chunk):
+        part = exp.take(sl)
+        out = rerank(r, to_inputs(part, schema), K)
+        ranked.append(ranked_labels(out.order, labels[sl]))
+        mask = part.cand_mask
+        flat_scores.append(out.item_scores[mask])
+        flat_labels.append(labels[sl][mask])
+    metrics = list_metrics(np.concatenate(ranked))
+    metrics["auc"] = auc(np.concatenate(flat_scores), np.concatenate(flat_labels))
+    return metrics
+
+
+def generate_lists(
+    r: Reranker, batch: ListBatch, schema: FeatureSchema, k: int, chunk: int = 4096
+) -> tuple[np.ndarray, int]:
+    """(B, k) candidate indices of the generated lists over ALL candidates, and passes."""
+    orders, passes = [], 0
+    for sl in _chunks(len(batch), chunk):
+        out = rerank(r, to_inputs(batch.take(sl), schema), k)
+        orders.append(out.order)
+        passes = out.passes
+    return np.concatenate(orders), passes
+
+
+def item_ids_of(batch: ListBatch, order: np.ndarray) -> np.ndarray:
+    """Candidate indices -> item ids (-1 stays -1)."""
+    safe = np.where(order >= 0, order, 0)
+    ids = np.take_along_axis(batch.item_id, safe, axis=1)
+    return np.where(order >= 0, ids, -1)
+
+
+def decode_latency_ms(
+    r: Reranker, batch: ListBatch, schema: FeatureSchema, k: int, reps: int = 200
+) -> float:
+    """Median wall time of reranking ONE request (batch 1) on one thread, in ms.
+    The first few calls are warm-up and discarded."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inputs = [to_inputs(batch.take(slice(i, i + 1)), schema) for i in range(min(reps, 50))]
+        for inp in inputs[:5]:
+            rerank(r, inp, k)
+        times = []
+        for i in range(reps):
+            inp = inputs[i % len(inputs)]
+            t0 = time.perf_counter()
+            rerank(r, inp, k)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(statistics.median(times))
+    finally:
+        torch.set_num_threads(prev)
+
+
+def mean_and_sem(values: np.ndarray) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0

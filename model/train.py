@@ -1,0 +1,271 @@
+"""Training: one loop for every stage and model, readable top to bottom.
+
+Stages (TrainConfig.stage):
+- pretrain  Gen-Reranker on logged exposure orders, L_omtp = λ1·L_n + λ2·L_o (Eq. 6, 9, 10);
+- dpo       Rerank-DPO from a checkpoint against its frozen copy (Eq. 7, 8);
+            with no init checkpoint it is "DPO only" (reference = the random init);
+- clicks    Seq2Slate-like: Gen-Reranker (n = 1) on click-sorted exposures, no exposure
+            pre-training;
+- dnn, prm  pointwise DNN / PRM: BCE on clicks of exposed items;
+- nar       NAR4Rec-like: per-position cross-entropy on the preferred (Eq. 7) order.
+Each epoch ends with validation; the best epoch is kept (early stopping), and the last
+epoch's weights + optimizer state are saved so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.checkpoint import (
+    build_model,
+    has_train_state,
+    load_checkpoint,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+)
+from model.config import ModelConfig
+from model.data import ListBatch, feedback_utility
+from model.evaluate import Reranker, logged_metrics
+from model.tensors import Inputs, to_inputs
+
+log = logging.getLogger(__name__)
+
+# stage -> the kind of model it trains
+STAGE_KIND = {
+    "pretrain": "gen_reranker",
+    "dpo": "gen_reranker",
+    "clicks": "gen_reranker",
+    "dnn": "dnn",
+    "prm": "prm",
+    "nar": "nar4rec",
+}
+STAGES = tuple(STAGE_KIND)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "pretrain"
+    epochs: int = 6
+    batch_size: int = 512  # paper: 1024; 512 trains faster per epoch on 2 CPU cores
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    patience: int = 2  # epochs without a validation gain before stopping
+    lambda1: float = 1.0  # L_n weight (Eq. 10)
+    lambda2: float = 0.5  # L_o weight (Eq. 10); 0 = "L_n only"
+    beta: float = 0.1  # DPO temperature (paper default)
+    alpha: float = 1.0  # Eq. 7 position term
+    gamma: float = 1.0  # Eq. 7 feedback term
+    w_click: float = 1.0  # feedback utility U: click, like, long view weights
+    w_like: float = 1.5
+    w_long_view: float = 0.8
+    seed: int = 0
+    threads: int = 2
+    max_valid: int = 20_000  # validation rows used each epoch
+    select_on: str = ""  # "" = the stage's default (loss, or ndcg@10 for dpo)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r} not in {STAGES}")
+
+
+@dataclass
+class TrainResult:
+    best_dir: Path
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def _utility(batch: ListBatch, tc: TrainConfig) -> np.ndarray:
+    return feedback_utility(batch, tc.w_click, tc.w_like, tc.w_long_view)
+
+
+def _click_sorted(batch: ListBatch) -> np.ndarray:
+    """Exposure reordered clicked-first (stable): Seq2Slate's click supervision."""
+    exposed = batch.exposed
+    key = np.where(exposed >= 0, -batch.click, np.inf)
+    return np.take_along_axis(exposed, np.argsort(key, axis=1, kind="stable"), axis=1)
+
+
+class StageLoss:
+    """Loss of one batch for a stage. Holds the frozen reference model for DPO."""
+
+    def __init__(self, tc: TrainConfig, model: nn.Module, ref: nn.Module | None) -> None:
+        self.tc, self.model, self.ref = tc, model, ref
+
+    def __call__(self, batch: ListBatch, inp: Inputs) -> tuple[torch.Tensor, dict[str, float]]:
+        from model import losses
+
+        tc, model = self.tc, self.model
+        exposed = torch.from_numpy(batch.exposed.astype(np.int64))
+        utility = torch.from_numpy(_utility(batch, tc))
+        if tc.stage == "pretrain":
+            scores = model(inp, exposed)
+            loss, parts = losses.omtp_loss(
+                scores, exposed, inp.cand_mask, utility, lambda1=tc.lambda1, lambda2=tc.lambda2
+            )
+            return loss, {k: float(v) for k, v in parts.items()}
+        if tc.stage == "clicks":
+            target = torch.from_numpy(_click_sorted(batch).astype(np.int64))
+            loss = losses.exposure_ce(model(inp, target), target, inp.cand_mask)
+            return loss, {}
+        if tc.stage == "dpo":
+            order_w, differs = losses.preferred_order(exposed, utility, tc.alpha, tc.gamma)
+            if not bool(differs.any()):
+                return torch.zeros((), requires_grad=True), {}
+            if self.ref is None:
+                raise ValueError("the dpo stage needs a reference model")
+            with torch.no_grad():
+                ref_w, ref_l = self.ref(inp, order_w), self.ref(inp, exposed)
+            loss, stats = losses.dpo_loss(
+                model(inp, order_w),
+                model(inp, exposed),
+                ref_w,
+                ref_l,
+                order_w,
+                exposed,
+                inp.cand_mask,
+                differs,
+                beta=tc.beta,
+                heads=model.cfg.omtp_heads,  # type: ignore[union-attr]
+            )
+            return loss, {k: float(v) for k, v in stats.items()}
+        click = torch.from_numpy(batch.click.astype(np.float32))
+        target = None
+        if tc.stage == "nar":
+            target, _ = losses.preferred_order(exposed, utility, tc.alpha, tc.gamma)
+        return model.loss(inp, exposed, click, target), {}  # type: ignore[operator]
+
+
+def _reranker(model: nn.Module, kind: str) -> Reranker:
+    return Reranker(name=kind, kind=kind, model=model)
+
+
+def validate(
+    loss_fn: StageLoss, valid: ListBatch, model_cfg: ModelConfig, kind: str, tc: TrainConfig
+) -> dict[str, float]:
+    model = loss_fn.model
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(valid), tc.batch_size * 4):
+            part = valid.take(slice(start, start + tc.batch_size * 4))
+            loss, _ = loss_fn(part, to_inputs(part, model_cfg.schema))
+            total += float(loss) * len(part)
+            n += len(part)
+    out = {"valid_loss": total / max(n, 1)}
+    out.update(
+        {
+            f"valid_{k}": v
+            for k, v in logged_metrics(_reranker(model, kind), valid, model_cfg.schema).items()
+            if k in ("ndcg@10", "auc", "map@10")
+        }
+    )
+    model.train()
+    return out
+
+
+def _selection_score(tc: TrainConfig, metrics: dict[str, float]) -> float:
+    key = tc.select_on or ("valid_ndcg@10" if tc.stage == "dpo" else "valid_loss")
+    value = metrics[key]
+    return -value if key.endswith("loss") else value
+
+
+def train(
+    model_cfg: ModelConfig,
+    tc: TrainConfig,
+    train_data: ListBatch,
+    valid_data: ListBatch,
+    out_dir: str | Path,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> TrainResult:
+    """Train one model; returns the directory of the best checkpoint (`out_dir/best`)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    kind = STAGE_KIND[tc.stage]
+
+    if init_from is not None:
+        model, loaded_cfg, _ = load_checkpoint(init_from)
+        if loaded_cfg != model_cfg:
+            log.info("using the init checkpoint's model config (it differs from the given one)")
+        model_cfg = loaded_cfg
+    else:
+        model = build_model(kind, model_cfg)
+    ref = None
+    if tc.stage == "dpo":  # frozen reference: the init (pre-trained, or random for DPO only)
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    loss_fn = StageLoss(tc, model, ref)
+
+    history: list[dict[str, Any]] = []
+    best, start_epoch, stale = -float("inf"), 0, 0
+    last_dir, best_dir = out / "last", out / "best"
+    if resume and has_train_state(last_dir):
+        last_model, _, _ = load_checkpoint(last_dir)
+        model.load_state_dict(last_model.state_dict())
+        state = load_train_state(last_dir, opt)
+        history, best = state["history"], state["best"]
+        start_epoch, stale = state["epoch"] + 1, state["stale"]
+        log.info("resumed %s at epoch %d", out, start_epoch)
+        if ref is not None and (out / "reference").exists():
+            ref.load_state_dict(load_checkpoint(out / "reference")[0].state_dict())
+    if ref is not None and not (out / "reference").exists():
+        save_checkpoint(out / "reference", ref, model_cfg, asdict(tc), {"role": "dpo reference"})
+
+    valid = valid_data.take(slice(0, tc.max_valid))
+    for epoch in range(start_epoch, tc.epochs):
+        if stale >= tc.patience:
+            break
+        # the permutation depends on (seed, epoch) only, so a resumed run sees the same data
+        perm = np.random.default_rng([tc.seed, epoch]).permutation(len(train_data))
+        steps = range(0, len(perm), tc.batch_size)
+        bar = tqdm(
+            steps, desc=f"{tc.stage} {out.name} ep{epoch}", disable=not progress, leave=False
+        )
+        running = 0.0
+        for i, start in enumerate(bar):
+            batch = train_data.take(perm[start : start + tc.batch_size])
+            loss, parts = loss_fn(batch, to_inputs(batch, model_cfg.schema))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            running = 0.9 * running + 0.1 * float(loss) if i else float(loss)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{running:.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        metrics = validate(loss_fn, valid, model_cfg, kind, tc)
+        score = _selection_score(tc, metrics)
+        improved = score > best
+        if improved:
+            best, stale = score, 0
+            save_checkpoint(best_dir, model, model_cfg, asdict(tc), {"epoch": epoch, **metrics})
+        else:
+            stale += 1
+        history.append({"epoch": epoch, "train_loss": running, **metrics, "improved": improved})
+        log.info("%s epoch %d: %s", out.name, epoch, json.dumps(history[-1]))
+        save_checkpoint(last_dir, model, model_cfg, asdict(tc), {"epoch": epoch})
+        save_train_state(
+            last_dir, opt, {"epoch": epoch, "best": best, "stale": stale, "history": history}
+        )
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    return TrainResult(best_dir, history, time.perf_counter() - t0)
