@@ -1,0 +1,137 @@
+"""`python -m model {generate,train,results,convert-avito}` — the offline half of gref-serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from model.config import ModelConfig
+    from model.logs import write_dataset
+    from model.world import WorldConfig, generate_logs, headroom
+
+    world, logs = generate_logs(WorldConfig(), args.seed, args.n_requests, progress=True)
+    out = Path(args.out)
+    write_dataset(out, logs, ModelConfig().schema)
+    world.save(out / "world.npz")
+    room = headroom(world, logs.take(slice(0, 5000)))
+    print(json.dumps({"out": str(out), "requests": len(logs), "headroom": room}, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.config import ModelConfig
+    from model.logs import read_logs, read_schema
+    from model.train import TrainConfig, train
+
+    data = Path(args.data)
+    schema = read_schema(data / "train.parquet")
+    cfg = ModelConfig.preset(args.preset, schema=schema)
+    if args.heads is not None:
+        cfg = replace(cfg, omtp_heads=args.heads)
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    tc = TrainConfig(**overrides)
+    res = train(
+        cfg,
+        tc,
+        read_logs(data / "train.parquet", schema),
+        read_logs(data / "valid.parquet", schema),
+        args.out,
+        init_from=args.init,
+        resume=not args.no_resume,
+    )
+    print(json.dumps({"best": str(res.best_dir), "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from model.results import ResultsConfig, run
+
+    if args.quick:
+        rc = ResultsConfig.quick(args.seed)
+    else:
+        rc = ResultsConfig(seeds=tuple(range(args.seed, args.seed + args.seeds)))
+    if args.n_requests:
+        rc = replace(rc, n_requests=args.n_requests)
+    if args.epochs:
+        rc = replace(rc, epochs=args.epochs)
+    summary = run(rc, args.out, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.json, results.md and plots in {summary['seconds']:.0f} s")
+    return 0
+
+
+def _convert_avito(args: argparse.Namespace) -> int:
+    from model.logs import convert_avito
+
+    stats = convert_avito(args.search_stream, args.search_info, args.out, ads_info=args.ads_info)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="simulate a world and write its logs (Parquet)")
+    g.add_argument("--out", default="data/sim")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n-requests", type=int, default=200_000)
+    g.set_defaults(fn=_generate)
+
+    t = sub.add_parser("train", help="train one stage on logs in the Parquet schema")
+    t.add_argument(
+        "--stage", required=True, choices=["pretrain", "dpo", "clicks", "dnn", "prm", "nar"]
+    )
+    t.add_argument("--data", required=True, help="directory with train/valid.parquet")
+    t.add_argument("--out", required=True, help="checkpoint directory")
+    t.add_argument("--init", help="checkpoint to start from (dpo: the pre-trained model)")
+    t.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    t.add_argument("--heads", type=int, help="OMTP heads n (default: the preset's)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", dest="batch_size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--lambda2", type=float, help="L_o weight; 0 = L_n only")
+    t.add_argument("--beta", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--no-resume", action="store_true")
+    t.set_defaults(fn=_train)
+
+    r = sub.add_parser("results", help="train everything and write results/ (tables, plots)")
+    r.add_argument("--seed", type=int, default=0, help="first seed")
+    r.add_argument("--seeds", type=int, default=3, help="number of seeds")
+    r.add_argument("--quick", action="store_true", help="small version (minutes), one seed")
+    r.add_argument("--out", default="results")
+    r.add_argument("--n-requests", type=int)
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(fn=_results)
+
+    a = sub.add_parser("convert-avito", help="Avito Context Ad Clicks TSVs -> our log schema")
+    a.add_argument("--search-stream", required=True)
+    a.add_argument("--search-info", required=True)
+    a.add_argument("--ads-info")
+    a.add_argument("--out", required=True)
+    a.set_defaults(fn=_convert_avito)
+
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
