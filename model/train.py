@@ -250,7 +250,8 @@ def train(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
-            running = 0.9 * running + 0.1 * float(loss) if i else float(loss)
+            lv = loss.item()
+            running = 0.9 * running + 0.1 * lv if i else lv
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{running:.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
         metrics = validate(loss_fn, valid, model_cfg, kind, tc)
