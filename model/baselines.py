@@ -239,11 +239,13 @@ class NAR4Rec(nn.Module):
         )
         self.query_proj = nn.Linear(d, d)
 
-    def forward(self, inp: Inputs) -> torch.Tensor:
-        """-> position × candidate logits (B, S, M), S = max_steps."""
+    def forward(self, inp: Inputs, positions: int | None = None) -> torch.Tensor:
+        """-> position × candidate logits (B, S, M), S = positions (default max_steps).
+        Only the positions that will be used are computed: k of them, not max_steps."""
+        S = self.max_steps if positions is None else min(positions, self.max_steps)
         tokens, key_padding = self.encoder(inp)  # (B, 1+M, d), (B, 1+M)
         user = tokens[:, :1]  # (B, 1, d) context-aware user token
-        queries = self.pos_queries.weight[None] + user  # (B, S, d)
+        queries = self.pos_queries.weight[None, :S] + user  # (B, S, d)
         # no tgt_mask: positions see each other (non-autoregressive); memory includes the
         # user token, so a request with no candidates still has one key to attend to
         q = self.blocks(queries, tokens, memory_key_padding_mask=key_padding)  # (B, S, d)
@@ -262,8 +264,8 @@ class NAR4Rec(nn.Module):
         """Per-position cross entropy on target_order (B, K): position s's target is
         target_order[:, s]; -1 targets and positions past S are ignored. exposed and click
         are unused (the harness chooses the target order)."""
-        scores = self(inp)  # (B, S, M)
         K = min(target_order.shape[1], self.max_steps)
+        scores = self(inp, K)  # (B, K, M)
         target = target_order[:, :K]  # (B, K)
         logp = F.log_softmax(scores[:, :K], dim=-1)  # (B, K, M)
         valid = target >= 0  # (B, K)
@@ -280,7 +282,7 @@ class NAR4Rec(nn.Module):
         (k .. 1), and sigmoid(best position logit) - 1 in (-1, 0) for the rest."""
         if k > self.max_steps:
             raise ValueError(f"k={k} > max_steps={self.max_steps} positions of NAR4Rec")
-        scores = self(inp)  # (B, S, M)
+        scores = self(inp, k)  # (B, k, M)
         B, M = inp.item_id.shape
         free = inp.cand_mask.clone()  # (B, M)
         order = torch.full((B, k), -1, dtype=torch.long, device=scores.device)
