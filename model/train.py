@@ -66,6 +66,8 @@ class TrainConfig:
     lambda1: float = 1.0  # L_n weight (Eq. 10)
     lambda2: float = 0.5  # L_o weight (Eq. 10); 0 = "L_n only"
     beta: float = 0.1  # DPO temperature (paper default)
+    dpo_nll: float = 0.0  # weight of an NLL (L_n) term on Y_w during DPO, against likelihood
+    # displacement (both sequences' probabilities falling while the margin grows)
     alpha: float = 1.0  # Eq. 7 position term
     gamma: float = 1.0  # Eq. 7 feedback term
     w_click: float = 1.0  # feedback utility U: click, like, long view weights
@@ -129,8 +131,9 @@ class StageLoss:
                 raise ValueError("the dpo stage needs a reference model")
             with torch.no_grad():
                 ref_w, ref_l = self.ref(inp, order_w), self.ref(inp, exposed)
+            policy_w = model(inp, order_w)
             loss, stats = losses.dpo_loss(
-                model(inp, order_w),
+                policy_w,
                 model(inp, exposed),
                 ref_w,
                 ref_l,
@@ -141,6 +144,12 @@ class StageLoss:
                 beta=tc.beta,
                 heads=model.cfg.omtp_heads,  # type: ignore[union-attr]
             )
+            if tc.dpo_nll > 0:
+                nll, _ = losses.omtp_loss(
+                    policy_w, order_w, inp.cand_mask, utility, lambda1=1.0, lambda2=0.0
+                )
+                loss = loss + tc.dpo_nll * nll
+                stats["nll"] = nll.detach()
             return loss, {k: float(v) for k, v in stats.items()}
         click = torch.from_numpy(batch.click.astype(np.float32))
         target = None

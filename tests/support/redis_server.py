@@ -49,8 +49,10 @@ class RedisProcess:
 
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
-            + ["--appendonly", "no", "--dir", self.workdir, "--protected-mode", "yes"],
+            [
+                *(self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""),
+                *("--appendonly", "no", "--dir", self.workdir, "--protected-mode", "yes"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

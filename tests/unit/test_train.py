@@ -103,5 +103,5 @@ def test_checkpoint_refuses_foreign_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"checkpoint_version": 99}')
     with pytest.raises(ValueError, match="checkpoint_version"):
         read_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         read_config(tmp_path / "nowhere")
