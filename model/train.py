@@ -68,6 +68,7 @@ class TrainConfig:
     beta: float = 0.1  # DPO temperature (paper default)
     dpo_nll: float = 0.0  # weight of an NLL (L_n) term on Y_w during DPO, against likelihood
     # displacement (both sequences' probabilities falling while the margin grows)
+    dpo_heads: int = 0  # heads whose sequence factorisation DPO post-trains; 0 = all n
     alpha: float = 1.0  # Eq. 7 position term
     gamma: float = 1.0  # Eq. 7 feedback term
     w_click: float = 1.0  # feedback utility U: click, like, long view weights
@@ -142,7 +143,7 @@ class StageLoss:
                 inp.cand_mask,
                 differs,
                 beta=tc.beta,
-                heads=model.cfg.omtp_heads,  # type: ignore[union-attr]
+                heads=tc.dpo_heads or model.cfg.omtp_heads,  # type: ignore[union-attr]
             )
             if tc.dpo_nll > 0:
                 nll, _ = losses.omtp_loss(

@@ -1,0 +1,100 @@
+"""`python -m export {build,verify,publish}`: checkpoint -> ONNX bundle -> parity -> Redis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _build(args: argparse.Namespace) -> int:
+    from export.build import build_bundle
+    from export.config import ExportConfig
+
+    ec = ExportConfig(
+        opset=args.opset,
+        fp16=args.fp16,
+        label=args.label,
+        items_path=args.items,
+        simplify=not args.no_simplify,
+    )
+    path = build_bundle(args.checkpoint, args.out, ec)
+    print(f"bundle: {path}")
+    if args.verify:
+        return _verify_path(str(path), None, None, {})
+    return 0
+
+
+def _verify_path(
+    bundle: str, checkpoint: str | None, precisions: list[str] | None, overrides: dict[str, int]
+) -> int:
+    from export.verify import verify_bundle
+
+    reports = verify_bundle(bundle, checkpoint, precisions, overrides)
+    for report in reports.values():
+        print(report.summary())
+    failed = [p for p, r in reports.items() if not r.passed]
+    if failed:
+        print(f"parity FAILED for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    overrides = {"requests": args.requests, "seed": args.seed}
+    return _verify_path(args.bundle, args.checkpoint, args.precision, overrides)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from export.publish import publish_bundle
+
+    report = publish_bundle(
+        args.bundle, args.redis_url, prefix=args.prefix, dtype=args.dtype, chunk=args.chunk
+    )
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="checkpoint -> artifacts/<version>/ (ONNX bundle)")
+    b.add_argument("checkpoint", help="checkpoint directory (model.safetensors + config.json)")
+    b.add_argument("--out", default="artifacts")
+    b.add_argument("--items", default="", help="items.parquet: embed the item table")
+    b.add_argument("--fp16", action="store_true", help="also write *.fp16.onnx (GPU path)")
+    b.add_argument("--label", default="", help="human part of the version (default: date)")
+    b.add_argument("--opset", type=int, default=20)
+    b.add_argument("--no-simplify", action="store_true", help="keep the traced shape ops")
+    b.add_argument("--verify", action="store_true", help="run `verify` right after")
+    b.set_defaults(fn=_build)
+
+    v = sub.add_parser("verify", help="parity of the bundle against its torch checkpoint")
+    v.add_argument("bundle")
+    v.add_argument("--checkpoint", help="default: the one recorded in the manifest")
+    v.add_argument("--precision", action="append", choices=["fp32", "fp16"])
+    v.add_argument("--requests", type=int, default=1000)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(fn=_verify)
+
+    u = sub.add_parser("publish", help="item embeddings -> Redis (versioned keys)")
+    u.add_argument("bundle")
+    u.add_argument("--redis-url", required=True)
+    u.add_argument("--prefix", default="gref")
+    u.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    u.add_argument("--chunk", type=int, default=10_000, help="keys per MSET")
+    u.set_defaults(fn=_publish)
+
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

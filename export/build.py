@@ -1,0 +1,250 @@
+"""`python -m export build CHECKPOINT --out artifacts/`: checkpoint -> bundle (design §5).
+
+The bundle is written into a temporary sibling directory and renamed into place, and
+`artifacts/latest` is replaced atomically after it, so a reader never sees half a bundle.
+version = "<label>-<8 hex of sha256(weights, model config, export settings)>": the same
+checkpoint exported the same way gets the same hash. The item table does not enter it:
+an embedding is a function of the model alone, so a bundle rebuilt with a refreshed item
+table keeps its version and the Redis keys already published for it stay valid.
+
+fp16 (--fp16): a second set of graphs, `*.fp16.onnx`, in the SAME bundle (one version, one
+manifest, one item table; the service picks by provider: fp16 on CUDA, fp32 on CPU). The
+weights and the tensors that only travel between graphs (z, bos, keys/values) are float16;
+what the service feeds and reads (features, static embeddings, head scores) stays float32,
+so the engine's numpy side is the same for both. Its parity is reported separately, with
+fp16 tolerances (export/verify.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.config import ExportConfig
+from export.graphs import describe, export_graph, metadata_props
+from model.checkpoint import load_checkpoint
+from model.config import ModelConfig
+from model.features import hash_items
+from model.network import GenReranker
+from service.bundle import (
+    GRAPHS,
+    ITEM_EMBEDDINGS,
+    ITEM_IDS,
+    LATEST,
+    MANIFEST,
+    SCHEMA_VERSION,
+    graph_file,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+NOTES = (
+    "decoder.onnx runs ONE decode pass; head_scores are the n OMTP heads' scores over the "
+    "candidates at the LAST position only (all that decoding needs). Masking of chosen "
+    "items happens in the engine. tokens: candidate indices chosen by the previous pass; "
+    "start: absolute step position of tokens[:, 0] (0 = BOS, pass -1 there)."
+)
+
+
+def content_hash(weights: bytes, cfg: ModelConfig, export: ExportConfig) -> str:
+    h = hashlib.sha256(weights)
+    settings = {
+        "model_config": cfg.to_dict(),
+        "opset": export.opset,
+        "fp16": export.fp16,
+        "simplify": export.simplify,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:8]
+
+
+def git_commit() -> dict[str, Any] | None:
+    """HEAD of the repository this code runs from, and whether the tree is dirty (read-only
+    git calls); None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def load_gen_reranker(checkpoint: str | Path) -> tuple[GenReranker, ModelConfig, dict[str, Any]]:
+    model, cfg, config = load_checkpoint(checkpoint)
+    if not isinstance(model, GenReranker):
+        raise ValueError(f"{checkpoint}: a {config['kind']!r} checkpoint, not a gen_reranker")
+    return model, cfg, config
+
+
+def embed_item_table(
+    item_tower_onnx: Path, cfg: ModelConfig, items_path: str, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The item table through the exported fp32 item tower (the very graph the service runs
+    for cache misses). -> ids (N,) int64 raw, embeddings (N, d) float32."""
+    from model.logs import read_items  # pyarrow: only needed with --items
+
+    ids, cat, dense = read_items(items_path, cfg.schema)
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{items_path}: duplicate item ids, e.g. {unique[counts > 1][:5]}")
+    if (ids < 0).any():
+        raise ValueError(f"{items_path}: negative item ids (reserved for padding)")
+    hashed = hash_items(cfg.schema, ids, cat, dense)
+    session = ort.InferenceSession(str(item_tower_onnx), providers=["CPUExecutionProvider"])
+    out = np.empty((len(ids), cfg.d_model), np.float32)
+    for s in range(0, len(ids), batch):
+        feeds = {
+            "item_id": hashed.item_id[s : s + batch],
+            "item_cat": hashed.item_cat[s : s + batch],
+            "item_dense": hashed.item_dense[s : s + batch],
+        }
+        out[s : s + batch] = session.run(["static"], feeds)[0]
+    return ids.astype(np.int64), out
+
+
+def _graphs_manifest(
+    model: GenReranker, cfg: ModelConfig, ec: ExportConfig, tmp: Path, version: str
+) -> dict[str, dict[str, Any]]:
+    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    precisions = ["fp32", "fp16"] if ec.fp16 else ["fp32"]
+    graphs: dict[str, dict[str, Any]] = {}
+    for precision in precisions:
+        graphs[precision] = {}
+        for name in GRAPHS:
+            path = tmp / graph_file(name, precision)
+            meta = metadata_props(config_json, name, precision, version)
+            proto = export_graph(name, model, precision, path, ec.opset, meta, ec.simplify)
+            onnx.checker.check_model(str(path), full_check=ec.check_full)
+            graphs[precision][name] = {"file": path.name, **describe(proto)}
+            log.info("exported %s (%s): %d bytes", path.name, precision, path.stat().st_size)
+    return graphs
+
+
+def build_bundle(checkpoint: str | Path, out_dir: str | Path, ec: ExportConfig) -> Path:
+    """Export the checkpoint's Gen-Reranker to out_dir/<version>/; returns that path."""
+    ckpt = Path(checkpoint)
+    model, cfg, ckpt_config = load_gen_reranker(ckpt)
+    weights = (ckpt / "model.safetensors").read_bytes()
+    created = datetime.now(timezone.utc)
+    label = ec.label or created.strftime("%Y%m%d")
+    if not label.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"label {label!r}: letters, digits, '-' and '_' only")
+    version = f"{label}-{content_hash(weights, cfg, ec)}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{version}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        graphs = _graphs_manifest(model, cfg, ec, tmp, version)
+        item_table: dict[str, Any]
+        if ec.items_path:
+            tower = tmp / graph_file("item_tower", "fp32")
+            ids, emb = embed_item_table(tower, cfg, ec.items_path, ec.item_batch)
+            np.save(tmp / ITEM_EMBEDDINGS, emb, allow_pickle=False)
+            np.save(tmp / ITEM_IDS, ids, allow_pickle=False)
+            item_table = {
+                "embeddings": ITEM_EMBEDDINGS,
+                "ids": ITEM_IDS,
+                "count": len(ids),
+                "dim": cfg.d_model,
+                "dtype": "float32",
+                "source": str(ec.items_path),
+            }
+        else:
+            item_table = {
+                "embeddings": None,
+                "ids": None,
+                "count": 0,
+                "skipped": "no --items given: no item table in this bundle",
+            }
+        files = {
+            p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+        }
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "version": version,
+            "label": label,
+            "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "git": git_commit(),
+            "model_config": cfg.to_dict(),
+            "model": {
+                "kind": ckpt_config["kind"],
+                "heads": cfg.omtp_heads,
+                "enc_layers": cfg.enc_layers,
+                "dec_layers": cfg.dec_layers,
+                "d_model": cfg.d_model,
+                "n_attn_heads": cfg.n_attn_heads,
+                "max_candidates": cfg.max_candidates,
+                "max_steps": cfg.max_steps,
+            },
+            "hashing": {"name": cfg.schema.hash_name, "salt": cfg.schema.hash_salt},
+            "opset": ec.opset,
+            "exporter": {
+                "name": "torch.onnx.export (TorchScript tracer, dynamo=False)",
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+            },
+            "notes": NOTES,
+            "graphs": graphs,
+            "item_table": item_table,
+            "files": files,
+            "source": {
+                "checkpoint": str(ckpt.resolve()),
+                "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            },
+            "training": {
+                "meta": ckpt_config.get("meta", {}),
+                "train_config": ckpt_config.get("train_config", {}),
+            },
+            "parity": None,  # filled by `python -m export verify`
+        }
+        write_manifest(tmp, manifest)
+        final = out / version
+        if final.exists():
+            shutil.rmtree(final)  # same version = same weights and settings: a rebuild
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_latest(out, version)
+    log.info("bundle %s written to %s", version, final)
+    return final
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = bundle_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.replace(bundle_dir / MANIFEST)
+
+
+def write_latest(out_dir: Path, version: str) -> None:
+    tmp = out_dir / (LATEST + ".tmp")
+    tmp.write_text(version + "\n")
+    tmp.replace(out_dir / LATEST)

@@ -1,0 +1,285 @@
+"""The three ONNX graphs of the bundle: small wrapper modules around GenReranker, and the
+exporter call.
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`, on purpose.
+- torch 2.13's default (dynamo=True, torch.export + onnxscript) needs `onnxscript`, which is
+  not a dependency of this project (not in the venv either).
+- More to the point, the decoder's first pass runs with an EMPTY past (P = 0) and often one
+  step (T = 1); torch.export specializes dimensions it sees at size 0 or 1, so an
+  explicit-KV graph exported that way needs example inputs and constraints chosen around
+  that, or it silently becomes static. The tracer records the shape arithmetic
+  (Shape/Gather/Range) instead, so batch, candidates, steps and past all stay symbolic; the
+  parity tests run it at P = 0 and P > 0, T = 1..n, several B and M.
+Example inputs use distinct sizes (B=2, M=5, T=3, P=4) so no two axes are confused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from export.simplify import simplify
+from model.network import GenReranker
+from model.tensors import Inputs
+from service.bundle import cross_names, past_names, present_names
+
+ITEM_TOWER_INPUTS = ["item_id", "item_cat", "item_dense"]
+ITEM_TOWER_OUTPUTS = ["static"]
+ENCODER_INPUTS = ["static", "upstream_score", "cand_mask", "user_id", "user_dense"]
+DECODER_FIXED_INPUTS = ["tokens", "start", "z", "bos", "cand_mask"]
+
+# the dtype of the tensors that only travel between graphs (z, bos, keys/values); the
+# service-facing inputs and outputs (features, static embeddings, head scores) stay float32
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def encoder_outputs(layers: int) -> list[str]:
+    return ["z", "bos", *cross_names(layers)]
+
+
+def decoder_inputs(layers: int) -> list[str]:
+    return [*DECODER_FIXED_INPUTS, *cross_names(layers), *past_names(layers)]
+
+
+def decoder_outputs(layers: int) -> list[str]:
+    return ["head_scores", *present_names(layers)]
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # only when it changes something: the tracer records even a no-op .to() as a Cast node
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _cast(model: GenReranker, precision: str) -> GenReranker:
+    # a copy: the caller's fp32 model stays the parity reference
+    return model if precision == "fp32" else copy.deepcopy(model).to(_DTYPES[precision])
+
+
+class ItemTowerGraph(nn.Module):
+    """item_id (N,), item_cat (N, Fc), item_dense (N, Fd) -> static (N, d) float32."""
+
+    def __init__(self, model: GenReranker, precision: str) -> None:
+        super().__init__()
+        self.model = _cast(model, precision)
+        self.dtype = _DTYPES[precision]
+
+    def forward(
+        self, item_id: torch.Tensor, item_cat: torch.Tensor, item_dense: torch.Tensor
+    ) -> torch.Tensor:
+        static = self.model.item_tower(item_id, item_cat, _to(item_dense, self.dtype))
+        return _to(static, torch.float32)
+
+
+class EncoderGraph(nn.Module):
+    """static (B, M, d), upstream_score (B, M), cand_mask (B, M), user_id (B,),
+    user_dense (B, Fu) -> z (B, M, d), bos (B, d), cross.{i}.key/value (B, nh, M, hd)."""
+
+    def __init__(self, model: GenReranker, precision: str) -> None:
+        super().__init__()
+        self.model = _cast(model, precision)
+        self.dtype = _DTYPES[precision]
+
+    def forward(
+        self,
+        static: torch.Tensor,
+        upstream_score: torch.Tensor,
+        cand_mask: torch.Tensor,
+        user_id: torch.Tensor,
+        user_dense: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        unused = user_id.new_empty(0)  # encode() reads no item features: static replaces them
+        inp = Inputs(
+            item_id=unused,
+            item_cat=unused,
+            item_dense=unused,
+            upstream_score=_to(upstream_score, self.dtype),
+            cand_mask=cand_mask,
+            user_id=user_id,
+            user_dense=_to(user_dense, self.dtype),
+        )
+        enc = self.model.encode(_to(static, self.dtype), inp)
+        return enc.z, enc.bos, *(t for kv in enc.cross_kv for t in kv)
+
+
+class DecoderGraph(nn.Module):
+    """One decode pass with explicit KV tensors. GenReranker.decode, step for step, except
+    that the OMTP heads are read at the LAST position only: decoding consumes nothing else,
+    and it saves the (B, T*n, d) x (B, d, M) product of the other steps.
+
+    tokens (B, T) int64, start (1,) int64 (absolute position of tokens[:, 0]; 0 = BOS),
+    z (B, M, d), bos (B, d), cand_mask (B, M) bool, then cross.{i}.key/value (B, nh, M, hd)
+    and past_key_values.{i}.key/value (B, nh, P, hd) for every layer
+    -> head_scores (B, n, M) float32, present.{i}.key/value (B, nh, P + T, hd)."""
+
+    def __init__(self, model: GenReranker, precision: str) -> None:
+        super().__init__()
+        self.model = _cast(model, precision)
+        self.layers = model.cfg.dec_layers
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: torch.Tensor,
+        z: torch.Tensor,
+        bos: torch.Tensor,
+        cand_mask: torch.Tensor,
+        *kv: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        m, L = self.model, self.layers
+        cross = [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
+        past = [(kv[2 * L + 2 * i], kv[2 * L + 2 * i + 1]) for i in range(L)]
+        B, T = tokens.shape
+        P = past[0][0].shape[2]
+        steps = torch.arange(T, device=tokens.device)
+        pos = start + steps  # (T,) absolute step positions
+        items = z.gather(1, tokens.clamp(min=0).unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+        x = torch.where((pos == 0)[None, :, None], bos[:, None, :], items)  # (B, T, d)
+        x = x + m.step_emb(pos)[None]
+        keys = torch.arange(P + T, device=tokens.device)
+        causal = keys[None, :] <= (P + steps)[:, None]  # (T, P + T)
+        cand_visible = cand_mask[:, None, None, :]  # (B, 1, 1, M)
+        present: list[torch.Tensor] = []
+        for i, block in enumerate(m.dec_blocks):
+            x, (k, v) = block(x, causal, past[i], cross[i], cand_visible)
+            present += [k, v]
+        h = m.dec_ln(x[:, -1])  # (B, d): the last position only
+        n, d = m.cfg.omtp_heads, m.cfg.d_model
+        q = m.heads(h).view(B, n, d)  # (B, n, d): W_1 h .. W_n h
+        scores = (q @ z.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, n, M)
+        return _to(scores, torch.float32), *present
+
+
+def example_inputs(model: GenReranker, precision: str) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Tracing inputs per graph, with distinct sizes on every dynamic axis."""
+    cfg, s = model.cfg, model.cfg.schema
+    B, M, T, P, N = 2, 5, 3, 4, 7
+    d, nh, L = cfg.d_model, cfg.n_attn_heads, cfg.dec_layers
+    hd, dt = d // nh, _DTYPES[precision]
+    g = torch.Generator().manual_seed(0)
+    item = (
+        torch.randint(1, s.item_id_buckets, (N,), generator=g),
+        torch.stack([torch.randint(1, b, (N,), generator=g) for b in s.categorical_buckets], 1)
+        if s.categorical_buckets
+        else torch.zeros(N, 0, dtype=torch.long),
+        torch.randn(N, len(s.item_dense), generator=g),
+    )
+    mask = torch.ones(B, M, dtype=torch.bool)
+    mask[1, 3:] = False
+    encoder = (
+        torch.randn(B, M, d, generator=g),
+        torch.randn(B, M, generator=g),
+        mask,
+        torch.randint(1, s.user_id_buckets, (B,), generator=g),
+        torch.randn(B, len(s.user_dense), generator=g),
+    )
+    cross = tuple(torch.randn(B, nh, M, hd, generator=g).to(dt) for _ in range(2 * L))
+    past = tuple(torch.randn(B, nh, P, hd, generator=g).to(dt) for _ in range(2 * L))
+    decoder = (
+        torch.randint(0, 3, (B, T), generator=g),
+        torch.tensor([P], dtype=torch.long),
+        torch.randn(B, M, d, generator=g).to(dt),
+        torch.randn(B, d, generator=g).to(dt),
+        mask,
+        *cross,
+        *past,
+    )
+    return {"item_tower": item, "encoder": encoder, "decoder": decoder}
+
+
+def _dynamic_axes(graph: str, layers: int) -> dict[str, dict[int, str]]:
+    bm = {0: "batch", 1: "candidates"}
+    kv_m = {0: "batch", 2: "candidates"}
+    if graph == "item_tower":
+        return {name: {0: "items"} for name in ITEM_TOWER_INPUTS + ITEM_TOWER_OUTPUTS}
+    if graph == "encoder":
+        axes = {"static": bm, "upstream_score": bm, "cand_mask": bm, "z": bm}
+        axes |= {"user_id": {0: "batch"}, "user_dense": {0: "batch"}, "bos": {0: "batch"}}
+        return axes | dict.fromkeys(cross_names(layers), kv_m)
+    axes = {"tokens": {0: "batch", 1: "steps"}, "z": bm, "bos": {0: "batch"}, "cand_mask": bm}
+    axes |= dict.fromkeys(cross_names(layers), kv_m)
+    axes |= {name: {0: "batch", 2: "past"} for name in past_names(layers)}
+    axes |= {name: {0: "batch", 2: "past_plus_steps"} for name in present_names(layers)}
+    return axes | {"head_scores": {0: "batch", 2: "candidates"}}
+
+
+def graph_module(graph: str, model: GenReranker, precision: str) -> nn.Module:
+    cls = {"item_tower": ItemTowerGraph, "encoder": EncoderGraph, "decoder": DecoderGraph}
+    return cls[graph](model, precision).eval()
+
+
+def io_names(graph: str, layers: int) -> tuple[list[str], list[str]]:
+    if graph == "item_tower":
+        return ITEM_TOWER_INPUTS, ITEM_TOWER_OUTPUTS
+    if graph == "encoder":
+        return ENCODER_INPUTS, encoder_outputs(layers)
+    return decoder_inputs(layers), decoder_outputs(layers)
+
+
+def export_graph(
+    graph: str,
+    model: GenReranker,
+    precision: str,
+    path: Path,
+    opset: int,
+    metadata: dict[str, str],
+    simplify_shapes: bool = True,
+) -> onnx.ModelProto:
+    """Trace one graph to `path`, add the metadata (model config, ...), check it."""
+    module = graph_module(graph, model, precision)
+    args = example_inputs(model, precision)[graph]
+    inputs, outputs = io_names(graph, model.cfg.dec_layers)
+    with warnings.catch_warnings(), torch.no_grad():
+        # TracerWarnings about Python ints from shapes are expected: the shape arithmetic
+        # is recorded as ONNX ops, which the dynamic-axes parity tests cover
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=_dynamic_axes(graph, model.cfg.dec_layers),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    if simplify_shapes:
+        proto = simplify(proto)
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(path))
+    return proto
+
+
+def describe(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Inputs/outputs of a graph as the manifest lists them: name, dtype, shape (symbolic
+    axes by name)."""
+
+    def one(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = v.type.tensor_type
+        shape = [dim.dim_param or dim.dim_value for dim in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": shape}  # fmt: skip
+
+    return {
+        "inputs": [one(v) for v in proto.graph.input],
+        "outputs": [one(v) for v in proto.graph.output],
+    }
+
+
+def metadata_props(config_json: str, graph: str, precision: str, version: str) -> dict[str, str]:
+    return {
+        "gref.model_config": config_json,
+        "gref.graph": graph,
+        "gref.precision": precision,
+        "gref.version": version,
+        "gref.exporter": json.dumps({"torch": torch.__version__, "dynamo": False}),
+    }

@@ -1,0 +1,256 @@
+"""The model bundle (design §5): its names, its manifest, and its safe loader.
+
+A bundle is a directory `artifacts/<version>/` written by `python -m export build`:
+
+    manifest.json           schema_version, version, model config, graphs, files + sha256, ...
+    item_tower.onnx         item_id (N,), item_cat (N, Fc), item_dense (N, Fd) -> static (N, d)
+    encoder.onnx            static, upstream_score, cand_mask, user_id, user_dense
+                            -> z, bos, cross.{i}.key / cross.{i}.value
+    decoder.onnx            one decode pass -> head_scores (B, n, M) at the last position,
+                            present.{i}.key / present.{i}.value
+    *.fp16.onnx             the same graphs in float16 (GPU path), when exported with --fp16
+    item_embeddings.npy     (N, d) float32, item_ids.npy (N,) int64: the item table, if given
+
+`load_bundle` reads every file listed in the manifest, checks its size and sha256 BEFORE
+anything is parsed or any session created, and keeps the verified bytes: sessions are
+created from those bytes, so a file swapped on disk after the check is never loaded.
+Nothing is unpickled (np.load(..., allow_pickle=False)). Every problem is a BundleError
+whose message names the file and the problem. numpy only: no torch, no onnx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # bump when the manifest or a graph's inputs/outputs change meaning
+MANIFEST = "manifest.json"
+LATEST = "latest"  # artifacts/latest: a text file holding the newest version
+GRAPHS = ("item_tower", "encoder", "decoder")
+PRECISIONS = ("fp32", "fp16")
+ITEM_EMBEDDINGS = "item_embeddings.npy"
+ITEM_IDS = "item_ids.npy"
+# file types the service would load: any such file in the bundle must be in the manifest
+LOADABLE_SUFFIXES = (".onnx", ".npy", ".data", ".ort")
+
+
+class BundleError(Exception):
+    """A bundle that must not be served: missing or tampered file, bad manifest, ..."""
+
+
+def graph_file(graph: str, precision: str) -> str:
+    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
+
+
+def cross_names(layers: int) -> list[str]:
+    return [f"cross.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the bundle: its file and its input/output names."""
+
+    name: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle in memory. `files` holds the checked bytes of every listed file."""
+
+    path: Path
+    manifest: dict[str, Any]
+    model_config: ModelConfig
+    graphs: dict[str, dict[str, GraphSpec]]  # precision -> graph name -> spec
+    files: dict[str, bytes] = field(repr=False)  # verified bytes of every graph file
+    item_ids: np.ndarray | None = field(default=None, repr=False)  # (N,) int64 raw ids
+    item_embeddings: np.ndarray | None = field(default=None, repr=False)  # (N, d) float32
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(p for p in PRECISIONS if p in self.graphs)
+
+    def graph(self, name: str, precision: str = "fp32") -> GraphSpec:
+        if precision not in self.graphs:
+            raise BundleError(f"{self.path}: no {precision} graphs in this bundle")
+        return self.graphs[precision][name]
+
+    def graph_bytes(self, name: str, precision: str = "fp32") -> bytes:
+        return self.files[self.graph(name, precision).file]
+
+
+def _fail(path: Path, problem: str) -> BundleError:
+    return BundleError(f"{path}: {problem}")
+
+
+def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """manifest.json, with its schema_version checked (a future one is refused)."""
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise _fail(path, "missing (not a model bundle directory)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise _fail(path, f"unreadable manifest: {e}") from e
+    if not isinstance(manifest, dict):
+        raise _fail(path, "manifest is not a JSON object")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _fail(path, f"schema_version {version!r} is not an integer")
+    if version > SCHEMA_VERSION:
+        raise _fail(
+            path,
+            f"schema_version {version} is from a newer exporter; this service reads "
+            f"up to {SCHEMA_VERSION} (upgrade the service)",
+        )
+    if version < 1:
+        raise _fail(path, f"schema_version {version} is not supported")
+    for key in ("version", "model_config", "graphs", "files"):
+        if key not in manifest:
+            raise _fail(path, f"manifest has no {key!r}")
+    return manifest
+
+
+def _graph_specs(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, GraphSpec]]:
+    specs: dict[str, dict[str, GraphSpec]] = {}
+    for precision, graphs in manifest["graphs"].items():
+        if precision not in PRECISIONS:
+            raise _fail(path, f"unknown precision {precision!r} in graphs")
+        specs[precision] = {}
+        for name in GRAPHS:
+            if name not in graphs:
+                raise _fail(path, f"graphs.{precision} has no {name!r}")
+            g = graphs[name]
+            specs[precision][name] = GraphSpec(
+                name=name,
+                file=str(g["file"]),
+                inputs=tuple(str(i["name"]) for i in g["inputs"]),
+                outputs=tuple(str(o["name"]) for o in g["outputs"]),
+            )
+    if "fp32" not in specs:
+        raise _fail(path, "no fp32 graphs")
+    return specs
+
+
+def _read_verified(root: Path, name: str, entry: dict[str, Any], keep: bool = True) -> bytes:
+    """The file's bytes (b"" unless keep), after checking it is a plain file inside the
+    bundle with the manifest's size and sha256."""
+    path = root / name
+    if Path(name).name != name or name in (".", ".."):
+        raise _fail(path, "file name with a directory part (refused)")
+    if path.is_symlink():
+        raise _fail(path, "is a symlink (refused)")
+    if not path.is_file():
+        raise _fail(path, "missing")
+    size = entry.get("size")
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise _fail(path, f"size mismatch: {actual_size} bytes, manifest says {size}")
+    data = path.read_bytes() if keep else b""
+    actual = sha256_bytes(data) if keep else sha256_file(path)
+    if actual != entry.get("sha256"):
+        raise _fail(path, f"sha256 mismatch: file {actual}, manifest {entry.get('sha256')}")
+    return data
+
+
+def _load_npy(root: Path, name: str, data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise _fail(root / name, f"corrupted .npy: {e}") from e
+
+
+def load_bundle(bundle_dir: str | Path, item_table: bool = True) -> Bundle:
+    """Read and verify a bundle. Order: manifest (schema_version), unknown files, every
+    listed file's presence, size and sha256; only then the item table is parsed. No
+    ONNX session is created here (the Engine does, from the verified bytes).
+    item_table=False: the .npy files are still verified (streamed) but not loaded, for a
+    server that only needs the graphs."""
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    listed: dict[str, dict[str, Any]] = manifest["files"]
+    specs = _graph_specs(root / MANIFEST, manifest)
+    wanted = {spec.file for graphs in specs.values() for spec in graphs.values()}
+    table = manifest.get("item_table") or {}
+    if table.get("embeddings"):
+        wanted |= {str(table["embeddings"]), str(table["ids"])}
+    for name in sorted(wanted - set(listed)):
+        raise _fail(root / name, "not listed in the manifest's files (refused)")
+    for p in sorted(root.iterdir()):
+        if p.suffix in LOADABLE_SUFFIXES and p.name not in listed:
+            raise _fail(p, "unknown file: not listed in the manifest (refused)")
+    arrays = {str(table["embeddings"]), str(table["ids"])} if table.get("embeddings") else set()
+    files = {
+        name: _read_verified(root, name, entry, keep=item_table or name not in arrays)
+        for name, entry in listed.items()
+    }
+    try:
+        model_config = ModelConfig.from_dict(manifest["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(root / MANIFEST, f"bad model_config: {e}") from e
+    item_ids = item_embeddings = None
+    if arrays and item_table:
+        item_embeddings = _load_npy(root, table["embeddings"], files.pop(table["embeddings"]))
+        item_ids = _load_npy(root, table["ids"], files.pop(table["ids"]))
+        d = model_config.d_model
+        if item_embeddings.ndim != 2 or item_embeddings.shape[1] != d:
+            raise _fail(root / table["embeddings"], f"shape {item_embeddings.shape}, want (N, {d})")
+        if item_ids.shape != (item_embeddings.shape[0],) or item_ids.dtype != np.int64:
+            raise _fail(root / table["ids"], f"{item_ids.dtype} {item_ids.shape}, want int64 (N,)")
+    files = {name: data for name, data in files.items() if name not in arrays}
+    log.info("bundle %s verified: %d files", manifest["version"], len(listed))
+    return Bundle(
+        path=root,
+        manifest=manifest,
+        model_config=model_config,
+        graphs=specs,
+        files=files,
+        item_ids=item_ids,
+        item_embeddings=item_embeddings,
+    )
+
+
+def latest_version(artifacts_dir: str | Path) -> str:
+    """The version named by artifacts/latest."""
+    path = Path(artifacts_dir) / LATEST
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise _fail(path, f"cannot read: {e}") from e

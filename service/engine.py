@@ -1,0 +1,609 @@
+"""The onnxruntime decode engine: a batch of rerank requests -> ordered lists (numpy + ORT).
+
+Stages (each callable and timeable alone, infinity-style):
+  prepare      requests -> one padded batch: candidates padded to a bucket (8, 16, 32, 64,
+               ...), masked; cache-miss rows embedded by item_tower.onnx in ONE run (embed);
+  encode       encoder.onnx once per batch: z, bos and every layer's cross keys/values;
+  decode       decoder.onnx once per pass with the KV cache (gpt-fast's decode_n_tokens):
+               each pass emits up to `items_per_pass` items, head j taking the best
+               candidate not yet chosen; masking is numpy, vectorized over the batch;
+  post         per-request lists, scores, passes, timings.
+
+The decode loop reproduces model.decode.greedy_decode (the torch reference, checked by
+`python -m export verify`), including its deadline step: when the next pass would overrun
+the deadline (estimated from the last pass), the rest of the list comes from head 0's last
+scores in one sort and the result says completed_early. Requests with different k share
+the batch: greedy lists are prefix-stable, so each request keeps the first min(k, m) items.
+
+No torch here (a test imports this module in a fresh interpreter and checks sys.modules).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from model.config import ModelConfig
+from model.features import HashedItems
+from service.bundle import Bundle, BundleError, cross_names, load_bundle, past_names
+
+log = logging.getLogger(__name__)
+
+_ORT_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError,
+    ort_state.Fail,
+    ort_state.InvalidProtobuf,
+    ort_state.InvalidGraph,
+    ort_state.InvalidArgument,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class EngineError(ValueError):
+    """A request the engine cannot run (shape, k or m out of the model's range)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto | cpu | cuda (auto: CUDA when onnxruntime-gpu sees a GPU)
+    precision: str = "auto"  # auto | fp32 | fp16 (auto: fp16 on CUDA if the bundle has it)
+    intra_op_threads: int = 1  # batch-1 decode is latency-bound: one thread, no spinning
+    inter_op_threads: int = 1
+    candidate_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # padded M; + max_candidates
+    optimization: str = "all"  # ORT graph optimization level
+    default_items_per_pass: int | None = None  # None = n (every OMTP head)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: auto | cpu | cuda")
+        if self.precision not in ("auto", "fp32", "fp16"):
+            raise ValueError(f"precision={self.precision!r}: auto | fp32 | fp16")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("thread counts must be >= 0 (0 = onnxruntime's default)")
+        if not self.candidate_buckets or any(b < 1 for b in self.candidate_buckets):
+            raise ValueError(f"candidate_buckets={self.candidate_buckets}: positive sizes")
+        if self.optimization not in _OPT_LEVELS:
+            raise ValueError(f"optimization={self.optimization!r}: {sorted(_OPT_LEVELS)}")
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """One request, candidates in upstream order. Ids are hashed buckets (model.features).
+
+    static: (m, d) float32 cached static embeddings; rows where `missing` is True (or all
+    rows, when static is None) are computed by the item tower from `items`."""
+
+    upstream_score: np.ndarray  # (m,) float32
+    user_id: int  # hashed bucket
+    user_dense: np.ndarray  # (Fu,) float32
+    k: int
+    static: np.ndarray | None = None  # (m, d) float32
+    missing: np.ndarray | None = None  # (m,) bool, True = embed this row with the item tower
+    items: HashedItems | None = None  # (m,), (m, Fc), (m, Fd): needed for missing rows
+
+    @property
+    def m(self) -> int:
+        return int(self.upstream_score.shape[0])
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Seconds spent by the batch this request was in (shared by the batch)."""
+
+    embed_s: float
+    encode_s: float
+    decode_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.embed_s + self.encode_s + self.decode_s
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    order: np.ndarray  # (min(k, m),) int64 candidate indices, best first, no repeats
+    scores: np.ndarray  # (min(k, m),) float32 the choosing head's raw score
+    passes: int  # decoder passes this list needed (or ran, when completed early)
+    completed_early: bool  # the deadline step sorted this list's tail by head 0
+    timings: StageTimings
+    embedded: np.ndarray | None = None  # (missing rows, d) computed here, for cache write-back
+
+
+@dataclass
+class PaddedBatch:
+    """Encoder inputs of a batch, candidates padded to a bucket."""
+
+    static: np.ndarray  # (B, M, d) float32
+    upstream_score: np.ndarray  # (B, M) float32
+    cand_mask: np.ndarray  # (B, M) bool
+    user_id: np.ndarray  # (B,) int64
+    user_dense: np.ndarray  # (B, Fu) float32
+    m: np.ndarray  # (B,) int64 real candidates
+    k: np.ndarray  # (B,) int64 min(k, m): list length per request
+    embedded: list[np.ndarray | None] = field(default_factory=list)
+    embed_s: float = 0.0
+
+
+@dataclass
+class EncodedBatch:
+    """Encoder outputs, as the decoder's per-batch feeds (z, bos, cand_mask, cross.*)."""
+
+    feeds: dict[str, np.ndarray]
+    cand_mask: np.ndarray  # (B, M) bool
+
+
+@dataclass
+class Decoded:
+    order: np.ndarray  # (B, K) int64, -1 where nothing was left
+    scores: np.ndarray  # (B, K) float32, -inf at -1 slots
+    passes: int  # passes run
+    early_at: int | None  # list length reached when the deadline step ran; None = never
+
+
+def _providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise EngineError(f"device=cuda but onnxruntime has no CUDA provider ({available})")
+    if device != "cpu" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Engine:
+    """ONNX sessions of one bundle and the decode loop. Reentrant: per-call buffers only;
+    the shared caches (empty KV, BOS tokens, start positions) are read-only."""
+
+    def __init__(self, bundle: Bundle, config: EngineConfig | None = None) -> None:
+        self.bundle = bundle
+        self.config = config = config or EngineConfig()
+        cfg: ModelConfig = bundle.model_config
+        self.model_config = cfg
+        self.heads = cfg.omtp_heads
+        self.d_model = cfg.d_model
+        self.layers = cfg.dec_layers
+        providers = _providers(config.device)
+        on_cuda = providers[0] == "CUDAExecutionProvider"
+        if config.precision == "auto":
+            self.precision = "fp16" if on_cuda and "fp16" in bundle.precisions else "fp32"
+        else:
+            self.precision = config.precision
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = config.intra_op_threads
+        opts.inter_op_num_threads = config.inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = _OPT_LEVELS[config.optimization]
+        opts.log_severity_level = 3  # warnings from ORT's graph passes are noise here
+        self._item_tower = self._session("item_tower", opts, providers)
+        self.providers = self._item_tower.get_providers()
+        if on_cuda and "CUDAExecutionProvider" not in self.providers:
+            # onnxruntime-gpu without a usable GPU falls back to CPU: so does precision
+            log.warning("CUDA provider present but unusable: running on CPU")
+            if config.precision == "auto" and self.precision == "fp16":
+                self.precision = "fp32"
+                self._item_tower = self._session("item_tower", opts, providers)
+        self._encoder = self._session("encoder", opts, providers)
+        self._decoder = self._session("decoder", opts, providers)
+        self._run_decoder = _fast_run(self._decoder)
+        self._run_encoder = _fast_run(self._encoder)
+        buckets = sorted({b for b in config.candidate_buckets if b < cfg.max_candidates})
+        self.buckets = (*buckets, cfg.max_candidates)
+        self._past_names = past_names(self.layers)
+        self._cross_names = cross_names(self.layers)
+        self._encoder_outputs = ["z", "bos", *self._cross_names]
+        self._decoder_outputs = list(bundle.graph("decoder", self.precision).outputs)
+        kv_type = next(i.type for i in self._decoder.get_inputs() if i.name == "z")
+        self._kv_dtype = _NP_DTYPES[kv_type]
+        self._head_dim = cfg.d_model // cfg.n_attn_heads
+        # read-only caches, filled on first use per batch size (warm-up fills them)
+        self._empty_past: dict[int, list[np.ndarray]] = {}
+        self._bos: dict[int, np.ndarray] = {}
+        self._rows: dict[int, np.ndarray] = {}
+        self._starts = [np.array([s], np.int64) for s in range(cfg.max_steps)]
+        log.info(
+            "engine %s: providers %s, precision %s, threads intra=%d inter=%d, buckets %s",
+            bundle.version, self.providers, self.precision,
+            config.intra_op_threads, config.inter_op_threads, self.buckets,
+        )  # fmt: skip
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    def _session(
+        self, graph: str, opts: ort.SessionOptions, providers: list[str]
+    ) -> ort.InferenceSession:
+        spec = self.bundle.graph(graph, self.precision)
+        path = self.bundle.path / spec.file
+        try:
+            session = ort.InferenceSession(
+                self.bundle.files[spec.file], sess_options=opts, providers=providers
+            )
+        except _ORT_ERRORS as e:
+            raise BundleError(f"{path}: corrupted ONNX, onnxruntime cannot load it: {e}") from e
+        names = (
+            tuple(i.name for i in session.get_inputs()),
+            tuple(o.name for o in session.get_outputs()),
+        )
+        if names != (spec.inputs, spec.outputs):
+            raise BundleError(f"{path}: graph inputs/outputs {names} differ from the manifest")
+        return session
+
+    # ---- stage: embed (item tower) -----------------------------------------------------
+
+    def embed_items(
+        self, item_id: np.ndarray, item_cat: np.ndarray, item_dense: np.ndarray
+    ) -> np.ndarray:
+        """Hashed item features (N,), (N, Fc), (N, Fd) -> static embeddings (N, d) float32."""
+        feeds = {
+            "item_id": np.ascontiguousarray(item_id, dtype=np.int64),
+            "item_cat": np.ascontiguousarray(item_cat, dtype=np.int64),
+            "item_dense": np.ascontiguousarray(item_dense, dtype=np.float32),
+        }
+        out: np.ndarray = self._item_tower.run(["static"], feeds)[0]
+        return out
+
+    # ---- stage: prepare ----------------------------------------------------------------
+
+    def bucket(self, m: int) -> int:
+        for b in self.buckets:
+            if m <= b:
+                return b
+        raise EngineError(f"{m} candidates: the model takes at most {self.buckets[-1]}")
+
+    def _check(self, i: int, r: RerankRequest) -> None:
+        cfg, m = self.model_config, r.m
+        if r.upstream_score.ndim != 1 or not 1 <= m <= cfg.max_candidates:
+            raise EngineError(f"request {i}: m={m} candidates, want 1..{cfg.max_candidates}")
+        if not 1 <= r.k <= cfg.max_steps:
+            raise EngineError(f"request {i}: k={r.k}, want 1..{cfg.max_steps}")
+        if r.user_dense.shape != (len(cfg.schema.user_dense),):
+            raise EngineError(f"request {i}: user_dense shape {r.user_dense.shape}")
+        if r.static is not None and r.static.shape != (m, cfg.d_model):
+            raise EngineError(f"request {i}: static {r.static.shape}, want ({m}, {cfg.d_model})")
+        if r.missing is not None and r.missing.shape != (m,):
+            raise EngineError(f"request {i}: missing {r.missing.shape}, want ({m},)")
+        needs_items = r.static is None or (r.missing is not None and bool(r.missing.any()))
+        if needs_items and (r.items is None or r.items.item_id.shape != (m,)):
+            raise EngineError(f"request {i}: missing static embeddings and no item features")
+
+    def prepare(self, requests: Sequence[RerankRequest]) -> PaddedBatch:
+        """Pad to one candidate bucket; embed every missing row of the batch in one run."""
+        if not requests:
+            raise EngineError("empty batch")
+        for i, r in enumerate(requests):
+            self._check(i, r)
+        B, d = len(requests), self.d_model
+        m = np.array([r.m for r in requests], np.int64)
+        M = self.bucket(int(m.max()))
+        static = np.zeros((B, M, d), np.float32)
+        score = np.zeros((B, M), np.float32)
+        mask = np.arange(M)[None, :] < m[:, None]  # (B, M)
+        todo: list[tuple[int, np.ndarray]] = []  # (request, its candidate rows to embed)
+        for b, r in enumerate(requests):
+            score[b, : r.m] = r.upstream_score
+            if r.static is None:
+                todo.append((b, np.arange(r.m)))
+            else:
+                static[b, : r.m] = r.static
+                if r.missing is not None:
+                    todo.append((b, np.flatnonzero(r.missing)))
+        batch = PaddedBatch(
+            static=static,
+            upstream_score=score,
+            cand_mask=mask,
+            user_id=np.array([r.user_id for r in requests], np.int64),
+            user_dense=np.stack([r.user_dense for r in requests]).astype(np.float32),
+            m=m,
+            k=np.minimum([r.k for r in requests], m),
+            embedded=[None] * B,
+        )
+        todo = [(b, rows) for b, rows in todo if len(rows)]
+        if todo:
+            t0 = time.perf_counter()
+            parts = [(requests[b].items, rows) for b, rows in todo]
+            emb = self.embed_items(
+                np.concatenate([it.item_id[rows] for it, rows in parts if it is not None]),
+                np.concatenate([it.item_cat[rows] for it, rows in parts if it is not None]),
+                np.concatenate([it.item_dense[rows] for it, rows in parts if it is not None]),
+            )
+            at = 0
+            for b, rows in todo:
+                batch.static[b, rows] = emb[at : at + len(rows)]
+                batch.embedded[b] = emb[at : at + len(rows)]
+                at += len(rows)
+            batch.embed_s = time.perf_counter() - t0
+        return batch
+
+    # ---- stage: encode -----------------------------------------------------------------
+
+    def encode(self, batch: PaddedBatch) -> EncodedBatch:
+        outs = self._run_encoder(
+            self._encoder_outputs,
+            {
+                "static": batch.static,
+                "upstream_score": batch.upstream_score,
+                "cand_mask": batch.cand_mask,
+                "user_id": batch.user_id,
+                "user_dense": batch.user_dense,
+            },
+        )
+        feeds = dict(zip(self._encoder_outputs, outs, strict=True))
+        feeds["cand_mask"] = batch.cand_mask
+        return EncodedBatch(feeds=feeds, cand_mask=batch.cand_mask)
+
+    # ---- stage: decode -----------------------------------------------------------------
+
+    def empty_past(self, B: int) -> list[np.ndarray]:
+        """(B, nh, 0, hd) keys and values per layer: the first pass's past."""
+        if B not in self._empty_past:
+            shape = (B, self.model_config.n_attn_heads, 0, self._head_dim)
+            empty = np.zeros(shape, self._kv_dtype)
+            self._empty_past[B] = [empty] * len(self._past_names)
+        return self._empty_past[B]
+
+    def _bos_tokens(self, B: int) -> np.ndarray:
+        if B not in self._bos:
+            self._bos[B] = np.full((B, 1), -1, np.int64)
+            self._rows[B] = np.arange(B)
+        return self._bos[B]
+
+    def decode_pass(
+        self, enc: EncodedBatch, tokens: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder pass. tokens (B, T) int64 (BOS = -1 at position 0), past per layer
+        (B, nh, P, hd) -> head scores at the last position (B, n, M), present (P + T)."""
+        feeds = enc.feeds
+        feeds["tokens"] = tokens
+        feeds["start"] = self._starts[past[0].shape[2]]
+        for name, kv in zip(self._past_names, past, strict=True):
+            feeds[name] = kv
+        outs = self._run_decoder(self._decoder_outputs, feeds)
+        return outs[0], outs[1:]
+
+    def greedy(
+        self, enc: EncodedBatch, K: int, items_per_pass: int, deadline: float | None
+    ) -> Decoded:
+        """OMTP greedy decoding of K items for the whole batch (greedy_decode's loop)."""
+        B, M = enc.cand_mask.shape
+        p, tokens = items_per_pass, self._bos_tokens(B)
+        row_start = self._rows[B] * M  # (B,): flat offset of each row, for put/take
+        # blocked: 0 = available, -inf = chosen or padding; head + blocked is the masked score
+        blocked = np.where(enc.cand_mask, np.float32(0), np.float32(-np.inf))  # (B, M)
+        s = np.empty_like(blocked)  # (B, M) work buffer
+        order = np.empty((B, K), np.int64)
+        scores = np.empty((B, K), np.float32)
+        past, head = self.empty_past(B), None
+        chosen = passes = 0
+        early_at, last_pass_s = None, 0.0
+        while chosen < K:
+            if head is not None and _overruns(deadline, last_pass_s):
+                self._complete(head[:, 0], blocked, order, scores, chosen)
+                early_at = chosen
+                break
+            t0 = time.perf_counter()
+            head, past = self.decode_pass(enc, tokens, past)  # (B, n, M)
+            passes += 1
+            c = min(p, K - chosen)
+            for j in range(chosen, chosen + c):  # head j - chosen: best not yet chosen
+                np.add(head[:, j - chosen], blocked, out=s)
+                idx = s.argmax(axis=1)  # (B,) ties: lowest index, as torch
+                order[:, j] = idx
+                flat = row_start + idx  # (B,) into the (B * M) buffers: one C call each
+                scores[:, j] = s.take(flat)
+                blocked.put(flat, -np.inf)
+            tokens = order[:, chosen : chosen + c].copy()  # (B, c): raw argmax, as torch
+            chosen += c
+            last_pass_s = time.perf_counter() - t0
+        order[scores == -np.inf] = -1  # a request with fewer than K candidates ran out
+        return Decoded(order, scores, passes, early_at)
+
+    @staticmethod
+    def _complete(
+        head0: np.ndarray, blocked: np.ndarray, order: np.ndarray, scores: np.ndarray, at: int
+    ) -> None:
+        """The deadline step: slots at.. get the best still-available candidates by head 0,
+        in one stable sort (greedy_decode's _complete)."""
+        s = head0 + blocked  # (B, M)
+        top = np.argsort(-s, axis=1, kind="stable")[:, : order.shape[1] - at]
+        order[:, at:] = top  # -inf slots (nothing left) become -1 in the caller
+        scores[:, at:] = np.take_along_axis(s, top, axis=1)
+
+    # ---- the whole request path --------------------------------------------------------
+
+    def rerank(
+        self,
+        requests: Sequence[RerankRequest],
+        *,
+        items_per_pass: int | None = None,
+        deadline: float | None = None,
+        beam: int = 1,
+    ) -> list[RerankResult]:
+        """Rerank a batch. items_per_pass: 1..n (default: the config's, else n).
+        deadline: a time.perf_counter() value for the whole batch. beam > 1: beam search
+        (one item per pass, head 0, as model.decode.beam_decode)."""
+        p = items_per_pass if items_per_pass is not None else self.config.default_items_per_pass
+        p = self.heads if p is None else p
+        if not 1 <= p <= self.heads:
+            raise EngineError(f"items_per_pass={p}, want 1..{self.heads}")
+        if beam < 1:
+            raise EngineError(f"beam={beam}, want >= 1")
+        batch = self.prepare(requests)
+        t0 = time.perf_counter()
+        enc = self.encode(batch)
+        t1 = time.perf_counter()
+        K = int(batch.k.max())
+        if beam == 1:
+            dec = self.greedy(enc, K, p, deadline)
+        else:
+            dec = self.beam(enc, batch.k, beam, deadline)
+            p = 1
+        t2 = time.perf_counter()
+        timings = StageTimings(embed_s=batch.embed_s, encode_s=t1 - t0, decode_s=t2 - t1)
+        results = []
+        for b in range(len(requests)):
+            kb = int(batch.k[b])
+            early = dec.early_at is not None and kb > dec.early_at
+            passes = dec.passes if early else min(dec.passes, math.ceil(kb / p))
+            results.append(
+                RerankResult(
+                    order=dec.order[b, :kb].copy(),
+                    scores=dec.scores[b, :kb].copy(),
+                    passes=passes,
+                    completed_early=early,
+                    timings=timings,
+                    embedded=batch.embedded[b],
+                )
+            )
+        return results
+
+    # ---- beam search (the simpler path) ------------------------------------------------
+
+    def beam(self, enc: EncodedBatch, k: np.ndarray, beam: int, deadline: float | None) -> Decoded:
+        """Beam search per group of equal list length (a beam's best list of length k is
+        not a prefix of the best of length k + 1, unlike greedy)."""
+        B = enc.cand_mask.shape[0]
+        K = int(k.max())
+        order = np.full((B, K), -1, np.int64)
+        scores = np.full((B, K), -np.inf, np.float32)
+        passes, early_at = 0, None
+        for kk in np.unique(k):
+            rows = np.flatnonzero(k == kk)
+            names = [*self._encoder_outputs, "cand_mask"]
+            sub = EncodedBatch(
+                feeds={name: enc.feeds[name][rows] for name in names},
+                cand_mask=enc.cand_mask[rows],
+            )
+            dec = self._beam_group(sub, int(kk), beam, deadline)
+            order[rows, :kk], scores[rows, :kk] = dec.order, dec.scores
+            passes = max(passes, dec.passes)
+            if dec.early_at is not None:
+                early_at = dec.early_at if early_at is None else min(early_at, dec.early_at)
+        return Decoded(order, scores, passes, early_at)
+
+    def _beam_group(self, enc: EncodedBatch, K: int, W: int, deadline: float | None) -> Decoded:
+        """model.decode.beam_decode in numpy: B x W rows decode as one batch; beams ranked
+        by summed masked log-probs of head 0; the KV cache follows the survivors."""
+        B, M = enc.cand_mask.shape
+        names = [*self._encoder_outputs, "cand_mask"]
+        feeds: dict[str, Any] = {n: np.repeat(enc.feeds[n], W, axis=0) for n in names}
+        wide = EncodedBatch(feeds=feeds, cand_mask=feeds["cand_mask"])
+        blocked = np.where(wide.cand_mask, np.float32(0), np.float32(-np.inf))  # (B*W, M)
+        total = np.full((B, W), -np.inf, np.float32)
+        total[:, 0] = 0.0  # only beam 0 is live at the start
+        total = total.reshape(B * W)
+        stay = np.full(M, -np.inf, np.float32)
+        stay[0] = 0.0  # an exhausted beam extends by "nothing" at no cost
+        first = (np.arange(B) * W)[:, None]  # (B, 1): first row of each request
+        hist = np.full((B * W, K), -1, np.int64)
+        hist_scores = np.full((B * W, K), -np.inf, np.float32)
+        tokens, past = self._bos_tokens(B * W), self.empty_past(B * W)
+        last_pass_s, head0 = 0.0, None
+        for step in range(K):
+            if head0 is not None and _overruns(deadline, last_pass_s):
+                best = first[:, 0] + total.reshape(B, W).argmax(axis=1)  # (B,)
+                order, sc = hist[best], hist_scores[best]  # copies
+                self._complete(head0[best], blocked[best], order, sc, step)
+                order[sc == -np.inf] = -1
+                return Decoded(order, sc, step, step)
+            t0 = time.perf_counter()
+            head, past = self.decode_pass(wide, tokens, past)
+            head0 = head[:, 0]  # (B*W, M)
+            exhausted: np.ndarray = np.all(blocked == -np.inf, axis=1)  # (B*W,)
+            logp = _masked_log_softmax(head0, blocked)
+            logp[exhausted] = stay
+            cand = (total[:, None] + logp).reshape(B, W * M)
+            top = np.argsort(-cand, axis=1, kind="stable")[:, :W]  # (B, W) best first
+            total = np.take_along_axis(cand, top, axis=1).reshape(B * W)
+            src = (first + top // M).reshape(B * W)  # surviving beam rows
+            item = (top % M).reshape(B * W)
+            past = [kv[src] for kv in past]
+            blocked, dead = blocked[src], exhausted[src]
+            hist, hist_scores, head0 = hist[src], hist_scores[src], head0[src]
+            hist[:, step] = np.where(dead, -1, item)
+            hist_scores[:, step] = np.where(dead, -np.inf, head0[np.arange(B * W), item])
+            blocked[np.arange(B * W), item] = -np.inf
+            tokens = item[:, None]
+            last_pass_s = time.perf_counter() - t0
+        best = first[:, 0] + total.reshape(B, W).argmax(axis=1)
+        return Decoded(hist[best], hist_scores[best], K, None)
+
+    # ---- warm-up -----------------------------------------------------------------------
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), k: int = 10) -> float:
+        """Run every candidate bucket (and batch size) once, so the first real request
+        pays no allocation or kernel-selection cost. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        cfg = self.model_config
+        for B in batch_sizes:
+            for M in self.buckets:
+                reqs = [
+                    RerankRequest(
+                        upstream_score=rng.standard_normal(M).astype(np.float32),
+                        user_id=1,
+                        user_dense=np.zeros(len(cfg.schema.user_dense), np.float32),
+                        k=min(k, M, cfg.max_steps),
+                        static=rng.standard_normal((M, self.d_model)).astype(np.float32),
+                    )
+                    for _ in range(B)
+                ]
+                self.rerank(reqs)
+        seconds = time.perf_counter() - t0
+        log.info("engine %s warmed up in %.2f s (buckets %s)", self.version, seconds, self.buckets)
+        return seconds
+
+
+RunFn = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def _fast_run(session: ort.InferenceSession) -> RunFn:
+    """session.run without its per-call re-validation of the feed names (~5 us of a ~65 us
+    decode pass): the names were checked against the manifest when the session was made.
+    Falls back to the public run() if the binding is not where it has always been."""
+    inner = getattr(session, "_sess", None)
+    if inner is None or not callable(getattr(inner, "run", None)):
+        return session.run
+
+    def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = inner.run(names, feeds, None)
+        return out
+
+    return run
+
+
+def _overruns(deadline: float | None, next_pass_s: float) -> bool:
+    """Would a pass as long as the last one end past the deadline?"""
+    return deadline is not None and time.perf_counter() + next_pass_s > deadline
+
+
+def _masked_log_softmax(scores: np.ndarray, blocked: np.ndarray) -> np.ndarray:
+    """log softmax over available candidates (blocked == 0), -inf elsewhere; a row with
+    nothing available stays finite before the fill (as model.losses.masked_log_softmax)."""
+    filled = np.where(blocked == 0, scores, np.finfo(scores.dtype).min)
+    shifted = filled - filled.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return np.where(blocked == 0, logp, -np.inf).astype(np.float32)
+
+
+def open_engine(bundle_dir: str, config: EngineConfig | None = None) -> Engine:
+    """load_bundle (every sha256 checked; the item table verified, not loaded) + Engine
+    (sessions from the verified bytes)."""
+    return Engine(load_bundle(bundle_dir, item_table=False), config)

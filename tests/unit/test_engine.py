@@ -1,0 +1,367 @@
+"""service/engine.py and service/bundle.py: the safe loader's refusals, parity of the
+onnxruntime decode loop with the torch reference (greedy, items per pass, deadline, beam,
+padding), the stage split, and no torch anywhere under service/."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.verify import ParityConfig, run_parity
+from model.decode import beam_decode, greedy_decode
+from model.features import HashedItems
+from model.network import GenReranker
+from model.tensors import Inputs
+from service.bundle import BundleError, load_bundle, sha256_file
+from service.engine import Engine, EngineConfig, EngineError, RerankRequest, open_engine
+from tests.unit.test_export import CFG, tiny_bundle  # noqa: F401 - the fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+N = CFG.omtp_heads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+    return open_engine(str(tiny_bundle[0]), EngineConfig(device="cpu"))
+
+
+@pytest.fixture
+def model(tiny_bundle: tuple[Path, GenReranker]) -> GenReranker:  # noqa: F811
+    return tiny_bundle[1]
+
+
+def random_inputs(ms: list[int], seed: int = 0) -> Inputs:
+    """Hashed random requests with m[b] real candidates, padded to max(m)."""
+    s, rng = CFG.schema, np.random.default_rng(seed)
+    B, M = len(ms), max(ms)
+    mask = np.arange(M)[None, :] < np.array(ms)[:, None]
+    cat = np.stack([rng.integers(1, b, (B, M)) for b in s.categorical_buckets], axis=-1)
+    dense = rng.standard_normal((B, M, len(s.item_dense))).astype(np.float32)
+    return Inputs(
+        item_id=torch.from_numpy(np.where(mask, rng.integers(1, s.item_id_buckets, (B, M)), 0)),
+        item_cat=torch.from_numpy(np.where(mask[..., None], cat, 0)),
+        item_dense=torch.from_numpy(np.where(mask[..., None], dense, 0).astype(np.float32)),
+        upstream_score=torch.from_numpy(
+            np.where(mask, rng.standard_normal((B, M)), 0).astype(np.float32)
+        ),
+        cand_mask=torch.from_numpy(mask),
+        user_id=torch.from_numpy(rng.integers(1, s.user_id_buckets, B)),
+        user_dense=torch.from_numpy(rng.standard_normal((B, len(s.user_dense)), np.float32)),
+    )
+
+
+def requests_of(
+    model: GenReranker, inp: Inputs, ks: list[int], static: bool = True
+) -> list[RerankRequest]:
+    """One RerankRequest per row, with item features; static embeddings from torch's item
+    tower (the cache's role) unless static=False (the engine embeds every candidate)."""
+    with torch.no_grad():
+        emb = model.embed_items(inp).numpy()  # (B, M, d)
+    out = []
+    for b, k in enumerate(ks):
+        m = int(inp.cand_mask[b].sum())
+        items = HashedItems(
+            inp.item_id[b, :m].numpy(), inp.item_cat[b, :m].numpy(), inp.item_dense[b, :m].numpy()
+        )
+        out.append(
+            RerankRequest(
+                upstream_score=inp.upstream_score[b, :m].numpy(),
+                user_id=int(inp.user_id[b]),
+                user_dense=inp.user_dense[b].numpy(),
+                k=k,
+                static=emb[b, :m] if static else None,
+                items=items,
+            )
+        )
+    return out
+
+
+# ---- load_bundle refusals ----------------------------------------------------------------
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: tuple[Path, GenReranker], tmp_path: Path) -> Path:  # noqa: F811
+    dst = tmp_path / tiny_bundle[0].name
+    shutil.copytree(tiny_bundle[0], dst)
+    return dst
+
+
+def edit_manifest(path: Path, fn: object) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    fn(manifest)  # type: ignore[operator]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rehash(path: Path, name: str) -> None:
+    def fix(m: dict) -> None:  # type: ignore[type-arg]
+        entry = {"sha256": sha256_file(path / name), "size": (path / name).stat().st_size}
+        m["files"][name] = entry
+
+    edit_manifest(path, fix)
+
+
+def test_loads_a_good_bundle(bundle_copy: Path) -> None:
+    bundle = load_bundle(bundle_copy)
+    assert bundle.version == bundle_copy.name and bundle.model_config == CFG
+    assert bundle.precisions == ("fp32", "fp16")
+    assert bundle.item_embeddings is not None and bundle.item_embeddings.shape[1] == 16
+
+
+def test_refuses_a_corrupted_file(bundle_copy: Path) -> None:
+    data = bytearray((bundle_copy / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle_copy / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"decoder\.onnx: sha256 mismatch"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_a_wrong_sha_in_the_manifest(bundle_copy: Path) -> None:
+    edit_manifest(bundle_copy, lambda m: m["files"]["encoder.onnx"].update(sha256="0" * 64))
+    with pytest.raises(BundleError, match=r"encoder\.onnx: sha256 mismatch"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_a_missing_file(bundle_copy: Path) -> None:
+    (bundle_copy / "item_tower.fp16.onnx").unlink()
+    with pytest.raises(BundleError, match=r"item_tower\.fp16\.onnx: missing"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_a_missing_manifest(bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=r"manifest\.json: missing"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_a_future_schema_version(bundle_copy: Path) -> None:
+    edit_manifest(bundle_copy, lambda m: m.update(schema_version=99))
+    with pytest.raises(BundleError, match=r"manifest\.json: schema_version 99 is from a newer"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_an_unknown_file(bundle_copy: Path) -> None:
+    shutil.copy(bundle_copy / "decoder.onnx", bundle_copy / "decoder_v2.onnx")
+    with pytest.raises(BundleError, match=r"decoder_v2\.onnx: unknown file"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_a_graph_file_not_in_the_manifest(bundle_copy: Path) -> None:
+    edit_manifest(bundle_copy, lambda m: m["graphs"]["fp32"]["decoder"].update(file="evil.onnx"))
+    with pytest.raises(BundleError, match=r"evil\.onnx: not listed"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_a_corrupted_onnx_with_a_matching_sha(bundle_copy: Path) -> None:
+    (bundle_copy / "decoder.onnx").write_bytes(b"not a protobuf at all")
+    rehash(bundle_copy, "decoder.onnx")
+    bundle = load_bundle(bundle_copy)  # the bytes are what the manifest says ...
+    with pytest.raises(BundleError, match=r"decoder\.onnx: corrupted ONNX"):
+        Engine(bundle, EngineConfig(device="cpu"))  # ... but no session can be made of them
+
+
+def test_unloaded_item_table_is_still_verified(bundle_copy: Path) -> None:
+    assert load_bundle(bundle_copy, item_table=False).item_embeddings is None
+    data = bytearray((bundle_copy / "item_embeddings.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle_copy / "item_embeddings.npy").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"item_embeddings\.npy: sha256 mismatch"):
+        load_bundle(bundle_copy, item_table=False)
+
+
+def test_never_unpickles(bundle_copy: Path) -> None:
+    np.save(bundle_copy / "item_ids.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    rehash(bundle_copy, "item_ids.npy")
+    with pytest.raises(BundleError, match=r"item_ids\.npy: corrupted \.npy.*allow_pickle"):
+        load_bundle(bundle_copy)
+
+
+# ---- parity with the torch reference ---------------------------------------------------
+
+
+def test_parity_on_random_requests(engine: Engine, model: GenReranker) -> None:
+    """The `export verify` function: 200 requests, m up to 200, k up to 50, p in {1, 2, n}."""
+    report = run_parity(model, engine, ParityConfig(requests=200, seed=1))
+    assert report.max_m > 150 and report.max_k > 30
+    assert report.items_per_pass == [1, 2, N]
+    assert report.invalid == 0 and report.failures == 0, report.summary()
+    assert report.head_max_abs_pass1 <= 1e-4 and report.head_max_abs_later <= 1e-4
+    assert report.passed, report.summary()
+
+
+def test_parity_reports_what_differs(engine: Engine) -> None:
+    """Another model's engine: the report fails and says where (what `verify` prints)."""
+    torch.manual_seed(123)
+    other = GenReranker(CFG).eval()
+    report = run_parity(other, engine, ParityConfig(requests=20, max_m=30, max_k=8))
+    assert not report.passed and report.failures > 0
+    assert report.head_max_abs_pass1 > 1e-4
+    assert "FAILED" in report.summary() and "onnx [" in report.summary()
+
+
+def test_fp16_parity_within_its_tolerance(tiny_bundle: tuple[Path, GenReranker]) -> None:  # noqa: F811
+    fp16 = open_engine(str(tiny_bundle[0]), EngineConfig(device="cpu", precision="fp16"))
+    assert fp16.precision == "fp16"
+    report = run_parity(tiny_bundle[1], fp16, ParityConfig.for_precision("fp16", requests=100))
+    assert report.invalid == 0 and report.passed, report.summary()
+
+
+@pytest.mark.parametrize("p", [1, 2, N])
+def test_lists_equal_greedy_decode_for_each_items_per_pass(
+    engine: Engine, model: GenReranker, p: int
+) -> None:
+    inp = random_inputs([12, 30, 5, 64], seed=p)
+    ks = [7, 10, 5, 20]
+    results = engine.rerank(requests_of(model, inp, ks), items_per_pass=p)
+    ref = greedy_decode(model, inp, k=max(ks), items_per_pass=p)
+    for b, res in enumerate(results):
+        kb = min(ks[b], int(inp.cand_mask[b].sum()))
+        np.testing.assert_array_equal(res.order, ref.order[b, :kb].numpy())
+        np.testing.assert_allclose(res.scores, ref.item_scores[b, :kb].numpy(), atol=1e-5)
+        assert res.passes == math.ceil(kb / p) and not res.completed_early
+        assert len(set(res.order.tolist())) == kb
+
+
+def test_deadline_in_the_past_completes_early_like_max_passes_1(
+    engine: Engine, model: GenReranker
+) -> None:
+    inp = random_inputs([40, 9, 25], seed=3)
+    ks = [12, 9, 2]  # the last fits in one pass (k <= n): not early
+    results = engine.rerank(requests_of(model, inp, ks), deadline=0.0)
+    ref = greedy_decode(model, inp, k=max(ks), max_passes=1)
+    assert ref.completed_early
+    for b, res in enumerate(results):
+        kb = min(ks[b], int(inp.cand_mask[b].sum()))
+        np.testing.assert_array_equal(res.order, ref.order[b, :kb].numpy())
+        assert len(set(res.order.tolist())) == kb  # a full valid list
+        assert res.passes == 1
+        assert res.completed_early == (kb > N)
+
+
+def test_padding_and_batching_do_not_change_a_list(engine: Engine, model: GenReranker) -> None:
+    inp = random_inputs([23, 130, 3, 64, 9], seed=4)
+    reqs = requests_of(model, inp, [10, 40, 3, 25, 1])
+    mixed = engine.rerank(reqs, items_per_pass=2)
+    assert engine.bucket(23) == 32 and engine.bucket(130) == 256
+    for b, req in enumerate(reqs):
+        alone = engine.rerank([req], items_per_pass=2)[0]  # padded to another bucket
+        np.testing.assert_array_equal(alone.order, mixed[b].order)
+        np.testing.assert_allclose(alone.scores, mixed[b].scores, atol=1e-5)
+        assert alone.passes == mixed[b].passes
+
+
+def test_missing_embeddings_come_from_the_item_tower(engine: Engine, model: GenReranker) -> None:
+    inp = random_inputs([15, 8], seed=5)
+    cached = requests_of(model, inp, [6, 6])
+    computed = engine.rerank(requests_of(model, inp, [6, 6], static=False))
+    half = [
+        RerankRequest(**{**r.__dict__, "missing": np.arange(r.m) % 2 == 0}) for r in cached
+    ]  # every other row "missed" the cache
+    partial = engine.rerank(half)
+    for b, res in enumerate(engine.rerank(cached)):
+        np.testing.assert_array_equal(computed[b].order, res.order)
+        np.testing.assert_array_equal(partial[b].order, res.order)
+        assert computed[b].embedded is not None and res.embedded is None
+        np.testing.assert_allclose(computed[b].embedded, cached[b].static, atol=1e-5)
+        assert partial[b].embedded is not None
+        assert partial[b].embedded.shape == ((cached[b].m + 1) // 2, CFG.d_model)
+    assert computed[0].timings.embed_s > 0 and computed[0].timings.decode_s > 0
+
+
+def test_beam_equals_beam_decode(engine: Engine, model: GenReranker) -> None:
+    inp = random_inputs([20, 20, 11], seed=6)
+    results = engine.rerank(requests_of(model, inp, [8, 8, 8]), beam=3)
+    ref = beam_decode(model, inp, k=8, beam=3)
+    for b, res in enumerate(results):
+        np.testing.assert_array_equal(res.order, ref.order[b].numpy())
+        assert res.passes == 8
+    late = engine.rerank(requests_of(model, inp, [8, 5, 8]), beam=3, deadline=0.0)
+    for res in late:
+        assert res.completed_early and len(set(res.order.tolist())) == len(res.order)
+
+
+def test_stages_are_callable_alone(engine: Engine, model: GenReranker) -> None:
+    inp = random_inputs([10, 4], seed=7)
+    batch = engine.prepare(requests_of(model, inp, [3, 3]))
+    assert batch.static.shape == (2, 16, CFG.d_model) and batch.cand_mask.sum() == 14
+    enc = engine.encode(batch)
+    head, past = engine.decode_pass(enc, np.full((2, 1), -1, np.int64), engine.empty_past(2))
+    assert head.shape == (2, N, 16) and len(past) == 2 * CFG.dec_layers
+    assert past[0].shape == (2, CFG.n_attn_heads, 1, CFG.d_model // CFG.n_attn_heads)
+    dec = engine.greedy(enc, 3, N, None)
+    assert dec.passes == 1 and dec.order.shape == (2, 3)
+    assert engine.warmup(batch_sizes=(1, 2), k=5) > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"k": 0}, "k=0"),
+        ({"k": CFG.max_steps + 1}, "k=65"),
+        ({"upstream_score": np.zeros(300, np.float32)}, "m=300"),
+        ({"static": np.zeros((5, 16), np.float32)}, "static"),
+        ({"static": None, "items": None}, "no item features"),
+        ({"user_dense": np.zeros(2, np.float32)}, "user_dense"),
+    ],
+)
+def test_bad_requests_are_refused(
+    engine: Engine,
+    model: GenReranker,
+    change: dict,
+    message: str,  # type: ignore[type-arg]
+) -> None:
+    inp = random_inputs([10], seed=8)
+    req = requests_of(model, inp, [5])[0]
+    with pytest.raises(EngineError, match=message):
+        engine.rerank([RerankRequest(**{**req.__dict__, **change})])
+
+
+def test_bad_call_arguments_are_refused(engine: Engine, model: GenReranker) -> None:
+    req = requests_of(model, random_inputs([10], seed=9), [5])
+    for p in (0, N + 1):
+        with pytest.raises(EngineError, match="items_per_pass"):
+            engine.rerank(req, items_per_pass=p)
+    with pytest.raises(EngineError, match="empty batch"):
+        engine.rerank([])
+    with pytest.raises(ValueError, match="device"):
+        EngineConfig(device="tpu")
+
+
+# ---- no torch under service/ -------------------------------------------------------------
+
+
+def test_engine_imports_no_torch() -> None:
+    code = (
+        "import sys; import service.engine, service.bundle; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_no_torch_import_anywhere_under_service() -> None:
+    for path in sorted((ROOT / "service").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), path

@@ -1,0 +1,254 @@
+"""export/: the bundle (graphs, manifest, item table, fp16 variant), the shape folding,
+and `python -m export build / verify` on a tiny random model. Also the shared fixtures
+(`tiny_bundle`, ...) of tests/unit/test_engine.py and tests/integration/test_publish.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.__main__ import main as export_main
+from export.build import build_bundle, content_hash
+from export.config import ExportConfig
+from export.graphs import example_inputs, export_graph, graph_module
+from export.verify import ParityConfig, verify_bundle
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.features import FeatureSchema, hash_items
+from model.logs import write_items
+from model.network import GenReranker
+from service.bundle import GRAPHS, LATEST, SCHEMA_VERSION, graph_file, load_bundle, sha256_file
+
+SCHEMA = FeatureSchema(
+    item_id_buckets=97,
+    user_id_buckets=13,
+    item_categorical=(("category", 7), ("creator", 11)),
+    item_dense=("quality", "duration", "freshness"),
+    user_dense=("pref_0", "pref_1", "diversity"),
+)
+# n = 3 heads (so items_per_pass 1, 2, n are three cases), two layers each side, room for
+# m = 200 and k = 50
+CFG = ModelConfig(
+    schema=SCHEMA,
+    d_model=16,
+    n_attn_heads=2,
+    enc_layers=2,
+    dec_layers=2,
+    ffn_mult=2,
+    omtp_heads=3,
+    max_candidates=256,
+    max_steps=64,
+)
+N_ITEMS = 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_checkpoint(directory: Path, seed: int = 0, cfg: ModelConfig = CFG) -> GenReranker:
+    torch.manual_seed(seed)
+    model = GenReranker(cfg).eval()
+    meta = {"valid": {"ndcg@10": 0.42}, "epoch": 3}
+    save_checkpoint(directory, model, cfg, train_config={"stage": "pretrain"}, meta=meta)
+    return model
+
+
+def make_items(path: Path, n: int = N_ITEMS, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(10_000)[:n].astype(np.int64)
+    cat = np.stack([rng.integers(0, 50, n), rng.integers(0, 500, n)], axis=1).astype(np.int64)
+    dense = rng.standard_normal((n, 3)).astype(np.float32)
+    write_items(path, ids, cat, dense, SCHEMA)
+    return ids, cat, dense
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GenReranker]:
+    """A tiny random model exported with --items and --fp16: (bundle dir, torch model)."""
+    root = tmp_path_factory.mktemp("bundle")
+    model = make_checkpoint(root / "ckpt")
+    make_items(root / "items.parquet")
+    ec = ExportConfig(fp16=True, label="test", items_path=str(root / "items.parquet"))
+    return build_bundle(root / "ckpt", root / "artifacts", ec), model
+
+
+def test_bundle_files_manifest_and_latest(tiny_bundle: tuple[Path, GenReranker]) -> None:
+    path, _ = tiny_bundle
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert re.fullmatch(r"test-[0-9a-f]{8}", manifest["version"])
+    assert path.name == manifest["version"]
+    assert (path.parent / LATEST).read_text().strip() == manifest["version"]
+    assert manifest["label"] == "test" and manifest["created"].endswith("Z")
+    assert "git" in manifest  # {"commit", "dirty"} in a checkout, None outside one
+    assert ModelConfig.from_dict(manifest["model_config"]) == CFG
+    assert manifest["model"]["heads"] == 3 and manifest["model"]["dec_layers"] == 2
+    assert manifest["model"]["max_candidates"] == 256
+    assert manifest["hashing"] == {"name": SCHEMA.hash_name, "salt": SCHEMA.hash_salt}
+    assert manifest["opset"] >= 17
+    assert manifest["training"]["meta"]["valid"]["ndcg@10"] == 0.42
+    assert manifest["parity"] is None  # until `verify`
+    assert manifest["item_table"]["count"] == N_ITEMS
+    expected = {graph_file(g, p) for g in GRAPHS for p in ("fp32", "fp16")}
+    expected |= {"item_embeddings.npy", "item_ids.npy"}
+    assert set(manifest["files"]) == expected
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(path / name)
+        assert entry["size"] == (path / name).stat().st_size
+    dec = manifest["graphs"]["fp32"]["decoder"]
+    outputs = {o["name"]: o for o in dec["outputs"]}
+    assert outputs["head_scores"]["shape"] == ["batch", 3, "candidates"]
+    assert outputs["present.1.value"]["shape"] == ["batch", 2, "past_plus_steps", 8]
+    inputs = {i["name"]: i for i in dec["inputs"]}
+    assert inputs["past_key_values.0.key"]["shape"] == ["batch", 2, "past", 8]
+    assert inputs["tokens"]["dtype"] == "int64" and inputs["cand_mask"]["dtype"] == "bool"
+    fp16 = {i["name"]: i for i in manifest["graphs"]["fp16"]["decoder"]["inputs"]}
+    assert fp16["z"]["dtype"] == "float16"
+
+
+def test_onnx_checker_and_model_config_metadata(tiny_bundle: tuple[Path, GenReranker]) -> None:
+    path, _ = tiny_bundle
+    for name in GRAPHS:
+        for precision in ("fp32", "fp16"):
+            proto = onnx.load(str(path / graph_file(name, precision)))
+            onnx.checker.check_model(proto, full_check=True)
+            assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+            props = {p.key: p.value for p in proto.metadata_props}
+            assert ModelConfig.from_dict(json.loads(props["gref.model_config"])) == CFG
+            assert props["gref.graph"] == name and props["gref.precision"] == precision
+
+
+def test_item_table_is_the_item_tower_of_the_items(
+    tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
+) -> None:
+    path, model = tiny_bundle
+    ids, cat, dense = make_items(tmp_path / "again.parquet")
+    assert np.load(path / "item_ids.npy", allow_pickle=False).tolist() == ids.tolist()
+    emb = np.load(path / "item_embeddings.npy", allow_pickle=False)
+    assert emb.dtype == np.float32 and emb.shape == (N_ITEMS, CFG.d_model)
+    h = hash_items(SCHEMA, ids, cat, dense)
+    with torch.no_grad():
+        ref = model.item_tower(*(torch.from_numpy(a) for a in (h.item_id, h.item_cat,
+                                                                h.item_dense)))  # fmt: skip
+    np.testing.assert_allclose(emb, ref.numpy(), atol=1e-5)
+
+
+def test_no_items_skips_the_item_table(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "ckpt")
+    path = build_bundle(tmp_path / "ckpt", tmp_path / "art", ExportConfig(label="x"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["item_table"]["embeddings"] is None
+    assert "no --items" in manifest["item_table"]["skipped"]
+    assert not (path / "item_embeddings.npy").exists()
+    bundle = load_bundle(path)
+    assert bundle.item_embeddings is None and bundle.precisions == ("fp32",)
+
+
+def test_version_is_a_content_hash(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "a", seed=0)
+    make_checkpoint(tmp_path / "b", seed=1)
+    ec = ExportConfig(label="v")
+    first = build_bundle(tmp_path / "a", tmp_path / "art", ec)
+    again = build_bundle(tmp_path / "a", tmp_path / "art", ec)  # a rebuild replaces it
+    other = build_bundle(tmp_path / "b", tmp_path / "art", ec)
+    assert first == again and first != other
+    assert (tmp_path / "art" / LATEST).read_text().strip() == other.name
+    weights = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert first.name == f"v-{content_hash(weights, CFG, ec)}"
+    assert not list((tmp_path / "art").glob(".tmp-*"))
+
+
+def test_dynamic_axes_first_pass_and_later_passes(tmp_path: Path) -> None:
+    """decoder.onnx at shapes it was not traced with: P = 0, T = 1, B = 1, odd M."""
+    torch.manual_seed(0)
+    model = GenReranker(CFG).eval()
+    path = tmp_path / "decoder.onnx"
+    export_graph("decoder", model, "fp32", path, 20, {})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from tests.unit.test_network import make_inputs
+
+    for B, M in ((1, 7), (4, 13)):
+        inp = make_inputs(B=B, M=M, seed=B)
+        with torch.no_grad():
+            enc = model.encode(model.embed_items(inp), inp)
+        feeds = {"z": enc.z.numpy(), "bos": enc.bos.numpy(), "cand_mask": inp.cand_mask.numpy()}
+        for i, (k, v) in enumerate(enc.cross_kv):
+            feeds |= {f"cross.{i}.key": k.numpy(), f"cross.{i}.value": v.numpy()}
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        onnx_past = [np.zeros((B, 2, 0, 8), np.float32)] * 4
+        for tokens in (torch.full((B, 1), -1), torch.zeros(B, 3, dtype=torch.long),
+                       torch.ones(B, 1, dtype=torch.long)):  # fmt: skip
+            start = 0 if past is None else past[0][0].shape[2]
+            with torch.no_grad():
+                ref, past = model.decode(enc, tokens, past)
+            names = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+            feeds |= dict(zip(names, onnx_past, strict=True))
+            feeds |= {"tokens": tokens.numpy(), "start": np.array([start], np.int64)}
+            head, *onnx_past = sess.run(None, feeds)
+            np.testing.assert_allclose(head, ref[:, -1].numpy(), atol=1e-5)
+            assert onnx_past[0].shape == (B, 2, start + tokens.shape[1], 8)
+
+
+def test_shape_folding_keeps_the_math(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GenReranker(CFG).eval()
+    for name in GRAPHS:
+        plain = export_graph(name, model, "fp32", tmp_path / "a.onnx", 20, {}, False)
+        folded = export_graph(name, model, "fp32", tmp_path / "b.onnx", 20, {}, True)
+        # the item tower has no shape arithmetic to fold
+        assert len(folded.graph.node) <= len(plain.graph.node) - (name != "item_tower")
+        args = example_inputs(model, "fp32")[name]
+        names = [i.name for i in plain.graph.input]
+        feeds = {n: a.numpy() for n, a in zip(names, args, strict=True)}
+        a = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+        b = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+        for x, y in zip(a.run(None, feeds), b.run(None, feeds), strict=True):
+            np.testing.assert_array_equal(x, y)
+        with torch.no_grad():
+            ref = graph_module(name, model, "fp32")(*args)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        np.testing.assert_allclose(b.run(None, feeds)[0], ref[0].numpy(), atol=1e-5)
+
+
+def test_verify_writes_parity_into_the_manifest(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "ckpt")
+    path = build_bundle(tmp_path / "ckpt", tmp_path / "art", ExportConfig(label="p", fp16=True))
+    reports = verify_bundle(path, overrides={"requests": 60, "max_m": 40, "max_k": 12})
+    assert set(reports) == {"fp32", "fp16"} and all(r.passed for r in reports.values())
+    parity = json.loads((path / "manifest.json").read_text())["parity"]
+    assert parity["fp32"]["passed"] and parity["fp32"]["atol"] == 1e-4
+    assert parity["fp16"]["atol"] == ParityConfig.for_precision("fp16").atol
+    assert parity["fp32"]["requests"] == 60
+    load_bundle(path)  # still loads: the manifest rewrite kept every sha256
+
+
+def test_verify_refuses_other_weights(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "ckpt")
+    make_checkpoint(tmp_path / "other", seed=5)
+    path = build_bundle(tmp_path / "ckpt", tmp_path / "art", ExportConfig(label="p"))
+    with pytest.raises(Exception, match="weights differ"):
+        verify_bundle(path, checkpoint=tmp_path / "other", write=False)
+
+
+def test_cli_build_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "artifacts"
+    assert export_main(["build", str(tmp_path / "ckpt"), "--out", str(out), "--label", "cli"]) == 0
+    version = (out / LATEST).read_text().strip()
+    code = export_main(["verify", str(out / version), "--requests", "40"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "parity fp32: PASSED" in printed and "head scores" in printed
