@@ -17,7 +17,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     world, logs = generate_logs(WorldConfig(), args.seed, args.n_requests, progress=True)
     out = Path(args.out)
-    write_dataset(out, logs, ModelConfig().schema)
+    items = (world.item_id, world.item_cat, world.item_dense)
+    write_dataset(out, logs, ModelConfig().schema, items=items)
     world.save(out / "world.npz")
     room = headroom(world, logs.take(slice(0, 5000)))
     print(json.dumps({"out": str(out), "requests": len(logs), "headroom": room}, indent=2))
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lr", type=float)
     t.add_argument("--lambda2", type=float, help="L_o weight; 0 = L_n only")
     t.add_argument("--beta", type=float)
+    t.add_argument("--dpo-nll", dest="dpo_nll", type=float, help="NLL weight on Y_w in DPO")
+    t.add_argument("--dpo-heads", dest="dpo_heads", type=int, help="heads DPO trains (0=all)")
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--no-resume", action="store_true")
