@@ -1,0 +1,299 @@
+"""The HTTP contract of POST /v1/rerank (design §6): pydantic models (the schema of record
+for OpenAPI), the parse of a raw body, the request checks that need the bundle's feature
+schema, and the one error type the handler maps to a stable JSON body.
+
+Bodies are validated straight from bytes (`model_validate_json`, no dict in between), in
+strict mode with NaN/Infinity refused; the checks pydantic cannot know (the feature names
+of the bundle, duplicates, k against m) follow in one pass over the candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model.features import FeatureSchema, hash_ids, hash_items
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+FeatureValue = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class User(BaseModel):
+    """The user the list is for."""
+
+    model_config = _STRICT
+    id: int = Field(description="Raw user id (hashed by the service as in training).")
+    features: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        description="User dense features by name (the bundle's user_dense names, see "
+        "GET /v1/model). A known feature left out counts as 0; an unknown name is refused.",
+    )
+
+
+class Candidate(BaseModel):
+    """One candidate, in upstream order."""
+
+    model_config = _STRICT
+    item_id: int = Field(description="Raw item id, unique within the request.")
+    score: FeatureValue = Field(description="Upstream ranker's score.")
+    features: dict[str, int | FeatureValue] = Field(
+        default_factory=dict,
+        description="Item features by name: categorical ones (integers, raw ids) and dense "
+        "ones (numbers). A known feature left out counts as 0; an unknown name is refused. "
+        "Used only for items whose embedding is in no cache.",
+    )
+
+
+class RerankIn(BaseModel):
+    """A rerank request."""
+
+    model_config = _STRICT
+    request_id: str | None = Field(
+        default=None, max_length=128, description="Echoed back; generated when absent."
+    )
+    user: User
+    candidates: list[Candidate] = Field(
+        min_length=1, description="Candidates in upstream order (1..max_candidates)."
+    )
+    k: int = Field(description="Length of the returned list: 1..min(len(candidates), max_k).")
+    budget_ms: FeatureValue | None = Field(
+        default=None, ge=0, description="Latency budget in ms (default: the server's)."
+    )
+
+
+class Item(BaseModel):
+    item_id: int
+    score: float = Field(description="Score of the head that chose it (upstream score when "
+                         "degraded to upstream order).")  # fmt: skip
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="Waiting for the engine.")
+    cache_ms: float = Field(description="Embedding lookups (L1, Redis, item tower).")
+    encode_ms: float
+    decode_ms: float
+    total_ms: float = Field(description="Arrival to response.")
+
+
+Reason = Literal["budget", "overload", "cache", "model"]
+
+
+class RerankOut(BaseModel):
+    """A reranked list."""
+
+    request_id: str
+    model_version: str
+    items: list[Item] = Field(description="k items, best first, distinct, from the request.")
+    degraded: bool = Field(description="True: not the model's full list (see reason).")
+    reason: Reason | None = Field(
+        description="budget: deadline reached (list completed early or upstream order); "
+        "overload: too many requests waiting; cache: no embeddings; model: engine failure."
+    )
+    passes: int = Field(description="Decoder passes run (0 when degraded to upstream order).")
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """A request refused at the edge: HTTP status, error type, field (dotted path), reason."""
+
+    def __init__(self, status: int, type_: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.field = status, type_, message, field
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "message": self.message, "field": self.field}}
+
+
+def invalid(field: str | None, message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message, field)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    """('candidates', 3, 'score') -> 'candidates[3].score'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_body(body: bytes) -> RerankIn:
+    """Raw JSON bytes -> RerankIn, or ApiError(422) naming the first bad field."""
+    try:
+        return RerankIn.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise invalid(None, f"body is not valid JSON: {err['msg']}") from None
+        field = _loc(tuple(err["loc"])) or None
+        raise invalid(field, err["msg"]) from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_candidates: int
+    max_k: int
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A checked request as arrays (raw ids; hashed ones for the model)."""
+
+    request_id: str | None
+    item_ids: np.ndarray  # (m,) int64 raw ids (cache keys)
+    upstream_score: np.ndarray  # (m,) float32
+    item_cat: np.ndarray  # (m, Fc) int64 raw categorical ids
+    item_dense: np.ndarray  # (m, Fd) float32
+    user_id: int  # hashed bucket
+    user_dense: np.ndarray  # (Fu,) float32
+    k: int
+    budget_ms: float | None
+
+    @property
+    def m(self) -> int:
+        return int(self.item_ids.shape[0])
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+# (m,) int64 raw ids, (m,) float64 scores, (m, Fc) int64 raw categoricals, (m, Fd) float64
+_Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_F32_MAX = float(np.finfo(np.float32).max)
+_RANGE = "out of the float32 range"
+
+
+class RequestReader:
+    """The checks that need the bundle: feature names, sizes, k; and the arrays."""
+
+    def __init__(self, schema: FeatureSchema, limits: Limits) -> None:
+        self.schema, self.limits = schema, limits
+        self.cat_index = {n: i for i, n in enumerate(schema.categorical_names)}
+        self.dense_index = {n: i for i, n in enumerate(schema.item_dense)}
+        self.user_index = {n: i for i, n in enumerate(schema.user_dense)}
+        self.known = frozenset([*self.cat_index, *self.dense_index])
+
+    def read(self, req: RerankIn) -> Parsed:
+        m, lim = len(req.candidates), self.limits
+        if m > lim.max_candidates:
+            raise invalid("candidates", f"{m} candidates, at most {lim.max_candidates}")
+        if not 1 <= req.k <= min(m, lim.max_k):
+            raise invalid("k", f"k={req.k}, want 1..{min(m, lim.max_k)} (min(candidates, max_k))")
+        # float64 while reading: values beyond float32's range are refused, not cast to inf
+        user_dense = np.zeros(len(self.user_index))
+        for name, value in req.user.features.items():
+            at = self.user_index.get(name)
+            if at is None:
+                raise invalid(f"user.features.{name}", f"unknown feature; known: "
+                              f"{sorted(self.user_index)}")  # fmt: skip
+            if isinstance(value, int) and abs(value) > _F32_MAX:
+                raise invalid(f"user.features.{name}", _RANGE)
+            user_dense[at] = value
+        _check_int64("user.id", req.user.id)
+        arrays = self._candidates_fast(req.candidates)
+        ids, scores, cat, dense = arrays or self._candidates_checked(req.candidates)
+        if (np.abs(scores) > _F32_MAX).any():
+            bad = int(np.flatnonzero(np.abs(scores) > _F32_MAX)[0])
+            raise invalid(f"candidates[{bad}].score", _RANGE)
+        if (np.abs(dense) > _F32_MAX).any():
+            bad, at = (int(x[0]) for x in np.nonzero(np.abs(dense) > _F32_MAX))
+            raise invalid(f"candidates[{bad}].features.{self.schema.item_dense[at]}", _RANGE)
+        if (np.abs(user_dense) > _F32_MAX).any():
+            at = int(np.flatnonzero(np.abs(user_dense) > _F32_MAX)[0])
+            raise invalid(f"user.features.{self.schema.user_dense[at]}", _RANGE)
+        user_bucket = hash_ids(np.array([req.user.id]), self.schema.user_id_buckets,
+                               self.schema.hash_salt)  # fmt: skip
+        return Parsed(
+            request_id=req.request_id,
+            item_ids=ids,
+            upstream_score=scores.astype(np.float32),
+            item_cat=cat,
+            item_dense=dense.astype(np.float32),
+            user_id=int(user_bucket[0]),
+            user_dense=user_dense.astype(np.float32),
+            k=req.k,
+            budget_ms=req.budget_ms,
+        )
+
+    def _candidates_fast(self, cands: list[Candidate]) -> _Arrays | None:
+        """The candidates as arrays in a few C-level passes; None when anything is off
+        (the checked path then finds and names it)."""
+        ids = [c.item_id for c in cands]
+        if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) > _INT64[1]:
+            return None
+        feats = [c.features for c in cands]
+        if not all(f.keys() <= self.known for f in feats):
+            return None
+        m = len(cands)
+        cat = np.zeros((m, 0), np.int64)
+        if self.cat_index:
+            cat = np.array([[f.get(n, 0) for n in self.cat_index] for f in feats])
+            if cat.dtype != np.int64:  # a float, or an int beyond int64
+                return None
+        dense = np.zeros((m, 0))
+        if self.dense_index:
+            try:
+                dense = np.array([[f.get(n, 0.0) for n in self.dense_index] for f in feats],
+                                 np.float64)  # fmt: skip
+            except OverflowError:  # an integer beyond float64
+                return None
+        return np.array(ids, np.int64), np.array([c.score for c in cands]), cat, dense
+
+    def _candidates_checked(self, cands: list[Candidate]) -> _Arrays:
+        """One candidate at a time, refusing the first problem with its field."""
+        m = len(cands)
+        ids = np.empty(m, np.int64)
+        scores = np.empty(m)
+        cat = np.zeros((m, len(self.cat_index)), np.int64)
+        dense = np.zeros((m, len(self.dense_index)))
+        seen: dict[int, int] = {}
+        for i, c in enumerate(cands):
+            _check_int64(f"candidates[{i}].item_id", c.item_id)
+            if c.item_id in seen:
+                raise invalid(f"candidates[{i}].item_id",
+                              f"duplicate of candidates[{seen[c.item_id]}]")  # fmt: skip
+            seen[c.item_id] = i
+            ids[i], scores[i] = c.item_id, c.score
+            for name, value in c.features.items():
+                if (at := self.dense_index.get(name)) is not None:
+                    if isinstance(value, int) and abs(value) > _F32_MAX:  # no float64 either
+                        raise invalid(f"candidates[{i}].features.{name}", _RANGE)
+                    dense[i, at] = value
+                elif (at := self.cat_index.get(name)) is not None:
+                    if not isinstance(value, int) or not _INT64[0] <= value <= _INT64[1]:
+                        raise invalid(f"candidates[{i}].features.{name}",
+                                      "categorical feature: want an integer id")  # fmt: skip
+                    cat[i, at] = int(value)
+                else:
+                    raise invalid(f"candidates[{i}].features.{name}", "unknown feature; known: "
+                                  f"{sorted([*self.cat_index, *self.dense_index])}")  # fmt: skip
+        return ids, scores, cat, dense
+
+    def hashed(self, p: Parsed, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The item tower's inputs of `rows` (hashed as in training)."""
+        h = hash_items(self.schema, p.item_ids[rows], p.item_cat[rows], p.item_dense[rows])
+        return h.item_id, h.item_cat, h.item_dense
+
+
+def _check_int64(field: str, value: int) -> None:
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise invalid(field, "out of the int64 range")
+    if value < 0 and field != "user.id":
+        raise invalid(field, "must be >= 0 (negative ids are padding)")
+
+
+def finite(x: float) -> float:
+    """JSON has no inf: a -inf score (never chosen) is sent as the lowest float."""
+    return x if math.isfinite(x) else -3.4e38

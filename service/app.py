@@ -1,0 +1,320 @@
+"""The FastAPI app: `create_app(settings)`; engine, cache and Redis client live in the
+lifespan and on `app.state.runtime`; routes are thin and get it through a typed dependency.
+
+Start-up: the bundle is verified and its sessions built before the server accepts
+connections; warm-up (every candidate bucket) runs after, in the background, and /readyz
+answers 503 until it is done (so does /v1/rerank: an orchestrator routes nothing here yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+import orjson
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+
+from service.api import (
+    ApiError,
+    ErrorOut,
+    Limits,
+    Parsed,
+    RequestReader,
+    RerankIn,
+    RerankOut,
+    parse_body,
+)
+from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
+from service.engine import Engine, EngineConfig, open_engine
+from service.metrics import Metrics
+from service.rerank import BatchConfig, Outcome, Reranker
+from service.settings import Settings
+
+log = logging.getLogger("service")
+access_log = logging.getLogger("service.access")
+
+_JSON = "application/json"
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs, built once by the lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    reranker: Reranker | None = None
+    cache: EmbeddingCache | None = None
+    ready: bool = False
+    warmup_s: float | None = None
+
+
+async def get_runtime(request: Request) -> Runtime:
+    """async: a plain def dependency would cost every request a thread-pool hop."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=_JSON, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 beyond `limit` bytes (Content-Length, then the bytes)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, "body_too_large", f"{length} bytes, at most {limit}", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"more than {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _start(runtime: Runtime) -> Engine:
+    """Bundle -> engine, cache, reranker (inside the lifespan, before connections)."""
+    s, metrics = runtime.settings, runtime.metrics
+    engine = open_engine(
+        str(s.bundle),
+        EngineConfig(
+            device=s.device,
+            precision=s.precision,
+            intra_op_threads=s.intra_op_threads,
+            inter_op_threads=s.inter_op_threads,
+            default_items_per_pass=s.items_per_pass,
+        ),
+    )
+    manifest = engine.bundle.manifest
+    metrics.model_info.labels(
+        engine.version, str(manifest.get("label", "")), str(manifest.get("created", ""))
+    ).set(1)
+    return engine
+
+
+def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
+    s, metrics = runtime.settings, runtime.metrics
+    l1 = L1Cache(s.l1_cache_bytes, engine.d_model)
+    l2 = None
+    if s.redis_url is None:
+        log.info("no RERANK_REDIS_URL: embedding cache is L1 (in-process) + item tower only")
+    else:
+        breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s)
+        config = RedisConfig(s.redis_url, s.redis_prefix, s.redis_timeout_ms / 1000,
+                             s.writeback_queue, s.redis_cluster)  # fmt: skip
+        l2 = RedisL2(config, engine.version, engine.d_model, breaker, metrics)
+        l2.start()
+    return EmbeddingCache(l1, l2, metrics)
+
+
+async def _warm(runtime: Runtime, engine: Engine) -> None:
+    if runtime.settings.warmup:
+        k = min(runtime.settings.max_k, engine.model_config.max_steps)
+        # batch sizes 1, 2, 4, .. max_batch: the shapes batching will produce most
+        sizes = [1 << i for i in range(runtime.settings.max_batch.bit_length())]
+        runtime.warmup_s = await anyio.to_thread.run_sync(engine.warmup, sizes, k)
+    runtime.ready = True
+    log.info("ready: model %s", engine.version)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime: Runtime = app.state.runtime
+    s = runtime.settings
+    engine = await anyio.to_thread.run_sync(_start, runtime)
+    cache = _build_cache(runtime, engine)
+    schema = engine.model_config.schema
+    limit = s.max_candidates or engine.model_config.max_candidates
+    reader = RequestReader(schema, Limits(max_candidates=limit, max_k=s.max_k))
+    runtime.engine, runtime.cache = engine, cache
+    batching = BatchConfig(s.max_batch, s.max_queue, s.items_per_pass)
+    runtime.reranker = reranker = Reranker(engine, reader, cache, runtime.metrics, batching)
+    reranker.start()
+    warm = asyncio.create_task(_warm(runtime, engine), name="warm-up")
+    try:
+        yield
+    finally:
+        if not warm.done():
+            warm.cancel()
+        await reranker.close()
+        if cache.l2 is not None:
+            await cache.l2.close()
+
+
+def _server_timing(out: Outcome, total_s: float) -> str:
+    parts = [("queue", out.queue_s), ("cache", out.cache_s), ("encode", out.encode_s),
+             ("decode", out.decode_s), ("total", total_s)]  # fmt: skip
+    return ", ".join(f"{name};dur={s * 1000:.3f}" for name, s in parts)
+
+
+def _observe(metrics: Metrics, out: Outcome, total_s: float, m: int) -> None:
+    stage = metrics.stage_duration
+    stage.labels("queue").observe(out.queue_s)
+    stage.labels("cache").observe(out.cache_s)
+    if out.passes:
+        stage.labels("encode").observe(out.encode_s)
+        stage.labels("decode").observe(out.decode_s)
+        stage.labels("total_model").observe(out.encode_s + out.decode_s)
+        metrics.decode_passes.observe(out.passes)
+    metrics.candidates.observe(m)
+    outcome = "degraded" if out.degraded else "ok"
+    metrics.request_duration.labels(outcome).observe(total_s)
+    if out.reason is not None:
+        metrics.fallback.labels(out.reason).inc()
+
+
+def _respond(
+    runtime: Runtime, parsed: Parsed, out: Outcome, request_id: str, arrival: float
+) -> Response:
+    """The response of a served request (model list or fallback), its metrics and logs."""
+    metrics = runtime.metrics
+    total_s = time.perf_counter() - arrival
+    _observe(metrics, out, total_s, parsed.m)
+    timings = {"queue_ms": out.queue_s * 1000, "cache_ms": out.cache_s * 1000,
+               "encode_ms": out.encode_s * 1000, "decode_ms": out.decode_s * 1000,
+               "total_ms": total_s * 1000}  # fmt: skip
+    version = runtime.engine.version if runtime.engine is not None else ""
+    body = {
+        "request_id": request_id,
+        "model_version": version,
+        "items": [
+            {"item_id": i, "score": sc} for i, sc in zip(out.item_ids, out.scores, strict=True)
+        ],
+        "degraded": out.degraded,
+        "reason": out.reason,
+        "passes": out.passes,
+        "timings": timings,
+    }
+    if out.degraded:
+        log.warning("request %s degraded: %s", request_id, out.reason)
+    if access_log.isEnabledFor(logging.DEBUG):
+        access_log.debug("%s", orjson.dumps({"request_id": request_id, "m": parsed.m,
+                         "k": parsed.k, "reason": out.reason, "passes": out.passes,
+                         **timings}).decode())  # fmt: skip
+    headers = {"X-Request-ID": request_id, "Server-Timing": _server_timing(out, total_s)}
+    return json_response(body, headers=headers)
+
+
+def _custom_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus RerankIn (the body is parsed from bytes, not by FastAPI)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description=app.description)  # fmt: skip
+        body = RerankIn.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["RerankIn"] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app, configured by `settings` (default: Settings() from the environment)."""
+    settings = settings if settings is not None else Settings()
+    runtime = Runtime(settings=settings, metrics=Metrics())
+    app = FastAPI(
+        title="gref-serve",
+        version="0.1.0",
+        description="Generative reranking (GReF) of upstream candidate lists.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return json_response(exc.body(), exc.status, getattr(request.state, "headers", None))
+
+    @app.post(
+        "/v1/rerank",
+        response_model=RerankOut,
+        responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {_JSON: {"schema": {"$ref": "#/components/schemas/RerankIn"}}},
+            }
+        },
+    )
+    async def rerank(request: Request, runtime: RuntimeDep) -> Response:
+        """Rerank the candidates: the top k, best first."""
+        arrival = time.perf_counter()
+        metrics, s = runtime.metrics, runtime.settings
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.headers = {"X-Request-ID": request_id}
+        metrics.inflight.inc()
+        try:
+            try:
+                if not runtime.ready or runtime.reranker is None:
+                    raise ApiError(503, "not_ready", "model is loading or warming up")
+                req = parse_body(await read_body(request, s.max_body_bytes))
+                parsed = runtime.reranker.reader.read(req)
+            except ApiError as e:
+                metrics.request_duration.labels("rejected").observe(time.perf_counter() - arrival)
+                access_log.debug(  # a client's mistake, not the service's problem
+                    "%s", orjson.dumps({"request_id": request_id, "status": e.status,
+                                        "field": e.field, "error": e.message}).decode()
+                )  # fmt: skip
+                raise
+            if parsed.request_id is not None:
+                request_id = parsed.request_id
+            budget_ms = parsed.budget_ms if parsed.budget_ms is not None else s.default_budget_ms
+            out = await runtime.reranker.rerank(parsed, arrival + budget_ms / 1000, request_id)
+        finally:
+            metrics.inflight.dec()
+        return _respond(runtime, parsed, out, request_id, arrival)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Alive."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", responses={503: {"description": "loading or warming up"}})
+    async def readyz(runtime: RuntimeDep) -> Response:
+        """Ready once the bundle is loaded and every bucket warmed; reports the cache."""
+        cache = runtime.cache
+        body = {
+            "ready": runtime.ready,
+            "model_version": runtime.engine.version if runtime.engine is not None else None,
+            "warmup_s": runtime.warmup_s,
+            "redis": cache.breaker_state if cache is not None else "unknown",
+            "l1_items": len(cache.l1) if cache is not None else 0,
+        }
+        return json_response(body, 200 if runtime.ready else 503)
+
+    @app.get("/v1/model")
+    async def model(runtime: RuntimeDep) -> Response:
+        """The served bundle's manifest."""
+        if runtime.engine is None:
+            raise ApiError(503, "not_ready", "model is loading")
+        return json_response(runtime.engine.bundle.manifest)
+
+    @app.get("/metrics")
+    async def metrics(runtime: RuntimeDep) -> Response:
+        """Prometheus exposition (every worker's, in multiprocess mode)."""
+        cache = runtime.cache
+        runtime.metrics.breaker_open.set(
+            0 if cache is None or cache.breaker_state in ("closed", "disabled") else 1
+        )
+        data, content_type = runtime.metrics.render()
+        return Response(data, media_type=content_type)
+
+    return app
+
+
+def factory() -> FastAPI:
+    """uvicorn --factory entry point: settings from the environment."""
+    return create_app(Settings())

@@ -1,0 +1,304 @@
+"""The embedding cache of design §7: L1 in-process LRU (bytes-bounded), L2 Redis (one MGET
+per request, short timeout, circuit breaker), L3 the item tower (run by the app in the
+engine's thread); computed embeddings go back to L1 at once and to Redis from a bounded
+queue drained by one owned background task.
+
+Redis is used through the asyncio client, on the event loop: a request waiting on Redis
+holds no thread and no engine slot, and `asyncio.wait_for` bounds the whole call even when
+a socket hangs. Every L1 access is on the event loop too, so the LRU needs no lock.
+
+    {prefix}:emb:{version}:{item_id} -> raw little-endian float16 or float32 bytes (d,)
+
+The value's length tells its dtype (2d or 4d bytes), so vectors published as float16 and
+written back as float32 (or the reverse) read alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WRITE_DTYPE = "<f2"  # publish's default: half the bytes; the model's inputs are float32
+_WRITE_BATCH = 256  # embeddings per MSET of the write-back task
+
+
+class L1Cache:
+    """LRU of item_id -> (d,) float32, bounded in bytes (array payloads)."""
+
+    def __init__(self, max_bytes: int, dim: int) -> None:
+        self.max_bytes, self.dim = max_bytes, dim
+        self.row_bytes = dim * 4
+        self.capacity = max_bytes // self.row_bytes  # rows: every row has the same size
+        self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._rows) * self.row_bytes
+
+    def get_many(self, ids: Sequence[int], out: np.ndarray) -> np.ndarray:
+        """Fill out[i] (out: (m, d) float32) for every id found; -> (m,) bool missing."""
+        missing = np.ones(len(ids), bool)
+        rows = self._rows
+        for i, item in enumerate(ids):
+            row = rows.get(item)
+            if row is not None:
+                rows.move_to_end(item)
+                out[i] = row
+                missing[i] = False
+        found = len(ids) - int(missing.sum())
+        self.hits += found
+        self.misses += len(ids) - found
+        return missing
+
+    def put_many(self, ids: Sequence[int], rows: np.ndarray) -> None:
+        """rows (n, d): copied in (as float32), the least recently used evicted."""
+        if self.capacity == 0:
+            return
+        data = np.array(rows, np.float32)  # one copy, owned by the cache
+        for item, row in zip(ids, data, strict=True):
+            self._rows[item] = row
+            self._rows.move_to_end(item)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+
+
+class CircuitBreaker:
+    """closed -> open after `failures` consecutive failures -> after `cooldown_s` one call
+    is let through (half-open) -> closed on its success, open again on its failure."""
+
+    def __init__(
+        self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self.state = "closed"
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self.opened_count = 0
+
+    def allow(self) -> bool:
+        if self.state == "closed":
+            return True
+        # half-open: one probe per cool-down (a probe that never answers is not waited on)
+        if self.clock() - self._opened_at >= self.cooldown_s:
+            self.state, self._opened_at = "half_open", self.clock()
+            return True
+        return False
+
+    def success(self) -> None:
+        if self.state != "closed":
+            log.warning("redis circuit breaker closed (probe succeeded)")
+        self.state, self._consecutive = "closed", 0
+
+    def failure(self) -> None:
+        self._consecutive += 1
+        if self.state == "half_open" or (
+            self.state == "closed" and self._consecutive >= self.failures
+        ):
+            if self.state == "closed":
+                log.warning("redis circuit breaker open after %d failures", self._consecutive)
+            self.state, self._opened_at = "open", self.clock()
+            self.opened_count += 1
+
+
+@dataclass
+class Lookup:
+    """The cache's answer for one request's candidates."""
+
+    static: np.ndarray  # (m, d) float32, zeros where missing
+    missing: np.ndarray  # (m,) bool: rows for the item tower
+    l2_error: bool  # Redis was asked (or skipped by the breaker) and failed
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str
+    prefix: str
+    timeout_s: float  # per call: connect, read, the whole MGET
+    queue_size: int  # write-back queue bound
+    cluster: bool = False
+
+
+class RedisL2:
+    """MGET reads and the write-back queue of one model version."""
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        version: str,
+        dim: int,
+        breaker: CircuitBreaker,
+        metrics: Metrics,
+    ) -> None:
+        t = config.timeout_s
+        self.client: aioredis.Redis | RedisCluster
+        # cluster: one MGET / MSET per slot, pipelined; otherwise one round trip
+        self._mget: Callable[[list[str]], Awaitable[list[Any]]]
+        self._mset: Callable[[dict[str, bytes]], Awaitable[Any]]
+        if config.cluster:
+            self.client = RedisCluster.from_url(
+                config.url,
+                socket_timeout=t,
+                socket_connect_timeout=t,
+                retry=Retry(NoBackoff(), 0),  # also the cluster's own retries (redis-py >= 6)
+            )
+            self._mget, self._mset = self.client.mget_nonatomic, self.client.mset_nonatomic
+        else:
+            self.client = aioredis.Redis.from_url(
+                config.url,
+                socket_timeout=t,
+                socket_connect_timeout=t,
+                retry=Retry(NoBackoff(), 0),  # one try: the breaker, not retries, handles outages
+                retry_on_timeout=False,
+                health_check_interval=0,
+            )
+            self._mget, self._mset = self.client.mget, self.client.mset
+        self.base = f"{config.prefix}:emb:{version}:"
+        self.dim, self.timeout_s = dim, t
+        self.breaker, self.metrics = breaker, metrics
+        self.queue: asyncio.Queue[tuple[list[int], np.ndarray]] = asyncio.Queue(config.queue_size)
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_back(), name="redis-write-back")
+        self._writer.add_done_callback(_log_crash)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self.client.aclose()
+
+    async def mget(self, ids: Sequence[int], timeout_s: float) -> list[bytes | None] | None:
+        """One MGET, bounded by min(timeout_s, the per-call timeout); None on any failure
+        or while the breaker is open."""
+        if not self.breaker.allow():
+            return None
+        keys = [f"{self.base}{i}" for i in ids]
+        budget_bound = timeout_s < self.timeout_s  # the request's budget, not Redis, is short
+        try:
+            got = await asyncio.wait_for(
+                self._mget(keys), timeout=max(min(timeout_s, self.timeout_s), 1e-4)
+            )
+        except TimeoutError:
+            if not budget_bound:
+                self.breaker.failure()
+            return None
+        except (RedisError, OSError) as e:
+            self.breaker.failure()
+            log.debug("redis mget failed: %r", e)
+            return None
+        self.breaker.success()
+        return [v if isinstance(v, bytes | None) else v.encode() for v in got]
+
+    def decode(self, value: bytes) -> np.ndarray | None:
+        if len(value) == 2 * self.dim:
+            return np.frombuffer(value, "<f2").astype(np.float32)
+        if len(value) == 4 * self.dim:
+            return np.frombuffer(value, "<f4")
+        return None
+
+    def enqueue(self, ids: list[int], rows: np.ndarray) -> None:
+        """Queue computed embeddings for Redis; a full queue drops them (counted)."""
+        try:
+            self.queue.put_nowait((ids, rows))
+        except asyncio.QueueFull:
+            self.metrics.writebacks.labels("dropped").inc(len(ids))
+
+    async def _write_back(self) -> None:
+        while True:
+            ids, rows = await self.queue.get()
+            while len(ids) < _WRITE_BATCH and not self.queue.empty():
+                more_ids, more_rows = self.queue.get_nowait()
+                ids, rows = ids + more_ids, np.concatenate([rows, more_rows])
+            if not self.breaker.allow():
+                self.metrics.writebacks.labels("error").inc(len(ids))
+                continue
+            values = np.ascontiguousarray(rows.astype(WRITE_DTYPE))
+            mapping = {f"{self.base}{i}": values[j].tobytes() for j, i in enumerate(ids)}
+            try:
+                await asyncio.wait_for(self._mset(mapping), timeout=self.timeout_s * 5)
+            except (RedisError, OSError, TimeoutError) as e:
+                self.breaker.failure()
+                self.metrics.writebacks.labels("error").inc(len(ids))
+                log.warning("redis write-back of %d embeddings failed: %r", len(ids), e)
+                continue
+            self.breaker.success()
+            self.metrics.writebacks.labels("ok").inc(len(ids))
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s died", task.get_name(), exc_info=task.exception())
+
+
+class EmbeddingCache:
+    """L1 then L2 for a request's candidates; `store` puts L3's results back."""
+
+    def __init__(self, l1: L1Cache, l2: RedisL2 | None, metrics: Metrics) -> None:
+        self.l1, self.l2, self.metrics = l1, l2, metrics
+        lookups = metrics.lookups
+        self._count = {(t, r): lookups.labels(t, r) for t in ("l1", "l2") for r in
+                       ("hit", "miss", "error")}  # fmt: skip
+
+    @property
+    def breaker_state(self) -> str:
+        return "disabled" if self.l2 is None else self.l2.breaker.state
+
+    async def lookup(self, ids: Sequence[int], timeout_s: float) -> Lookup:
+        """static (m, d) and the rows still missing after L1 and (one MGET) L2."""
+        static = np.zeros((len(ids), self.l1.dim), np.float32)
+        missing = self.l1.get_many(ids, static)
+        n_miss = int(missing.sum())
+        self._count["l1", "hit"].inc(len(ids) - n_miss)
+        if n_miss:
+            self._count["l1", "miss"].inc(n_miss)
+        if not n_miss or self.l2 is None:
+            return Lookup(static, missing, False)
+        rows = np.flatnonzero(missing).tolist()
+        want = [ids[i] for i in rows]
+        values = await self.l2.mget(want, timeout_s)
+        if values is None:
+            self._count["l2", "error"].inc(n_miss)
+            return Lookup(static, missing, True)
+        found_ids, found_rows = [], []
+        for i, item, value in zip(rows, want, values, strict=True):
+            vec = None if value is None else self.l2.decode(value)
+            if vec is not None:
+                static[i] = vec
+                missing[i] = False
+                found_ids.append(item)
+                found_rows.append(static[i])
+        if found_ids:
+            self.l1.put_many(found_ids, np.stack(found_rows))
+            self._count["l2", "hit"].inc(len(found_ids))
+        if n_miss - len(found_ids):
+            self._count["l2", "miss"].inc(n_miss - len(found_ids))
+        return Lookup(static, missing, False)
+
+    def store(self, ids: list[int], rows: np.ndarray) -> None:
+        """L3 results: into L1 now, into Redis from the write-back queue."""
+        self.l1.put_many(ids, rows)
+        if self.l2 is not None:
+            self.l2.enqueue(ids, rows)

@@ -1,0 +1,244 @@
+"""One rerank request from checked arrays to a response: budget, cache, engine, fallback.
+
+    arrival ── L1 ── L2 (one MGET, bounded by the budget left) ── queue for the engine
+           ── [engine thread] L3 item tower for the misses ── encode ── decode (deadline)
+           ── response; computed embeddings back to L1 / the Redis write-back queue
+
+The engine runs in one worker thread, fed by one owned batcher task: whatever requests
+queued while the engine was busy go in together (at most max_batch; no waiting when the
+engine is idle), one item-tower run for all their cache misses, one encode, one decode
+loop. The event loop keeps accepting, parsing and looking up meanwhile. A batch has one
+deadline, its earliest request's. Whatever goes wrong after validation, the client gets
+the upstream order, marked degraded with the reason, never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+
+from service.api import Parsed, RequestReader, finite
+from service.cache import EmbeddingCache
+from service.engine import Engine, RerankRequest, RerankResult
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How requests share the engine."""
+
+    max_batch: int  # requests per engine call
+    max_queue: int  # requests waiting beyond this: answered at once, "overload"
+    items_per_pass: int | None  # None: every head
+
+
+@dataclass
+class Outcome:
+    """What the handler sends back (before JSON)."""
+
+    item_ids: list[int]
+    scores: list[float]
+    passes: int
+    reason: str | None  # None: the model's list
+    queue_s: float = 0.0
+    cache_s: float = 0.0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def degraded(self) -> bool:
+        return self.reason is not None
+
+
+def upstream(p: Parsed, reason: str) -> Outcome:
+    """The candidates' given order, top k: what a request gets when the model cannot run."""
+    return Outcome(
+        item_ids=p.item_ids[: p.k].tolist(),
+        scores=p.upstream_score[: p.k].tolist(),
+        passes=0,
+        reason=reason,
+    )
+
+
+@dataclass
+class _Job:
+    """One request waiting for the engine."""
+
+    parsed: Parsed
+    static: np.ndarray  # (m, d) float32, cache rows filled
+    missing: np.ndarray  # (m,) bool: rows for the item tower
+    deadline: float
+    submitted: float
+    done: asyncio.Future[_Done]
+    request_id: str
+
+
+@dataclass
+class _Done:
+    result: RerankResult | None
+    reason: str | None  # why result is None
+    queue_s: float
+    embed_s: float
+    embedded: np.ndarray | None  # (missing rows, d)
+
+
+class Reranker:
+    """Budget, cache and the batched engine; `start` / `close` own the batcher task."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        reader: RequestReader,
+        cache: EmbeddingCache,
+        metrics: Metrics,
+        config: BatchConfig,
+    ) -> None:
+        self.engine, self.reader, self.cache, self.metrics = engine, reader, cache, metrics
+        self.config = config
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by max_queue below
+        self.pending = 0  # requests queued or in the engine (event loop only)
+        self._task: asyncio.Task[None] | None = None
+        self._l3 = {r: metrics.lookups.labels("l3", r) for r in ("hit", "error")}
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._batches(), name="engine-batcher")
+        self._task.add_done_callback(_log_crash)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def rerank(self, p: Parsed, deadline: float, request_id: str = "") -> Outcome:
+        if time.perf_counter() >= deadline:
+            return upstream(p, "budget")
+        ids = p.item_ids.tolist()
+        t0 = time.perf_counter()
+        lookup = await self.cache.lookup(ids, deadline - t0)
+        cache_s = time.perf_counter() - t0
+        if time.perf_counter() >= deadline or self.pending > self.config.max_queue:
+            out = upstream(p, "budget" if time.perf_counter() >= deadline else "overload")
+            out.cache_s = cache_s
+            return out
+        job = _Job(p, lookup.static, lookup.missing, deadline, time.perf_counter(),
+                   asyncio.get_running_loop().create_future(), request_id)  # fmt: skip
+        self.pending += 1
+        try:
+            self.queue.put_nowait(job)
+            done = await job.done
+        finally:
+            self.pending -= 1
+        if done.embedded is not None:
+            rows = np.flatnonzero(lookup.missing)
+            self.cache.store([ids[i] for i in rows], done.embedded)
+            self._l3["hit"].inc(len(rows))
+        elif done.reason == "cache":
+            self._l3["error"].inc(int(lookup.missing.sum()))
+        if done.result is None:
+            out = upstream(p, done.reason or "model")
+        else:
+            r = done.result
+            out = Outcome(
+                item_ids=p.item_ids[r.order].tolist(),
+                scores=[finite(s) for s in r.scores.tolist()],
+                passes=r.passes,
+                reason="budget" if r.completed_early else None,
+                encode_s=r.timings.encode_s,
+                decode_s=r.timings.decode_s,
+            )
+        out.queue_s, out.cache_s = done.queue_s, cache_s + done.embed_s
+        return out
+
+    async def _batches(self) -> None:
+        """The owned loop: take what is queued (>= 1 job), run it in the engine thread."""
+        limiter = anyio.CapacityLimiter(1)
+        while True:
+            jobs = [await self.queue.get()]
+            while len(jobs) < self.config.max_batch and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+            jobs = [j for j in jobs if not j.done.done()]  # the client went away
+            if not jobs:
+                continue
+            try:
+                results = await anyio.to_thread.run_sync(self._run, jobs, limiter=limiter)
+            except Exception:  # never leave a request waiting forever
+                log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
+                results = [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]
+            for job, done in zip(jobs, results, strict=True):
+                if not job.done.done():
+                    job.done.set_result(done)
+
+    def _run(self, jobs: list[_Job]) -> list[_Done]:
+        """In the engine thread: one item-tower run for every miss, then the engine."""
+        start = time.perf_counter()
+        queue_s = [start - j.submitted for j in jobs]
+        out: list[_Done | None] = [None] * len(jobs)
+        for i, j in enumerate(jobs):
+            if start >= j.deadline:
+                out[i] = _Done(None, "budget", queue_s[i], 0.0, None)
+        embedded = self._embed([j for i, j in enumerate(jobs) if out[i] is None])
+        embed_s = time.perf_counter() - start
+        for i, j in enumerate(jobs):
+            if out[i] is None and j.missing.any() and id(j) not in embedded:
+                out[i] = _Done(None, "cache", queue_s[i], embed_s, None)
+        run = [i for i in range(len(jobs)) if out[i] is None]
+        if run:
+            requests = [
+                RerankRequest(
+                    upstream_score=jobs[i].parsed.upstream_score,
+                    user_id=jobs[i].parsed.user_id,
+                    user_dense=jobs[i].parsed.user_dense,
+                    k=jobs[i].parsed.k,
+                    static=jobs[i].static,
+                )
+                for i in run
+            ]
+            deadline = min(jobs[i].deadline for i in run)
+            try:
+                results: list[RerankResult | None] = list(
+                    self.engine.rerank(
+                        requests, items_per_pass=self.config.items_per_pass, deadline=deadline
+                    )
+                )
+                reason = None
+                self.metrics.batch_size.observe(len(run))
+            except Exception:  # an engine failure degrades these requests, never a 500
+                ids = [jobs[i].request_id for i in run]
+                log.exception("engine failed: requests %s", ids)
+                results, reason = [None] * len(run), "model"
+            for i, result in zip(run, results, strict=True):
+                out[i] = _Done(result, reason, queue_s[i], embed_s, embedded.get(id(jobs[i])))
+        return [o if o is not None else _Done(None, "model", 0.0, 0.0, None) for o in out]
+
+    def _embed(self, jobs: list[_Job]) -> dict[int, np.ndarray]:
+        """L3: the item tower over every job's missing rows in one run; fills job.static.
+        -> id(job) -> its computed rows (absent for every job when the tower failed)."""
+        todo = [(j, np.flatnonzero(j.missing)) for j in jobs if j.missing.any()]
+        if not todo:
+            return {}
+        try:
+            parts = [self.reader.hashed(j.parsed, rows) for j, rows in todo]
+            emb = self.engine.embed_items(*(np.concatenate(x) for x in zip(*parts, strict=True)))
+        except Exception:  # an item-tower failure degrades these requests, never a 500
+            log.exception("item tower failed: requests %s", [j.request_id for j, _ in todo])
+            return {}
+        out, at = {}, 0
+        for j, rows in todo:
+            j.static[rows] = emb[at : at + len(rows)]
+            out[id(j)] = emb[at : at + len(rows)]
+            at += len(rows)
+        return out
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s died", task.get_name(), exc_info=task.exception())

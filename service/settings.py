@@ -1,0 +1,178 @@
+"""The service's one configuration: environment variables `RERANK_*`, validated at start.
+
+Read once, by the app factory (`create_app`) or `python -m service`, never at import time.
+Every field carries a description (the README's settings table is generated from them).
+Nonsense is refused with a message naming the variable: a bundle path that is neither a
+bundle nor an artifacts directory, limits above what the bundle's model can take, a
+breaker that never opens, ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.bundle import LATEST, MANIFEST, BundleError, latest_version, read_manifest
+
+
+def resolve_bundle_dir(path: Path) -> Path:
+    """A bundle directory as given, or `path/<version>` when path is an artifacts directory
+    whose `latest` file names the version."""
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / LATEST).is_file():
+        bundle = path / latest_version(path)
+        if not (bundle / MANIFEST).is_file():
+            raise ValueError(f"{path / LATEST} names {bundle.name!r}, which has no {MANIFEST}")
+        return bundle
+    raise ValueError(f"{path}: neither a bundle (no {MANIFEST}) nor an artifacts dir (no {LATEST})")
+
+
+class Settings(BaseSettings):
+    """Settings of the reranking service. Environment: RERANK_<FIELD NAME IN CAPITALS>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RERANK_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    bundle: Path = Field(
+        default=Path("artifacts"),
+        description="Model bundle directory, or an artifacts directory whose `latest` file "
+        "names the version to serve.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL of the L2 embedding cache (redis:// or rediss://). Unset: L1 "
+        "in-process cache + item tower only.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="redis_url names a node of a Redis Cluster: the keys of a request are "
+        "read with one MGET per slot, pipelined (mget_nonatomic).",
+    )
+    redis_prefix: str = Field(
+        default="gref",
+        min_length=1,
+        description="Key prefix of the embeddings in Redis (as publish).",
+    )
+    redis_timeout_ms: float = Field(
+        default=20.0, gt=0, le=10_000, description="Per-call Redis timeout (connect and read), ms."
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, description="Consecutive Redis failures that open the circuit breaker."
+    )
+    breaker_cooldown_s: float = Field(
+        default=2.0, gt=0, description="Seconds an open breaker waits before one half-open probe."
+    )
+    writeback_queue: int = Field(
+        default=1024,
+        ge=1,
+        description="Bound of the queue of computed embeddings waiting to be written to "
+        "Redis; beyond it write-backs are dropped (and counted).",
+    )
+    default_budget_ms: float = Field(
+        default=50.0, gt=0, description="Latency budget of a request that gives no budget_ms, ms."
+    )
+    max_candidates: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most candidates per request (default and upper bound: the bundle's "
+        "max_candidates).",
+    )
+    max_k: int = Field(
+        default=50,
+        ge=1,
+        description="Largest k a request may ask for (at most the model's max_steps).",
+    )
+    items_per_pass: int | None = Field(
+        default=None,
+        ge=1,
+        description="Items emitted per decoder pass (1..heads; default: every head).",
+    )
+    max_batch: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Most requests per engine call: requests that queued while the engine "
+        "was busy run together (no waiting when it is idle).",
+    )
+    max_queue: int = Field(
+        default=64,
+        ge=0,
+        description="Requests allowed to wait for the engine; beyond it a request is answered "
+        "at once in upstream order, degraded with reason 'overload'.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="onnxruntime device: auto (CUDA when available), cpu or cuda."
+    )
+    precision: Literal["auto", "fp32", "fp16"] = Field(
+        default="auto", description="Graph precision: auto (fp16 on CUDA when the bundle has it)."
+    )
+    intra_op_threads: int = Field(
+        default=1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's default)."
+    )
+    inter_op_threads: int = Field(
+        default=1, ge=0, description="onnxruntime inter-op threads (0 = onnxruntime's default)."
+    )
+    l1_cache_bytes: int = Field(
+        default=64 << 20,
+        ge=0,
+        description="Bound of the in-process embedding LRU, bytes (0 = off).",
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest accepted request body, bytes (larger: 413)."
+    )
+    warmup: bool = Field(
+        default=True, description="Run every candidate bucket once before /readyz says ready."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level; debug logs one JSON line per request."
+    )
+    host: str = Field(default="127.0.0.1", description="Bind address of `python -m service`.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of `python -m service`.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="uvicorn worker processes (> 1: Prometheus multiprocess).",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{url!r}: want redis://, rediss:// or unix://")
+        return url
+
+    @field_validator("bundle")
+    @classmethod
+    def _bundle_exists(cls, path: Path) -> Path:
+        return resolve_bundle_dir(path)
+
+    @model_validator(mode="after")
+    def _within_the_model(self) -> Settings:
+        """Limits must fit the bundle's model (its manifest is read, nothing else)."""
+        try:
+            cfg = read_manifest(self.bundle)["model_config"]
+        except BundleError as e:
+            raise ValueError(str(e)) from e
+        most, steps, heads = cfg["max_candidates"], cfg["max_steps"], cfg["omtp_heads"]
+        if self.max_candidates is not None and self.max_candidates > most:
+            raise ValueError(f"max_candidates={self.max_candidates} > the bundle's {most}")
+        if self.max_k > steps:
+            raise ValueError(f"max_k={self.max_k} > the model's max_steps {steps}")
+        if self.items_per_pass is not None and self.items_per_pass > heads:
+            raise ValueError(f"items_per_pass={self.items_per_pass} > the model's {heads} heads")
+        return self
+
+    @property
+    def candidate_limit(self) -> int:
+        """max_candidates, or the bundle's."""
+        if self.max_candidates is not None:
+            return self.max_candidates
+        return int(read_manifest(self.bundle)["model_config"]["max_candidates"])

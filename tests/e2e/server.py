@@ -1,0 +1,86 @@
+"""A real uvicorn serving `create_app(settings)` on a free loopback port, in a thread of the
+test process (so a test can patch the engine and read the app's state), plus request
+builders shared by the service tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.settings import Settings
+from tests.support.redis_server import free_port
+from tests.unit.test_export import SCHEMA
+
+
+class ServerThread:
+    """uvicorn.Server in a daemon thread; `url` once started."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app: FastAPI = create_app(settings)
+        self.port = free_port()
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn exited during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def wait_ready(client: Any, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("not ready in time")
+        time.sleep(0.05)
+
+
+def make_request(
+    rng: np.random.Generator,
+    m: int = 30,
+    k: int = 10,
+    item_ids: np.ndarray | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A valid rerank body for the test bundle's schema (random raw ids and features)."""
+    ids = item_ids if item_ids is not None else rng.choice(1_000_000, m, replace=False)
+    candidates = [
+        {
+            "item_id": int(i),
+            "score": float(rng.standard_normal()),
+            "features": {
+                "category": int(rng.integers(0, 50)),
+                "creator": int(rng.integers(0, 500)),
+                **{name: float(rng.standard_normal()) for name in SCHEMA.item_dense},
+            },
+        }
+        for i in ids[:m]
+    ]
+    user = {
+        "id": int(rng.integers(0, 1 << 40)),
+        "features": {name: float(rng.standard_normal()) for name in SCHEMA.user_dense},
+    }
+    return {"user": user, "candidates": candidates, "k": k, **extra}

@@ -1,0 +1,183 @@
+"""Batching and overload, made deterministic by holding the engine at a gate: requests that
+queue while the engine is busy run together in one batch (same lists as alone), and beyond
+max_queue a request is answered at once in upstream order, degraded "overload"."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from model.network import GenReranker
+from service.engine import Engine, RerankRequest, RerankResult
+from service.settings import Settings
+from tests.e2e.server import ServerThread, make_request, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+class Gate:
+    """Engine.rerank waits here while armed; counts batch sizes it saw."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.sizes: list[int] = []
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    g = Gate()
+    rerank = Engine.rerank
+
+    def held(self: Engine, requests: Sequence[RerankRequest], **kw: Any) -> list[RerankResult]:
+        if g.armed:
+            g.sizes.append(len(requests))
+            g.entered.set()
+            g.open.wait(60)
+        return rerank(self, requests, **kw)
+
+    monkeypatch.setattr(Engine, "rerank", held)
+    yield g
+    g.open.set()
+
+
+def start(bundle: Path, **overrides: Any) -> ServerThread:
+    settings = Settings(bundle=bundle, default_budget_ms=60_000, warmup=False, **overrides)
+    return ServerThread(settings).start()
+
+
+def pending(srv: ServerThread) -> int:
+    return int(srv.app.state.runtime.reranker.pending)
+
+
+def wait_for(condition: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_queued_requests_run_as_one_batch_with_the_same_lists(
+    tiny_bundle: tuple[Path, GenReranker], gate: Gate
+) -> None:
+    srv = start(tiny_bundle[0], max_batch=4, max_queue=16)
+    rng = np.random.default_rng(0)
+    bodies = [make_request(rng, m, min(m, 5)) for m in (30, 8, 17, 64, 3)]
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c, ThreadPoolExecutor(5) as pool:
+            wait_ready(c)
+            gate.armed = True
+            first = pool.submit(c.post, "/v1/rerank", json=bodies[0])
+            assert gate.entered.wait(30)  # the engine holds request 0
+            rest = [pool.submit(c.post, "/v1/rerank", json=b) for b in bodies[1:]]
+            wait_for(lambda: pending(srv) == 5)
+            gate.open.set()
+            batched = [f.result().json() for f in [first, *rest]]
+            gate.armed = False
+            alone = [c.post("/v1/rerank", json=b).json() for b in bodies]
+            metrics = c.get("/metrics").text
+    finally:
+        srv.stop()
+    assert gate.sizes == [1, 4]
+    for b, a in zip(batched, alone, strict=True):
+        assert not b["degraded"]
+        assert [i["item_id"] for i in b["items"]] == [i["item_id"] for i in a["items"]]
+        np.testing.assert_allclose(
+            [i["score"] for i in b["items"]], [i["score"] for i in a["items"]], atol=1e-4
+        )
+    sums = [line for line in metrics.splitlines() if line.startswith("rerank_batch_size_")]
+    assert "rerank_batch_size_sum 10.0" in sums and "rerank_batch_size_count 7.0" in sums, sums
+
+
+def test_beyond_max_queue_is_overload_in_upstream_order(
+    tiny_bundle: tuple[Path, GenReranker], gate: Gate
+) -> None:
+    srv = start(tiny_bundle[0], max_batch=4, max_queue=1)
+    rng = np.random.default_rng(1)
+    bodies = [make_request(rng, 20, 5) for _ in range(8)]
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c, ThreadPoolExecutor(8) as pool:
+            wait_ready(c)
+            gate.armed = True
+            held: list[Future[httpx.Response]] = [pool.submit(c.post, "/v1/rerank", json=bodies[0])]
+            assert gate.entered.wait(30)
+            held.append(pool.submit(c.post, "/v1/rerank", json=bodies[1]))
+            wait_for(lambda: pending(srv) == 2)
+            shed = [pool.submit(c.post, "/v1/rerank", json=b).result().json() for b in bodies[2:]]
+            gate.open.set()
+            served = [f.result().json() for f in held]
+            assert c.get("/readyz").status_code == 200
+    finally:
+        srv.stop()
+    for out, body in zip(shed, bodies[2:], strict=True):
+        assert out["degraded"] and out["reason"] == "overload" and out["passes"] == 0
+        assert [i["item_id"] for i in out["items"]] == [
+            c["item_id"] for c in body["candidates"][:5]
+        ]
+    assert all(not out["degraded"] for out in served)
+
+
+def test_model_and_item_tower_failures_degrade_never_500(
+    tiny_bundle: tuple[Path, GenReranker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = start(tiny_bundle[0])
+    rng = np.random.default_rng(2)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            wait_ready(c)
+
+            def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("onnxruntime fell over")
+
+            monkeypatch.setattr(Engine, "rerank", broken)
+            body = make_request(rng, 12, 4)
+            r = c.post("/v1/rerank", json=body, headers={"X-Request-ID": "mine"})
+            out = r.json()
+            assert r.status_code == 200 and out["degraded"] and out["reason"] == "model"
+            assert out["request_id"] == "mine" == r.headers["X-Request-ID"]
+            assert [i["item_id"] for i in out["items"]] == [
+                x["item_id"] for x in body["candidates"][:4]
+            ]
+            monkeypatch.setattr(Engine, "embed_items", broken)
+            out = c.post("/v1/rerank", json=make_request(rng, 12, 4)).json()  # new items
+            assert out["degraded"] and out["reason"] == "cache"
+            monkeypatch.undo()
+            out = c.post("/v1/rerank", json=make_request(rng, 12, 4)).json()
+            assert not out["degraded"]
+            text = c.get("/metrics").text
+            assert 'rerank_fallback_total{reason="model"} 1.0' in text
+            assert 'rerank_embedding_lookups_total{result="error",tier="l3"} 12.0' in text
+    finally:
+        srv.stop()
+
+
+def test_a_deadline_hit_inside_the_engine_completes_the_list_degraded(
+    tiny_bundle: tuple[Path, GenReranker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = start(tiny_bundle[0])
+    rerank = Engine.rerank
+
+    def late(self: Engine, requests: Sequence[RerankRequest], **kw: Any) -> list[RerankResult]:
+        kw["deadline"] = time.perf_counter()  # as if the budget ran out after the encoder
+        return rerank(self, requests, **kw)
+
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            wait_ready(c)
+            monkeypatch.setattr(Engine, "rerank", late)
+            body = make_request(np.random.default_rng(3), 30, 10)
+            out = c.post("/v1/rerank", json=body).json()
+    finally:
+        srv.stop()
+    assert out["degraded"] and out["reason"] == "budget" and out["passes"] == 1
+    ids = [i["item_id"] for i in out["items"]]
+    assert len(set(ids)) == 10 and set(ids) <= {x["item_id"] for x in body["candidates"]}

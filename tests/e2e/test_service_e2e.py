@@ -1,0 +1,350 @@
+"""The service end to end: a real uvicorn with its lifespan, the tiny exported bundle.
+Served lists equal the torch reference decode; bad input is refused with the field named;
+a tiny budget degrades to valid lists; /readyz waits for warm-up; /metrics holds §9."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.decode import greedy_decode
+from model.features import hash_ids, hash_items
+from model.network import GenReranker
+from model.tensors import Inputs
+from service.engine import Engine
+from service.settings import Settings
+from tests.e2e.server import ServerThread, make_request, wait_ready
+from tests.unit.test_export import SCHEMA
+
+pytestmark = pytest.mark.integration
+
+MAX_CANDIDATES, MAX_K = 64, 20
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: tuple[Path, GenReranker]) -> Iterator[ServerThread]:
+    settings = Settings(
+        bundle=tiny_bundle[0],
+        max_candidates=MAX_CANDIDATES,
+        max_k=MAX_K,
+        max_body_bytes=64_000,
+        default_budget_ms=30_000,  # lists, not latency: a busy test machine must not degrade
+    )
+    srv = ServerThread(settings).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        wait_ready(c)
+        yield c
+
+
+def reference(model: GenReranker, body: dict[str, Any]) -> list[int]:
+    """The torch greedy decode of the same request, hashed as training hashes it."""
+    cands = body["candidates"]
+    ids = np.array([c["item_id"] for c in cands], np.int64)
+    cat = np.array(
+        [[c["features"].get(n, 0) for n in SCHEMA.categorical_names] for c in cands], np.int64
+    )
+    dense = np.array(
+        [[c["features"].get(n, 0.0) for n in SCHEMA.item_dense] for c in cands], np.float32
+    )
+    h = hash_items(SCHEMA, ids[None], cat[None], dense[None])
+    user = body["user"]
+    inp = Inputs(
+        item_id=torch.from_numpy(h.item_id),
+        item_cat=torch.from_numpy(h.item_cat),
+        item_dense=torch.from_numpy(h.item_dense),
+        upstream_score=torch.tensor([[c["score"] for c in cands]], dtype=torch.float32),
+        cand_mask=torch.ones((1, len(cands)), dtype=torch.bool),
+        user_id=torch.from_numpy(
+            hash_ids(np.array([user["id"]]), SCHEMA.user_id_buckets, SCHEMA.hash_salt)
+        ),
+        user_dense=torch.tensor(
+            [[user["features"].get(n, 0.0) for n in SCHEMA.user_dense]], dtype=torch.float32
+        ),
+    )
+    order = greedy_decode(model, inp, body["k"]).order[0].tolist()
+    return [int(ids[i]) for i in order]
+
+
+def test_served_lists_equal_the_torch_reference(
+    client: httpx.Client, tiny_bundle: tuple[Path, GenReranker]
+) -> None:
+    model = tiny_bundle[1]
+    rng = np.random.default_rng(1)
+    # a pool of items with fixed features: repeats hit L1, as an item's features are its own
+    pool = make_request(rng, 200, 1)["candidates"]
+    for c in pool[::7]:
+        del c["features"]["quality"]  # a known item feature left out: it counts as 0
+    torch.set_num_threads(1)
+    for i in range(36):
+        m = int(rng.integers(1, MAX_CANDIDATES + 1))
+        k = int(rng.integers(1, min(m, MAX_K) + 1))
+        body = make_request(rng, m, k)
+        body["candidates"] = [
+            {
+                **pool[j],
+                "score": float(rng.standard_normal()),
+                "features": dict(pool[j]["features"]),
+            }
+            for j in rng.choice(len(pool), m, replace=False)
+        ]
+        if i % 3 == 0:  # a known user feature left out: it counts as 0
+            body["user"]["features"].pop("diversity")
+        r = client.post("/v1/rerank", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert not out["degraded"], out
+        served = [it["item_id"] for it in out["items"]]
+        assert served == reference(model, body), i
+        assert r.headers["X-Request-ID"] == out["request_id"]
+        assert "decode;dur=" in r.headers["Server-Timing"]
+
+
+def test_every_list_has_k_distinct_ids_of_the_request(client: httpx.Client) -> None:
+    rng = np.random.default_rng(2)
+    for m, k in [(1, 1), (2, 2), (8, 8), (9, 3), (30, 10), (33, 20), (64, 20), (64, 1)]:
+        body = make_request(rng, m, k, request_id=f"r-{m}-{k}")
+        out = client.post("/v1/rerank", json=body).json()
+        ids = [it["item_id"] for it in out["items"]]
+        assert len(ids) == k and len(set(ids)) == k
+        assert set(ids) <= {c["item_id"] for c in body["candidates"]}
+        assert out["request_id"] == f"r-{m}-{k}"
+        assert out["passes"] >= 1 and set(out["timings"]) == {
+            "queue_ms", "cache_ms", "encode_ms", "decode_ms", "total_ms"
+        }  # fmt: skip
+        scores = [it["score"] for it in out["items"]]
+        assert all(np.isfinite(scores))
+
+
+def _good() -> dict[str, Any]:
+    return make_request(np.random.default_rng(3), 30, 10)
+
+
+def _with(path: str, value: Any) -> bytes:
+    """The good body with one field set (dotted path, list indices as numbers)."""
+    body: Any = _good()
+    keys = [int(p) if p.isdigit() else p for p in path.split(".")]
+    target = body
+    for key in keys[:-1]:
+        target = target[key]
+    if value is _DROP:
+        del target[keys[-1]]
+    else:
+        target[keys[-1]] = value
+    return json.dumps(body).encode()
+
+
+_DROP = object()
+
+
+def _raw(good_json_with: str, old: str) -> bytes:
+    """The good body with a literal swapped in (NaN / Infinity are not in json.dumps' way)."""
+    text = json.dumps(_good())
+    assert old in text
+    return text.replace(old, good_json_with, 1).encode()
+
+
+def _dup() -> bytes:
+    body = _good()
+    body["candidates"][7]["item_id"] = body["candidates"][2]["item_id"]
+    return json.dumps(body).encode()
+
+
+def _first_score() -> str:
+    return json.dumps(_good()["candidates"][0]["score"])
+
+
+BAD: list[tuple[str, Any, str | None]] = [
+    ("empty list", lambda: _with("candidates", []), "candidates"),
+    ("too many", lambda: json.dumps(make_request(np.random.default_rng(0), 65, 5)).encode(),
+     "candidates"),
+    ("duplicate ids", _dup, "candidates[7].item_id"),
+    ("NaN score", lambda: _raw("NaN", _first_score()), "candidates[0].score"),
+    ("Infinity score", lambda: _raw("Infinity", _first_score()), "candidates[0].score"),
+    ("-Infinity user feature", lambda: _with("user.features.pref_0", float("-inf")),
+     "user.features.pref_0"),
+    ("string score", lambda: _with("candidates.3.score", "1.0"), "candidates[3].score"),
+    ("float item id", lambda: _with("candidates.4.item_id", 1.5), "candidates[4].item_id"),
+    ("string item id", lambda: _with("candidates.4.item_id", "12"), "candidates[4].item_id"),
+    ("bool k", lambda: _with("k", True), "k"),
+    ("string k", lambda: _with("k", "10"), "k"),
+    ("missing user", lambda: _with("user", _DROP), "user"),
+    ("missing candidates", lambda: _with("candidates", _DROP), "candidates"),
+    ("missing k", lambda: _with("k", _DROP), "k"),
+    ("missing score", lambda: _with("candidates.5.score", _DROP), "candidates[5].score"),
+    ("missing user id", lambda: _with("user.id", _DROP), "user.id"),
+    ("k = 0", lambda: _with("k", 0), "k"),
+    ("k > m", lambda: json.dumps(make_request(np.random.default_rng(0), 5, 6)).encode(), "k"),
+    ("k > max_k", lambda: _with("k", MAX_K + 1), "k"),
+    ("negative budget", lambda: _with("budget_ms", -1.0), "budget_ms"),
+    ("unknown item feature", lambda: _with("candidates.2.features.colour", 1.0),
+     "candidates[2].features.colour"),
+    ("unknown user feature", lambda: _with("user.features.age", 30.0), "user.features.age"),
+    ("categorical not an integer", lambda: _with("candidates.1.features.category", 2.5),
+     "candidates[1].features.category"),
+    ("negative item id", lambda: _with("candidates.6.item_id", -3), "candidates[6].item_id"),
+    ("item id beyond int64", lambda: _with("candidates.6.item_id", 1 << 64),
+     "candidates[6].item_id"),
+    ("score beyond float32", lambda: _with("candidates.0.score", 1e39), "candidates[0].score"),
+    ("dense feature beyond float32", lambda: _with("candidates.2.features.quality", 1e39),
+     "candidates[2].features.quality"),
+    ("huge integer dense feature", lambda: _with("candidates.2.features.duration", 10**400),
+     "candidates[2].features.duration"),
+    ("user feature beyond float32", lambda: _with("user.features.pref_1", -1e300),
+     "user.features.pref_1"),
+    ("unknown top-level field", lambda: _with("colour", "red"), "colour"),
+    ("candidates not a list", lambda: _with("candidates", {"a": 1}), "candidates"),
+    ("not JSON", lambda: b"{not json", None),
+    ("empty body", lambda: b"", None),
+    ("JSON array", lambda: b"[1, 2]", None),
+    ("request id too long", lambda: _with("request_id", "x" * 200), "request_id"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "make", "field"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_422_naming_the_field(
+    client: httpx.Client, case: str, make: Any, field: str | None
+) -> None:
+    r = client.post("/v1/rerank", content=make(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, (case, r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"type", "message", "field"} and err["message"]
+    if field is not None:
+        assert err["field"] == field, err
+    assert "X-Request-ID" in r.headers
+
+
+def test_oversized_body_is_413_by_length_and_by_bytes(client: httpx.Client) -> None:
+    big = json.dumps(_good() | {"request_id": "x", "pad": "y" * 70_000}).encode()
+    r = client.post("/v1/rerank", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
+        for _ in range(20):
+            yield b" " * 4096
+
+    r = client.post("/v1/rerank", content=chunks())
+    assert r.status_code == 413, r.text
+
+
+def test_a_good_request_works_after_the_bad_ones(client: httpx.Client) -> None:
+    for _, make, _ in BAD:
+        assert client.post("/v1/rerank", content=make()).status_code in (413, 422)
+    r = client.post("/v1/rerank", json=_good())
+    assert r.status_code == 200 and not r.json()["degraded"]
+
+
+def test_a_tiny_budget_degrades_to_valid_lists(client: httpx.Client) -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        body = make_request(rng, 30, 10, budget_ms=0.001)
+        out = client.post("/v1/rerank", json=body).json()
+        assert out["degraded"] and out["reason"] == "budget"
+        ids = [it["item_id"] for it in out["items"]]
+        assert len(ids) == 10 and len(set(ids)) == 10
+        assert ids == [c["item_id"] for c in body["candidates"][:10]]  # upstream order
+
+
+REQUIRED_SAMPLES = {
+    "rerank_request_duration_seconds_bucket",
+    "rerank_stage_duration_seconds_bucket",
+    "rerank_fallback_total",
+    "rerank_embedding_lookups_total",
+    "rerank_decode_passes_bucket",
+    "rerank_batch_size_bucket",
+    "rerank_candidates_bucket",
+    "rerank_inflight_requests",
+    "rerank_model_info",
+}
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_parse_and_hold_every_series(client: httpx.Client) -> None:
+    client.post("/v1/rerank", json=_good())
+    client.post("/v1/rerank", json=make_request(np.random.default_rng(5), 9, 3, budget_ms=1e-3))
+    samples = metric_samples(client)
+    names = {name for name, _ in samples}
+    assert names >= REQUIRED_SAMPLES, REQUIRED_SAMPLES - names
+    labels = {name: {dict(lb).get(key) for n, lb in samples if n == name} for name, key in [
+        ("rerank_request_duration_seconds_count", "outcome"),
+        ("rerank_stage_duration_seconds_count", "stage"),
+        ("rerank_fallback_total", "reason"),
+    ]}  # fmt: skip
+    assert labels["rerank_request_duration_seconds_count"] >= {"ok", "degraded", "rejected"}
+    assert labels["rerank_stage_duration_seconds_count"] >= {
+        "queue", "cache", "encode", "decode", "total_model"
+    }  # fmt: skip
+    assert labels["rerank_fallback_total"] >= {"budget", "overload", "cache", "model"}
+    lookups = {dict(lb)["tier"] + "/" + dict(lb)["result"] for n, lb in samples
+               if n == "rerank_embedding_lookups_total"}  # fmt: skip
+    assert {"l1/hit", "l1/miss", "l3/hit", "l2/error"} <= lookups
+    assert samples["rerank_fallback_total", (("reason", "budget"),)] >= 1
+    assert samples["rerank_request_duration_seconds_count", (("outcome", "ok"),)] >= 1
+    assert any(n == "rerank_model_info" and v == 1 for (n, _), v in samples.items())
+    # a bucket below a millisecond exists
+    les = {float(dict(lb)["le"]) for n, lb in samples
+           if n == "rerank_request_duration_seconds_bucket"}  # fmt: skip
+    assert min(les) <= 1e-4 and len([x for x in les if x < 0.01]) >= 8
+
+
+def test_model_and_health(client: httpx.Client, tiny_bundle: tuple[Path, GenReranker]) -> None:
+    manifest = json.loads((tiny_bundle[0] / "manifest.json").read_text())
+    assert client.get("/v1/model").json() == manifest
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["redis"] == "disabled"
+    assert ready["model_version"] == manifest["version"]
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/rerank"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/RerankIn")
+    assert {"RerankIn", "Candidate", "User", "RerankOut"} <= set(spec["components"]["schemas"])
+
+
+def test_readyz_is_503_until_warm_up_is_done(
+    tiny_bundle: tuple[Path, GenReranker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    warmup = Engine.warmup
+
+    def held_warmup(self: Engine, *args: Any, **kwargs: Any) -> float:
+        gate.wait(60)
+        return warmup(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "warmup", held_warmup)
+    srv = ServerThread(Settings(bundle=tiny_bundle[0].parent)).start()  # artifacts dir
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.get("/healthz").status_code == 200
+            r = c.get("/readyz")
+            assert r.status_code == 503 and not r.json()["ready"]
+            r = c.post("/v1/rerank", json=_good())
+            assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+            assert c.get("/v1/model").status_code == 200  # loaded, not yet warm
+            gate.set()
+            wait_ready(c)
+            assert c.post("/v1/rerank", json=_good()).status_code == 200
+    finally:
+        gate.set()
+        srv.stop()

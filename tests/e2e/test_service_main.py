@@ -1,0 +1,83 @@
+"""`python -m service`: a real process tree with two uvicorn workers, metrics aggregated
+across them (Prometheus multiprocess mode), JSON log lines with the request id, and a
+clear refusal of bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.network import GenReranker
+from tests.e2e.server import make_request
+from tests.support.redis_server import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_two_workers_share_their_metrics(
+    tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "PROMETHEUS_"))}
+    env |= {"RERANK_LOG_LEVEL": "debug", "RERANK_MAX_K": "10"}
+    err = (tmp_path / "stderr").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--workers", "2", "--port", str(port),
+         "--bundle", str(tiny_bundle[0])],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+    )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            deadline, ready = time.monotonic() + 90, 0
+            while ready < 6:  # several answers in a row: both workers are warm
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()
+                assert time.monotonic() < deadline, "not ready"
+                try:
+                    ready = ready + 1 if c.get("/readyz").status_code == 200 else 0
+                except httpx.TransportError:
+                    ready = 0
+                time.sleep(0.05)
+            rng = np.random.default_rng(0)
+            ids = []
+            for i in range(20):
+                r = c.post("/v1/rerank", json=make_request(rng, 20, 5, request_id=f"req-{i}"))
+                assert r.status_code == 200, r.text
+                ids.append(r.json()["request_id"])
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(c.get("/metrics").text)
+                for s in f.samples
+            }
+        assert samples["rerank_request_duration_seconds_count", (("outcome", "ok"),)] == 20
+        assert samples["rerank_candidates_count", ()] == 20
+        assert samples["rerank_inflight_requests", ()] == 0
+        assert any(n == "rerank_model_info" for n, _ in samples)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        err.close()
+    lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()
+             if line.startswith("{")]  # fmt: skip
+    logged = {json.loads(x["message"])["request_id"] for x in lines
+              if x["logger"] == "service.access" and x["message"].startswith("{")}  # fmt: skip
+    assert set(ids) <= logged
+
+
+def test_bad_settings_exit_2_with_the_reason(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "service", "--bundle", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "neither a bundle" in r.stderr

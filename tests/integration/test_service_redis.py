@@ -1,0 +1,209 @@
+"""The service with a real Redis as L2: published embeddings are hits, computed ones are
+written back, and a Redis stopped mid-run costs no request (the breaker opens; on restart
+a half-open probe closes it)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from export.publish import emb_key, publish_bundle
+from model.network import GenReranker
+from service.settings import Settings
+from tests.e2e.server import ServerThread, make_request, wait_ready
+from tests.support.redis_server import RedisProcess, find_redis_server, free_port
+from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.integration
+
+COOLDOWN_S = 0.3
+
+
+@pytest.fixture
+def served(
+    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    redis_process: RedisProcess,
+) -> Iterator[tuple[httpx.Client, RedisProcess, Path]]:
+    path = tiny_bundle[0]
+    publish_bundle(path, redis_process.url, prefix="t")
+    settings = Settings(
+        bundle=path,
+        redis_url=redis_process.url,
+        redis_prefix="t",
+        redis_timeout_ms=100,
+        breaker_failures=2,
+        breaker_cooldown_s=COOLDOWN_S,
+        warmup=False,
+        default_budget_ms=30_000,  # a busy test machine must not degrade the lists
+    )
+    srv = ServerThread(settings).start()
+    with httpx.Client(base_url=srv.url, timeout=30) as client:
+        wait_ready(client)
+        yield client, redis_process, path
+    srv.stop()
+
+
+def lookups(client: httpx.Client) -> dict[str, float]:
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("rerank_embedding_lookups_total{"):
+            labels, value = line.split("} ")
+            tier = labels.split('tier="')[1].split('"')[0]
+            result = labels.split('result="')[1].split('"')[0]
+            out[f"{tier}/{result}"] = float(value)
+    return out
+
+
+def rerank_ok(client: httpx.Client, body: dict[str, object]) -> dict[str, object]:
+    r = client.post("/v1/rerank", json=body)
+    assert r.status_code == 200, r.text
+    out: dict[str, object] = r.json()
+    items = out["items"]
+    assert isinstance(items, list) and len(items) == body["k"]
+    return out
+
+
+def test_published_hits_write_back_and_an_outage(
+    served: tuple[httpx.Client, RedisProcess, Path],
+) -> None:
+    client, server, path = served
+    rng = np.random.default_rng(0)
+    table = np.load(path / "item_ids.npy")
+    version = path.name
+
+    # published items: L2 hits
+    out = rerank_ok(client, make_request(rng, 30, 10, item_ids=table[:30]))
+    assert not out["degraded"]
+    assert lookups(client)["l2/hit"] == 30
+
+    # new items: L2 misses, computed by the item tower and written back (float16)
+    fresh = rng.choice(np.setdiff1d(np.arange(20_000), table), 20, replace=False)
+    rerank_ok(client, make_request(rng, 20, 5, item_ids=fresh))
+    assert lookups(client)["l3/hit"] == 20
+    r = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 10
+    while r.get(emb_key("t", version, int(fresh[0]))) is None:
+        assert time.monotonic() < deadline, "no write-back"
+        time.sleep(0.02)
+    assert len(r.get(emb_key("t", version, int(fresh[-1]))) or b"") in (32, 64)  # d=16: f2/f4
+    r.close()
+
+    # Redis stopped: every request still answers, from the item tower
+    server.stop()
+    errors_before = lookups(client)["l2/error"]
+    for _ in range(5):
+        ids = rng.choice(np.arange(100_000, 200_000), 30, replace=False)
+        out = rerank_ok(client, make_request(rng, 30, 10, item_ids=ids))
+        assert not out["degraded"], out  # L3 covers a dead cache: not degraded
+    assert lookups(client)["l2/error"] > errors_before
+    assert client.get("/readyz").json()["redis"] in ("open", "half_open")
+    assert "rerank_redis_breaker_open 1.0" in client.get("/metrics").text
+
+    # Redis back: after the cool-down, a probe closes the breaker; hits again
+    server.start()
+    time.sleep(COOLDOWN_S * 1.5)
+    hits_before = lookups(client)["l2/hit"]
+    deadline = time.monotonic() + 10
+    while client.get("/readyz").json()["redis"] != "closed":
+        assert time.monotonic() < deadline, "breaker did not close"
+        publish_bundle(path, server.url, prefix="t")  # the restarted Redis is empty
+        ids = rng.choice(table, 30, replace=False)
+        rerank_ok(client, make_request(rng, 30, 10, item_ids=ids))
+        time.sleep(COOLDOWN_S / 3)
+    assert lookups(client)["l2/hit"] > hits_before
+
+
+def test_a_hung_redis_costs_a_bounded_time(
+    served: tuple[httpx.Client, RedisProcess, Path],
+) -> None:
+    client, server, _ = served
+    rng = np.random.default_rng(1)
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        for _ in range(4):
+            ids = rng.choice(np.arange(300_000, 400_000), 30, replace=False)
+            out = rerank_ok(client, make_request(rng, 30, 10, item_ids=ids, budget_ms=10_000))
+            assert not out["degraded"]
+            timings = out["timings"]
+            assert isinstance(timings, dict)
+            assert timings["cache_ms"] < 5_000  # the 100 ms timeout, not a hang
+        assert client.get("/readyz").json()["redis"] == "open"
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def cluster_node(tmp_path: Path) -> Iterator[str]:
+    """A one-node Redis Cluster owning every slot: the cluster protocol (MOVED, CROSSSLOT)
+    without three masters."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail("no redis-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--cluster-enabled", "yes",
+         "--cluster-config-file", str(tmp_path / "nodes.conf")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        plain = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                plain.execute_command("CLUSTER", "ADDSLOTS", *range(16384))  # Redis 6: no RANGE
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "cluster node did not start"
+                time.sleep(0.05)
+        while b"cluster_state:ok" not in plain.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "cluster not ok"
+            time.sleep(0.05)
+        plain.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_redis_cluster_url_works(
+    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    cluster_node: str,
+) -> None:
+    path = tiny_bundle[0]
+    version = path.name
+    table = np.load(path / "item_ids.npy")[:30]
+    emb = np.load(path / "item_embeddings.npy")[:30].astype("<f2")
+    cluster = redis.RedisCluster.from_url(cluster_node)
+    cluster.mset_nonatomic({emb_key("c", version, int(i)): e.tobytes() for i, e in
+                            zip(table, emb, strict=True)})  # fmt: skip
+    settings = Settings(bundle=path, redis_url=cluster_node, redis_cluster=True,
+                        redis_prefix="c", redis_timeout_ms=500, warmup=False,
+                        default_budget_ms=30_000)  # fmt: skip
+    srv = ServerThread(settings).start()
+    rng = np.random.default_rng(3)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            wait_ready(client)
+            out = rerank_ok(client, make_request(rng, 30, 10, item_ids=table))
+            assert not out["degraded"] and lookups(client)["l2/hit"] == 30
+            fresh = rng.choice(np.arange(500_000, 600_000), 20, replace=False)
+            rerank_ok(client, make_request(rng, 20, 5, item_ids=fresh))
+            deadline = time.monotonic() + 10
+            keys = [emb_key("c", version, int(i)) for i in fresh]
+            while None in cluster.mget_nonatomic(keys):
+                assert time.monotonic() < deadline, "no write-back to the cluster"
+                time.sleep(0.05)
+            assert client.get("/readyz").json()["redis"] == "closed"
+    finally:
+        srv.stop()
+        cluster.close()
