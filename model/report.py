@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no screen: files only
 import matplotlib.pyplot as plt
@@ -50,6 +51,7 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
             cells = [_cell(m[c], 2 if c in ("passes", "decode_ms") else 4) for c in COLUMNS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _paired_lines(summary)
     room = summary["headroom"]
     lines += [
         "## Headroom of the world (true utility, mean over seeds, 5000 test requests each)",
@@ -66,6 +68,44 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+# (a, b): the claims the paper's tables make, checked as paired per-seed differences
+PAIRS = (
+    ("GReF (pre-train + DPO, n=4)", "PRM"),
+    ("GReF (pre-train + DPO, n=4)", "DNN"),
+    ("n = 1", "PRM"),
+    ("n = 1", "DNN"),
+    ("Pre-train + DPO", "Pre-train only"),
+    ("Pre-train only", "Upstream order"),
+    ("L_n + L_o", "L_n"),
+    ("n = 4", "n = 1"),
+)
+
+
+def _sd(x: np.ndarray) -> float:
+    return float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def _paired_lines(summary: dict[str, Any]) -> list[str]:
+    """Each seed is a different world, so the across-seed spread of a model's utility is
+    mostly world-to-world variation; the claims are about differences on the same world."""
+    rows = [seed["rows"] for seed in summary["per_seed"]]
+    lines = [
+        "## Paired differences (same world and test requests; mean ± std over seeds)",
+        "",
+        "| a − b | Δ utility | Δ utility / b | Δ ndcg@10 | a > b on seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for a, b in PAIRS:
+        du = np.array([r[a]["utility"] - r[b]["utility"] for r in rows])
+        rel = np.array([r[a]["utility"] / r[b]["utility"] - 1 for r in rows])
+        dn = np.array([r[a]["ndcg@10"] - r[b]["ndcg@10"] for r in rows])
+        lines.append(
+            f"| {a} − {b} | {du.mean():+.4f} ± {_sd(du):.4f} | {rel.mean():+.2%} "
+            f"| {dn.mean():+.4f} ± {_sd(dn):.4f} | {int((du > 0).sum())}/{du.size} |"
+        )
+    return [*lines, ""]
 
 
 def plot_results(
