@@ -34,10 +34,12 @@ format: venv  ## apply ruff format and autofixes
 test: venv lint  ## set everything up, lint, run the test suite
 	$(BIN)/pytest -q
 
-serve: venv  ## set up and run the service on 127.0.0.1:8000 (lands with the service issue)
-	@echo "gref-serve: the HTTP service (service/) is not built yet; it lands with the service issue." >&2
-	@echo "Available now: make results / make results-quick (offline), make test." >&2
-	@exit 2
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 1
+
+serve: bundle  ## set everything up (venv, default bundle if missing) and serve on 127.0.0.1:8000
+	$(BIN)/python -m service --bundle artifacts --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 DATA := data/default
 CKPT := checkpoints/default
@@ -49,8 +51,10 @@ $(CKPT)/dpo/best/model.safetensors: | venv
 
 checkpoint: $(CKPT)/dpo/best/model.safetensors  ## train the default checkpoint if missing
 
-bundle: checkpoint  ## export the default checkpoint to an ONNX bundle in artifacts/ and verify it
+artifacts/latest: $(CKPT)/dpo/best/model.safetensors
 	$(BIN)/python -m export build $(CKPT)/dpo/best --items $(DATA)/items.parquet --out artifacts --fp16 --verify
+
+bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
 bench: venv  ## benchmarks (ratios measured in one run): engine vs torch decode
 	$(BIN)/python tests/bench/bench_engine.py
