@@ -56,8 +56,9 @@ artifacts/latest: $(CKPT)/dpo/best/model.safetensors
 
 bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
-bench: venv  ## benchmarks (ratios measured in one run): engine vs torch decode
+bench: bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor
 	$(BIN)/python tests/bench/bench_engine.py
+	$(BIN)/python tests/bench/bench_http.py --bundle artifacts
 
 results: venv  ## train everything on the simulated world over SEEDS seeds; writes results/
 	$(BIN)/python -m model results --seed $(SEED) --seeds $(SEEDS)
