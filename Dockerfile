@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # gref-serve images. Today: `offline` (train, evaluate, `python -m model results`).
-# The serving image (no torch, non-root, HEALTHCHECK) is added with the service.
+# The serving image (no torch, non-root, HEALTHCHECK on /healthz) comes with the operations
+# issue; the service itself runs today with `make serve`.
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim AS offline
