@@ -15,27 +15,11 @@ from model.baselines import (
     build_baseline,
     exposure_bce,
 )
-from model.config import ModelConfig
-from model.features import FeatureSchema
 from model.tensors import Inputs
+from tests.support.tiny import TINY_SCHEMA, tiny_config
 
-SCHEMA = FeatureSchema(
-    item_id_buckets=97,
-    user_id_buckets=13,
-    item_categorical=(("category", 7), ("creator", 11)),
-    item_dense=("quality", "duration", "freshness"),
-    user_dense=("pref_0", "pref_1", "diversity"),
-)
-CFG = ModelConfig(
-    schema=SCHEMA,
-    d_model=16,
-    n_attn_heads=2,
-    enc_layers=1,
-    dec_layers=1,
-    ffn_mult=2,
-    max_candidates=32,
-    max_steps=8,
-)
+SCHEMA = TINY_SCHEMA
+CFG = tiny_config(enc_layers=1, dec_layers=1, max_steps=8)
 ALL = [PointwiseDNN, PRM, NAR4Rec]
 
 

@@ -22,31 +22,15 @@ from export.graphs import example_inputs, export_graph, graph_module
 from export.verify import ParityConfig, verify_bundle
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
-from model.features import FeatureSchema, hash_items
+from model.features import hash_items
 from model.logs import write_items
 from model.network import GenReranker
 from service.bundle import GRAPHS, LATEST, SCHEMA_VERSION, graph_file, load_bundle, sha256_file
+from tests.support.tiny import TINY_SCHEMA, tiny_config
 
-SCHEMA = FeatureSchema(
-    item_id_buckets=97,
-    user_id_buckets=13,
-    item_categorical=(("category", 7), ("creator", 11)),
-    item_dense=("quality", "duration", "freshness"),
-    user_dense=("pref_0", "pref_1", "diversity"),
-)
-# n = 3 heads (so items_per_pass 1, 2, n are three cases), two layers each side, room for
-# m = 200 and k = 50
-CFG = ModelConfig(
-    schema=SCHEMA,
-    d_model=16,
-    n_attn_heads=2,
-    enc_layers=2,
-    dec_layers=2,
-    ffn_mult=2,
-    omtp_heads=3,
-    max_candidates=256,
-    max_steps=64,
-)
+SCHEMA = TINY_SCHEMA
+# room for m = 200 and k = 50
+CFG = tiny_config(max_candidates=256, max_steps=64)
 N_ITEMS = 300
 
 

@@ -10,28 +10,12 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.features import FeatureSchema
 from model.network import GenReranker
 from model.tensors import Inputs
+from tests.support.tiny import TINY_SCHEMA, tiny_config
 
-SCHEMA = FeatureSchema(
-    item_id_buckets=97,
-    user_id_buckets=13,
-    item_categorical=(("category", 7), ("creator", 11)),
-    item_dense=("quality", "duration", "freshness"),
-    user_dense=("pref_0", "pref_1", "diversity"),
-)
-CFG = ModelConfig(
-    schema=SCHEMA,
-    d_model=16,
-    n_attn_heads=2,
-    enc_layers=2,
-    dec_layers=2,
-    ffn_mult=2,
-    omtp_heads=3,
-    max_candidates=32,
-    max_steps=16,
-)
+SCHEMA = TINY_SCHEMA
+CFG = tiny_config()
 
 
 @pytest.fixture(autouse=True, scope="module")
