@@ -19,7 +19,11 @@ from export.publish import emb_key, publish_bundle
 from model.network import GenReranker
 from service.settings import Settings
 from tests.e2e.server import ServerThread, make_request, wait_ready
-from tests.support.redis_server import RedisProcess, find_redis_server, free_port
+from tests.support.redis_server import (
+    RedisProcess,
+    find_redis_server,
+    free_cluster_port,
+)
 from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
@@ -148,7 +152,7 @@ def cluster_node(tmp_path: Path) -> Iterator[str]:
     binary = find_redis_server()
     if binary is None:
         pytest.fail("no redis-server")
-    port = free_port()
+    port = free_cluster_port()
     proc = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
          "--dir", str(tmp_path), "--cluster-enabled", "yes",
@@ -163,6 +167,7 @@ def cluster_node(tmp_path: Path) -> Iterator[str]:
                 plain.execute_command("CLUSTER", "ADDSLOTS", *range(16384))  # Redis 6: no RANGE
                 break
             except redis.ConnectionError:
+                assert proc.poll() is None, f"cluster node exited ({proc.returncode})"
                 assert time.monotonic() < deadline, "cluster node did not start"
                 time.sleep(0.05)
         while b"cluster_state:ok" not in plain.execute_command("CLUSTER", "INFO"):
