@@ -44,7 +44,7 @@ Common interface (so the training/eval harness treats all alike):
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,19 @@ def rank_by_score(scores: torch.Tensor, cand_mask: torch.Tensor, k: int) -> torc
     return order
 
 
+def _layer_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Pre-LN, batch-first torch transformer layers sized like the Gen-Reranker's."""
+    return {
+        "d_model": cfg.d_model,
+        "nhead": cfg.n_attn_heads,
+        "dim_feedforward": cfg.d_model * cfg.ffn_mult,
+        "dropout": cfg.dropout,
+        "activation": "gelu",
+        "batch_first": True,
+        "norm_first": True,
+    }
+
+
 class ListEncoder(nn.Module):
     """PRM's (and NAR4Rec's) encoder: [user token; candidates with list context] through
     `enc_layers` bidirectional transformer blocks with a key padding mask."""
@@ -104,15 +117,7 @@ class ListEncoder(nn.Module):
         self.items = ItemTower(cfg)
         self.user = UserTower(cfg)
         self.context = ListContext(cfg)
-        layer = nn.TransformerEncoderLayer(
-            d,
-            cfg.n_attn_heads,
-            dim_feedforward=d * cfg.ffn_mult,
-            dropout=cfg.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
+        layer = nn.TransformerEncoderLayer(**_layer_kwargs(cfg))
         self.blocks = nn.TransformerEncoder(
             layer, cfg.enc_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False
         )
@@ -224,15 +229,7 @@ class NAR4Rec(nn.Module):
         self.encoder = ListEncoder(cfg)
         self.pos_queries = nn.Embedding(cfg.max_steps, d)
         nn.init.normal_(self.pos_queries.weight, std=0.02)
-        layer = nn.TransformerDecoderLayer(
-            d,
-            cfg.n_attn_heads,
-            dim_feedforward=d * cfg.ffn_mult,
-            dropout=cfg.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
+        layer = nn.TransformerDecoderLayer(**_layer_kwargs(cfg))
         # one or two blocks: the point of NAR4Rec is a cheap single pass
         self.blocks = nn.TransformerDecoder(
             layer, min(2, max(1, cfg.dec_layers)), norm=nn.LayerNorm(d)

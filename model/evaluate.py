@@ -9,7 +9,6 @@ LibRerank evaluates rerankers on logs.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -149,8 +148,3 @@ def decode_latency_ms(
         return float(statistics.median(times))
     finally:
         torch.set_num_threads(prev)
-
-
-def mean_and_sem(values: np.ndarray) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0

@@ -53,6 +53,18 @@ def _target_logprob(
     return torch.where(valid, lp, torch.zeros_like(lp)), valid
 
 
+def _head_logprob(
+    scores: torch.Tensor, order: torch.Tensor, cand_mask: torch.Tensor, head: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head `head`'s masked log-prob of its target order[:, t + head] at every position t:
+    (B, K) log-probs (0 where invalid) and the (B, K) valid mask."""
+    n = head + 1
+    target = head_targets(order, n)[:, :, head]  # (B, K)
+    unavailable = unavailable_mask(order, cand_mask, n)[:, :, head]  # (B, K, M)
+    logp = masked_log_softmax(scores[:, :, head], unavailable)
+    return _target_logprob(logp, target, unavailable)
+
+
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, torch.zeros_like(x)).sum() / valid.sum().clamp(min=1)
 
@@ -60,9 +72,7 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def exposure_ce(scores: torch.Tensor, order: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
     """Eq. 6, exposure-order pre-training: mean over positions of
     -log p(y_t | y_<t) under head 0 with teacher forcing. scores (B, K, n, M)."""
-    unavailable = unavailable_mask(order, cand_mask, 1)[:, :, 0]  # (B, K, M)
-    logp = masked_log_softmax(scores[:, :, 0], unavailable)
-    lp, valid = _target_logprob(logp, order, unavailable)
+    lp, valid = _head_logprob(scores, order, cand_mask, head=0)
     return _masked_mean(-lp, valid)
 
 
@@ -137,11 +147,7 @@ def sequence_logprob(
 ) -> torch.Tensor:
     """log π(Y) (B,): the SUM over positions t of head `head`'s masked log-prob of its
     target order[:, t + head] (averaging over positions is a known cause of collapse)."""
-    n = head + 1
-    target = head_targets(order, n)[:, :, head]  # (B, K)
-    unavailable = unavailable_mask(order, cand_mask, n)[:, :, head]  # (B, K, M)
-    logp = masked_log_softmax(scores[:, :, head], unavailable)
-    return _target_logprob(logp, target, unavailable)[0].sum(dim=1)
+    return _head_logprob(scores, order, cand_mask, head)[0].sum(dim=1)
 
 
 def dpo_loss(

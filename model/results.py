@@ -195,8 +195,3 @@ def run(rc: ResultsConfig, out: str | Path, progress: bool = True) -> dict[str, 
     write_markdown(summary, out / "results.md")
     plot_results(summary, [s["histories"] for s in per_seed], out)
     return summary
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(Path(path).read_text())
-    return data

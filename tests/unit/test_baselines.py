@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -21,15 +19,6 @@ from tests.support.tiny import TINY_SCHEMA, tiny_config
 SCHEMA = TINY_SCHEMA
 CFG = tiny_config(enc_layers=1, dec_layers=1, max_steps=8)
 ALL = [PointwiseDNN, PRM, NAR4Rec]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is fastest, and immune to busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_inputs(B: int, M: int, m: torch.Tensor | None = None, seed: int = 0) -> Inputs:

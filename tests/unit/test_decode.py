@@ -4,7 +4,6 @@ agreement with a cache-free brute force, and beam search vs greedy."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,14 +15,6 @@ from model.tensors import Inputs
 from tests.unit.test_network import CFG, make_inputs, make_model
 
 N = CFG.omtp_heads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_valid(res: DecodeResult, inp: Inputs, k: int) -> None:

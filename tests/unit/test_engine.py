@@ -10,7 +10,6 @@ import math
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +27,6 @@ from tests.unit.test_export import CFG, tiny_bundle  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 N = CFG.omtp_heads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +31,6 @@ SCHEMA = TINY_SCHEMA
 # room for m = 200 and k = 50
 CFG = tiny_config(max_candidates=256, max_steps=64)
 N_ITEMS = 300
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_checkpoint(directory: Path, seed: int = 0, cfg: ModelConfig = CFG) -> GenReranker:

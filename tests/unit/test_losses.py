@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,14 +17,6 @@ from model.losses import (
     unavailable_mask,
 )
 from tests.unit.test_network import make_inputs, make_model, random_orders
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def logp_over(scores: torch.Tensor, allowed: list[int], target: int) -> float:

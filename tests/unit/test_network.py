@@ -3,7 +3,6 @@ cross-attention keys/values come from encode(), padding stays finite."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -16,15 +15,6 @@ from tests.support.tiny import TINY_SCHEMA, tiny_config
 
 SCHEMA = TINY_SCHEMA
 CFG = tiny_config()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny tensors: intra-op threads only add contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_inputs(B: int, M: int, m: torch.Tensor | None = None, seed: int = 0) -> Inputs:
