@@ -92,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train one stage on logs in the Parquet schema")
     t.add_argument(
-        "--stage", required=True, choices=["pretrain", "dpo", "clicks", "dnn", "prm", "nar"]
+        "--stage",
+        required=True,
+        choices=["pretrain", "dpo", "distill", "clicks", "dnn", "prm", "nar"],
+        help="distill: align the OMTP heads of a DPO model (--init) to its n = 1 decode",
     )
     t.add_argument("--data", required=True, help="directory with train/valid.parquet")
     t.add_argument("--out", required=True, help="checkpoint directory")
-    t.add_argument("--init", help="checkpoint to start from (dpo: the pre-trained model)")
+    t.add_argument("--init", help="checkpoint to start from (dpo: pre-trained; distill: DPO)")
     t.add_argument("--preset", default="fast", choices=["fast", "paper"])
     t.add_argument("--heads", type=int, help="OMTP heads n (default: the preset's)")
     t.add_argument("--epochs", type=int)

@@ -127,6 +127,41 @@ def omtp_loss(
     return loss, {"L_n": L_n.detach(), "L_o": L_o.detach()}
 
 
+def head_distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    order: torch.Tensor,
+    cand_mask: torch.Tensor,
+    n_heads: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Head alignment by self-distillation (our addition to the method; see README).
+
+    After DPO post-trains head 0, heads 1..n-1 still predict the logged exposure order,
+    so an n-per-pass decode mixes the two policies. `order` is the teacher's own n = 1
+    greedy list; at position t, student head j is pulled towards the teacher's head-0
+    distribution at position t + j, i.e. towards the item the n = 1 decode would put
+    there. Both are normalised over the same candidates (unavailable_mask[t, j] is
+    exactly unavailable_mask[t + j, 0]), and head 0 itself (j = 0) is anchored to the
+    teacher. Loss: sum over heads of the mean KL(teacher || student) over real slots.
+    student, teacher (B, K, n, M) teacher-forced scores on `order` (B, K)."""
+    n = student.shape[2] if n_heads is None else n_heads
+    K = order.shape[1]
+    unavailable = unavailable_mask(order, cand_mask, n)  # (B, K, n, M)
+    t_logp = masked_log_softmax(teacher[:, :, 0], unavailable[:, :, 0])  # (B, K, M)
+    parts = {}
+    total = student.new_zeros(())
+    for j in range(n):
+        blocked = unavailable[:, : K - j, j]  # (B, K - j, M)
+        s_logp = masked_log_softmax(student[:, : K - j, j], blocked)
+        p_logp = t_logp[:, j:]
+        # where, not multiply: both log-probs are -inf on blocked candidates
+        kl = torch.where(blocked, 0.0, p_logp.exp() * (p_logp - s_logp)).sum(dim=-1)
+        head = _masked_mean(kl, order[:, j:] >= 0)
+        parts[f"kl{j}"] = head.detach()
+        total = total + head
+    return total, parts
+
+
 def preferred_order(
     exposed: torch.Tensor, utility: torch.Tensor, alpha: float = 1.0, gamma: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:

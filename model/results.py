@@ -55,27 +55,33 @@ RUNS: tuple[Run, ...] = (
     Run("gref_pretrain", "pretrain"),
     # DPO: one epoch (longer drifts; see TrainConfig.dpo_nll)
     Run("gref", "dpo", init="gref_pretrain", train={"epochs": 1}),
+    # head alignment: heads 1..n-1 learn the DPO model's own n = 1 decode (TrainConfig)
+    Run("gref_aligned", "distill", init="gref", train={"epochs": 2}),
     Run("gref_ln_pretrain", "pretrain", train={"lambda2": 0.0}),
     Run("gref_ln", "dpo", init="gref_ln_pretrain", train={"epochs": 1}),
     Run("gref_dpo_only", "dpo", train={"epochs": 1}),
 )
 
 # (row label, run name or None for upstream, kind, items_per_pass, table)
+GREF = "GReF (pre-train + DPO + head alignment, n=4)"
 EVALS: tuple[tuple[str, str | None, str, int | None, str], ...] = (
     ("Upstream order", None, "upstream", None, "main"),
     ("DNN", "dnn", "dnn", None, "main"),
     ("PRM", "prm", "prm", None, "main"),
     ("Seq2Slate-like", "seq2slate", "gen_reranker", 1, "main"),
     ("NAR4Rec-like", "nar4rec", "nar4rec", None, "main"),
-    ("GReF (pre-train + DPO, n=4)", "gref", "gen_reranker", 4, "main"),
+    (GREF, "gref_aligned", "gen_reranker", 4, "main"),
     ("Pre-train only", "gref_pretrain", "gen_reranker", 4, "stages"),
     ("DPO only", "gref_dpo_only", "gen_reranker", 4, "stages"),
     ("Pre-train + DPO", "gref", "gen_reranker", 4, "stages"),
+    ("Pre-train + DPO + head alignment", "gref_aligned", "gen_reranker", 4, "stages"),
     ("L_n", "gref_ln", "gen_reranker", 4, "omtp_loss"),
     ("L_n + L_o", "gref", "gen_reranker", 4, "omtp_loss"),
-    ("n = 1", "gref", "gen_reranker", 1, "heads"),
-    ("n = 2", "gref", "gen_reranker", 2, "heads"),
-    ("n = 4", "gref", "gen_reranker", 4, "heads"),
+    ("n = 1", "gref_aligned", "gen_reranker", 1, "heads"),
+    ("n = 2", "gref_aligned", "gen_reranker", 2, "heads"),
+    ("n = 4", "gref_aligned", "gen_reranker", 4, "heads"),
+    ("n = 1, heads not aligned", "gref", "gen_reranker", 1, "heads"),
+    ("n = 4, heads not aligned", "gref", "gen_reranker", 4, "heads"),
 )
 
 METRICS = ("utility", "auc", "ndcg@10", "map@10", "clicks@10", "passes", "decode_ms")

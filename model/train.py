@@ -7,7 +7,10 @@ Stages (TrainConfig.stage):
 - clicks    Seq2Slate-like: Gen-Reranker (n = 1) on click-sorted exposures, no exposure
             pre-training;
 - dnn, prm  pointwise DNN / PRM: BCE on clicks of exposed items;
-- nar       NAR4Rec-like: per-position cross-entropy on the preferred (Eq. 7) order.
+- nar       NAR4Rec-like: per-position cross-entropy on the preferred (Eq. 7) order;
+- distill   head alignment after DPO (our addition): the OMTP heads learn, by
+            self-distillation, what the frozen DPO model's n = 1 greedy decode would
+            put at positions t+1..t+n, so an n-per-pass decode follows the DPO policy.
 Each epoch ends with validation; the best epoch is kept (early stopping), and the last
 epoch's weights + optimizer state are saved so an interrupted run resumes.
 """
@@ -50,7 +53,9 @@ STAGE_KIND = {
     "dnn": "dnn",
     "prm": "prm",
     "nar": "nar4rec",
+    "distill": "gen_reranker",
 }
+STAGE_LR = {"dpo": 1e-4, "distill": 5e-4}  # the rest: 2e-3
 STAGES = tuple(STAGE_KIND)
 
 
@@ -59,7 +64,7 @@ class TrainConfig:
     stage: str = "pretrain"
     epochs: int = 6
     batch_size: int = 512  # paper: 1024; 512 trains faster per epoch on 2 CPU cores
-    lr: float = 0.0  # 0 = the stage's default: 2e-3, or 1e-4 for dpo (it drifts fast)
+    lr: float = 0.0  # 0 = the stage's default: STAGE_LR, else 2e-3 (dpo drifts fast)
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
     patience: int = 2  # epochs without a validation gain before stopping
@@ -87,7 +92,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr or (1e-4 if self.stage == "dpo" else 2e-3)
+        return self.lr or STAGE_LR.get(self.stage, 2e-3)
 
 
 @dataclass
@@ -158,6 +163,16 @@ class StageLoss:
                 loss = loss + tc.dpo_nll * nll
                 stats["nll"] = nll.detach()
             return loss, {k: float(v) for k, v in stats.items()}
+        if tc.stage == "distill":
+            from model.decode import greedy_decode
+
+            if self.ref is None:
+                raise ValueError("the distill stage needs the frozen DPO model as teacher")
+            with torch.no_grad():
+                order = greedy_decode(self.ref, inp, batch.k, items_per_pass=1).order  # type: ignore[arg-type]
+                teacher = self.ref(inp, order)
+            loss, parts = losses.head_distill_loss(model(inp, order), teacher, order, inp.cand_mask)
+            return loss, {k: float(v) for k, v in parts.items()}
         click = torch.from_numpy(batch.click.astype(np.float32))
         target = None
         if tc.stage == "nar":
@@ -225,7 +240,10 @@ def train(
     else:
         model = build_model(kind, model_cfg)
     ref = None
-    if tc.stage == "dpo":  # frozen reference: the init (pre-trained, or random for DPO only)
+    if tc.stage == "distill" and init_from is None:
+        raise ValueError("the distill stage aligns a trained model's heads: give init_from")
+    # frozen reference: the init (DPO: pre-trained, or random for DPO only; distill: teacher)
+    if tc.stage in ("dpo", "distill"):
         ref = copy.deepcopy(model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -246,7 +264,9 @@ def train(
         if ref is not None and (out / "reference").exists():
             ref.load_state_dict(load_checkpoint(out / "reference")[0].state_dict())
     if ref is not None and not (out / "reference").exists():
-        save_checkpoint(out / "reference", ref, model_cfg, asdict(tc), {"role": "dpo reference"})
+        save_checkpoint(
+            out / "reference", ref, model_cfg, asdict(tc), {"role": f"{tc.stage} reference"}
+        )
 
     valid = valid_data.take(slice(0, tc.max_valid))
     for epoch in range(start_epoch, tc.epochs):

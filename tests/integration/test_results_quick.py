@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.results import EVALS, METRICS
+from model.results import EVALS, GREF, METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,8 @@ def test_results_files_and_tables(quick_results: Path) -> None:
 def test_results_are_consistent(quick_results: Path) -> None:
     s = json.loads((quick_results / "results.json").read_text())["models"]
     # one model decoded with n = 4 is the same row in every table that names it
-    assert s["n = 4"]["utility"] == s["GReF (pre-train + DPO, n=4)"]["utility"]
+    assert s["n = 4"]["utility"] == s[GREF]["utility"]
+    assert s["n = 4, heads not aligned"]["utility"] == s["Pre-train + DPO"]["utility"]
     assert s["L_n + L_o"]["ndcg@10"] == s["Pre-train + DPO"]["ndcg@10"]
     # passes: ceil(10 / n) for the generative model, one for NAR4Rec, none for scorers
     assert [s[f"n = {n}"]["passes"]["mean"] for n in (1, 2, 4)] == [10, 5, 3]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from model import losses
 from model.losses import (
     dpo_loss,
     exposure_ce,
@@ -197,3 +199,41 @@ def test_omtp_loss_reaches_every_parameter() -> None:
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_head_distill_is_zero_when_each_head_matches_the_teacher_shifted() -> None:
+    torch.manual_seed(3)
+    B, K, n, M = 3, 6, 3, 9
+    order = torch.stack([torch.randperm(M)[:K] for _ in range(B)])
+    order[2, 4:] = -1  # a shorter list
+    cand_mask = torch.ones(B, M, dtype=torch.bool)
+    teacher = torch.randn(B, K, n, M)
+    student = torch.randn(B, K, n, M)
+    for j in range(n):  # head j at t := the teacher's head 0 at t + j
+        student[:, : K - j, j] = teacher[:, j:, 0]
+    loss, parts = losses.head_distill_loss(student, teacher, order, cand_mask)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    assert set(parts) == {"kl0", "kl1", "kl2"}
+    # a student that differs is pulled back, and only the student gets gradients
+    moved = student.clone().requires_grad_(True)
+    with torch.no_grad():
+        moved[:, :, 1] += torch.randn(B, K, M)
+    loss, parts = losses.head_distill_loss(moved, teacher, order, cand_mask)
+    assert float(parts["kl1"]) > 0.01 and float(parts["kl0"]) == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert moved.grad is not None and moved.grad[:, :, 1].abs().sum() > 0
+    assert not teacher.requires_grad
+
+
+def test_head_distill_ignores_unavailable_candidates() -> None:
+    # candidate 3 is padding: whatever either model scores it, the loss does not change
+    order = torch.tensor([[0, 1, 2]])
+    cand_mask = torch.tensor([[True, True, True, False]])
+    teacher = torch.randn(1, 3, 2, 4)
+    student = teacher.clone()
+    student[:, :2, 1] = teacher[:, 1:, 0]
+    a, _ = losses.head_distill_loss(student, teacher, order, cand_mask)
+    student[..., 3] += 50.0
+    teacher[..., 3] -= 50.0
+    b, _ = losses.head_distill_loss(student, teacher, order, cand_mask)
+    assert torch.isfinite(a) and float(a) == pytest.approx(float(b), abs=1e-6)

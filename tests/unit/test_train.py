@@ -105,3 +105,28 @@ def test_checkpoint_refuses_foreign_config(tmp_path: Path) -> None:
         read_config(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         read_config(tmp_path / "nowhere")
+
+
+def test_distill_aligns_heads_to_the_teachers_n1_decode(
+    tmp_path: Path, splits: tuple[ListBatch, ListBatch]
+) -> None:
+    tr, va = splits
+    pre = train(CFG, _tc("pretrain"), tr, va, tmp_path / "pre", progress=False)
+    with pytest.raises(ValueError, match="init_from"):
+        train(CFG, _tc("distill"), tr, va, tmp_path / "x", progress=False)
+    aligned = train(
+        CFG, replace(_tc("distill"), epochs=3), tr, va, tmp_path / "al", init_from=pre.best_dir,
+        progress=False,
+    )  # fmt: skip
+    losses = [h["valid_loss"] for h in aligned.history]
+    assert losses[-1] < losses[0]  # the heads move towards the teacher's decode
+    teacher = load_checkpoint(tmp_path / "al" / "reference")[0]
+    student = load_checkpoint(aligned.best_dir)[0]
+
+    def agreement(model: torch.nn.Module) -> float:
+        """Share of list slots where the n = 2 decode equals the teacher's n = 1 decode."""
+        ref, _ = generate_lists(Reranker("t", "gen_reranker", teacher, 1), va, SCHEMA, k=10)
+        got, _ = generate_lists(Reranker("s", "gen_reranker", model, 2), va, SCHEMA, k=10)
+        return float((ref == got).mean())
+
+    assert agreement(student) > agreement(teacher)
