@@ -21,7 +21,6 @@ No torch here (a test imports this module in a fresh interpreter and checks sys.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +96,7 @@ class RerankRequest:
     static: np.ndarray | None = None  # (m, d) float32
     missing: np.ndarray | None = None  # (m,) bool, True = embed this row with the item tower
     items: HashedItems | None = None  # (m,), (m, Fc), (m, Fd): needed for missing rows
+    deadline: float | None = None  # time.perf_counter() value; None = no deadline
 
     @property
     def m(self) -> int:
@@ -154,7 +154,8 @@ class Decoded:
     order: np.ndarray  # (B, K) int64, -1 where nothing was left
     scores: np.ndarray  # (B, K) float32, -inf at -1 slots
     passes: int  # passes run
-    early_at: int | None  # list length reached when the deadline step ran; None = never
+    early_at: np.ndarray  # (B,) list length when the row's deadline step ran; -1 = never
+    row_passes: np.ndarray  # (B,) passes each row took part in
 
 
 def _providers(device: str) -> list[str]:
@@ -379,10 +380,15 @@ class Engine:
         return outs[0], outs[1:]
 
     def greedy(
-        self, enc: EncodedBatch, K: int, items_per_pass: int, deadline: float | None
+        self, enc: EncodedBatch, k: np.ndarray, items_per_pass: int, deadlines: np.ndarray | None
     ) -> Decoded:
-        """OMTP greedy decoding of K items for the whole batch (greedy_decode's loop)."""
+        """OMTP greedy decoding for the whole batch (greedy_decode's loop). k (B,) list
+        lengths; deadlines (B,) perf_counter values (inf = none) or None. Each request has
+        its own deadline: before a pass, the rows whose deadline a pass as long as the last
+        one would overrun get their tail from head 0's last scores (the deadline step) and
+        leave the loop; the others go on, so a tight budget never cuts its batch-mates."""
         B, M = enc.cand_mask.shape
+        K = int(k.max())
         p, tokens = items_per_pass, self._bos_tokens(B)
         row_start = self._rows[B] * M  # (B,): flat offset of each row, for put/take
         # blocked: 0 = available, -inf = chosen or padding; head + blocked is the masked score
@@ -390,17 +396,28 @@ class Engine:
         s = np.empty_like(blocked)  # (B, M) work buffer
         order = np.empty((B, K), np.int64)
         scores = np.empty((B, K), np.float32)
+        early_at = np.full(B, -1, np.int64)  # list length when a row's deadline step ran
+        row_passes = np.zeros(B, np.int64)
+        finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # rows, order, scores
         past, head = self.empty_past(B), None
         chosen = passes = 0
-        early_at, last_pass_s = None, 0.0
+        last_pass_s = 0.0
+        live = np.ones(B, bool)  # rows still decoding
         while chosen < K:
-            if head is not None and _overruns(deadline, last_pass_s):
-                self._complete(head[:, 0], blocked, order, scores, chosen)
-                early_at = chosen
-                break
+            if head is not None and deadlines is not None:
+                late = live & (k > chosen) & (time.perf_counter() + last_pass_s > deadlines)
+                if late.any():
+                    rows = np.flatnonzero(late)
+                    o, sc = order[rows], scores[rows]  # copies
+                    self._complete(head[rows, 0], blocked[rows], o, sc, chosen)
+                    finished.append((rows, o, sc))
+                    early_at[rows], live[rows] = chosen, False
+                    if not (live & (k > chosen)).any():
+                        break
             t0 = time.perf_counter()
             head, past = self.decode_pass(enc, tokens, past)  # (B, n, M)
             passes += 1
+            row_passes[live & (k > chosen)] = passes
             c = min(p, K - chosen)
             for j in range(chosen, chosen + c):  # head j - chosen: best not yet chosen
                 np.add(head[:, j - chosen], blocked, out=s)
@@ -412,8 +429,12 @@ class Engine:
             tokens = order[:, chosen : chosen + c].copy()  # (B, c): raw argmax, as torch
             chosen += c
             last_pass_s = time.perf_counter() - t0
+        for rows, o, sc in finished:  # the rows that left early keep their completed lists
+            order[rows], scores[rows] = o, sc
+        order[:, chosen:][early_at < 0] = -1  # rows that never needed these slots
+        scores[:, chosen:][early_at < 0] = -np.inf
         order[scores == -np.inf] = -1  # a request with fewer than K candidates ran out
-        return Decoded(order, scores, passes, early_at)
+        return Decoded(order, scores, passes, early_at, row_passes)
 
     @staticmethod
     def _complete(
@@ -437,8 +458,9 @@ class Engine:
         beam: int = 1,
     ) -> list[RerankResult]:
         """Rerank a batch. items_per_pass: 1..n (default: the config's, else n).
-        deadline: a time.perf_counter() value for the whole batch. beam > 1: beam search
-        (one item per pass, head 0, as model.decode.beam_decode)."""
+        Deadlines are per request (RerankRequest.deadline); `deadline`, a
+        time.perf_counter() value, caps them all. beam > 1: beam search (one item per pass,
+        head 0, as model.decode.beam_decode; its groups stop at their earliest deadline)."""
         p = items_per_pass if items_per_pass is not None else self.config.default_items_per_pass
         p = self.heads if p is None else p
         if not 1 <= p <= self.heads:
@@ -446,28 +468,30 @@ class Engine:
         if beam < 1:
             raise EngineError(f"beam={beam}, want >= 1")
         batch = self.prepare(requests)
+        limit = np.inf if deadline is None else deadline
+        deadlines = np.array(
+            [limit if r.deadline is None else min(r.deadline, limit) for r in requests]
+        )
         t0 = time.perf_counter()
         enc = self.encode(batch)
         t1 = time.perf_counter()
-        K = int(batch.k.max())
         if beam == 1:
-            dec = self.greedy(enc, K, p, deadline)
+            dec = self.greedy(enc, batch.k, p, deadlines if np.isfinite(deadlines).any() else None)
         else:
-            dec = self.beam(enc, batch.k, beam, deadline)
+            first = float(deadlines.min())
+            dec = self.beam(enc, batch.k, beam, first if np.isfinite(first) else None)
             p = 1
         t2 = time.perf_counter()
         timings = StageTimings(embed_s=batch.embed_s, encode_s=t1 - t0, decode_s=t2 - t1)
         results = []
         for b in range(len(requests)):
             kb = int(batch.k[b])
-            early = dec.early_at is not None and kb > dec.early_at
-            passes = dec.passes if early else min(dec.passes, math.ceil(kb / p))
             results.append(
                 RerankResult(
                     order=dec.order[b, :kb].copy(),
                     scores=dec.scores[b, :kb].copy(),
-                    passes=passes,
-                    completed_early=early,
+                    passes=int(dec.row_passes[b]),
+                    completed_early=bool(dec.early_at[b] >= 0),
                     timings=timings,
                     embedded=batch.embedded[b],
                 )
@@ -483,7 +507,9 @@ class Engine:
         K = int(k.max())
         order = np.full((B, K), -1, np.int64)
         scores = np.full((B, K), -np.inf, np.float32)
-        passes, early_at = 0, None
+        passes = 0
+        early_at = np.full(B, -1, np.int64)
+        row_passes = np.zeros(B, np.int64)
         for kk in np.unique(k):
             rows = np.flatnonzero(k == kk)
             names = [*self._encoder_outputs, "cand_mask"]
@@ -494,9 +520,8 @@ class Engine:
             dec = self._beam_group(sub, int(kk), beam, deadline)
             order[rows, :kk], scores[rows, :kk] = dec.order, dec.scores
             passes = max(passes, dec.passes)
-            if dec.early_at is not None:
-                early_at = dec.early_at if early_at is None else min(early_at, dec.early_at)
-        return Decoded(order, scores, passes, early_at)
+            early_at[rows], row_passes[rows] = dec.early_at, dec.passes
+        return Decoded(order, scores, passes, early_at, row_passes)
 
     def _beam_group(self, enc: EncodedBatch, K: int, W: int, deadline: float | None) -> Decoded:
         """model.decode.beam_decode in numpy: B x W rows decode as one batch; beams ranked
@@ -522,7 +547,7 @@ class Engine:
                 order, sc = hist[best], hist_scores[best]  # copies
                 self._complete(head0[best], blocked[best], order, sc, step)
                 order[sc == -np.inf] = -1
-                return Decoded(order, sc, step, step)
+                return Decoded(order, sc, step, np.full(B, step), np.full(B, step))
             t0 = time.perf_counter()
             head, past = self.decode_pass(wide, tokens, past)
             head0 = head[:, 0]  # (B*W, M)
@@ -543,7 +568,7 @@ class Engine:
             tokens = item[:, None]
             last_pass_s = time.perf_counter() - t0
         best = first[:, 0] + total.reshape(B, W).argmax(axis=1)
-        return Decoded(hist[best], hist_scores[best], K, None)
+        return Decoded(hist[best], hist_scores[best], K, np.full(B, -1), np.full(B, K))
 
     # ---- warm-up -----------------------------------------------------------------------
 

@@ -7,8 +7,9 @@
 The engine runs in one worker thread, fed by one owned batcher task: whatever requests
 queued while the engine was busy go in together (at most max_batch; no waiting when the
 engine is idle), one item-tower run for all their cache misses, one encode, one decode
-loop. The event loop keeps accepting, parsing and looking up meanwhile. A batch has one
-deadline, its earliest request's. Whatever goes wrong after validation, the client gets
+loop. The event loop keeps accepting, parsing and looking up meanwhile. Each request
+keeps its own deadline inside the batch (the engine completes only the rows that would
+overrun). Whatever goes wrong after validation, the client gets
 the upstream order, marked degraded with the reason, never an error.
 """
 
@@ -199,15 +200,13 @@ class Reranker:
                     user_dense=jobs[i].parsed.user_dense,
                     k=jobs[i].parsed.k,
                     static=jobs[i].static,
+                    deadline=jobs[i].deadline,
                 )
                 for i in run
             ]
-            deadline = min(jobs[i].deadline for i in run)
             try:
                 results: list[RerankResult | None] = list(
-                    self.engine.rerank(
-                        requests, items_per_pass=self.config.items_per_pass, deadline=deadline
-                    )
+                    self.engine.rerank(requests, items_per_pass=self.config.items_per_pass)
                 )
                 reason = None
                 self.metrics.batch_size.observe(len(run))

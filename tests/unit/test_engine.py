@@ -246,6 +246,21 @@ def test_deadline_in_the_past_completes_early_like_max_passes_1(
         assert res.completed_early == (kb > N)
 
 
+def test_each_request_keeps_its_own_deadline_in_a_batch(engine: Engine, model: GenReranker) -> None:
+    inp = random_inputs([40, 30, 25], seed=8)
+    reqs = requests_of(model, inp, [12, 12, 12])
+    late = RerankRequest(**{**reqs[1].__dict__, "deadline": 0.0})  # already past
+    results = engine.rerank([reqs[0], late, reqs[2]])
+    full = greedy_decode(model, inp, k=12)
+    cut = greedy_decode(model, inp, k=12, max_passes=1)
+    for b in (0, 2):  # batch-mates decode their whole list, untouched by row 1's deadline
+        np.testing.assert_array_equal(results[b].order, full.order[b].numpy())
+        assert results[b].passes == math.ceil(12 / N) and not results[b].completed_early
+    np.testing.assert_array_equal(results[1].order, cut.order[1].numpy())
+    assert results[1].completed_early and results[1].passes == 1
+    assert len(set(results[1].order.tolist())) == 12
+
+
 def test_padding_and_batching_do_not_change_a_list(engine: Engine, model: GenReranker) -> None:
     inp = random_inputs([23, 130, 3, 64, 9], seed=4)
     reqs = requests_of(model, inp, [10, 40, 3, 25, 1])
@@ -296,7 +311,7 @@ def test_stages_are_callable_alone(engine: Engine, model: GenReranker) -> None:
     head, past = engine.decode_pass(enc, np.full((2, 1), -1, np.int64), engine.empty_past(2))
     assert head.shape == (2, N, 16) and len(past) == 2 * CFG.dec_layers
     assert past[0].shape == (2, CFG.n_attn_heads, 1, CFG.d_model // CFG.n_attn_heads)
-    dec = engine.greedy(enc, 3, N, None)
+    dec = engine.greedy(enc, np.array([3, 3]), N, None)
     assert dec.passes == 1 and dec.order.shape == (2, 3)
     assert engine.warmup(batch_sizes=(1, 2), k=5) > 0
 
