@@ -36,6 +36,7 @@ from service.api import (
 from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
 from service.engine import Engine, EngineConfig, open_engine
 from service.metrics import Metrics
+from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
 from service.rerank import BatchConfig, Outcome, Reranker
 from service.settings import Settings
 
@@ -54,6 +55,7 @@ class Runtime:
     engine: Engine | None = None
     reranker: Reranker | None = None
     cache: EmbeddingCache | None = None
+    policy: DecodePolicy | None = None
     ready: bool = False
     warmup_s: float | None = None
 
@@ -105,6 +107,15 @@ def _start(runtime: Runtime) -> Engine:
     return engine
 
 
+def decode_policy(s: Settings, heads: int) -> DecodePolicy:
+    """The settings' decode policy: fixed at one level, or adaptive over the ladder."""
+    budget_s = s.default_budget_ms / 1000
+    if s.decode_policy == "fixed":
+        return fixed(DecodeLevel(s.items_per_pass or heads), budget_s)
+    levels = ladder(s.items_per_pass or heads, s.beam)
+    return DecodePolicy(levels, PolicyConfig(budget_s=budget_s, queue_limit=s.max_batch * 4))
+
+
 def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
     s, metrics = runtime.settings, runtime.metrics
     l1 = L1Cache(s.l1_cache_bytes, engine.d_model)
@@ -140,8 +151,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     limit = s.max_candidates or engine.model_config.max_candidates
     reader = RequestReader(schema, Limits(max_candidates=limit, max_k=s.max_k))
     runtime.engine, runtime.cache = engine, cache
-    batching = BatchConfig(s.max_batch, s.max_queue, s.items_per_pass)
-    runtime.reranker = reranker = Reranker(engine, reader, cache, runtime.metrics, batching)
+    batching = BatchConfig(s.max_batch, s.max_queue)
+    runtime.policy = policy = decode_policy(s, engine.heads)
+    runtime.reranker = reranker = Reranker(engine, reader, cache, runtime.metrics, batching, policy)
     reranker.start()
     warm = asyncio.create_task(_warm(runtime, engine), name="warm-up")
     try:
@@ -272,9 +284,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if parsed.request_id is not None:
                 request_id = parsed.request_id
             budget_ms = parsed.budget_ms if parsed.budget_ms is not None else s.default_budget_ms
-            out = await runtime.reranker.rerank(parsed, arrival + budget_ms / 1000, request_id)
+            out = await runtime.reranker.rerank(
+                parsed, arrival + budget_ms / 1000, request_id, request.receive
+            )
         finally:
             metrics.inflight.dec()
+        if out is None:  # the client went away before the engine ran it: nobody to answer
+            return Response(status_code=499)
         return _respond(runtime, parsed, out, request_id, arrival)
 
     @app.get("/healthz")
@@ -292,6 +308,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "warmup_s": runtime.warmup_s,
             "redis": cache.breaker_state if cache is not None else "unknown",
             "l1_items": len(cache.l1) if cache is not None else 0,
+            "decode_level": runtime.policy.level.name if runtime.policy is not None else None,
         }
         return json_response(body, 200 if runtime.ready else 503)
 

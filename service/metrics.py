@@ -93,6 +93,17 @@ class Metrics:
             buckets=CANDIDATE_BUCKETS,
             registry=registry,
         )
+        self.dropped = Counter(
+            "rerank_dropped_requests_total",
+            "Requests dropped from the engine queue because their client went away.",
+            registry=registry,
+        )
+        self.decode_level = Counter(
+            "rerank_decode_level_total",
+            "Requests decoded at each level of the decode policy (beamW, or nP: P items per pass).",
+            ["level"],
+            registry=registry,
+        )
         self.inflight = Gauge(
             "rerank_inflight_requests",
             "Rerank requests being served.",

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import numpy as np
@@ -28,6 +30,7 @@ from service.api import Parsed, RequestReader, finite
 from service.cache import EmbeddingCache
 from service.engine import Engine, RerankRequest, RerankResult
 from service.metrics import Metrics
+from service.policy import DecodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,6 @@ class BatchConfig:
 
     max_batch: int  # requests per engine call
     max_queue: int  # requests waiting beyond this: answered at once, "overload"
-    items_per_pass: int | None  # None: every head
 
 
 @dataclass
@@ -101,9 +103,10 @@ class Reranker:
         cache: EmbeddingCache,
         metrics: Metrics,
         config: BatchConfig,
+        policy: DecodePolicy,
     ) -> None:
         self.engine, self.reader, self.cache, self.metrics = engine, reader, cache, metrics
-        self.config = config
+        self.config, self.policy = config, policy
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by max_queue below
         self.pending = 0  # requests queued or in the engine (event loop only)
         self._task: asyncio.Task[None] | None = None
@@ -119,7 +122,15 @@ class Reranker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def rerank(self, p: Parsed, deadline: float, request_id: str = "") -> Outcome:
+    async def rerank(
+        self,
+        p: Parsed,
+        deadline: float,
+        request_id: str = "",
+        gone: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Outcome | None:
+        """The outcome of one request; None when its client went away (`gone`, the ASGI
+        receive: it returns once the client disconnects) before the engine ran it."""
         if time.perf_counter() >= deadline:
             return upstream(p, "budget")
         ids = p.item_ids.tolist()
@@ -133,11 +144,19 @@ class Reranker:
         job = _Job(p, lookup.static, lookup.missing, deadline, time.perf_counter(),
                    asyncio.get_running_loop().create_future(), request_id)  # fmt: skip
         self.pending += 1
+        watch = None if gone is None else asyncio.ensure_future(_watch(gone, job.done))
         try:
             self.queue.put_nowait(job)
-            done = await job.done
+            try:
+                done = await job.done
+            except asyncio.CancelledError:
+                if job.done.cancelled() and not _cancelling():
+                    return None  # the watcher cancelled it: the client is gone
+                raise
         finally:
             self.pending -= 1
+            if watch is not None:
+                watch.cancel()
         if done.embedded is not None:
             rows = np.flatnonzero(lookup.missing)
             self.cache.store([ids[i] for i in rows], done.embedded)
@@ -166,11 +185,14 @@ class Reranker:
             jobs = [await self.queue.get()]
             while len(jobs) < self.config.max_batch and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
-            jobs = [j for j in jobs if not j.done.done()]  # the client went away
-            if not jobs:
+            live = [j for j in jobs if not j.done.done()]
+            if len(live) < len(jobs):  # their clients went away while they queued
+                self.metrics.dropped.inc(len(jobs) - len(live))
+            if not live:
                 continue
+            jobs, waiting = live, self.queue.qsize()
             try:
-                results = await anyio.to_thread.run_sync(self._run, jobs, limiter=limiter)
+                results = await anyio.to_thread.run_sync(self._run, jobs, waiting, limiter=limiter)
             except Exception:  # never leave a request waiting forever
                 log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
                 results = [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]
@@ -178,8 +200,9 @@ class Reranker:
                 if not job.done.done():
                     job.done.set_result(done)
 
-    def _run(self, jobs: list[_Job]) -> list[_Done]:
-        """In the engine thread: one item-tower run for every miss, then the engine."""
+    def _run(self, jobs: list[_Job], waiting: int) -> list[_Done]:
+        """In the engine thread: one item-tower run for every miss, then the engine at
+        the level the decode policy picks for the current load."""
         start = time.perf_counter()
         queue_s = [start - j.submitted for j in jobs]
         out: list[_Done | None] = [None] * len(jobs)
@@ -204,12 +227,18 @@ class Reranker:
                 )
                 for i in run
             ]
+            level = self.policy.choose(waiting)
+            t0 = time.perf_counter()
             try:
                 results: list[RerankResult | None] = list(
-                    self.engine.rerank(requests, items_per_pass=self.config.items_per_pass)
+                    self.engine.rerank(
+                        requests, items_per_pass=level.items_per_pass, beam=level.beam
+                    )
                 )
                 reason = None
                 self.metrics.batch_size.observe(len(run))
+                self.policy.observe(max(queue_s[i] for i in run), time.perf_counter() - t0)
+                self.metrics.decode_level.labels(level.name).inc(len(run))
             except Exception:  # an engine failure degrades these requests, never a 500
                 ids = [jobs[i].request_id for i in run]
                 log.exception("engine failed: requests %s", ids)
@@ -236,6 +265,20 @@ class Reranker:
             out[id(j)] = emb[at : at + len(rows)]
             at += len(rows)
         return out
+
+
+async def _watch(gone: Callable[[], Awaitable[Any]], done: asyncio.Future[_Done]) -> None:
+    """Cancel `done` (the request's place in the queue) if its client disconnects."""
+    message = await gone()  # after the body, the next ASGI message is the disconnect
+    if message.get("type") == "http.disconnect" and not done.done():
+        done.cancel()
+
+
+def _cancelling() -> bool:
+    """Is the current task itself being cancelled (not just the future it awaited)?"""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return cancelling is not None and cancelling() > 0
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

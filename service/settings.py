@@ -92,6 +92,19 @@ class Settings(BaseSettings):
         ge=1,
         description="Items emitted per decoder pass (1..heads; default: every head).",
     )
+    decode_policy: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description="adaptive: the most quality at low load (beam, then n = 1), more items "
+        "per pass as queueing + decode time nears the budget; fixed: always greedy with "
+        "items_per_pass.",
+    )
+    beam: int = Field(
+        default=3,
+        ge=1,
+        le=8,
+        description="Beam width of the adaptive policy's most-quality level (1 = greedy "
+        "n = 1 at the top); the fixed policy is always greedy.",
+    )
     max_batch: int = Field(
         default=8,
         ge=1,
@@ -110,6 +123,11 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "fp16"] = Field(
         default="auto", description="Graph precision: auto (fp16 on CUDA when the bundle has it)."
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Keep encoder outputs and the KV cache on the device between decoder "
+        "passes (onnxruntime IO binding): auto (on with CUDA, off on CPU), on or off.",
     )
     intra_op_threads: int = Field(
         default=1, ge=0, description="onnxruntime intra-op threads (0 = onnxruntime's default)."

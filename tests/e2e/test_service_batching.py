@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from model.network import GenReranker
 from service.engine import Engine, RerankRequest, RerankResult
@@ -51,6 +52,7 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
 
 
 def start(bundle: Path, **overrides: Any) -> ServerThread:
+    overrides.setdefault("decode_policy", "fixed")
     settings = Settings(bundle=bundle, default_budget_ms=60_000, warmup=False, **overrides)
     return ServerThread(settings).start()
 
@@ -181,3 +183,55 @@ def test_a_deadline_hit_inside_the_engine_completes_the_list_degraded(
     assert out["degraded"] and out["reason"] == "budget" and out["passes"] == 1
     ids = [i["item_id"] for i in out["items"]]
     assert len(set(ids)) == 10 and set(ids) <= {x["item_id"] for x in body["candidates"]}
+
+
+def test_adaptive_policy_decodes_with_the_beam_at_low_load(
+    tiny_bundle: tuple[Path, GenReranker],
+) -> None:
+    from tests.e2e.test_service_e2e import reference
+
+    srv = start(tiny_bundle[0], decode_policy="adaptive", beam=3)
+    rng = np.random.default_rng(5)
+    bodies = [make_request(rng, m, 6) for m in (30, 12, 50)]
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            wait_ready(c)
+            assert c.get("/readyz").json()["decode_level"] == "beam3"
+            outs = [c.post("/v1/rerank", json=b).json() for b in bodies]
+            metrics = c.get("/metrics").text
+    finally:
+        srv.stop()
+    torch.set_num_threads(1)
+    for out, body in zip(outs, bodies, strict=True):
+        assert not out["degraded"] and out["passes"] == 6  # beam: one item per pass
+        assert [i["item_id"] for i in out["items"]] == reference(tiny_bundle[1], body, beam=3)
+    assert 'rerank_decode_level_total{level="beam3"} 3.0' in metrics
+
+
+def test_a_request_whose_client_went_away_is_dropped_and_counted(
+    tiny_bundle: tuple[Path, GenReranker], gate: Gate
+) -> None:
+    srv = start(tiny_bundle[0], max_batch=4, max_queue=16)
+    rng = np.random.default_rng(6)
+    bodies = [make_request(rng, 20, 5) for _ in range(3)]
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c, ThreadPoolExecutor(3) as pool:
+            wait_ready(c)
+            gate.armed = True
+            held = pool.submit(c.post, "/v1/rerank", json=bodies[0])
+            assert gate.entered.wait(30)  # the engine holds request 0
+            # request 1 queues behind it; its client gives up after 0.5 s and hangs up
+            impatient = httpx.Client(base_url=srv.url, timeout=0.5)
+            with impatient, pytest.raises(httpx.TimeoutException):
+                impatient.post("/v1/rerank", json=bodies[1])
+            wait_for(lambda: pending(srv) == 1)  # the watcher took it out of the wait
+            gate.open.set()
+            assert not held.result().json()["degraded"]
+            gate.armed = False
+            after = c.post("/v1/rerank", json=bodies[2]).json()  # the service goes on
+            metrics = c.get("/metrics").text
+    finally:
+        srv.stop()
+    assert not after["degraded"]
+    assert gate.sizes == [1]  # request 1 never reached the engine
+    assert "rerank_dropped_requests_total 1.0" in metrics

@@ -16,7 +16,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.decode import greedy_decode
+from model.decode import beam_decode, greedy_decode
 from model.features import hash_ids, hash_items
 from model.network import GenReranker
 from model.tensors import Inputs
@@ -38,6 +38,7 @@ def server(tiny_bundle: tuple[Path, GenReranker]) -> Iterator[ServerThread]:
         max_k=MAX_K,
         max_body_bytes=64_000,
         default_budget_ms=30_000,  # lists, not latency: a busy test machine must not degrade
+        decode_policy="fixed",  # every head per pass, as the torch reference decode
     )
     srv = ServerThread(settings).start()
     yield srv
@@ -51,8 +52,9 @@ def client(server: ServerThread) -> Iterator[httpx.Client]:
         yield c
 
 
-def reference(model: GenReranker, body: dict[str, Any]) -> list[int]:
-    """The torch greedy decode of the same request, hashed as training hashes it."""
+def reference(model: GenReranker, body: dict[str, Any], beam: int = 1) -> list[int]:
+    """The torch decode (greedy, every head per pass; or beam search) of the same
+    request, hashed as training hashes it."""
     cands = body["candidates"]
     ids = np.array([c["item_id"] for c in cands], np.int64)
     cat = np.array(
@@ -76,7 +78,10 @@ def reference(model: GenReranker, body: dict[str, Any]) -> list[int]:
             [[user["features"].get(n, 0.0) for n in SCHEMA.user_dense]], dtype=torch.float32
         ),
     )
-    order = greedy_decode(model, inp, body["k"]).order[0].tolist()
+    if beam > 1:
+        order = beam_decode(model, inp, body["k"], beam=beam).order[0].tolist()
+    else:
+        order = greedy_decode(model, inp, body["k"]).order[0].tolist()
     return [int(ids[i]) for i in order]
 
 

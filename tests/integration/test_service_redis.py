@@ -47,6 +47,7 @@ def served(
         breaker_cooldown_s=COOLDOWN_S,
         warmup=False,
         default_budget_ms=30_000,  # a busy test machine must not degrade the lists
+        decode_policy="fixed",
     )
     srv = ServerThread(settings).start()
     with httpx.Client(base_url=srv.url, timeout=30) as client:

@@ -1,0 +1,110 @@
+"""Load-adaptive decoding (design §8, the "dynamic beam serving" idea).
+
+The decode policy picks, before every engine call, how the batch is decoded: a ladder of
+levels from the most quality to the fastest, e.g.
+
+    beam 3 (one item per pass)  ->  greedy n = 1  ->  n = 2 per pass  ->  n = 4 per pass
+
+It reads the recent load — an exponentially weighted average of what a request spent
+waiting for the engine plus the engine call itself, and the queue depth — and steps one
+level faster when that nears the budget, one level slower (more quality) only after the
+load has stayed low for a while (hysteresis, so it does not flap). Past the fastest level
+the batcher sheds to the upstream order (reason `overload`) before the queue grows
+without bound; that part lives in service/rerank.py.
+
+`fixed` mode always decodes at one level (the settings' items per pass and beam width).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecodeLevel:
+    items_per_pass: int  # 1..n heads
+    beam: int = 1  # > 1: beam search, one item per pass
+
+    @property
+    def name(self) -> str:
+        return f"beam{self.beam}" if self.beam > 1 else f"n{self.items_per_pass}"
+
+
+def ladder(heads: int, max_beam: int) -> tuple[DecodeLevel, ...]:
+    """Quality first: beam (if > 1), then greedy 1, 2, 4 .. heads items per pass."""
+    levels = [DecodeLevel(1, max_beam)] if max_beam > 1 else []
+    p = 1
+    while p < heads:
+        levels.append(DecodeLevel(p))
+        p *= 2
+    levels.append(DecodeLevel(heads))
+    return tuple(levels)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    budget_s: float  # the default request budget
+    high: float = 0.5  # step faster when the smoothed latency passes high * budget
+    low: float = 0.2  # step slower when it stays under low * budget ...
+    calm_batches: int = 50  # ... for this many engine calls in a row
+    alpha: float = 0.2  # EWMA weight of the newest engine call
+    queue_limit: int = 64  # step faster at once when this many requests are waiting
+
+
+class DecodePolicy:
+    """Chooses a DecodeLevel per engine call from the recent load. Thread-safe: `choose`
+    and `observe` run in the engine thread, `level` is read by the metrics endpoint."""
+
+    def __init__(self, levels: tuple[DecodeLevel, ...], config: PolicyConfig, start: int = 0):
+        if not levels:
+            raise ValueError("a decode policy needs at least one level")
+        self.levels, self.config = levels, config
+        self._index = min(max(start, 0), len(levels) - 1)
+        self._ewma = 0.0
+        self._calm = 0
+        self._lock = threading.Lock()
+
+    @property
+    def level(self) -> DecodeLevel:
+        return self.levels[self._index]
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    @property
+    def smoothed_s(self) -> float:
+        return self._ewma
+
+    def choose(self, waiting: int) -> DecodeLevel:
+        """The level for the next engine call; `waiting` = requests queued behind it."""
+        with self._lock:
+            if waiting >= self.config.queue_limit and self._index < len(self.levels) - 1:
+                self._index += 1
+                self._calm = 0
+            return self.levels[self._index]
+
+    def observe(self, queue_s: float, engine_s: float) -> None:
+        """After an engine call: the longest queue wait of its requests and its duration."""
+        c = self.config
+        with self._lock:
+            self._ewma = (1 - c.alpha) * self._ewma + c.alpha * (queue_s + engine_s)
+            if self._ewma > c.high * c.budget_s:
+                if self._index < len(self.levels) - 1:
+                    self._index += 1
+                    # start the average over at the new level's cost, not the old one's
+                    self._ewma = c.low * c.budget_s + (c.high - c.low) * c.budget_s / 2
+                self._calm = 0
+            elif self._ewma < c.low * c.budget_s:
+                self._calm += 1
+                if self._calm >= c.calm_batches and self._index > 0:
+                    self._index -= 1
+                    self._calm = 0
+            else:
+                self._calm = 0
+
+
+def fixed(level: DecodeLevel, budget_s: float) -> DecodePolicy:
+    """A policy that never moves (policy off)."""
+    return DecodePolicy((level,), PolicyConfig(budget_s=budget_s))

@@ -1,0 +1,82 @@
+"""The load-adaptive decode policy (service/policy.py): its ladder and how it moves."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
+
+BUDGET = 0.010  # 10 ms
+
+
+def test_ladder_goes_from_beam_to_every_head() -> None:
+    assert [lv.name for lv in ladder(4, 3)] == ["beam3", "n1", "n2", "n4"]
+    assert [lv.name for lv in ladder(3, 1)] == ["n1", "n2", "n3"]
+    assert [lv.name for lv in ladder(1, 1)] == ["n1"]
+    assert ladder(4, 3)[0] == DecodeLevel(items_per_pass=1, beam=3)
+
+
+def policy(**kw: float) -> DecodePolicy:
+    return DecodePolicy(ladder(4, 3), PolicyConfig(budget_s=BUDGET, **kw))  # type: ignore[arg-type]
+
+
+def test_starts_with_the_most_quality_and_stays_there_at_low_load() -> None:
+    p = policy()
+    for _ in range(200):
+        assert p.choose(waiting=0).name == "beam3"
+        p.observe(queue_s=0.0002, engine_s=0.0008)  # 1 ms of a 10 ms budget
+
+
+def test_steps_faster_under_load_one_level_at_a_time() -> None:
+    p = policy()
+    seen = []
+    for _ in range(40):
+        seen.append(p.choose(waiting=2).name)
+        p.observe(queue_s=0.008, engine_s=0.004)  # 12 ms: over the budget
+    assert seen[0] == "beam3" and seen[-1] == "n4"
+    firsts = [name for i, name in enumerate(seen) if i == 0 or seen[i - 1] != name]
+    assert firsts == ["beam3", "n1", "n2", "n4"]  # never skips a level
+    assert p.index == 3  # and never past the fastest
+
+
+def test_a_deep_queue_steps_faster_at_once() -> None:
+    p = policy(queue_limit=16)
+    assert p.choose(waiting=15).name == "beam3"
+    assert p.choose(waiting=16).name == "n1"
+    assert p.choose(waiting=40).name == "n2"
+
+
+def test_returns_to_quality_only_after_a_calm_stretch() -> None:
+    p = policy(calm_batches=10)
+    for _ in range(40):
+        p.observe(queue_s=0.008, engine_s=0.004)
+    assert p.level.name == "n4"
+    for _ in range(9):
+        p.observe(queue_s=0.0, engine_s=0.0001)
+    level_before = p.level.name
+    for _ in range(400):
+        p.observe(queue_s=0.0, engine_s=0.0001)
+    assert level_before == "n4", "one calm batch must not move it (hysteresis)"
+    assert p.level.name == "beam3"
+
+
+def test_middling_load_holds_the_level() -> None:
+    p = policy(calm_batches=5)
+    for _ in range(40):
+        p.observe(queue_s=0.008, engine_s=0.004)
+    for _ in range(400):  # 3.5 ms: between low (2 ms) and high (5 ms) of the budget
+        p.observe(queue_s=0.0015, engine_s=0.002)
+    assert p.level.name == "n4"
+
+
+def test_fixed_never_moves() -> None:
+    p = fixed(DecodeLevel(2), BUDGET)
+    for _ in range(50):
+        assert p.choose(waiting=1000) == DecodeLevel(2)
+        p.observe(queue_s=1.0, engine_s=1.0)
+    assert p.level == DecodeLevel(2)
+
+
+def test_needs_a_level() -> None:
+    with pytest.raises(ValueError, match="at least one level"):
+        DecodePolicy((), PolicyConfig(budget_s=BUDGET))
