@@ -35,6 +35,7 @@ from service.api import (
 )
 from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
 from service.engine import Engine, EngineConfig, open_engine
+from service.logs import RateLimit
 from service.metrics import Metrics
 from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
 from service.rerank import BatchConfig, Outcome, Reranker
@@ -42,6 +43,8 @@ from service.settings import Settings
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
+degraded_log = logging.getLogger("service.degraded")  # one warning per degraded request,
+degraded_log.addFilter(RateLimit())  # at most 20/s (+ a count of the suppressed)
 
 _JSON = "application/json"
 
@@ -211,7 +214,7 @@ def _respond(
         "timings": timings,
     }
     if out.degraded:
-        log.warning("request %s degraded: %s", request_id, out.reason)
+        degraded_log.warning("request %s degraded: %s", request_id, out.reason)
     if access_log.isEnabledFor(logging.DEBUG):
         access_log.debug("%s", orjson.dumps({"request_id": request_id, "m": parsed.m,
                          "k": parsed.k, "reason": out.reason, "passes": out.passes,

@@ -4,6 +4,8 @@ workers re-create the formatter from its import path)."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import orjson
@@ -22,6 +24,33 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
+
+
+class RateLimit(logging.Filter):
+    """At most `per_second` records per logger through (a token bucket); the next record
+    let through says how many were suppressed. An overload makes every request degraded:
+    a warning line each would cost the service more CPU than the requests themselves."""
+
+    def __init__(self, per_second: float = 20.0, burst: int = 50) -> None:
+        super().__init__()
+        self.rate, self.burst = per_second, float(burst)
+        self.tokens, self.last = float(burst), time.monotonic()
+        self.suppressed = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            t = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (t - self.last) * self.rate)
+            self.last = t
+            if self.tokens < 1:
+                self.suppressed += 1
+                return False
+            self.tokens -= 1
+            if self.suppressed:
+                record.msg = f"{record.msg} ({self.suppressed} similar lines suppressed)"
+                self.suppressed = 0
+            return True
 
 
 def log_config(level: str) -> dict[str, Any]:
