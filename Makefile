@@ -17,10 +17,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the local CPU build. An unpinned torch pulls CUDA wheels.
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[train,cpu,dev]'
+	$(BIN)/pip install -q -e '.[train,cpu,dev,loadtest]'
 	touch $@
 
-venv: $(BIN)/.installed  ## create .venv with torch (CPU) + the project [train,cpu,dev]
+venv: $(BIN)/.installed  ## create .venv with torch (CPU) + the project [train,cpu,dev,loadtest]
 
 lint: venv  ## ruff (lint + format check) and mypy on service/ and export/
 	$(BIN)/ruff check .
@@ -43,22 +43,37 @@ serve: bundle  ## set everything up (venv, default bundle if missing) and serve 
 
 DATA := data/default
 CKPT := checkpoints/default
-# The default model: a small simulated world, pre-train then DPO (a few minutes on 2 cores).
-$(CKPT)/dpo/best/model.safetensors: | venv
+# The default model: a small simulated world, pre-train, DPO, then head alignment
+# (a few minutes on 2 cores).
+$(CKPT)/aligned/best/model.safetensors: | venv
 	$(BIN)/python -m model generate --out $(DATA) --seed $(SEED) --n-requests 60000
 	$(BIN)/python -m model train --stage pretrain --data $(DATA) --out $(CKPT)/pretrain --epochs 3
 	$(BIN)/python -m model train --stage dpo --data $(DATA) --out $(CKPT)/dpo --init $(CKPT)/pretrain/best --epochs 1
+	$(BIN)/python -m model train --stage distill --data $(DATA) --out $(CKPT)/aligned --init $(CKPT)/dpo/best --epochs 2
 
-checkpoint: $(CKPT)/dpo/best/model.safetensors  ## train the default checkpoint if missing
+checkpoint: $(CKPT)/aligned/best/model.safetensors  ## train the default checkpoint if missing
 
-artifacts/latest: $(CKPT)/dpo/best/model.safetensors
-	$(BIN)/python -m export build $(CKPT)/dpo/best --items $(DATA)/items.parquet --out artifacts --fp16 --verify
+artifacts/latest: $(CKPT)/aligned/best/model.safetensors
+	$(BIN)/python -m export build $(CKPT)/aligned/best --items $(DATA)/items.parquet --out artifacts --fp16 --verify
 
 bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
 bench: bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor
 	$(BIN)/python tests/bench/bench_engine.py
+	$(BIN)/python tests/bench/bench_decode.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_http.py --bundle artifacts
+
+USERS ?= 16
+DURATION ?= 60
+SHAPE ?= steady
+USER_RPS ?= 10
+
+loadtest: venv bundle  ## locust vs Redis + the service (USERS DURATION SHAPE=steady|step|spike USER_RPS); report in loadtest/reports/
+	$(BIN)/python -m loadtest.run --bundle artifacts --users $(USERS) --duration $(DURATION) \
+		--shape $(SHAPE) --user-rps $(USER_RPS)
+
+validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
+	$(BIN)/pytest -q tests/unit/test_ops.py
 
 results: venv  ## train everything on the simulated world over SEEDS seeds; writes results/
 	$(BIN)/python -m model results --seed $(SEED) --seeds $(SEEDS)
@@ -66,4 +81,4 @@ results: venv  ## train everything on the simulated world over SEEDS seeds; writ
 results-quick: venv  ## a small version of `make results` (minutes)
 	$(BIN)/python -m model results --seed $(SEED) --quick --out results/quick
 
-.PHONY: help venv lint format test serve checkpoint bundle bench results results-quick
+.PHONY: help venv lint format test serve checkpoint bundle bench loadtest validate-ops results results-quick

