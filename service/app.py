@@ -9,12 +9,14 @@ answers 503 until it is done (so does /v1/rerank: an orchestrator routes nothing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -39,7 +41,7 @@ from service.logs import RateLimit
 from service.metrics import Metrics
 from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
 from service.rerank import BatchConfig, Outcome, Reranker
-from service.settings import Settings
+from service.settings import Settings, resolve_bundle_dir
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
@@ -90,11 +92,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _start(runtime: Runtime) -> Engine:
-    """Bundle -> engine, cache, reranker (inside the lifespan, before connections)."""
-    s, metrics = runtime.settings, runtime.metrics
-    engine = open_engine(
-        str(s.bundle),
+def _open(runtime: Runtime, bundle_dir: Path) -> Engine:
+    """A verified bundle -> its engine (sessions built; raises BundleError / EngineError)."""
+    s = runtime.settings
+    return open_engine(
+        str(bundle_dir),
         EngineConfig(
             device=s.device,
             precision=s.precision,
@@ -103,11 +105,77 @@ def _start(runtime: Runtime) -> Engine:
             default_items_per_pass=s.items_per_pass,
         ),
     )
+
+
+def _model_labels(engine: Engine) -> tuple[str, str, str]:
     manifest = engine.bundle.manifest
-    metrics.model_info.labels(
-        engine.version, str(manifest.get("label", "")), str(manifest.get("created", ""))
-    ).set(1)
-    return engine
+    return engine.version, str(manifest.get("label", "")), str(manifest.get("created", ""))
+
+
+def _assemble(runtime: Runtime, engine: Engine) -> Reranker:
+    """Engine -> its cache, decode policy and batched reranker, on the runtime (started)."""
+    s = runtime.settings
+    cache = _build_cache(runtime, engine)
+    limit = s.max_candidates or engine.model_config.max_candidates
+    reader = RequestReader(engine.model_config.schema, Limits(max_candidates=limit, max_k=s.max_k))
+    policy = decode_policy(s, engine.heads)
+    reranker = Reranker(
+        engine, reader, cache, runtime.metrics, BatchConfig(s.max_batch, s.max_queue), policy
+    )
+    reranker.start()
+    # one assignment each, in this order, on the event loop: a request sees old or new
+    runtime.engine, runtime.cache, runtime.policy = engine, cache, policy
+    runtime.reranker = reranker
+    runtime.metrics.model_info.labels(*_model_labels(engine)).set(1)
+    return reranker
+
+
+async def _retire(runtime: Runtime, old: Reranker, timeout_s: float = 30.0) -> None:
+    """After a swap: let the old reranker finish what it holds, then close it."""
+    deadline = time.monotonic() + timeout_s
+    while old.pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await old.close()
+    if old.cache.l2 is not None:
+        await old.cache.l2.close()
+
+
+async def _reload_loop(runtime: Runtime) -> None:
+    """Watch the artifacts dir's `latest`: a new version is opened (every sha256 checked),
+    warmed and swapped in while the old one serves; one that fails leaves the old serving
+    (logged, counted) and is not retried until `latest` names another version."""
+    s, failed = runtime.settings, None
+    while True:
+        await asyncio.sleep(s.reload_interval_s)
+        try:
+            target = resolve_bundle_dir(s.bundle)
+        except ValueError as e:  # a half-written `latest`: look again next time
+            log.warning("bundle reload: %s", e)
+            continue
+        current = runtime.engine.bundle.path if runtime.engine is not None else None
+        if target in (current, failed):
+            continue
+        log.info("bundle reload: loading %s", target)
+        try:
+            engine = await anyio.to_thread.run_sync(_open, runtime, target)
+            if s.warmup:
+                await anyio.to_thread.run_sync(engine.warmup, _warm_sizes(s), _warm_k(s, engine))
+        except Exception as e:  # any failure keeps the old bundle serving
+            failed = target
+            runtime.metrics.reloads.labels("error").inc()
+            log.error("bundle reload: %s failed, still serving %s: %s", target,
+                      runtime.engine.version if runtime.engine else None, e)  # fmt: skip
+            continue
+        old = runtime.reranker
+        _assemble(runtime, engine)
+        if old is not None:
+            with contextlib.suppress(KeyError):  # model_info names the served bundle only
+                runtime.metrics.model_info.remove(*_model_labels(old.engine))
+        runtime.metrics.reloads.labels("ok").inc()
+        failed = None
+        log.info("bundle reload: now serving %s", engine.version)
+        if old is not None:
+            await _retire(runtime, old)
 
 
 def decode_policy(s: Settings, heads: int) -> DecodePolicy:
@@ -134,12 +202,21 @@ def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
     return EmbeddingCache(l1, l2, metrics)
 
 
+def _warm_sizes(s: Settings) -> list[int]:
+    """Batch sizes 1, 2, 4, .. max_batch: the shapes batching will produce most."""
+    return [1 << i for i in range(s.max_batch.bit_length())]
+
+
+def _warm_k(s: Settings, engine: Engine) -> int:
+    return min(s.max_k, engine.model_config.max_steps)
+
+
 async def _warm(runtime: Runtime, engine: Engine) -> None:
-    if runtime.settings.warmup:
-        k = min(runtime.settings.max_k, engine.model_config.max_steps)
-        # batch sizes 1, 2, 4, .. max_batch: the shapes batching will produce most
-        sizes = [1 << i for i in range(runtime.settings.max_batch.bit_length())]
-        runtime.warmup_s = await anyio.to_thread.run_sync(engine.warmup, sizes, k)
+    s = runtime.settings
+    if s.warmup:
+        runtime.warmup_s = await anyio.to_thread.run_sync(
+            engine.warmup, _warm_sizes(s), _warm_k(s, engine)
+        )
     runtime.ready = True
     log.info("ready: model %s", engine.version)
 
@@ -148,25 +225,20 @@ async def _warm(runtime: Runtime, engine: Engine) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     s = runtime.settings
-    engine = await anyio.to_thread.run_sync(_start, runtime)
-    cache = _build_cache(runtime, engine)
-    schema = engine.model_config.schema
-    limit = s.max_candidates or engine.model_config.max_candidates
-    reader = RequestReader(schema, Limits(max_candidates=limit, max_k=s.max_k))
-    runtime.engine, runtime.cache = engine, cache
-    batching = BatchConfig(s.max_batch, s.max_queue)
-    runtime.policy = policy = decode_policy(s, engine.heads)
-    runtime.reranker = reranker = Reranker(engine, reader, cache, runtime.metrics, batching, policy)
-    reranker.start()
-    warm = asyncio.create_task(_warm(runtime, engine), name="warm-up")
+    engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
+    _assemble(runtime, engine)
+    tasks = [asyncio.create_task(_warm(runtime, engine), name="warm-up")]
+    if s.reload_interval_s > 0 and s.bundle != s.bundle_dir:  # an artifacts dir: watch it
+        tasks.append(asyncio.create_task(_reload_loop(runtime), name="bundle-reload"))
     try:
         yield
     finally:
-        if not warm.done():
-            warm.cancel()
-        await reranker.close()
-        if cache.l2 is not None:
-            await cache.l2.close()
+        for task in tasks:
+            task.cancel()
+        if runtime.reranker is not None:
+            await runtime.reranker.close()
+            if runtime.reranker.cache.l2 is not None:
+                await runtime.reranker.cache.l2.close()
 
 
 def _server_timing(out: Outcome, total_s: float) -> str:

@@ -104,6 +104,13 @@ class Metrics:
             ["level"],
             registry=registry,
         )
+        self.reloads = Counter(
+            "rerank_bundle_reloads_total",
+            "Bundle reloads (a new `latest` version), by result: ok (swapped in) or error "
+            "(the old bundle kept serving).",
+            ["result"],
+            registry=registry,
+        )
         self.inflight = Gauge(
             "rerank_inflight_requests",
             "Rerank requests being served.",
@@ -135,6 +142,8 @@ class Metrics:
                 self.lookups.labels(tier, result)
         for result in ("ok", "error", "dropped"):
             self.writebacks.labels(result)
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text: this registry, or every worker's in multiprocess mode."""

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
         description="Model bundle directory, or an artifacts directory whose `latest` file "
         "names the version to serve.",
     )
+    reload_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="When bundle is an artifacts dir: seconds between looks at its `latest`. "
+        "A new version is verified and warmed beside the old one, then swapped in; one that "
+        "fails to load leaves the old one serving. 0 = never reload.",
+    )
     redis_url: str | None = Field(
         default=None,
         description="Redis URL of the L2 embedding cache (redis:// or rediss://). Unset: L1 "
@@ -170,13 +177,19 @@ class Settings(BaseSettings):
     @field_validator("bundle")
     @classmethod
     def _bundle_exists(cls, path: Path) -> Path:
-        return resolve_bundle_dir(path)
+        resolve_bundle_dir(path)  # a bundle, or an artifacts dir naming one
+        return path
+
+    @property
+    def bundle_dir(self) -> Path:
+        """The bundle directory to serve: `bundle`, or the version its `latest` names now."""
+        return resolve_bundle_dir(self.bundle)
 
     @model_validator(mode="after")
     def _within_the_model(self) -> Settings:
         """Limits must fit the bundle's model (its manifest is read, nothing else)."""
         try:
-            cfg = read_manifest(self.bundle)["model_config"]
+            cfg = read_manifest(self.bundle_dir)["model_config"]
         except BundleError as e:
             raise ValueError(str(e)) from e
         most, steps, heads = cfg["max_candidates"], cfg["max_steps"], cfg["omtp_heads"]
@@ -193,4 +206,4 @@ class Settings(BaseSettings):
         """max_candidates, or the bundle's."""
         if self.max_candidates is not None:
             return self.max_candidates
-        return int(read_manifest(self.bundle)["model_config"]["max_candidates"])
+        return int(read_manifest(self.bundle_dir)["model_config"]["max_candidates"])

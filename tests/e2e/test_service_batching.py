@@ -4,6 +4,8 @@ max_queue a request is answered at once in upstream order, degraded "overload"."
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -235,3 +237,57 @@ def test_a_request_whose_client_went_away_is_dropped_and_counted(
     assert not after["degraded"]
     assert gate.sizes == [1]  # request 1 never reached the engine
     assert "rerank_dropped_requests_total 1.0" in metrics
+
+
+def _copy_version(src: Path, artifacts: Path, version: str) -> Path:
+    """Another version of the same bundle: the files copied, the manifest renamed."""
+    dst = artifacts / version
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["version"] = version
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_a_new_bundle_is_swapped_in_and_a_broken_one_keeps_the_old_serving(
+    tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
+) -> None:
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    _copy_version(tiny_bundle[0], artifacts, "v1")
+    (artifacts / "latest").write_text("v1\n")
+    srv = start(artifacts, reload_interval_s=0.05, max_batch=4)
+    rng = np.random.default_rng(7)
+    body = make_request(rng, 30, 5)
+
+    def version(c: httpx.Client) -> str:
+        out = c.post("/v1/rerank", json=body)
+        assert out.status_code == 200 and not out.json()["degraded"]
+        return str(out.json()["model_version"])
+
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            wait_ready(c)
+            assert version(c) == "v1"
+            # a version whose decoder is corrupt: refused (sha256), v1 goes on serving
+            broken = _copy_version(tiny_bundle[0], artifacts, "v2-broken")
+            (broken / "decoder.onnx").write_bytes(b"not a graph")
+            (artifacts / "latest").write_text("v2-broken\n")
+            wait_for(
+                lambda: 'rerank_bundle_reloads_total{result="error"} 1.0' in c.get("/metrics").text
+            )
+            assert version(c) == "v1" and c.get("/v1/model").json()["version"] == "v1"
+            # a good version: loaded, warmed, swapped in; requests never fail meanwhile
+            _copy_version(tiny_bundle[0], artifacts, "v3")
+            (artifacts / "latest").write_text("v3\n")
+            seen = []
+            deadline = time.monotonic() + 60
+            while (not seen or seen[-1] != "v3") and time.monotonic() < deadline:
+                seen.append(version(c))
+            assert seen[-1] == "v3" and set(seen) <= {"v1", "v3"}
+            assert c.get("/readyz").json()["model_version"] == "v3"
+            metrics = c.get("/metrics").text
+    finally:
+        srv.stop()
+    assert 'rerank_bundle_reloads_total{result="ok"} 1.0' in metrics
+    assert 'version="v3"' in metrics and 'version="v1"' not in metrics  # model_info follows

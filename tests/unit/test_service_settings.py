@@ -29,7 +29,7 @@ def test_defaults_and_environment(
 
 def test_an_artifacts_dir_resolves_to_its_latest(tiny_bundle: tuple[Path, GenReranker]) -> None:  # noqa: F811
     path = tiny_bundle[0]
-    assert Settings(bundle=path.parent).bundle == path
+    assert Settings(bundle=path.parent).bundle_dir == path
 
 
 def test_every_field_is_documented() -> None:
