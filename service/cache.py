@@ -232,7 +232,10 @@ class RedisL2:
             while len(ids) < _WRITE_BATCH and not self.queue.empty():
                 more_ids, more_rows = self.queue.get_nowait()
                 ids, rows = ids + more_ids, np.concatenate([rows, more_rows])
-            if not self.breaker.allow():
+            # The breaker belongs to the reads (the request path): write-backs follow it but
+            # never move it, so a slow background MSET cannot switch L2 reads off, and an
+            # open breaker's one half-open probe is left to a read.
+            if self.breaker.state != "closed":
                 self.metrics.writebacks.labels("error").inc(len(ids))
                 continue
             values = np.ascontiguousarray(rows.astype(WRITE_DTYPE))
@@ -240,11 +243,9 @@ class RedisL2:
             try:
                 await asyncio.wait_for(self._mset(mapping), timeout=self.timeout_s * 5)
             except (RedisError, OSError, TimeoutError) as e:
-                self.breaker.failure()
                 self.metrics.writebacks.labels("error").inc(len(ids))
                 log.warning("redis write-back of %d embeddings failed: %r", len(ids), e)
                 continue
-            self.breaker.success()
             self.metrics.writebacks.labels("ok").inc(len(ids))
 
 

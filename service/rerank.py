@@ -82,6 +82,9 @@ class _Job:
     submitted: float
     done: asyncio.Future[_Done]
     request_id: str
+    started: bool = False  # the engine thread took it (its own deadline rules from here)
+    expired: bool = False  # its deadline passed while it queued: answered upstream
+    gone: bool = False  # its client hung up while it queued: dropped
 
 
 @dataclass
@@ -144,17 +147,27 @@ class Reranker:
         job = _Job(p, lookup.static, lookup.missing, deadline, time.perf_counter(),
                    asyncio.get_running_loop().create_future(), request_id)  # fmt: skip
         self.pending += 1
-        watch = None if gone is None else asyncio.ensure_future(_watch(gone, job.done))
+        loop = asyncio.get_running_loop()
+        # the budget bounds the wait too: a request still queued at its deadline is
+        # answered at once in upstream order (once the engine has it, the engine's own
+        # per-request deadline completes its list early instead)
+        timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), _expire, job)
+        watch = None if gone is None else asyncio.ensure_future(_watch(gone, job))
         try:
             self.queue.put_nowait(job)
             try:
                 done = await job.done
             except asyncio.CancelledError:
-                if job.done.cancelled() and not _cancelling():
-                    return None  # the watcher cancelled it: the client is gone
-                raise
+                if not job.done.cancelled() or _cancelling():
+                    raise  # this task itself is being cancelled
+                if job.gone:
+                    return None
+                out = upstream(p, "budget")
+                out.queue_s, out.cache_s = time.perf_counter() - job.submitted, cache_s
+                return out
         finally:
             self.pending -= 1
+            timer.cancel()
             if watch is not None:
                 watch.cancel()
         if done.embedded is not None:
@@ -185,9 +198,11 @@ class Reranker:
             jobs = [await self.queue.get()]
             while len(jobs) < self.config.max_batch and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
-            live = [j for j in jobs if not j.done.done()]
-            if len(live) < len(jobs):  # their clients went away while they queued
-                self.metrics.dropped.inc(len(jobs) - len(live))
+            live = [j for j in jobs if not j.done.done()]  # not expired, client not gone
+            if len(live) < len(jobs):
+                gone = sum(j.gone for j in jobs)
+                if gone:
+                    self.metrics.dropped.inc(gone)
             if not live:
                 continue
             jobs, waiting = live, self.queue.qsize()
@@ -207,7 +222,8 @@ class Reranker:
         queue_s = [start - j.submitted for j in jobs]
         out: list[_Done | None] = [None] * len(jobs)
         for i, j in enumerate(jobs):
-            if start >= j.deadline:
+            j.started = True
+            if start >= j.deadline or j.done.done():  # expired (or gone) on the way here
                 out[i] = _Done(None, "budget", queue_s[i], 0.0, None)
         embedded = self._embed([j for i, j in enumerate(jobs) if out[i] is None])
         embed_s = time.perf_counter() - start
@@ -267,11 +283,19 @@ class Reranker:
         return out
 
 
-async def _watch(gone: Callable[[], Awaitable[Any]], done: asyncio.Future[_Done]) -> None:
-    """Cancel `done` (the request's place in the queue) if its client disconnects."""
+async def _watch(gone: Callable[[], Awaitable[Any]], job: _Job) -> None:
+    """Cancel the job's place in the queue if its client disconnects first."""
     message = await gone()  # after the body, the next ASGI message is the disconnect
-    if message.get("type") == "http.disconnect" and not done.done():
-        done.cancel()
+    if message.get("type") == "http.disconnect" and not job.started and not job.done.done():
+        job.gone = True
+        job.done.cancel()
+
+
+def _expire(job: _Job) -> None:
+    """The deadline of a job still waiting for the engine: stop waiting."""
+    if not job.started and not job.done.done():
+        job.expired = True
+        job.done.cancel()
 
 
 def _cancelling() -> bool:

@@ -291,3 +291,31 @@ def test_a_new_bundle_is_swapped_in_and_a_broken_one_keeps_the_old_serving(
         srv.stop()
     assert 'rerank_bundle_reloads_total{result="ok"} 1.0' in metrics
     assert 'version="v3"' in metrics and 'version="v1"' not in metrics  # model_info follows
+
+
+def test_the_budget_bounds_the_wait_for_a_busy_engine(
+    tiny_bundle: tuple[Path, GenReranker], gate: Gate
+) -> None:
+    srv = start(tiny_bundle[0], max_batch=4, max_queue=16)
+    rng = np.random.default_rng(8)
+    held_body = make_request(rng, 20, 5)
+    hurried = make_request(rng, 20, 5, budget_ms=200)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c, ThreadPoolExecutor(2) as pool:
+            wait_ready(c)
+            gate.armed = True
+            held = pool.submit(c.post, "/v1/rerank", json=held_body)
+            assert gate.entered.wait(30)  # the engine is busy (held) for as long as we like
+            t0 = time.monotonic()
+            out = c.post("/v1/rerank", json=hurried).json()
+            waited = time.monotonic() - t0
+            gate.open.set()
+            assert not held.result().json()["degraded"]
+            metrics = c.get("/metrics").text
+    finally:
+        srv.stop()
+    assert out["degraded"] and out["reason"] == "budget" and out["passes"] == 0
+    assert [i["item_id"] for i in out["items"]] == [c["item_id"] for c in hurried["candidates"][:5]]
+    assert 0.19 <= waited < 5, waited  # answered at its deadline, not when the engine freed up
+    assert out["timings"]["queue_ms"] >= 150
+    assert "rerank_dropped_requests_total 0.0" in metrics  # expired is not dropped
