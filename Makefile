@@ -62,6 +62,8 @@ bench: bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP s
 	$(BIN)/python tests/bench/bench_engine.py
 	$(BIN)/python tests/bench/bench_decode.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_http.py --bundle artifacts
+	$(BIN)/python tests/bench/bench_load.py --bundle artifacts
+	$(BIN)/python tests/bench/bench_gpu.py --bundle artifacts
 
 USERS ?= 16
 DURATION ?= 60

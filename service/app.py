@@ -103,6 +103,7 @@ def _open(runtime: Runtime, bundle_dir: Path) -> Engine:
             intra_op_threads=s.intra_op_threads,
             inter_op_threads=s.inter_op_threads,
             default_items_per_pass=s.items_per_pass,
+            io_binding=s.io_binding,
         ),
     )
 

@@ -9,6 +9,22 @@ Stages (each callable and timeable alone, infinity-style):
                candidate not yet chosen; masking is numpy, vectorized over the batch;
   post         per-request lists, scores, passes, timings.
 
+Device path (EngineConfig.io_binding, default on with CUDA, off on CPU): the encoder's
+outputs (z, bos, cross keys/values) and every pass's present KV stay as OrtValues on the
+session's device and are bound (onnxruntime IO binding) as the next pass's inputs; per pass
+only the tokens go host -> device and only the head scores (B, n, M) come back for the
+numpy selection. On CPU it gives the same lists bit for bit (tests/unit/
+test_engine_iobinding.py) but costs a few microseconds of binding calls per pass, so the
+plain session.run path stays the CPU default. Beam search always takes the host path: its
+KV cache is re-gathered on the host after every pass (kv[src]), which an OrtValue cannot do.
+
+CUDA graphs are not used (the CUDA provider's enable_cuda_graph stays off). A captured
+graph replays fixed shapes at fixed addresses, but the decoder's past KV grows by the
+tokens of every pass (B, nh, P, hd) -> (B, nh, P + T, hd): one capture per (batch size,
+candidate bucket, pass position, items per pass), each pinning its own buffers, which is
+impractical; and deadline steps end rows early. It would need a decoder exported with a
+fixed-size KV buffer (max_steps, written at `start`, masked by position), gpt-fast style.
+
 The decode loop reproduces model.decode.greedy_decode (the torch reference, checked by
 `python -m export verify`), including its deadline step: when the next pass would overrun
 the deadline (estimated from the last pass), the rest of the list comes from head 0's last
@@ -24,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -68,6 +84,7 @@ class EngineConfig:
     candidate_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # padded M; + max_candidates
     optimization: str = "all"  # ORT graph optimization level
     default_items_per_pass: int | None = None  # None = n (every OMTP head)
+    io_binding: str = "auto"  # auto | on | off (auto: on with CUDA, off on CPU)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -80,6 +97,8 @@ class EngineConfig:
             raise ValueError(f"candidate_buckets={self.candidate_buckets}: positive sizes")
         if self.optimization not in _OPT_LEVELS:
             raise ValueError(f"optimization={self.optimization!r}: {sorted(_OPT_LEVELS)}")
+        if self.io_binding not in ("auto", "on", "off"):
+            raise ValueError(f"io_binding={self.io_binding!r}: auto | on | off")
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,15 @@ class EncodedBatch:
 
 
 @dataclass
+class DeviceBatch:
+    """Encoder outputs kept on the session's device (the IO-binding path): z, bos, cross.*
+    and cand_mask as OrtValues, bound once as the decoder's per-batch inputs."""
+
+    values: dict[str, ort.OrtValue]
+    cand_mask: np.ndarray  # (B, M) bool, host copy for the numpy selection
+
+
+@dataclass
 class Decoded:
     order: np.ndarray  # (B, K) int64, -1 where nothing was left
     scores: np.ndarray  # (B, K) float32, -inf at -1 slots
@@ -158,13 +186,29 @@ class Decoded:
     row_passes: np.ndarray  # (B,) passes each row took part in
 
 
-def _providers(device: str) -> list[str]:
+CUDA_DEVICE_ID = 0
+# CUDA provider options for low-latency decode: copies on the compute stream (no
+# cross-stream sync per pass), no cuDNN algorithm search (the graphs have no convolutions;
+# a search would only slow the first run of every shape), no TF32 (fp32 graphs keep fp32
+# parity with the torch reference; fp16 graphs are unaffected). enable_cuda_graph stays
+# off: see the module docstring.
+CUDA_OPTIONS = {
+    "device_id": str(CUDA_DEVICE_ID),
+    "do_copy_in_default_stream": "1",
+    "cudnn_conv_algo_search": "DEFAULT",
+    "use_tf32": "0",
+    "enable_cuda_graph": "0",
+}
+Provider = str | tuple[str, dict[str, str]]
+
+
+def _providers(device: str) -> list[Provider]:
     available = ort.get_available_providers()
     has_cuda = "CUDAExecutionProvider" in available
     if device == "cuda" and not has_cuda:
         raise EngineError(f"device=cuda but onnxruntime has no CUDA provider ({available})")
     if device != "cpu" and has_cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -181,7 +225,7 @@ class Engine:
         self.d_model = cfg.d_model
         self.layers = cfg.dec_layers
         providers = _providers(config.device)
-        on_cuda = providers[0] == "CUDAExecutionProvider"
+        on_cuda = providers[0] != "CPUExecutionProvider"
         if config.precision == "auto":
             self.precision = "fp16" if on_cuda and "fp16" in bundle.precisions else "fp32"
         else:
@@ -210,17 +254,28 @@ class Engine:
         self._cross_names = cross_names(self.layers)
         self._encoder_outputs = ["z", "bos", *self._cross_names]
         self._decoder_outputs = list(bundle.graph("decoder", self.precision).outputs)
+        # the IO-binding path: OrtValues live on `device` (the decoder session's)
+        self.device = "cuda" if "CUDAExecutionProvider" in self._decoder.get_providers() else "cpu"
+        self.io_binding = config.io_binding == "on" or (
+            config.io_binding == "auto" and self.device == "cuda"
+        )
+        if self.io_binding and not binding_internals(self._decoder):
+            log.warning("onnxruntime %s: no IO binding internals; IO binding off", ort.__version__)
+            self.io_binding = False
         kv_type = next(i.type for i in self._decoder.get_inputs() if i.name == "z")
         self._kv_dtype = _NP_DTYPES[kv_type]
         self._head_dim = cfg.d_model // cfg.n_attn_heads
         # read-only caches, filled on first use per batch size (warm-up fills them)
         self._empty_past: dict[int, list[np.ndarray]] = {}
+        self._empty_device_past: dict[int, list[ort.OrtValue]] = {}
         self._bos: dict[int, np.ndarray] = {}
         self._rows: dict[int, np.ndarray] = {}
         self._starts = [np.array([s], np.int64) for s in range(cfg.max_steps)]
+        self._device_starts = [self._to_device(s) for s in self._starts] if self.io_binding else []
         log.info(
-            "engine %s: providers %s, precision %s, threads intra=%d inter=%d, buckets %s",
-            bundle.version, self.providers, self.precision,
+            "engine %s: providers %s, precision %s, io binding %s, threads intra=%d inter=%d, "
+            "buckets %s",
+            bundle.version, self.providers, self.precision, self.io_binding,
             config.intra_op_threads, config.inter_op_threads, self.buckets,
         )  # fmt: skip
 
@@ -229,7 +284,7 @@ class Engine:
         return self.bundle.version
 
     def _session(
-        self, graph: str, opts: ort.SessionOptions, providers: list[str]
+        self, graph: str, opts: ort.SessionOptions, providers: list[Provider]
     ) -> ort.InferenceSession:
         spec = self.bundle.graph(graph, self.precision)
         path = self.bundle.path / spec.file
@@ -350,6 +405,26 @@ class Engine:
         feeds["cand_mask"] = batch.cand_mask
         return EncodedBatch(feeds=feeds, cand_mask=batch.cand_mask)
 
+    def encode_on_device(self, batch: PaddedBatch) -> DeviceBatch:
+        """encode, its outputs left on the session's device (the IO-binding path)."""
+        binding = self._encoder.io_binding()
+        binding.bind_cpu_input("static", batch.static)
+        binding.bind_cpu_input("upstream_score", batch.upstream_score)
+        binding.bind_cpu_input("cand_mask", batch.cand_mask)
+        binding.bind_cpu_input("user_id", batch.user_id)
+        binding.bind_cpu_input("user_dense", batch.user_dense)
+        for name in self._encoder_outputs:
+            binding.bind_output(name, self.device, CUDA_DEVICE_ID)
+        self._encoder.run_with_iobinding(binding)
+        values = dict(zip(self._encoder_outputs, binding.get_outputs(), strict=True))
+        values["cand_mask"] = self._to_device(batch.cand_mask)
+        return DeviceBatch(values=values, cand_mask=batch.cand_mask)
+
+    def _to_device(self, x: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(x), self.device, CUDA_DEVICE_ID
+        )
+
     # ---- stage: decode -----------------------------------------------------------------
 
     def empty_past(self, B: int) -> list[np.ndarray]:
@@ -359,6 +434,14 @@ class Engine:
             empty = np.zeros(shape, self._kv_dtype)
             self._empty_past[B] = [empty] * len(self._past_names)
         return self._empty_past[B]
+
+    def empty_device_past(self, B: int) -> list[ort.OrtValue]:
+        """empty_past as host OrtValues for the IO binding (zero bytes: nothing to copy;
+        the session moves them to its device as it would a numpy feed)."""
+        if B not in self._empty_device_past:
+            empty = ort.OrtValue.ortvalue_from_numpy(self.empty_past(B)[0])
+            self._empty_device_past[B] = [empty] * len(self._past_names)
+        return self._empty_device_past[B]
 
     def _bos_tokens(self, B: int) -> np.ndarray:
         if B not in self._bos:
@@ -379,14 +462,23 @@ class Engine:
         outs = self._run_decoder(self._decoder_outputs, feeds)
         return outs[0], outs[1:]
 
+    def device_passes(self, enc: DeviceBatch) -> DevicePasses:
+        """The decoder's IO binding for one batch (see DevicePasses)."""
+        return DevicePasses(self, enc)
+
     def greedy(
-        self, enc: EncodedBatch, k: np.ndarray, items_per_pass: int, deadlines: np.ndarray | None
+        self,
+        enc: EncodedBatch | DeviceBatch,
+        k: np.ndarray,
+        items_per_pass: int,
+        deadlines: np.ndarray | None,
     ) -> Decoded:
         """OMTP greedy decoding for the whole batch (greedy_decode's loop). k (B,) list
         lengths; deadlines (B,) perf_counter values (inf = none) or None. Each request has
         its own deadline: before a pass, the rows whose deadline a pass as long as the last
         one would overrun get their tail from head 0's last scores (the deadline step) and
-        leave the loop; the others go on, so a tight budget never cuts its batch-mates."""
+        leave the loop; the others go on, so a tight budget never cuts its batch-mates.
+        A DeviceBatch (encode_on_device) decodes with the KV cache bound on the device."""
         B, M = enc.cand_mask.shape
         K = int(k.max())
         p, tokens = items_per_pass, self._bos_tokens(B)
@@ -399,6 +491,8 @@ class Engine:
         early_at = np.full(B, -1, np.int64)  # list length when a row's deadline step ran
         row_passes = np.zeros(B, np.int64)
         finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # rows, order, scores
+        bound = self.device_passes(enc) if isinstance(enc, DeviceBatch) else None
+        host = cast(EncodedBatch, enc)  # read only when bound is None
         past, head = self.empty_past(B), None
         chosen = passes = 0
         last_pass_s = 0.0
@@ -415,7 +509,10 @@ class Engine:
                     if not (live & (k > chosen)).any():
                         break
             t0 = time.perf_counter()
-            head, past = self.decode_pass(enc, tokens, past)  # (B, n, M)
+            if bound is None:
+                head, past = self.decode_pass(host, tokens, past)  # (B, n, M)
+            else:
+                head = bound.step(tokens)  # (B, n, M), the KV cache stays on the device
             passes += 1
             row_passes[live & (k > chosen)] = passes
             c = min(p, K - chosen)
@@ -473,11 +570,13 @@ class Engine:
             [limit if r.deadline is None else min(r.deadline, limit) for r in requests]
         )
         t0 = time.perf_counter()
-        enc = self.encode(batch)
+        # beam re-gathers its KV cache on the host every pass: it takes the host path
+        enc = self.encode_on_device(batch) if self.io_binding and beam == 1 else self.encode(batch)
         t1 = time.perf_counter()
         if beam == 1:
             dec = self.greedy(enc, batch.k, p, deadlines if np.isfinite(deadlines).any() else None)
         else:
+            assert isinstance(enc, EncodedBatch)
             first = float(deadlines.min())
             dec = self.beam(enc, batch.k, beam, first if np.isfinite(first) else None)
             p = 1
@@ -594,6 +693,79 @@ class Engine:
         seconds = time.perf_counter() - t0
         log.info("engine %s warmed up in %.2f s (buckets %s)", self.version, seconds, self.buckets)
         return seconds
+
+
+class DevicePasses:
+    """One batch's decoder passes with IO binding (gpt-fast's decode_one_token, on the
+    device). The batch's z, bos, cand_mask and cross keys/values are bound once. A step
+    binds the tokens (host -> device) and the start position (a device constant), runs,
+    copies head_scores to the host, and binds the present KV (left on the device) as the
+    next step's past. Per call, not shared.
+
+    It drives onnxruntime's pybind objects directly (IOBinding._iobinding, OrtValue's
+    C value, InferenceSession._sess), as _fast_run does: the public wrappers re-check
+    every call for WebGPU graph capture, make an OrtDevice per bind_output and wrap every
+    output, ~10 us of a pass. Engine checks they exist (binding_internals) before it
+    turns IO binding on."""
+
+    def __init__(self, engine: Engine, enc: DeviceBatch) -> None:
+        self._engine = engine
+        self._run = engine._decoder._sess.run_with_iobinding
+        self._binding = binding = engine._decoder.io_binding()._iobinding  # pybind object
+        self._enc = enc  # a CPU OrtValue may be a view of a numpy array (cand_mask): keep it
+        for name, value in enc.values.items():
+            binding.bind_ortvalue_input(name, value._ortvalue)
+        # the first pass's past: (B, nh, 0, hd), empty, bound from the host (nothing to copy)
+        empty = engine.empty_device_past(enc.cand_mask.shape[0])
+        for name, kv in zip(engine._past_names, empty, strict=True):
+            binding.bind_ortvalue_input(name, kv._ortvalue)
+        self.position = 0  # tokens fed so far (start of the next pass)
+        self._device = ort.OrtDevice.make(engine.device, CUDA_DEVICE_ID)._get_c_device()
+        self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        self._present = engine._decoder_outputs[1:]
+        self._tokens: np.ndarray | None = None  # the same: the last step's tokens
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (B, T) int64 -> head scores at the last position (B, n, M) on the host;
+        the present KV stays on the device as the next step's past."""
+        engine, binding = self._engine, self._binding
+        self._tokens = tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        binding.bind_ortvalue_input(
+            "tokens", ort_state.OrtValue.ortvalue_from_numpy(tokens, self._device)
+        )
+        binding.bind_ortvalue_input("start", engine._device_starts[self.position]._ortvalue)
+        binding.bind_output("head_scores", self._cpu)
+        for name in self._present:  # fresh outputs: their length P + T grows every pass
+            binding.bind_output(name, self._device)
+        self._run(binding, None)
+        outs = binding.get_outputs()
+        for i, name in enumerate(engine._past_names, start=1):
+            binding.bind_ortvalue_input(name, outs[i])  # the binding keeps its own reference
+        self.position += tokens.shape[1]
+        head: np.ndarray = outs[0].numpy()  # a view that owns a reference to its tensor
+        return head
+
+    def present(self) -> list[ort.OrtValue]:
+        """The last step's present KV (the next step's past), where it lives."""
+        outs = self._binding.get_outputs()
+        return [ort.OrtValue(outs[i]) for i in range(1, len(outs))]
+
+
+def binding_internals(session: ort.InferenceSession) -> bool:
+    """Does this onnxruntime have the pybind objects DevicePasses drives?"""
+    try:
+        binding = session.io_binding()._iobinding
+        value = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32))._ortvalue
+        ort.OrtDevice.make("cpu", 0)._get_c_device()
+    except (AttributeError, TypeError):
+        return False
+    calls = ("bind_ortvalue_input", "bind_output", "get_outputs")
+    return (
+        all(callable(getattr(binding, c, None)) for c in calls)
+        and callable(getattr(getattr(session, "_sess", None), "run_with_iobinding", None))
+        and callable(getattr(ort_state.OrtValue, "ortvalue_from_numpy", None))
+        and callable(getattr(value, "numpy", None))
+    )
 
 
 RunFn = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]
