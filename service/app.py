@@ -249,19 +249,18 @@ def _server_timing(out: Outcome, total_s: float) -> str:
 
 
 def _observe(metrics: Metrics, out: Outcome, total_s: float, m: int) -> None:
-    stage = metrics.stage_duration
-    stage.labels("queue").observe(out.queue_s)
-    stage.labels("cache").observe(out.cache_s)
+    stage = metrics.stage_of
+    stage["queue"].observe(out.queue_s)
+    stage["cache"].observe(out.cache_s)
     if out.passes:
-        stage.labels("encode").observe(out.encode_s)
-        stage.labels("decode").observe(out.decode_s)
-        stage.labels("total_model").observe(out.encode_s + out.decode_s)
+        stage["encode"].observe(out.encode_s)
+        stage["decode"].observe(out.decode_s)
+        stage["total_model"].observe(out.encode_s + out.decode_s)
         metrics.decode_passes.observe(out.passes)
     metrics.candidates.observe(m)
-    outcome = "degraded" if out.degraded else "ok"
-    metrics.request_duration.labels(outcome).observe(total_s)
+    metrics.duration_of["degraded" if out.degraded else "ok"].observe(total_s)
     if out.reason is not None:
-        metrics.fallback.labels(out.reason).inc()
+        metrics.fallback_of[out.reason].inc()
 
 
 def _respond(
@@ -337,9 +336,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         },
     )
-    async def rerank(request: Request, runtime: RuntimeDep) -> Response:
+    async def rerank(request: Request) -> Response:
         """Rerank the candidates: the top k, best first."""
         arrival = time.perf_counter()
+        runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
         metrics, s = runtime.metrics, runtime.settings
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         request.state.headers = {"X-Request-ID": request_id}
@@ -351,7 +351,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 req = parse_body(await read_body(request, s.max_body_bytes))
                 parsed = runtime.reranker.reader.read(req)
             except ApiError as e:
-                metrics.request_duration.labels("rejected").observe(time.perf_counter() - arrival)
+                metrics.duration_of["rejected"].observe(time.perf_counter() - arrival)
                 access_log.debug(  # a client's mistake, not the service's problem
                     "%s", orjson.dumps({"request_id": request_id, "status": e.status,
                                         "field": e.field, "error": e.message}).decode()

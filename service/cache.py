@@ -59,16 +59,19 @@ class L1Cache:
     def get_many(self, ids: Sequence[int], out: np.ndarray) -> np.ndarray:
         """Fill out[i] (out: (m, d) float32) for every id found; -> (m,) bool missing."""
         missing = np.ones(len(ids), bool)
-        rows = self._rows
+        get, touch = self._rows.get, self._rows.move_to_end
+        at, found = [], []
         for i, item in enumerate(ids):
-            row = rows.get(item)
+            row = get(item)
             if row is not None:
-                rows.move_to_end(item)
-                out[i] = row
-                missing[i] = False
-        found = len(ids) - int(missing.sum())
-        self.hits += found
-        self.misses += len(ids) - found
+                touch(item)
+                at.append(i)
+                found.append(row)
+        if found:  # one gather instead of a numpy row assignment per item
+            out[at] = found
+            missing[at] = False
+        self.hits += len(found)
+        self.misses += len(ids) - len(found)
         return missing
 
     def put_many(self, ids: Sequence[int], rows: np.ndarray) -> None:

@@ -130,13 +130,11 @@ class Metrics:
             registry=registry,
             multiprocess_mode="liveall",
         )
-        # every label value exists from the start: dashboards see zeros, not gaps
-        for outcome in OUTCOMES:
-            self.request_duration.labels(outcome)
-        for stage in STAGES:
-            self.stage_duration.labels(stage)
-        for reason in REASONS:
-            self.fallback.labels(reason)
+        # every label value exists from the start: dashboards see zeros, not gaps; the
+        # children are kept, so the request path skips labels() (a lock and a dict each)
+        self.duration_of = {o: self.request_duration.labels(o) for o in OUTCOMES}
+        self.stage_of = {st: self.stage_duration.labels(st) for st in STAGES}
+        self.fallback_of = {r: self.fallback.labels(r) for r in REASONS}
         for tier in TIERS:
             for result in RESULTS:
                 self.lookups.labels(tier, result)
