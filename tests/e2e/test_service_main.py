@@ -30,7 +30,9 @@ def test_two_workers_share_their_metrics(
 ) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "PROMETHEUS_"))}
-    env |= {"RERANK_LOG_LEVEL": "debug", "RERANK_MAX_K": "10"}
+    # a generous budget: this test counts requests across workers, a busy machine must not
+    # turn some into degraded ones
+    env |= {"RERANK_LOG_LEVEL": "debug", "RERANK_MAX_K": "10", "RERANK_DEFAULT_BUDGET_MS": "30000"}
     err = (tmp_path / "stderr").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--workers", "2", "--port", str(port),
