@@ -73,6 +73,18 @@ def hash_ids(ids: np.ndarray, buckets: int, salt: int = 0x5EED) -> np.ndarray:
     return (x % np.uint64(buckets - 1)).astype(np.int64) + 1
 
 
+_MASK = (1 << 64) - 1
+
+
+def hash_id(value: int, buckets: int, salt: int = 0x5EED) -> int:
+    """hash_ids of one id, in plain Python (a request's user id: no numpy round trip)."""
+    x = (value + salt + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    x ^= x >> 31
+    return x % (buckets - 1) + 1
+
+
 @dataclass(frozen=True)
 class HashedItems:
     """Hashed item inputs of the item tower."""

@@ -2,9 +2,13 @@
 for OpenAPI), the parse of a raw body, the request checks that need the bundle's feature
 schema, and the one error type the handler maps to a stable JSON body.
 
-Bodies are validated straight from bytes (`model_validate_json`, no dict in between), in
-strict mode with NaN/Infinity refused; the checks pydantic cannot know (the feature names
-of the bundle, duplicates, k against m) follow in one pass over the candidates.
+The models are the schema of record. On the hot path a body goes through
+`RequestReader.read_json`: orjson, then plain type checks straight into numpy arrays. It
+accepts only what the models (strict, NaN/Infinity refused, no extra keys) and the bundle
+checks (feature names, duplicates, k against m, ranges) accept too, and builds the same
+arrays; anything it is not sure of goes the checked way (`model_validate_json` on the raw
+bytes, then `read`), whose error names the field. Measured on the default bundle, m = 30:
+the checked way costs several times more CPU than the fast one.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.features import FeatureSchema, hash_ids, hash_items
+from model.features import FeatureSchema, hash_id, hash_ids, hash_items
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
@@ -169,6 +174,14 @@ class Parsed:
 
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+_TOP_KEYS = frozenset(RerankIn.model_fields)
+_USER_KEYS = frozenset(User.model_fields)
+_CAND_KEYS = frozenset(Candidate.model_fields)
+_MAX_ID_LEN = 128  # RerankIn.request_id's max_length
+_NO_FEATURES: dict[str, Any] = {}
+_INT = {int}
+_DICT = {dict}
+_NUMBER_TYPES = {int, float}  # not bool: type(True) is bool
 # (m,) int64 raw ids, (m,) float64 scores, (m, Fc) int64 raw categoricals, (m, Fd) float64
 _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -184,6 +197,88 @@ class RequestReader:
         self.dense_index = {n: i for i, n in enumerate(schema.item_dense)}
         self.user_index = {n: i for i, n in enumerate(schema.user_dense)}
         self.known = frozenset([*self.cat_index, *self.dense_index])
+        self.user_known = frozenset(self.user_index)
+        self.cat_names, self.dense_names = tuple(self.cat_index), tuple(self.dense_index)
+
+    def read_json(self, body: bytes) -> Parsed:
+        """Raw body -> Parsed (the fast path), or the checked path's Parsed or ApiError."""
+        fast = self._fast(body)
+        return fast if fast is not None else self.read(parse_body(body))
+
+    def _fast(self, body: bytes) -> Parsed | None:
+        """The body as arrays when it is certainly valid; None sends it the checked way."""
+        try:
+            d = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if type(d) is not dict or not d.keys() <= _TOP_KEYS:
+            return None
+        user, cands, k = d.get("user"), d.get("candidates"), d.get("k")
+        rid, budget = d.get("request_id"), d.get("budget_ms")
+        if type(k) is not int or type(user) is not dict or type(cands) is not list:
+            return None
+        m, lim = len(cands), self.limits
+        if not 1 <= m <= lim.max_candidates or not 1 <= k <= min(m, lim.max_k):
+            return None
+        if rid is not None and (type(rid) is not str or len(rid) > _MAX_ID_LEN):
+            return None
+        uid, ufeats = user.get("id"), user.get("features", _NO_FEATURES)
+        if (
+            not user.keys() <= _USER_KEYS
+            or type(uid) is not int
+            or not _INT64[0] <= uid <= _INT64[1]
+        ):
+            return None
+        if type(ufeats) is not dict or not ufeats.keys() <= self.user_known:
+            return None
+        # type checks in bulk (set(map(type, ...)) runs in C), ranges checked by numpy
+        user_values = [ufeats.get(n, 0.0) for n in self.user_index]
+        if not set(map(type, user_values)) <= _NUMBER_TYPES:
+            return None
+        if not set(map(type, cands)) <= _DICT or not all(c.keys() <= _CAND_KEYS for c in cands):
+            return None
+        try:
+            ids = [c["item_id"] for c in cands]
+            scores = [c["score"] for c in cands]
+        except KeyError:
+            return None
+        feats = [c.get("features", _NO_FEATURES) for c in cands]
+        if set(map(type, ids)) != _INT or len(set(ids)) != m:
+            return None
+        if not set(map(type, scores)) <= _NUMBER_TYPES or not set(map(type, feats)) <= _DICT:
+            return None
+        if not all(f.keys() <= self.known for f in feats):
+            return None
+        cat_names, dense_names = self.cat_names, self.dense_names
+        cat = [f.get(n, 0) for f in feats for n in cat_names]
+        dense = [f.get(n, 0.0) for f in feats for n in dense_names]
+        if (cat and set(map(type, cat)) != _INT) or not set(map(type, dense)) <= _NUMBER_TYPES:
+            return None
+        try:  # beyond int64 / float64: OverflowError
+            ids_a = np.array(ids, np.int64)
+            cat_a = np.array(cat, np.int64).reshape(m, len(cat_names))
+            numbers = np.array([*scores, *dense, *user_values], np.float64)
+        except OverflowError:
+            return None
+        if ids_a.min() < 0 or not (np.abs(numbers) <= _F32_MAX).all():
+            return None  # negative ids, NaN, inf or beyond float32: the checked way says which
+        if budget is not None and (
+            type(budget) not in _NUMBER_TYPES or not 0 <= budget <= _F32_MAX
+        ):
+            return None
+        numbers32 = numbers.astype(np.float32)
+        n_dense = m * len(dense_names)
+        return Parsed(
+            request_id=rid,
+            item_ids=ids_a,
+            upstream_score=numbers32[:m],
+            item_cat=cat_a,
+            item_dense=numbers32[m : m + n_dense].reshape(m, len(dense_names)),
+            user_id=hash_id(uid, self.schema.user_id_buckets, self.schema.hash_salt),
+            user_dense=numbers32[m + n_dense :],
+            k=k,
+            budget_ms=None if budget is None else float(budget),
+        )
 
     def read(self, req: RerankIn) -> Parsed:
         m, lim = len(req.candidates), self.limits

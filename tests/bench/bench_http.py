@@ -7,8 +7,9 @@ Targets, each its own uvicorn process on loopback, ONE worker, started and stopp
   service  python -m service (L1 cache + item tower, no Redis), the bundle of --bundle
            (default: artifacts/ if artifacts/latest exists, else a tiny random bundle built
            into a temporary directory the way the e2e tests build theirs)
-  echo     tests/bench/echo_app.py: the same RerankIn parse of the raw body and a response
-           of the same shape, nothing else (uvicorn + FastAPI + pydantic + orjson)
+  echo     tests/bench/echo_app.py: the service's own parse of the raw body (the same
+           RequestReader.read_json, same bundle schema and limits) and a response of the
+           same shape, nothing else (uvicorn + FastAPI + the parse + orjson)
 
 Load comes from a second process (spawned, loopback only), an asyncio client over HTTP/1.1
 keep-alive connections: by default raw asyncio streams on uvloop with pre-built request
@@ -402,10 +403,13 @@ def _load_main(conn: Any, bodies: list[bytes], cpus: set[int] | None) -> None:
 class LoadProcess:
     """The spawned load generator (a fresh interpreter: no torch, no server code in it)."""
 
-    def __init__(self, bodies: list[bytes], cpus: set[int] | None) -> None:
+    def __init__(self, bodies: list[bytes], cpus: set[int] | None,
+                 main: Callable[[Any, list[bytes], set[int] | None], None] = _load_main,
+                 ) -> None:  # fmt: skip
+        """`main`: the process's loop (another module's, to serve other kinds of jobs)."""
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_load_main, args=(child, bodies, cpus), daemon=True,
+        self.proc = ctx.Process(target=main, args=(child, bodies, cpus), daemon=True,
                                 name="bench-load")  # fmt: skip
         self.proc.start()
         child.close()
@@ -497,15 +501,20 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def start_service(bundle: Path, logdir: Path, cpus: set[int] | None) -> ServerProcess:
+def start_service(bundle: Path, logdir: Path, cpus: set[int] | None,
+                  env: dict[str, str] | None = None, name: str = "service",
+                  ) -> ServerProcess:  # fmt: skip
+    """`env`: RERANK_* settings over the defaults; `name`: of the log file, for several."""
     argv = [sys.executable, "-m", "service", "--bundle", str(bundle), "--workers", "1"]
-    return ServerProcess("service", argv, _server_env(), logdir, cpus)
+    return ServerProcess(name, argv, {**_server_env(), **(env or {})}, logdir, cpus)
 
 
-def start_echo(logdir: Path, cpus: set[int] | None) -> ServerProcess:
+def start_echo(logdir: Path, cpus: set[int] | None, bundle: Path) -> ServerProcess:
+    """The echo parses with the service's own reader, so it needs the bundle's schema."""
     argv = [sys.executable, "-m", "uvicorn", "tests.bench.echo_app:app", "--workers", "1",
             "--no-access-log", "--log-level", "warning"]  # fmt: skip
-    return ServerProcess("echo", argv, _server_env(), logdir, cpus)
+    env = {**_server_env(), "GREF_ECHO_BUNDLE": str(bundle)}
+    return ServerProcess("echo", argv, env, logdir, cpus)
 
 
 # ---------------------------------------------------------------- bundle, metrics
@@ -665,7 +674,7 @@ def run(
             for s in servers.values():
                 s.stop()
 
-        servers["echo"] = start_echo(workdir, server_cpus)
+        servers["echo"] = start_echo(workdir, server_cpus, path)
         servers["service"] = start_service(path, workdir, server_cpus)
         for s in servers.values():
             s.wait_ready()

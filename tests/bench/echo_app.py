@@ -1,25 +1,38 @@
-"""The framework's floor for tests/bench/bench_http.py: POST /v1/rerank parses the body with
-the service's own model (RerankIn.model_validate_json on the raw bytes) and answers a
-response of the service's shape (the first k candidates, upstream scores) serialized the
-same way (orjson). No engine, no cache, no metrics: what is left is uvicorn + FastAPI +
-pydantic + orjson, the cost every request pays before the model does anything.
+"""The framework's floor for tests/bench/bench_http.py: POST /v1/rerank parses the body the
+way the service does (RequestReader.read_json: the fast path, or the pydantic-checked one,
+with the bundle's feature schema and the service's default limits) and answers a response
+of the service's shape (the first k candidates, upstream scores) serialized the same way
+(orjson). No engine, no cache, no metrics: what is left is uvicorn + FastAPI + the parse +
+orjson, the cost every request pays before the model does anything.
 
-    python -m uvicorn tests.bench.echo_app:app --port 8001 --no-access-log
+    GREF_ECHO_BUNDLE=artifacts python -m uvicorn tests.bench.echo_app:app --port 8001
 """
 
 from __future__ import annotations
 
-import uuid
+import os
+from pathlib import Path
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from service.api import RerankIn
+from model.features import FeatureSchema
+from service.api import ApiError, Limits, RequestReader
+from service.bundle import read_manifest
+from service.settings import Settings, resolve_bundle_dir
 
 _JSON = "application/json"
 _ZERO_TIMINGS = {"queue_ms": 0.0, "cache_ms": 0.0, "encode_ms": 0.0, "decode_ms": 0.0,
                  "total_ms": 0.0}  # fmt: skip
+
+_bundle = resolve_bundle_dir(Path(os.environ.get("GREF_ECHO_BUNDLE", "artifacts")))
+_cfg = read_manifest(_bundle)["model_config"]
+_defaults = Settings.model_fields
+READER = RequestReader(
+    FeatureSchema.from_dict(_cfg["schema"]),
+    Limits(max_candidates=int(_cfg["max_candidates"]), max_k=int(_defaults["max_k"].default)),
+)
 
 app = FastAPI(title="gref-serve echo (benchmark floor)")
 
@@ -27,11 +40,19 @@ app = FastAPI(title="gref-serve echo (benchmark floor)")
 @app.post("/v1/rerank")
 async def rerank(request: Request) -> Response:
     """The first k candidates, in a body of RerankOut's shape."""
-    req = RerankIn.model_validate_json(await request.body())
+    try:
+        p = READER.read_json(await request.body())
+    except ApiError as e:
+        return Response(orjson.dumps(e.body()), status_code=e.status, media_type=_JSON)
     body = {
-        "request_id": req.request_id or uuid.uuid4().hex,
+        "request_id": p.request_id or "echo",
         "model_version": "echo",
-        "items": [{"item_id": c.item_id, "score": c.score} for c in req.candidates[: req.k]],
+        "items": [
+            {"item_id": i, "score": s}
+            for i, s in zip(
+                p.item_ids[: p.k].tolist(), p.upstream_score[: p.k].tolist(), strict=True
+            )
+        ],
         "degraded": False,
         "reason": None,
         "passes": 0,

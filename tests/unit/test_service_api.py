@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.features import hash_ids, hash_items
-from service.api import ApiError, Limits, RequestReader, RerankIn, parse_body
+from service.api import ApiError, Limits, Parsed, RequestReader, RerankIn, parse_body
 from tests.e2e.server import make_request
 from tests.unit.test_export import SCHEMA
 
@@ -76,3 +76,78 @@ def test_the_fast_and_the_checked_paths_agree() -> None:
         for a, b in zip(fast, READER._candidates_checked(cands), strict=True):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+
+
+def _slow(raw: bytes) -> Parsed | ApiError:
+    try:
+        return READER.read(parse_body(raw))
+    except ApiError as e:
+        return e
+
+
+def _same(a: Parsed | ApiError, b: Parsed | ApiError) -> None:
+    if isinstance(a, ApiError) or isinstance(b, ApiError):
+        assert isinstance(a, ApiError) and isinstance(b, ApiError), (a, b)
+        assert (a.status, a.field, a.message) == (b.status, b.field, b.message)
+        return
+    for name in ("request_id", "user_id", "k", "budget_ms"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("item_ids", "upstream_score", "item_cat", "item_dense", "user_dense"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        np.testing.assert_array_equal(x, y)
+
+
+def _read_json(raw: bytes) -> Parsed | ApiError:
+    try:
+        return READER.read_json(raw)
+    except ApiError as e:
+        return e
+
+
+def test_read_json_takes_the_fast_path_for_good_bodies_and_agrees_with_the_checked_one() -> None:
+    rng = np.random.default_rng(9)
+    bodies = []
+    for m in (1, 2, 30, 64):
+        body = make_request(rng, m, min(m, 5), request_id=f"id-{m}", budget_ms=12)
+        for c in body["candidates"][::4]:
+            c["features"].pop("quality")  # a known feature left out
+        body["candidates"][0]["features"]["duration"] = 3  # an integer dense feature
+        body["candidates"][-1].pop("features")  # no features at all
+        bodies.append(body)
+    bodies.append({"user": {"id": -5}, "candidates": [{"item_id": 0, "score": 1}], "k": 1})
+    for body in bodies:
+        raw = json.dumps(body).encode()
+        assert READER._fast(raw) is not None, body  # taken fast ...
+        _same(_read_json(raw), _slow(raw))  # ... and the same arrays as the checked way
+
+
+def test_read_json_sends_every_bad_body_the_checked_way_with_the_same_error() -> None:
+    from tests.e2e.test_service_e2e import BAD, MAX_CANDIDATES, MAX_K
+
+    assert (READER.limits.max_candidates, READER.limits.max_k) == (MAX_CANDIDATES, MAX_K)
+    for name, make, field in BAD:
+        raw = make()
+        assert READER._fast(raw) is None, name
+        got = _read_json(raw)
+        assert isinstance(got, ApiError) and got.field == field, name
+        _same(got, _slow(raw))
+    edge = [  # valid for the models, but the fast path leaves them to the checked way
+        b'{"user": {"id": 1, "features": {}}, "candidates": [{"item_id": 1, "score": 1.5,'
+        b' "features": {"category": 1}}], "k": 1, "budget_ms": null, "request_id": null}',
+        b'{"user": {"id": true}, "candidates": [{"item_id": 1, "score": 1}], "k": 1}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 1.0}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": false}], "k": 1}',
+    ]
+    for raw in edge:
+        _same(_read_json(raw), _slow(raw))
+
+
+def test_hash_id_is_hash_ids_of_one() -> None:
+    from model.features import hash_id
+
+    rng = np.random.default_rng(3)
+    ids = [0, 1, -1, -(1 << 63), (1 << 63) - 1, *rng.integers(-(1 << 62), 1 << 62, 200).tolist()]
+    for buckets in (2, 1024, 1 << 20):
+        want = hash_ids(np.array(ids, np.int64), buckets, SCHEMA.hash_salt).tolist()
+        assert [hash_id(i, buckets, SCHEMA.hash_salt) for i in ids] == want
