@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import numpy as np
 
 from service.api import Parsed, RequestReader, finite
@@ -116,6 +117,7 @@ class Reranker:
         self._l3 = {r: metrics.lookups.labels("l3", r) for r in ("hit", "error")}
 
     def start(self) -> None:
+        self._thread = EngineThread()
         self._task = asyncio.create_task(self._batches(), name="engine-batcher")
         self._task.add_done_callback(_log_crash)
 
@@ -124,6 +126,7 @@ class Reranker:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._thread.stop()  # it ends after the batch it may be running
 
     async def rerank(
         self,
@@ -193,7 +196,6 @@ class Reranker:
 
     async def _batches(self) -> None:
         """The owned loop: take what is queued (>= 1 job), run it in the engine thread."""
-        limiter = anyio.CapacityLimiter(1)
         while True:
             jobs = [await self.queue.get()]
             while len(jobs) < self.config.max_batch and not self.queue.empty():
@@ -207,7 +209,7 @@ class Reranker:
                 continue
             jobs, waiting = live, self.queue.qsize()
             try:
-                results = await anyio.to_thread.run_sync(self._run, jobs, waiting, limiter=limiter)
+                results = await self._thread.run(self._run, jobs, waiting)
             except Exception:  # never leave a request waiting forever
                 log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
                 results = [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]
@@ -303,6 +305,45 @@ def _cancelling() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
     return cancelling is not None and cancelling() > 0
+
+
+class EngineThread:
+    """The one thread the engine runs in. A plain queue in, call_soon_threadsafe out: a
+    third of the CPU of anyio.to_thread.run_sync's hop (measured 41 vs 132 us per call on
+    this machine's vCPUs), which a batch of one pays per request."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            loop, future, fn, args = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:  # handed to the awaiting coroutine
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

@@ -653,8 +653,10 @@ def run(
     pin: bool = True,
     m: int = 30,
     k: int = 10,
+    service_env: dict[str, str] | None = None,
 ) -> tuple[str, Report]:
-    """Both phases against both targets; (the printed table, the numbers)."""
+    """Both phases against both targets; (the printed table, the numbers).
+    service_env: RERANK_* settings of the service (default: its defaults)."""
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gref-bench-")))
         path, how = resolve_bundle(bundle, workdir)
@@ -665,7 +667,7 @@ def run(
         size = np.mean([len(b) for b in bodies]) / 1024
         report.setup = (f"m = {m}, k = {k}, {len(bodies)} distinct bodies of ~{size:.1f} KiB; "
                         f"client: {client} on {client_loop_name()}; nproc {os.cpu_count()}; "
-                        f"{placement}")  # fmt: skip
+                        f"{placement}; service settings: {service_env or 'defaults'}")  # fmt: skip
 
         servers: dict[str, ServerProcess] = {}
 
@@ -675,7 +677,7 @@ def run(
                 s.stop()
 
         servers["echo"] = start_echo(workdir, server_cpus, path)
-        servers["service"] = start_service(path, workdir, server_cpus)
+        servers["service"] = start_service(path, workdir, server_cpus, service_env)
         for s in servers.values():
             s.wait_ready()
         load = LoadProcess(bodies, client_cpus)
@@ -821,9 +823,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-client-check", action="store_true",
                    help="skip the echo run with the other client")  # fmt: skip
     p.add_argument("--no-pin", action="store_true", help="do not pin servers and client")
+    p.add_argument("--set", action="append", default=[], metavar="RERANK_X=V",
+                   help="a service setting (repeatable), e.g. RERANK_DECODE_POLICY=fixed")  # fmt: skip
     args = p.parse_args(argv)
     text, _ = run(args.bundle, args.duration, args.warmup, args.concurrency, args.rounds,
-                  args.load, args.client, not args.no_client_check, not args.no_pin)  # fmt: skip
+                  args.load, args.client, not args.no_client_check, not args.no_pin,
+                  service_env=dict(kv.split("=", 1) for kv in args.set))  # fmt: skip
     print(text)
     return 0
 
