@@ -168,8 +168,9 @@ async def _reload_loop(runtime: Runtime) -> None:
         log.info("bundle reload: loading %s", target)
         try:
             engine = await anyio.to_thread.run_sync(_open, runtime, target)
-            if s.warmup:
-                await anyio.to_thread.run_sync(engine.warmup, _warm_sizes(s), _warm_k(s, engine))
+            if s.warmup:  # the new engine's own policy levels (its heads may differ)
+                policy = decode_policy(s, engine.heads)
+                await anyio.to_thread.run_sync(_warm, engine, s, policy)
         except Exception as e:  # any failure keeps the old bundle serving
             failed = target
             runtime.metrics.reloads.labels("error").inc()
@@ -217,16 +218,21 @@ def _warm_sizes(s: Settings) -> list[int]:
     return [1 << i for i in range(s.max_batch.bit_length())]
 
 
+def _warm(engine: Engine, s: Settings, policy: DecodePolicy) -> float:
+    """Every bucket x batch size x decode level the policy may pick (engine thread)."""
+    greedy = [lv.items_per_pass for lv in policy.levels if lv.beam == 1]
+    beam = max(lv.beam for lv in policy.levels)
+    return engine.warmup(_warm_sizes(s), _warm_k(s, engine), greedy, beam)
+
+
 def _warm_k(s: Settings, engine: Engine) -> int:
     return min(s.max_k, engine.model_config.max_steps)
 
 
-async def _warm(runtime: Runtime, engine: Engine) -> None:
+async def _warm_up(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> None:
     s = runtime.settings
     if s.warmup:
-        runtime.warmup_s = await anyio.to_thread.run_sync(
-            engine.warmup, _warm_sizes(s), _warm_k(s, engine)
-        )
+        runtime.warmup_s = await anyio.to_thread.run_sync(_warm, engine, s, policy)
     runtime.ready = True
     log.info("ready: model %s", engine.version)
 
@@ -236,8 +242,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     s = runtime.settings
     engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
-    _assemble(runtime, engine)
-    tasks = [asyncio.create_task(_warm(runtime, engine), name="warm-up")]
+    reranker = _assemble(runtime, engine)
+    tasks = [asyncio.create_task(_warm_up(runtime, engine, reranker.policy), name="warm-up")]
     if s.reload_interval_s > 0 and s.bundle != s.bundle_dir:  # an artifacts dir: watch it
         tasks.append(asyncio.create_task(_reload_loop(runtime), name="bundle-reload"))
     try:

@@ -671,9 +671,16 @@ class Engine:
 
     # ---- warm-up -----------------------------------------------------------------------
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,), k: int = 10) -> float:
-        """Run every candidate bucket (and batch size) once, so the first real request
-        pays no allocation or kernel-selection cost. Returns the seconds it took."""
+    def warmup(
+        self,
+        batch_sizes: Sequence[int] = (1,),
+        k: int = 10,
+        items_per_pass: Sequence[int | None] = (None,),
+        beam: int = 1,
+    ) -> float:
+        """Run every candidate bucket and batch size once per decoding (items per pass;
+        the beam when > 1), so the first real request pays no allocation or
+        kernel-selection cost. Returns the seconds it took."""
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
         cfg = self.model_config
@@ -689,7 +696,10 @@ class Engine:
                     )
                     for _ in range(B)
                 ]
-                self.rerank(reqs)
+                for p in items_per_pass:
+                    self.rerank(reqs, items_per_pass=p)
+                if beam > 1:
+                    self.rerank(reqs, beam=beam)
         seconds = time.perf_counter() - t0
         log.info("engine %s warmed up in %.2f s (buckets %s)", self.version, seconds, self.buckets)
         return seconds
