@@ -8,7 +8,8 @@ levels from the most quality to the fastest, e.g.
 It reads the recent load — an exponentially weighted average of what a request spent
 waiting for the engine plus the engine call itself, and the queue depth — and steps one
 level faster when that nears the budget, one level slower (more quality) only after the
-load has stayed low for a while (hysteresis, so it does not flap). Past the fastest level
+load has stayed low for a while (hysteresis, so it does not flap). A shed request (queue
+full, or its budget spent waiting) is pressure too. Past the fastest level
 the batcher sheds to the upstream order (reason `overload`) before the queue grows
 without bound; that part lives in service/rerank.py.
 
@@ -84,6 +85,17 @@ class DecodePolicy:
                 self._index += 1
                 self._calm = 0
             return self.levels[self._index]
+
+    def pressure(self) -> None:
+        """A request was shed (overload, or its budget ran out while it queued): the
+        engine is not keeping up, whatever the requests it did run saw. Step faster and
+        start the calm count over, so shedding never lets the policy drift back to the
+        costly levels (the requests that reach the engine then look fast)."""
+        with self._lock:
+            if self._index < len(self.levels) - 1:
+                self._index += 1
+            self._calm = 0
+            self._ewma = max(self._ewma, self.config.high * self.config.budget_s)
 
     def observe(self, queue_s: float, engine_s: float) -> None:
         """After an engine call: the longest queue wait of its requests and its duration."""

@@ -146,6 +146,7 @@ class Reranker:
         if time.perf_counter() >= deadline or self.pending > self.config.max_queue:
             out = upstream(p, "budget" if time.perf_counter() >= deadline else "overload")
             out.cache_s = cache_s
+            self.policy.pressure()
             return out
         job = _Job(p, lookup.static, lookup.missing, deadline, time.perf_counter(),
                    asyncio.get_running_loop().create_future(), request_id)  # fmt: skip
@@ -165,6 +166,7 @@ class Reranker:
                     raise  # this task itself is being cancelled
                 if job.gone:
                     return None
+                self.policy.pressure()
                 out = upstream(p, "budget")
                 out.queue_s, out.cache_s = time.perf_counter() - job.submitted, cache_s
                 return out

@@ -80,3 +80,17 @@ def test_fixed_never_moves() -> None:
 def test_needs_a_level() -> None:
     with pytest.raises(ValueError, match="at least one level"):
         DecodePolicy((), PolicyConfig(budget_s=BUDGET))
+
+
+def test_shed_requests_push_it_faster_and_keep_it_there() -> None:
+    p = policy(calm_batches=5)
+    p.pressure()
+    assert p.level.name == "n1"
+    for _ in range(5):
+        p.pressure()
+    assert p.level.name == "n4"
+    # the few requests that still reach the engine look fast, but shedding goes on
+    for _ in range(100):
+        p.observe(queue_s=0.0, engine_s=0.0002)
+        p.pressure()
+    assert p.level.name == "n4"
