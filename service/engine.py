@@ -37,6 +37,7 @@ No torch here (a test imports this module in a fresh interpreter and checks sys.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -489,7 +490,9 @@ class Engine:
         order = np.empty((B, K), np.int64)
         scores = np.empty((B, K), np.float32)
         early_at = np.full(B, -1, np.int64)  # list length when a row's deadline step ran
-        row_passes = np.zeros(B, np.int64)
+        early_passes = np.zeros(B, np.int64)  # passes a row that left early took part in
+        # the earliest deadline of a row still decoding: one float compare per pass
+        first = float(deadlines.min()) if deadlines is not None else math.inf
         finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # rows, order, scores
         bound = self.device_passes(enc) if isinstance(enc, DeviceBatch) else None
         host = cast(EncodedBatch, enc)  # read only when bound is None
@@ -498,23 +501,25 @@ class Engine:
         last_pass_s = 0.0
         live = np.ones(B, bool)  # rows still decoding
         while chosen < K:
-            if head is not None and deadlines is not None:
-                late = live & (k > chosen) & (time.perf_counter() + last_pass_s > deadlines)
+            now = time.perf_counter()
+            if head is not None and deadlines is not None and now + last_pass_s > first:
+                late = live & (k > chosen) & (now + last_pass_s > deadlines)
                 if late.any():
                     rows = np.flatnonzero(late)
                     o, sc = order[rows], scores[rows]  # copies
                     self._complete(head[rows, 0], blocked[rows], o, sc, chosen)
                     finished.append((rows, o, sc))
-                    early_at[rows], live[rows] = chosen, False
-                    if not (live & (k > chosen)).any():
+                    early_at[rows], early_passes[rows], live[rows] = chosen, passes, False
+                    going = live & (k > chosen)
+                    if not going.any():
                         break
+                    first = float(deadlines[going].min())
             t0 = time.perf_counter()
             if bound is None:
                 head, past = self.decode_pass(host, tokens, past)  # (B, n, M)
             else:
                 head = bound.step(tokens)  # (B, n, M), the KV cache stays on the device
             passes += 1
-            row_passes[live & (k > chosen)] = passes
             c = min(p, K - chosen)
             for j in range(chosen, chosen + c):  # head j - chosen: best not yet chosen
                 np.add(head[:, j - chosen], blocked, out=s)
@@ -531,6 +536,9 @@ class Engine:
         order[:, chosen:][early_at < 0] = -1  # rows that never needed these slots
         scores[:, chosen:][early_at < 0] = -np.inf
         order[scores == -np.inf] = -1  # a request with fewer than K candidates ran out
+        # a row that ran to its end took part in the passes its k needed
+        full = np.minimum(passes, -(-k // p))  # ceil(k / p)
+        row_passes = np.where(early_at >= 0, early_passes, full)
         return Decoded(order, scores, passes, early_at, row_passes)
 
     @staticmethod
