@@ -824,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the echo run with the other client")  # fmt: skip
     p.add_argument("--no-pin", action="store_true", help="do not pin servers and client")
     p.add_argument("--set", action="append", default=[], metavar="RERANK_X=V",
-                   help="a service setting (repeatable), e.g. RERANK_DECODE_POLICY=fixed")  # fmt: skip
+                   help="a service setting (repeatable): RERANK_DECODE_POLICY=fixed")  # fmt: skip
     args = p.parse_args(argv)
     text, _ = run(args.bundle, args.duration, args.warmup, args.concurrency, args.rounds,
                   args.load, args.client, not args.no_client_check, not args.no_pin,
