@@ -139,6 +139,9 @@ class Reranker:
         receive: it returns once the client disconnects) before the engine ran it."""
         if time.perf_counter() >= deadline:
             return upstream(p, "budget")
+        if self.pending > self.config.max_queue:  # shed before spending a cache lookup on it
+            self.policy.pressure()
+            return upstream(p, "overload")
         ids = p.item_ids.tolist()
         t0 = time.perf_counter()
         lookup = await self.cache.lookup(ids, deadline - t0)
