@@ -1,0 +1,1169 @@
+"""Load: micro-batching, load-adaptive decoding and overload, over HTTP (CPU).
+
+    python tests/bench/bench_load.py [--bundle DIR] [--duration S] [--only SECTION]
+                                     [--out PNG] [--json PATH]
+    pytest -m bench -s tests/bench/test_bench_load.py      (a short run, checks it runs)
+
+The machinery is tests/bench/bench_http.py's: every service is `python -m service` in its
+own uvicorn process (one worker, no Redis: L1 + item tower; RERANK_* settings per target),
+pinned to one core, the load from a spawned process pinned to another, raw asyncio streams
+over keep-alive connections, /metrics scraped around each measured window.
+
+The requests are the simulated world's the bundle was trained on (design §3): a sample of
+data/default/test.parquet with its world.npz when present, else fresh requests of
+WorldConfig() seed 0. Each body carries the request's user (id and dense features) and its
+m = 30 candidates in upstream order (item id, upstream score, the bundle's categorical and
+dense item features), k = 10. Before a target is measured, one pass over every body puts
+their items in its L1 cache.
+
+batching  RERANK_DECODE_POLICY=fixed (every head per pass) and a 1 s budget on both, so
+          the only difference is RERANK_MAX_BATCH = 32 vs 1 and every answer counted is the
+          model's (with the 50 ms default, one-per-call answers past the budget would
+          degrade to the cheap upstream order and inflate its count). Closed loop, 32
+          connections, the two alternating in rounds: maximum throughput of each. Then open
+          loop at 70% of the batched maximum: p99 from the scheduled send time (client) and
+          from rerank_request_duration_seconds over the window (server).
+policy    the shipped settings with RERANK_DECODE_POLICY=adaptive (RERANK_BEAM=3) vs fixed.
+          The fixed service's closed-loop maximum first; then open loop at 20% .. 130% of
+          it, the two policies alternating at each rate, each run 2 s unrecorded then
+          --duration recorded. Every response's list is kept and scored with the world's
+          TRUE expected utility (model.world.true_utility; degraded answers count with the
+          list they returned), beside the upstream top k of the same requests; p99 per rate;
+          the share of decoded requests at each level (rerank_decode_level_total deltas).
+          Plot: mean true utility and p99 against offered load, one figure (--out).
+overload  the shipped settings. Its closed-loop maximum, then one open-loop schedule:
+          30% of it for --duration / 2, 3x it for 2.5 x --duration, 30% again for
+          2 x --duration (long enough to see the step's backlog drain). Every request is
+          accounted for: answered, HTTP errors, no answer (a late answer still counts: the
+          sender waits up to 60 s after the last send). The sender opens at most
+          --connections connections; beyond, a request waits in the client for a free one
+          (counted; its latency still runs from its scheduled time); a send on a
+          connection the server closed while idle (uvicorn: 5 s) is retried on another, as
+          HTTP clients do, and counted. The server's VmRSS is read every second and
+          /healthz probed once a second on a fresh connection (5 s timeout).
+
+Every window also reports the CPU other processes on the machine and the hypervisor
+(steal) took meanwhile: on a shared machine, the figures of a window where they are not
+near 0 are not comparable.
+
+Figures are printed against the issue's targets as ratios and met / MISSED, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from tests.bench.bench_http import (  # noqa: E402
+    LoadProcess,
+    Phase,
+    PhaseResult,
+    RawPool,
+    ServerProcess,
+    _event_loop,
+    _merge,
+    _placement,
+    batch_totals,
+    client_loop_name,
+    duration_buckets,
+    histogram_quantile,
+    http_request,
+    now,
+    process_cpu_s,
+    resolve_bundle,
+    run_phase_async,
+    scrape_metrics,
+    start_service,
+)
+
+# Like bench_http, this module is imported by the spawned load process: the world and the
+# plotting are imported inside the functions that need them, never at module level.
+
+SECTIONS = ("batching", "policy", "overload")
+DEFAULT_PNG = ROOT / "tests" / "bench" / "results" / "policy.png"
+REASONS = ("budget", "overload", "cache", "model")  # RerankOut.reason
+_REASON = re.compile(rb'"reason":"(\w+)"')
+_TOTAL_MS = re.compile(rb'"total_ms":([-+.eE0-9]+)')  # the response's own timings
+_LEVELS = re.compile(r'^rerank_decode_level_total\{level="([^"]+)"\} (\S+)$', re.M)
+_FALLBACKS = re.compile(r'^rerank_fallback_total\{reason="([^"]+)"\} (\S+)$', re.M)
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """One run of this benchmark."""
+
+    bundle: Path | None = None  # None: artifacts/ (or a tiny random bundle), as bench_http
+    duration_s: float = 8.0  # per measured window (overload: 2.5x this at 3x load)
+    warmup_s: float = 2.0  # unrecorded before each window
+    only: tuple[str, ...] = SECTIONS
+    n_requests: int = 2000  # distinct world requests, sent in turn
+    concurrency: int = 32  # closed-loop connections (the issue's)
+    connections: int = 512  # most connections of the open-loop sender
+    max_batch: int = 32  # the batched target's RERANK_MAX_BATCH
+    fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.3)  # policy: of the fixed max
+    open_fraction: float = 0.7  # batching: the open-loop rate, of the batched max
+    step: tuple[float, float] = (0.3, 3.0)  # overload: base and step rate, of the max
+    out: Path | None = DEFAULT_PNG  # the policy plot
+    pin: bool = True
+
+
+# ---------------------------------------------------------------- the world's requests
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Requests of the simulated world and their HTTP bodies (row r = body r)."""
+
+    users: np.ndarray  # (n,) world user ids (raw ids = world indices)
+    items: np.ndarray  # (n, m) world item ids in upstream order, -1 = padding
+    k: int
+    bodies: list[bytes]
+    source: str
+
+
+def world_requests(schema: dict[str, Any], n: int, seed: int = 0) -> tuple[Any, Requests]:
+    """(the World, n of its requests as bodies for the bundle's FeatureSchema `schema`)."""
+    from model.logs import read_logs, read_schema
+    from model.world import World, WorldConfig, generate_logs
+
+    data = ROOT / "data" / "default"
+    if (data / "world.npz").is_file() and (data / "test.parquet").is_file():
+        world = World.load(data / "world.npz")
+        logs = read_logs(data / "test.parquet")
+        log_schema = read_schema(data / "test.parquet")
+        rows = np.sort(np.random.default_rng(seed).choice(len(logs), min(n, len(logs)), False))
+        logs = logs.take(rows)
+        source = (f"{len(logs)} requests sampled from data/default/test.parquet, world.npz "
+                  f"(seed {world.seed}, default config: {world.cfg == WorldConfig()})")  # fmt: skip
+    else:
+        from model.features import FeatureSchema
+
+        world, logs = generate_logs(WorldConfig(), 0, n, progress=False)
+        log_schema = FeatureSchema()
+        source = f"{n} fresh requests of generate_logs(WorldConfig(), seed 0) (no data/default)"
+    cat_col = {name: i for i, name in enumerate(log_schema.categorical_names)}
+    dense_col = {name: i for i, name in enumerate(log_schema.item_dense)}
+    user_col = {name: i for i, name in enumerate(log_schema.user_dense)}
+    cats = [str(name) for name, _ in schema["item_categorical"]]
+    missing = ({*cats} - cat_col.keys()) | (set(schema["item_dense"]) - dense_col.keys())
+    missing |= set(schema["user_dense"]) - user_col.keys()
+    if missing:
+        raise ValueError(f"the bundle's features {sorted(missing)} are not in the world's logs")
+    k = logs.k
+    bodies = []
+    for r in range(len(logs)):
+        m = int(logs.cand_mask[r].sum())  # candidates are a prefix (padding at the end)
+        cat, dense = logs.item_cat[r], logs.item_dense[r]
+        candidates = [
+            {
+                "item_id": int(logs.item_id[r, j]),
+                "score": float(logs.upstream_score[r, j]),
+                "features": {
+                    **{name: int(cat[j, cat_col[name]]) for name in cats},
+                    **{name: float(dense[j, dense_col[name]]) for name in schema["item_dense"]},
+                },
+            }
+            for j in range(m)
+        ]
+        user = {
+            "id": int(logs.user_id[r]),
+            "features": {n: float(logs.user_dense[r, user_col[n]]) for n in schema["user_dense"]},
+        }
+        bodies.append(orjson.dumps({"user": user, "candidates": candidates, "k": k}))
+    items = np.where(logs.cand_mask, logs.item_id, -1)
+    return world, Requests(logs.user_id.copy(), items, k, bodies, source)
+
+
+# ---------------------------------------------------------------- open-loop schedules
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    rate: float  # requests per second
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An open-loop load: segments back to back, request i sent at its scheduled time with
+    body i mod n_bodies, on a free connection (at most `connections`; beyond, it waits for
+    one). Every request is accounted for; none is dropped by the sender."""
+
+    port: int
+    segments: tuple[Segment, ...]
+    connections: int = 512
+    keep_bodies: bool = False  # return every response body (request number -> body)
+    scrape: bool = True  # GET /metrics at every segment boundary ...
+    scrape_every_s: float = 0.0  # ... and every this many seconds (0: only there)
+    grace_s: float = 30.0  # after the last send, wait this long for the last answers
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.segments)
+
+    def boundaries(self) -> np.ndarray:
+        """(segments + 1,) start of every segment and the end, s from the start."""
+        return np.concatenate([[0.0], np.cumsum([s.seconds for s in self.segments])])
+
+    def scrape_times(self) -> np.ndarray:
+        """When /metrics is read, s from the start (sorted): boundaries and the grid."""
+        grid = np.arange(0.0, self.seconds, self.scrape_every_s) if self.scrape_every_s else []
+        return np.unique(np.round(np.concatenate([self.boundaries(), grid]), 6))
+
+    def times(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) scheduled send times from the start and (n,) segment of every request."""
+        offsets, segments, t = [], [], 0.0
+        for j, s in enumerate(self.segments):
+            count = round(s.rate * s.seconds)
+            offsets.append(t + np.arange(count) / s.rate)
+            segments.append(np.full(count, j))
+            t += s.seconds
+        return np.concatenate(offsets), np.concatenate(segments)
+
+
+@dataclass
+class ScheduleResult:
+    """Per request (n,) arrays, by request number."""
+
+    schedule: Schedule
+    offset: np.ndarray  # scheduled send time from the start, s
+    segment: np.ndarray  # its segment
+    latency: np.ndarray  # scheduled send -> answer, s; nan: none
+    status: np.ndarray  # HTTP status; 0: transport error; -1: no answer within the grace
+    reason: np.ndarray  # 0: the model's list, 1 + REASONS index, -1: no 200 answer
+    marked: np.ndarray  # bool: "degraded":true in the body
+    n_items: np.ndarray  # items in the answer
+    server_ms: np.ndarray  # the answer's timings.total_ms: arrival to response in the server
+    late: np.ndarray  # bool: sent > 1 ms after its time (the sender fell behind)
+    waited: np.ndarray  # bool: every connection was busy, it queued in the sender
+    n_bodies: int
+    bodies: dict[int, bytes] = field(default_factory=dict)  # keep_bodies
+    # (when it was answered, s from the start; /metrics), one per scrape time, by time
+    metrics: list[tuple[float, str]] = field(default_factory=list)
+    peak_connections: int = 0
+    reconnects: int = 0  # sends retried because the server had closed an idle connection
+    client_cpu_s: float = 0.0
+    error_sample: str = ""
+
+    @property
+    def body(self) -> np.ndarray:
+        """(n,) the body (world request) of every request."""
+        return np.arange(len(self.offset)) % self.n_bodies
+
+    @property
+    def answered(self) -> np.ndarray:
+        return self.status == 200
+
+    def scraped(self, at: float) -> str:
+        """/metrics as read nearest to `at` s from the start (by when it was answered: a
+        saturated server answers late)."""
+        read = [(abs(t - at), text) for t, text in self.metrics if text]
+        return min(read, key=lambda x: x[0])[1] if read else ""
+
+    def window(self, segment: int) -> tuple[str, str]:
+        """/metrics at the start and the end of a segment."""
+        b = self.schedule.boundaries()
+        return self.scraped(b[segment]), self.scraped(b[segment + 1])
+
+
+async def run_schedule_async(job: Schedule, bodies: list[bytes]) -> ScheduleResult:
+    """In the load process: the whole schedule, then every answer (or the grace) awaited."""
+    offsets, segment = job.times()
+    n = len(offsets)
+    payloads = [http_request(job.port, b) for b in bodies]
+    pool = RawPool(job.port, job.connections)
+
+    async def send(payload: bytes) -> tuple[int, bytes]:
+        """pool.send, again on another connection when the one it took had been closed by
+        the server while idle (uvicorn closes keep-alive connections idle for 5 s; an HTTP
+        client reconnects then). Not retried: refused connections, partial answers."""
+        for _ in range(pool.most):  # each failure drops a connection: bounded
+            try:
+                return await pool.send(payload)
+            except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as e:
+                if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                    raise
+                res.reconnects += 1
+        return await pool.send(payload)
+
+    res = ScheduleResult(
+        schedule=job, offset=offsets, segment=segment, latency=np.full(n, np.nan),
+        status=np.full(n, -1, np.int32), reason=np.full(n, -1, np.int8),
+        marked=np.zeros(n, bool), n_items=np.zeros(n, np.int16),
+        server_ms=np.full(n, np.nan, np.float32), late=np.zeros(n, bool),
+        waited=np.zeros(n, bool), n_bodies=len(bodies),
+    )  # fmt: skip
+    code = {name.encode(): 1 + i for i, name in enumerate(REASONS)}
+    t0 = now() + 0.05
+    end = t0 + job.seconds
+
+    async def one(i: int) -> None:
+        res.waited[i] = pool.idle.empty() and pool.opened >= pool.most
+        try:
+            status, body = await send(payloads[i % len(payloads)])
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            res.status[i] = 0
+            res.error_sample = res.error_sample or f"{type(e).__name__}: {e}"
+            return
+        finally:
+            res.peak_connections = max(res.peak_connections, pool.opened)
+        res.latency[i] = now() - (t0 + offsets[i])
+        res.status[i] = status
+        if status != 200:
+            res.error_sample = res.error_sample or f"HTTP {status}: {body[:200]!r}"
+        else:
+            found = _REASON.search(body)
+            res.reason[i] = code.get(found.group(1), len(REASONS) + 1) if found else 0
+            res.marked[i] = b'"degraded":true' in body
+            res.n_items[i] = body.count(b'"item_id":')
+            if total := _TOTAL_MS.search(body):
+                res.server_ms[i] = float(total.group(1))
+        if job.keep_bodies:
+            res.bodies[i] = body
+
+    async def scrape(at: float) -> None:  # each on its own: a late one delays no other
+        await asyncio.sleep(max(0.0, at - now()))
+        try:  # bounded: a server that stopped answering must not hang the sender
+            text = await asyncio.wait_for(scrape_metrics(job.port), 10.0)
+        except (OSError, asyncio.TimeoutError) as e:
+            text = ""
+            res.error_sample = res.error_sample or f"/metrics: {type(e).__name__}: {e}"
+        res.metrics.append((now() - t0, text))
+
+    cpu0 = time.process_time()
+    times = job.scrape_times() if job.scrape else []
+    scrapes = [asyncio.ensure_future(scrape(t0 + at)) for at in times]
+    pending: set[asyncio.Future[None]] = set()
+    for i in range(n):
+        gap = t0 + offsets[i] - now()
+        if gap > 0:
+            await asyncio.sleep(gap)
+        elif gap < -1e-3:
+            res.late[i] = True
+        task = asyncio.ensure_future(one(i))
+        pending.add(task)
+        task.add_done_callback(pending.discard)  # the finished ones are not kept
+    if pending:
+        _, left = await asyncio.wait(set(pending), timeout=max(0.0, end + job.grace_s - now()))
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.wait(left)
+    if scrapes:
+        await asyncio.wait(scrapes)
+        res.metrics.sort()
+    res.client_cpu_s = time.process_time() - cpu0
+    await pool.close()
+    return res
+
+
+def _load_main(conn: Any, bodies: list[bytes], cpus: set[int] | None) -> None:
+    """The load process (bench_http's, serving Schedules as well as Phases)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
+    loop = _event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        while (job := conn.recv()) is not None:
+            run = run_schedule_async if isinstance(job, Schedule) else run_phase_async
+            conn.send(loop.run_until_complete(run(job, bodies)))
+    finally:
+        loop.close()
+
+
+def run_schedule(load: LoadProcess, job: Schedule, tick: Callable[[], None] | None = None,
+                 ) -> ScheduleResult:  # fmt: skip
+    """Send `job` to the load process and wait for its result, calling `tick` every second."""
+    load.busy = True
+    load.conn.send(job)
+    deadline = time.monotonic() + job.seconds + job.grace_s + 60
+    while not load.conn.poll(1.0):
+        if tick is not None:
+            tick()
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"load process gave no result in {job.seconds + job.grace_s + 60:.0f} s"
+            )
+    result: ScheduleResult = load.conn.recv()
+    load.busy = False
+    return result
+
+
+# ---------------------------------------------------------------- figures
+
+
+def counter_deltas(pattern: re.Pattern[str], before: str, after: str) -> dict[str, float]:
+    """label value -> increase of a one-label counter between two scrapes."""
+    b = {label: float(v) for label, v in pattern.findall(before)}
+    return {label: float(v) - b.get(label, 0.0) for label, v in pattern.findall(after)}
+
+
+def server_quantile(q: float, before: str, after: str) -> float:
+    """rerank_request_duration_seconds (served requests) between two scrapes, ms."""
+    if not before or not after:
+        return np.nan
+    return histogram_quantile(q, duration_buckets(before), duration_buckets(after)) * 1e3
+
+
+def pct_ms(latency: np.ndarray, q: float) -> float:
+    """Percentile of latencies in seconds, ms."""
+    return _pct(latency, q) * 1e3
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else np.nan
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return np.nan
+
+
+def shipped(name: str) -> Any:
+    """The default of a service setting (RERANK_<NAME>)."""
+    from service.settings import Settings
+
+    return Settings.model_fields[name].default
+
+
+def _shipped_text() -> str:
+    return (f"max batch {shipped('max_batch')}, max queue {shipped('max_queue')}, "
+            f"budget {shipped('default_budget_ms'):g} ms")  # fmt: skip
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
+    user, nice, system, _, _, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+@dataclass(frozen=True)
+class Mark:
+    wall: float
+    busy_s: float
+    steal_s: float
+    own_s: float
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def reason_shares(reason: np.ndarray) -> dict[str, float]:
+    """Share of the answers degraded for each reason (of the 200 answers in `reason`)."""
+    answered = reason >= 0
+    total = max(1, int(answered.sum()))
+    return {name: float((reason == 1 + i).sum()) / total for i, name in enumerate(REASONS)}
+
+
+def _shares_text(shares: dict[str, float]) -> str:
+    text = " ".join(f"{name} {share:.1%}" for name, share in shares.items() if share > 0)
+    return text or "-"
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Bench:
+    """The servers, the load process and the requests of one run."""
+
+    cfg: LoadConfig
+    workdir: Path
+    bundle: Path
+    requests: Requests
+    load: LoadProcess
+    server_cpus: set[int] | None
+    servers: dict[str, ServerProcess] = field(default_factory=dict)
+    retired_cpu_s: float = 0.0  # CPU of the servers already stopped
+
+    def own_cpu_s(self) -> float:
+        """CPU used so far by this benchmark's processes: servers, load process, this one."""
+        live = sum(process_cpu_s(s.proc.pid) for s in self.servers.values()
+                   if s.proc.poll() is None)  # fmt: skip
+        return self.retired_cpu_s + live + process_cpu_s(self.load.proc.pid) + time.process_time()
+
+    def mark(self) -> Mark:
+        busy, steal = machine_cpu_s()
+        return Mark(time.monotonic(), busy, steal, self.own_cpu_s())
+
+    def others(self, since: Mark) -> tuple[float, float]:
+        """(cores used by OTHER processes on the machine, steal in cores) since `since`:
+        what else competed with the measurement."""
+        now_ = self.mark()
+        wall = max(1e-9, now_.wall - since.wall)
+        other = (now_.busy_s - since.busy_s) - (now_.own_s - since.own_s)
+        return max(0.0, other) / wall, (now_.steal_s - since.steal_s) / wall
+
+    def others_text(self, since: Mark) -> str:
+        other, steal = self.others(since)
+        return (f"other processes on the machine used {other:.2f} cores meanwhile (steal "
+                f"{steal:.2f}); load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+
+    def start(self, targets: dict[str, dict[str, str]]) -> None:
+        """Start the services {name: RERANK_* env} together, wait until each is ready,
+        then pass once over every body (their items into its L1 cache)."""
+        for name, env in targets.items():
+            self.servers[name] = start_service(self.bundle, self.workdir, self.server_cpus,
+                                               env, name)  # fmt: skip
+        for name in targets:
+            self.servers[name].wait_ready()
+        for name in targets:
+            n = len(self.requests.bodies)
+            self.load.run(self.phase(name, "closed", 1.5 * self.cfg.warmup_s, 0.0, max_requests=n))
+
+    def stop(self, *names: str) -> None:
+        for name in names:
+            server = self.servers.pop(name)
+            if server.proc.poll() is None:
+                self.retired_cpu_s += process_cpu_s(server.proc.pid)
+            server.stop()
+
+    def alive(self) -> None:
+        for s in self.servers.values():
+            if s.proc.poll() is not None:
+                raise RuntimeError(f"{s.name} exited ({s.proc.returncode}):\n{s.log_tail()}")
+
+    def phase(self, name: str, mode: str, seconds: float, warm: float, **kw: Any) -> Phase:
+        self.alive()
+        s = self.servers[name]
+        kw.setdefault("scrape", True)
+        return Phase(name, s.port, s.proc.pid, mode, seconds, warm, self.cfg.concurrency, **kw)
+
+    def closed_max(self, name: str) -> PhaseResult:
+        """Closed loop at the issue's concurrency: the target's maximum throughput."""
+        return self.load.run(self.phase(name, "closed", self.cfg.duration_s, self.cfg.warmup_s))
+
+    def schedule(self, name: str, segments: tuple[Segment, ...], **kw: Any) -> Schedule:
+        self.alive()
+        kw.setdefault("connections", self.cfg.connections)
+        return Schedule(self.servers[name].port, segments, **kw)
+
+
+def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
+    cfg = b.cfg
+    common = {"RERANK_DECODE_POLICY": "fixed", "RERANK_DEFAULT_BUDGET_MS": "1000"}
+    targets = {"batched": {**common, "RERANK_MAX_BATCH": str(cfg.max_batch)},
+               "one_per_call": {**common, "RERANK_MAX_BATCH": "1"}}  # fmt: skip
+    b.start(targets)
+    since = b.mark()
+    parts: dict[str, list[PhaseResult]] = {name: [] for name in targets}
+    rounds = 2
+    for r in range(rounds):
+        for name in parts:
+            warm = cfg.warmup_s if r == 0 else min(cfg.warmup_s, 0.5)
+            parts[name].append(b.load.run(b.phase(name, "closed", cfg.duration_s / rounds, warm)))
+    closed = {name: _merge(p) for name, p in parts.items()}
+    rate = cfg.open_fraction * closed["batched"].throughput
+    closed_others = b.others_text(since)
+    b.stop("one_per_call")  # the open loop's core to itself
+    since = b.mark()
+    job = b.schedule("batched", (Segment("warm-up", rate, 1.0),
+                                 Segment("measured", rate, cfg.duration_s)))  # fmt: skip
+    res = run_schedule(b.load, job)
+    open_others = b.others_text(since)
+    client_share = res.client_cpu_s / max(1e-9, time.monotonic() - since.wall)
+    b.stop("batched")
+    rec = res.segment == 1
+    ok = rec & res.answered
+    window = res.window(1)
+    server_p50, server_p99 = (server_quantile(q, *window) for q in (0.50, 0.99))
+    requests, calls = batch_totals(*window)
+    svc = {"rate": rate, "answered_rps": ok.sum() / cfg.duration_s,
+           "p50_ms": pct_ms(res.latency[ok], 50), "p95_ms": pct_ms(res.latency[ok], 95),
+           "p99_ms": pct_ms(res.latency[ok], 99), "server_p50_ms": server_p50,
+           "server_p99_ms": server_p99, "degraded": int((res.reason[ok] > 0).sum()),
+           "errors": int((rec & ~res.answered).sum()), "late": int(res.late[rec].sum()),
+           "reconnects": res.reconnects,
+           "mean_batch": requests / calls if calls else np.nan}  # fmt: skip
+    ratio = closed["batched"].throughput / closed["one_per_call"].throughput
+    p99 = svc["p99_ms"]
+
+    lines = [
+        "== micro-batching: RERANK_MAX_BATCH = "
+        f"{cfg.max_batch} vs 1, both RERANK_DECODE_POLICY=fixed (every head per pass), "
+        "budget 1 s",
+        "",
+        f"closed loop, {cfg.concurrency} connections, {cfg.warmup_s:g} s warm-up, "
+        f"{cfg.duration_s:g} s per target in {rounds} alternating rounds; ms, client side",
+        "",
+        "| target       | max req/s | model's lists/s |    p50 |    p99 | degraded | errors "
+        "| server CPU | us/req | batch |",
+        "|:-------------|----------:|----------------:|-------:|-------:|---------:|-------:"
+        "|-----------:|-------:|------:|",
+    ]
+    for name, r in closed.items():
+        us = r.server_cpu_s / max(1, len(r.latencies)) * 1e6
+        lines.append(
+            f"| {name:<12} | {r.throughput:9.0f} | {r.ok / r.window_s:15.0f} "
+            f"| {r.pct_ms(50):6.2f} | {r.pct_ms(99):6.2f} | {r.degraded:8d} | {r.errors:6d} "
+            f"| {r.server_cpu_s / r.window_s:10.0%} | {us:6.0f} | {r.mean_batch:5.2f} |"
+        )
+    lines += [
+        f"  ({closed_others})",
+        "",
+        f"open loop, batched, at {rate:.0f} req/s ({cfg.open_fraction:.0%} of its maximum), "
+        f"{cfg.duration_s:g} s after 1 s unrecorded; latency from the scheduled send, ms; "
+        "server: rerank_request_duration_seconds over the window",
+        "",
+        "| answered/s |    p50 |    p95 |    p99 | server p50 / p99 | degraded | errors "
+        "| late sends | batch |",
+        "|-----------:|-------:|-------:|-------:|-----------------:|---------:|-------:"
+        "|-----------:|------:|",
+        f"| {svc['answered_rps']:10.0f} | {svc['p50_ms']:6.2f} | {svc['p95_ms']:6.2f} "
+        f"| {p99:6.2f} | {f'{server_p50:.2f} / {server_p99:.2f}':>16} | {svc['degraded']:8d} "
+        f"| {svc['errors']:6d} | {svc['late']:10d} | {svc['mean_batch']:5.2f} |",
+        f"  ({open_others}; the sender used {client_share:.0%} of its core; "
+        f"{res.reconnects} sends retried on a connection the server had closed while idle)",
+        "",
+        "targets (issue):",
+        f"  max throughput, batched / one per engine call at concurrency {cfg.concurrency}: "
+        f"{ratio:.2f}x (target >= 2x): {verdict(ratio >= 2)}",
+        f"  p99 at {cfg.open_fraction:.0%} of the batched maximum: {p99:.2f} ms client side, "
+        f"{server_p99:.2f} ms server side (target <= 10 ms): {verdict(p99 <= 10)} "
+        f"(server side: {verdict(server_p99 <= 10)})",
+    ]
+    for r in closed.values():
+        if r.error_sample:
+            lines.append(f"  first error {r.phase.target}/{r.phase.mode}: {r.error_sample}")
+    if res.error_sample:
+        lines.append(f"  first error batched/open: {res.error_sample}")
+    figures = {
+        "closed": {
+            name: {"max_rps": r.throughput, "model_lists_rps": r.ok / r.window_s,
+                   "p50_ms": r.pct_ms(50), "p99_ms": r.pct_ms(99), "degraded": r.degraded,
+                   "errors": r.errors, "mean_batch": r.mean_batch,
+                   "server_cpu_us_per_req": r.server_cpu_s / max(1, len(r.latencies)) * 1e6}
+            for name, r in closed.items()
+        },
+        "open": svc,
+        "throughput_ratio": ratio,
+        "met": {"throughput_2x": ratio >= 2, "p99_10ms": p99 <= 10},
+    }  # fmt: skip
+    return "\n".join(lines), figures
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    fraction: float
+    rate: float
+    achieved: float
+    p50_ms: float
+    p99_ms: float
+    server_p99_ms: float  # from the answers' own timings.total_ms
+    utility: float  # mean true utility of the answered lists
+    upstream: float  # mean true utility of the upstream top k of the same requests
+    degraded: dict[str, float]
+    levels: dict[str, float]  # share of the decoded requests at each level (server)
+    errors: int  # no 200 answer (HTTP error, transport error, none within the grace)
+    late: int  # sends > 1 ms behind schedule (the sender fell behind)
+    foreign: int  # returned item ids not among the request's candidates
+    others: float = 0.0  # cores used by other processes on the machine during the run
+    steal: float = 0.0  # cores taken by the hypervisor (steal) during the run
+    error_sample: str = ""
+
+
+def _policy_run(world: Any, reqs: Requests, res: ScheduleResult, upstream_u: np.ndarray,
+                policy: str, fraction: float) -> PolicyRun:  # fmt: skip
+    """The recorded segment (the last) of one run: latency, true utility, levels."""
+    from model.world import true_utility
+
+    seg = len(res.schedule.segments) - 1
+    rec = res.segment == seg
+    ok = rec & res.answered
+    idx = np.flatnonzero(ok)
+    body = res.body[idx]
+    lists = np.full((len(idx), reqs.k), -1, np.int64)
+    for row, i in enumerate(idx):
+        ids = [it["item_id"] for it in orjson.loads(res.bodies[i])["items"]][: reqs.k]
+        lists[row, : len(ids)] = ids
+    cands = reqs.items[body]  # (n, m)
+    foreign = int(((lists[:, :, None] != cands[:, None, :]).all(2) & (lists >= 0)).sum())
+    utility = true_utility(world, reqs.users[body], np.where(lists >= 0, lists, -1))
+    seconds = res.schedule.segments[seg].seconds
+    levels = counter_deltas(_LEVELS, *res.window(seg))
+    decoded = sum(levels.values())
+    return PolicyRun(
+        policy=policy, fraction=fraction, rate=res.schedule.segments[seg].rate,
+        achieved=len(idx) / seconds, p50_ms=pct_ms(res.latency[ok], 50),
+        p99_ms=pct_ms(res.latency[ok], 99), server_p99_ms=_pct(res.server_ms[ok], 99),
+        utility=float(utility.mean()) if len(idx) else np.nan,
+        upstream=float(upstream_u[body].mean()) if len(idx) else np.nan,
+        degraded=reason_shares(res.reason[rec]),
+        levels={k: v / decoded for k, v in sorted(levels.items()) if v > 0} if decoded else {},
+        errors=int((rec & ~res.answered).sum()), late=int(res.late[rec].sum()), foreign=foreign,
+        error_sample=res.error_sample,
+    )  # fmt: skip
+
+
+def bench_policy(b: Bench, world: Any) -> tuple[str, dict[str, Any]]:
+    from model.world import true_utility
+
+    cfg, reqs = b.cfg, b.requests
+    targets = {"adaptive": {"RERANK_DECODE_POLICY": "adaptive", "RERANK_BEAM": "3"},
+               "fixed": {"RERANK_DECODE_POLICY": "fixed"}}  # fmt: skip
+    b.start(targets)
+    top = b.closed_max("fixed")
+    fixed_max = top.throughput
+    upstream_u = true_utility(world, reqs.users, reqs.items[:, : reqs.k])
+    runs: list[PolicyRun] = []
+    for n, fraction in enumerate(cfg.fractions):
+        rate = max(1.0, fraction * fixed_max)
+        segments = (
+            Segment("warm-up", rate, cfg.warmup_s),
+            Segment("measured", rate, cfg.duration_s),
+        )
+        order = list(targets) if n % 2 == 0 else list(targets)[::-1]  # drift hits both
+        for policy in order:
+            job = b.schedule(policy, segments, keep_bodies=True, grace_s=10.0)
+            since = b.mark()
+            res = run_schedule(b.load, job)
+            run = _policy_run(world, reqs, res, upstream_u, policy, fraction)
+            run.others, run.steal = b.others(since)
+            runs.append(run)
+    b.stop(*targets)
+    budget_ms = shipped("default_budget_ms")
+
+    lines = [
+        "== load-adaptive decoding: RERANK_DECODE_POLICY=adaptive (RERANK_BEAM=3) vs fixed "
+        f"(every head per pass); shipped settings otherwise ({_shipped_text()})",
+        "",
+        f"fixed policy, closed loop, {cfg.concurrency} connections: {fixed_max:.0f} req/s "
+        f"(degraded {top.degraded / max(1, len(top.latencies)):.1%}, errors {top.errors}) "
+        "= 100% below",
+        f"open loop per rate: {cfg.warmup_s:g} s unrecorded, then {cfg.duration_s:g} s; the "
+        "two policies alternate; latency from the scheduled send, ms; utility: mean TRUE "
+        "expected utility of the returned lists (degraded ones included); late: sends > 1 ms "
+        "behind schedule; others / steal: cores used by other processes on the machine and "
+        "taken by the hypervisor during the run; "
+        "srv: the answers' own timings.total_ms",
+        "",
+        "| load | offered req/s | policy   | answered/s |    p50 |    p99 | srv p99 | true utility "
+        "| / upstream | degraded (reason)            | decode levels (server)         | errors "
+        "| late | others / steal |",
+        "|-----:|--------------:|:---------|-----------:|-------:|-------:|--------:|-------------:"
+        "|-----------:|:-----------------------------|:-------------------------------|-------:"
+        "|-----:|---------------:|",
+    ]
+    for r in runs:
+        levels = " ".join(f"{k} {v:.0%}" for k, v in r.levels.items()) or "-"
+        lines.append(
+            f"| {r.fraction:4.0%} | {r.rate:13.0f} | {r.policy:<8} | {r.achieved:10.0f} "
+            f"| {r.p50_ms:6.2f} | {r.p99_ms:6.2f} | {r.server_p99_ms:7.2f} | {r.utility:12.4f} "
+            f"| {r.utility / r.upstream:9.3f}x | {_shares_text(r.degraded):<28} "
+            f"| {levels:<30} | {r.errors:6d} | {r.late:4d} "
+            f"| {f'{r.others:.2f} / {r.steal:.2f}':>14} |"
+        )
+    by = {(r.policy, r.fraction): r for r in runs}
+    lines += ["", "adaptive vs fixed at each load (ratios), and p99 against the 50 ms budget:"]
+    for fraction in cfg.fractions:
+        a, f = by[("adaptive", fraction)], by[("fixed", fraction)]
+        lines.append(
+            f"  {fraction:4.0%}: utility {a.utility / f.utility:.3f}x, p99 "
+            f"{a.p99_ms / f.p99_ms:.2f}x; p99 <= budget: adaptive "
+            f"{verdict(a.p99_ms <= budget_ms)}, fixed {verdict(f.p99_ms <= budget_ms)}"
+        )
+    for r in runs:
+        if r.error_sample:
+            lines.append(f"  first error {r.policy} at {r.fraction:.0%}: {r.error_sample}")
+    foreign = sum(r.foreign for r in runs)
+    lines.append(f"  returned items not among the request's candidates: {foreign} "
+                 f"(must be 0): {verdict(foreign == 0)}")  # fmt: skip
+    if cfg.out is not None:
+        where = "CPU, service on 1 core" if b.server_cpus else "CPU, unpinned"
+        lines.append(f"  plot: {plot_policy(runs, budget_ms, fixed_max, cfg.out, where)}")
+    figures = {"fixed_max_rps": fixed_max, "budget_ms": budget_ms,
+               "runs": [vars(r) for r in runs]}  # fmt: skip
+    return "\n".join(lines), figures
+
+
+def plot_policy(runs: list[PolicyRun], budget_ms: float, fixed_max: float, out: Path,
+                where: str) -> str:  # fmt: skip
+    """Mean true utility and p99 against offered load, both policies, one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "not drawn (no matplotlib: pip install -e '.[loadtest]')"
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7.5, 6.5))
+    styles = {"adaptive": ("tab:blue", "o"), "fixed": ("tab:orange", "s")}
+    for policy, (color, marker) in styles.items():
+        rs = sorted((r for r in runs if r.policy == policy), key=lambda r: r.rate)
+        x = [r.rate for r in rs]
+        label = "adaptive (beam 3 -> n=1 -> 2 -> 4)" if policy == "adaptive" else "fixed (n=4)"
+        top.plot(x, [r.utility for r in rs], marker=marker, color=color, label=label)
+        bottom.plot(x, [r.p99_ms for r in rs], marker=marker, color=color, label=label)
+    rs = sorted(runs, key=lambda r: r.rate)
+    top.plot([r.rate for r in rs], [r.upstream for r in rs], ls="--", color="gray",
+             label="upstream top k (same requests)")  # fmt: skip
+    top.set_ylabel("mean true utility")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.axhline(budget_ms, ls=":", color="red", label=f"budget {budget_ms:g} ms")
+    bottom.set_ylabel("p99 latency, ms (log)")
+    bottom.set_yscale("log")
+    bottom.legend(fontsize=8)
+    bottom.grid(alpha=0.3, which="both")
+    bottom.set_xlabel(f"offered load, req/s (open loop; 100% = the fixed policy's closed-loop "
+                      f"maximum, {fixed_max:.0f} req/s)")  # fmt: skip
+    rates = sorted({(round(r.rate), r.fraction) for r in runs})
+    bottom.set_xticks([x for x, _ in rates], [f"{x}\n{f:.0%}" for x, f in rates])
+    fig.suptitle(f"Load-adaptive decoding: quality and tail latency vs load ({where})")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return str(out)
+
+
+class HealthProbe:
+    """GET /healthz once a second on a fresh connection, in a thread of this process (as
+    an orchestrator's liveness probe would): (seconds since start, latency s or None)."""
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        self.url, self.timeout_s = url, timeout_s
+        self.samples: list[tuple[float, float | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="health-probe", daemon=True)
+        self.t0 = time.monotonic()
+
+    def __enter__(self) -> HealthProbe:
+        self.t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self.timeout_s + 2)
+
+    def _loop(self) -> None:
+        import httpx
+
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                with httpx.Client(timeout=self.timeout_s) as client:  # a new connection each
+                    ok = client.get(f"{self.url}/healthz").status_code == 200
+                took = time.monotonic() - t if ok else None
+            except httpx.HTTPError:
+                took = None
+            self.samples.append((t - self.t0, took))
+            self._stop.wait(max(0.0, 1.0 - (time.monotonic() - t)))
+
+
+def _verdict_or_unknown(value: float, ok: bool) -> str:
+    return "unknown (no figure)" if not np.isfinite(value) else verdict(ok)
+
+
+def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
+    cfg = b.cfg
+    b.start({"overload": {}})
+    server = b.servers["overload"]
+    top = b.closed_max("overload")
+    peak = top.throughput
+    base, step = cfg.step
+    segments = (
+        Segment(f"{base:.0%}", base * peak, max(1.0, cfg.duration_s / 2)),
+        Segment(f"{step:g}x", step * peak, 2.5 * cfg.duration_s),
+        Segment(f"{base:.0%} again", base * peak, 2 * cfg.duration_s),
+    )
+    rss: list[tuple[float, float]] = []  # (seconds since the schedule was sent, MiB)
+    rss_before = rss_mib(server.proc.pid)
+
+    def sample() -> None:
+        if server.proc.poll() is None:
+            rss.append((time.monotonic() - since.wall, rss_mib(server.proc.pid)))
+
+    job = b.schedule("overload", segments, grace_s=60.0)
+    since = b.mark()
+    server_cpu0 = process_cpu_s(server.proc.pid)
+    with HealthProbe(server.url) as probe:
+        res = run_schedule(b.load, job, sample)
+    server_cpu = process_cpu_s(server.proc.pid) - server_cpu0
+    elapsed = time.monotonic() - since.wall
+    others = b.others_text(since)
+    client_share = res.client_cpu_s / elapsed
+    time.sleep(1.0)
+    up = server.proc.poll() is None
+    rss_after = rss_mib(server.proc.pid) if up else np.nan
+    healthy = False
+    if up:
+        import httpx
+
+        with suppress(httpx.HTTPError), httpx.Client(base_url=server.url, timeout=5) as client:
+            healthy = client.get("/healthz").status_code == 200
+    b.stop("overload")
+
+    rows, per_phase = [], []
+    for j, s in enumerate(segments):
+        mine = res.segment == j
+        ok = mine & res.answered
+        lat = res.latency[ok]
+        phase = {
+            "name": s.name, "rate": s.rate, "seconds": s.seconds, "sent": int(mine.sum()),
+            "answered": int(ok.sum()), "http_errors": int((mine & (res.status > 0)
+                                                          & ~res.answered).sum()),
+            "transport_errors": int((mine & (res.status == 0)).sum()),
+            "no_answer": int((mine & (res.status == -1)).sum()),
+            "degraded": reason_shares(res.reason[mine]),
+            "unmarked": int((ok & (res.reason > 0) & ~res.marked).sum()
+                            + (ok & (res.reason == 0) & res.marked).sum()),
+            "short_lists": int((ok & (res.n_items < b.requests.k)).sum()),
+            "p50_ms": pct_ms(lat, 50), "p99_ms": pct_ms(lat, 99),
+            "server_p99_ms": _pct(res.server_ms[ok], 99),
+            "server_fallbacks": counter_deltas(_FALLBACKS, *res.window(j)),
+            "late": int(res.late[mine].sum()), "waited": int(res.waited[mine].sum()),
+        }  # fmt: skip
+        per_phase.append(phase)
+        errors = phase["http_errors"] + phase["transport_errors"] + phase["no_answer"]
+        rows.append(
+            f"| {s.name:<10} | {s.rate:6.0f} | {s.seconds:4.0f} | {phase['sent']:6d} "
+            f"| {phase['answered'] / max(1, phase['sent']):8.4f} | {errors:6d} "
+            f"| {_shares_text(phase['degraded']):<28} | {phase['p50_ms']:8.1f} "
+            f"| {phase['p99_ms']:8.1f} | {phase['server_p99_ms']:7.1f} "
+            f"| {phase['late']:5d} | {phase['waited']:6d} |"
+        )
+
+    # recovery, against the phase before the step: end to end (client, by scheduled send:
+    # it includes the backlog the step left in the sender) and in the server (its timings)
+    drop = segments[0].seconds + segments[1].seconds
+    half = (res.segment == len(segments) - 1) & res.answered
+    half &= res.offset >= drop + segments[2].seconds / 2
+    first_p99, first_srv = per_phase[0]["p99_ms"], per_phase[0]["server_p99_ms"]
+    bound, bound_srv = (max(2 * x, x + 5.0) for x in (first_p99, first_srv))
+    last_half_p99 = pct_ms(res.latency[half], 99)
+    last_half_srv = _pct(res.server_ms[half], 99)
+    recovered = bool(last_half_p99 <= bound)
+    recovered_srv = bool(last_half_srv <= bound_srv)
+    done = res.offset + res.latency  # answer times, s from the start (nan: none)
+    before_drop = (res.offset < drop) & res.answered
+    drained = float(np.nanmax(done[before_drop]) - drop) if before_drop.any() else np.nan
+    bins = np.floor(res.offset).astype(int)
+    p99_by_s = {}
+    for sec in range(int(np.ceil(job.seconds))):
+        ok = (bins == sec) & res.answered
+        p99_by_s[sec] = pct_ms(res.latency[ok], 99) if ok.any() else np.nan
+    after = [sec for sec in p99_by_s if sec >= drop]
+    within = {sec for sec in after if p99_by_s[sec] <= bound}  # nan (none answered): out
+    settled = [sec for n, sec in enumerate(after) if set(after[n:]) <= within]
+    recovered_at = settled[0] - drop if settled else None
+
+    mem = np.array([m for _, m in rss]) if rss else np.array([rss_before])
+    step_t = (segments[0].seconds, drop)  # the step, s since the schedule was sent
+    half_t = step_t[0] + segments[1].seconds / 2
+    growth = (np.mean([m for t, m in rss if half_t <= t <= step_t[1]] or [np.nan])
+              - np.mean([m for t, m in rss if step_t[0] <= t < half_t] or [np.nan]))  # fmt: skip
+    rss_max = float(mem.max())
+    bounded = rss_max <= 1.5 * rss_before
+
+    probes = [(t, took) for t, took in probe.samples if step_t[0] <= t <= step_t[1]]
+    probe_ms = np.array([took for _, took in probes if took is not None]) * 1e3
+    probe_failed = sum(took is None for _, took in probes)
+
+    sent, answered = len(res.status), int(res.answered.sum())
+    errors = len(res.status) - answered
+    unmarked = sum(p["unmarked"] for p in per_phase)
+    short = sum(p["short_lists"] for p in per_phase)
+    lines = [
+        f"== overload: shipped settings ({_shipped_text()}, policy "
+        f"{shipped('decode_policy')}); one open-loop schedule",
+        "",
+        f"closed-loop maximum ({cfg.concurrency} connections): {peak:.0f} req/s; the sender "
+        f"opened at most {res.peak_connections} of {job.connections} connections "
+        f"({res.reconnects} sends retried on a connection the server had closed while idle); "
+        "latency from the scheduled send, ms (it includes waiting in the sender for a "
+        "connection); srv: the answers' own timings.total_ms (arrival to response)",
+        f"  ({others}; the sender used {client_share:.0%} of its core; the server "
+        f"{server_cpu / elapsed:.0%} of its core, "
+        f"{server_cpu / max(1, int(res.answered.sum())) * 1e6:.0f} us per answer)",
+        "",
+        "| phase      | req/s  |    s |   sent | answered |"
+        " errors | degraded (reason)            |      p50 |      p99 | srv p99 | late | waited |",
+        "|:-----------|-------:|-----:|-------:|---------:|"
+        "-------:|:-----------------------------|---------:|---------:|--------:|-----:|-------:|",
+        *rows,
+        "",
+        "timeline, 2 s bins by scheduled send: requests | answers per second (by answer time) "
+        "| p99 ms (client) | srv p99 ms | share degraded 'overload' | server RSS MiB (max)",
+    ]
+    overload = 1 + REASONS.index("overload")
+    timeline = []
+    for sec in range(0, int(np.ceil(job.seconds)), 2):
+        inbin = (bins >= sec) & (bins < sec + 2)
+        served = ((done >= sec) & (done < sec + 2)).sum() / 2
+        near = [m for t, m in rss if sec <= t < sec + 2]
+        row = {
+            "t": sec, "scheduled": int(inbin.sum()), "served_rps": float(served),
+            "p99_ms": pct_ms(res.latency[inbin & res.answered], 99),
+            "server_p99_ms": _pct(res.server_ms[inbin & res.answered], 99),
+            "overload": float((res.reason[inbin] == overload).mean()) if inbin.any() else 0.0,
+            "rss_mib": max(near) if near else np.nan,
+        }  # fmt: skip
+        timeline.append(row)
+        lines.append(
+            f"  {sec:3d}-{sec + 2:<3d} s | {row['scheduled']:6d} | {served:6.0f}/s "
+            f"| {row['p99_ms']:8.1f} | {row['server_p99_ms']:7.1f} | {row['overload']:6.1%} "
+            f"| {row['rss_mib']:5.0f}"
+        )
+    rec_text = f"{recovered_at:.0f} s after the drop" if recovered_at is not None else "never"
+    probe_text = (f"{len(probes)} probes, {probe_failed} failed or over 5 s, answered ones "
+                  f"p50 {_pct(probe_ms, 50):.0f} ms, max {_pct(probe_ms, 100):.0f} ms")  # fmt: skip
+    lines += [
+        "",
+        "targets (issue):",
+        f"  stays up: process alive {up}, /healthz 200 after {healthy}: "
+        f"{verdict(up and healthy)}; /healthz once a second during the step: {probe_text}",
+        f"  answers every request: {answered}/{sent} = {answered / max(1, sent):.4f}, errors + "
+        f"unanswered {errors} (target 0): {verdict(errors == 0)}",
+        f"  degraded answers marked (degraded flag iff reason; k items each): "
+        f"{unmarked} unmarked, {short} short lists: {verdict(unmarked == 0 and short == 0)}",
+        f"  memory bounded: RSS {rss_before:.0f} MiB before, max {rss_max:.0f} "
+        f"({rss_max / rss_before:.2f}x), {rss_after:.0f} after; 2nd half vs 1st half of the "
+        f"step {growth:+.1f} MiB (target max <= 1.5x before): {verdict(bounded)}",
+        f"  recovers, end to end: p99 of the last phase's 2nd half {last_half_p99:.1f} ms vs "
+        f"{first_p99:.1f} ms before the step (bound max(2x, +5 ms) = {bound:.1f} ms): "
+        f"{_verdict_or_unknown(last_half_p99, recovered)}; 1 s bins within the bound from "
+        f"{rec_text}; the step's backlog answered {drained:.1f} s after the drop",
+        f"  recovers, in the server: srv p99 {last_half_srv:.1f} ms vs {first_srv:.1f} ms "
+        f"(bound {bound_srv:.1f} ms): {_verdict_or_unknown(last_half_srv, recovered_srv)}",
+    ]
+    if res.error_sample:
+        lines.append(f"  first error: {res.error_sample}")
+    figures = {
+        "max_rps": peak, "phases": per_phase, "sent": sent, "answered": answered,
+        "errors": errors, "unmarked": unmarked, "short_lists": short,
+        "peak_connections": res.peak_connections, "reconnects": res.reconnects,
+        "rss_mib": {"before": rss_before, "max": rss_max, "after": rss_after,
+                    "step_growth": growth, "samples": rss},
+        "health_probes": probe.samples,
+        "p99_by_second_ms": p99_by_s, "recovered_after_drop_s": recovered_at,
+        "backlog_drained_after_drop_s": drained, "timeline": timeline,
+        "last_half_p99_ms": last_half_p99, "last_half_server_p99_ms": last_half_srv,
+        "met": {"up": up and healthy, "all_answered": errors == 0,
+                "marked": unmarked == 0 and short == 0, "memory_bounded": bounded,
+                "recovered": recovered, "recovered_in_server": recovered_srv},
+    }  # fmt: skip
+    return "\n".join(lines), figures
+
+
+def run(cfg: LoadConfig) -> tuple[str, dict[str, Any]]:
+    """The sections of cfg.only; (the printed text, the figures)."""
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gref-load-")))
+        path, how = resolve_bundle(cfg.bundle, workdir)
+        manifest = json.loads((path / "manifest.json").read_text())
+        world, reqs = world_requests(manifest["model_config"]["schema"], cfg.n_requests)
+        server_cpus, client_cpus, placement = _placement(cfg.pin)
+        load = LoadProcess(reqs.bodies, client_cpus, main=_load_main)
+        stack.callback(load.stop)
+        bench = Bench(cfg, workdir, path, reqs, load, server_cpus)
+
+        @stack.callback
+        def _stop_servers() -> None:  # every server started, whatever happens
+            for s in bench.servers.values():
+                s.stop()
+
+        size = np.mean([len(body) for body in reqs.bodies]) / 1024
+        m = int((reqs.items >= 0).sum(1).max())
+        head = [
+            f"Load benchmark: bundle {manifest['version']} ({how}: {path})",
+            f"  requests: {reqs.source}; m = {m}, k = {reqs.k}, bodies ~{size:.1f} KiB",
+            f"  client: raw asyncio streams on {client_loop_name()}; nproc {os.cpu_count()}; "
+            f"{placement}; load average {os.getloadavg()[0]:.2f} at the start",
+        ]
+        texts, figures = ["\n".join(head)], {"setup": {"bundle": manifest["version"],
+                                                        "requests": reqs.source,
+                                                        "placement": placement,
+                                                        "loadavg": os.getloadavg()}}  # fmt: skip
+        sections: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
+            "batching": lambda: bench_batching(bench),
+            "policy": lambda: bench_policy(bench, world),
+            "overload": lambda: bench_overload(bench),
+        }
+        for name in SECTIONS:
+            if name in cfg.only:
+                t0 = time.monotonic()
+                text, figs = sections[name]()
+                figs["wall_s"] = time.monotonic() - t0
+                texts.append(text)
+                figures[name] = figs
+        return "\n\n".join(texts), figures
+    raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path,
+                   help="bundle or artifacts dir (default: artifacts/ if artifacts/latest "
+                   "exists, else a tiny random bundle)")  # fmt: skip
+    p.add_argument("--duration", type=float, default=8.0,
+                   help="seconds per measured window (the 3x step: 2.5x this)")  # fmt: skip
+    p.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds first")
+    p.add_argument("--only", choices=SECTIONS, action="append",
+                   help="run only this section (repeatable; default: all)")  # fmt: skip
+    p.add_argument("--requests", type=int, default=2000, help="distinct world requests")
+    p.add_argument("--connections", type=int, default=512, help="open-loop sender's bound")
+    p.add_argument("--out", type=Path, default=DEFAULT_PNG, help="the policy plot (PNG)")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    p.add_argument("--no-pin", action="store_true", help="do not pin servers and client")
+    args = p.parse_args(argv)
+    cfg = LoadConfig(bundle=args.bundle, duration_s=args.duration, warmup_s=args.warmup,
+                     only=tuple(args.only or SECTIONS), n_requests=args.requests,
+                     connections=args.connections, out=args.out, pin=not args.no_pin)  # fmt: skip
+    text, figures = run(cfg)
+    print(text)
+    if args.json is not None:
+        figures["config"] = {f.name: str(getattr(cfg, f.name)) for f in fields(cfg)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_jsonable(figures), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    # run by its package name: the spawned load process must find _load_main and Schedule
+    # in tests.bench.bench_load, not in a __main__ the parent cannot import
+    from tests.bench.bench_load import main as _main
+
+    sys.exit(_main())
