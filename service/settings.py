@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         "n = 1 at the top); the fixed policy is always greedy.",
     )
     max_batch: int = Field(
-        default=8,
+        default=32,
         ge=1,
         le=1024,
         description="Most requests per engine call: requests that queued while the engine "
