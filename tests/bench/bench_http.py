@@ -175,6 +175,18 @@ class RawPool:
         )
 
     async def send(self, payload: bytes) -> tuple[int, bytes]:
+        """One request. A reused connection the server closed while it sat idle (uvicorn's
+        5 s keep-alive timeout) fails before any byte of an answer: that request is sent
+        again on a new connection, as HTTP clients do, rather than counted as an error."""
+        reused = not self.idle.empty()
+        try:
+            return await self._send(payload)
+        except asyncio.IncompleteReadError as e:
+            if not reused or e.partial:
+                raise
+            return await self._send(payload)
+
+    async def _send(self, payload: bytes) -> tuple[int, bytes]:
         if self.idle.empty() and self.opened < self.most:
             self.opened += 1
             try:
