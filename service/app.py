@@ -399,6 +399,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "warmup_s": runtime.warmup_s,
             "redis": cache.breaker_state if cache is not None else "unknown",
             "l1_items": len(cache.l1) if cache is not None else 0,
+            "redis_published": cache.l2.published if cache is not None and cache.l2 else None,
             "decode_level": runtime.policy.level.name if runtime.policy is not None else None,
         }
         return json_response(body, 200 if runtime.ready else 503)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -181,16 +182,56 @@ class RedisL2:
         self.breaker, self.metrics = breaker, metrics
         self.queue: asyncio.Queue[tuple[list[int], np.ndarray]] = asyncio.Queue(config.queue_size)
         self._writer: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
+        self.published: bool | None = None  # this version's embeddings are in Redis
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_back(), name="redis-write-back")
         self._writer.add_done_callback(_log_crash)
+        self._checker = asyncio.create_task(self._check_published(), name="redis-meta")
+        self._checker.add_done_callback(_log_crash)
+
+    async def _check_published(self) -> None:
+        """Read the version's meta key (written last by `python -m export publish`): say
+        once whether this bundle's embeddings are in Redis, and refuse a dimension that
+        is not the model's. `published`: True, False, or None (Redis did not answer)."""
+        try:
+            raw = await asyncio.wait_for(
+                self.client.get(f"{self.base}__meta__"), 5 * self.timeout_s
+            )
+        except (RedisError, OSError, TimeoutError) as e:
+            log.warning(
+                "redis: could not read the embeddings' meta key %s__meta__: %r", self.base, e
+            )
+            return
+        if raw is None:
+            self.published = False
+            log.warning("redis: no embeddings published for this version (%s__meta__ is "
+                        "missing; run `python -m export publish`): L2 misses until the "
+                        "item tower's write-backs fill it", self.base)  # fmt: skip
+            return
+        try:
+            meta = json.loads(raw)
+            dim = int(meta["dim"])
+        except (ValueError, KeyError, TypeError):
+            log.error("redis: meta key %s__meta__ is not publish's JSON: %r", self.base, raw[:200])
+            self.published = False
+            return
+        if dim != self.dim:
+            log.error("redis: published embeddings have dim %d, the model %d: every L2 value "
+                      "will be refused (a miss)", dim, self.dim)  # fmt: skip
+            self.published = False
+            return
+        self.published = True
+        log.info("redis: %s embeddings of this version published (%s)",
+                 meta.get("count"), meta.get("dtype"))  # fmt: skip
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        for task in (self._writer, self._checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.client.aclose()
 
     async def mget(self, ids: Sequence[int], timeout_s: float) -> list[bytes | None] | None:

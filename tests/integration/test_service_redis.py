@@ -210,6 +210,19 @@ def test_a_redis_cluster_url_works(
                 assert time.monotonic() < deadline, "no write-back to the cluster"
                 time.sleep(0.05)
             assert client.get("/readyz").json()["redis"] == "closed"
+            # only 30 vectors were put there by hand: no publish, no meta key
+            assert client.get("/readyz").json()["redis_published"] is False
     finally:
         srv.stop()
         cluster.close()
+
+
+def test_readyz_says_whether_the_bundle_was_published(
+    served: tuple[httpx.Client, RedisProcess, Path],
+) -> None:
+    client, _, _ = served
+    deadline = time.monotonic() + 10
+    while client.get("/readyz").json()["redis_published"] is None:  # checked in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.get("/readyz").json()["redis_published"] is True
