@@ -130,7 +130,12 @@ def _assemble(runtime: Runtime, engine: Engine) -> Reranker:
     reader = RequestReader(engine.model_config.schema, Limits(max_candidates=limit, max_k=s.max_k))
     policy = decode_policy(s, engine.heads)
     reranker = Reranker(
-        engine, reader, cache, runtime.metrics, BatchConfig(s.max_batch, s.max_queue), policy
+        engine,
+        reader,
+        cache,
+        runtime.metrics,
+        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000),
+        policy,
     )
     reranker.start()
     # one assignment each, in this order, on the event loop: a request sees old or new

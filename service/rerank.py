@@ -42,6 +42,9 @@ class BatchConfig:
 
     max_batch: int  # requests per engine call
     max_queue: int  # requests waiting beyond this: answered at once, "overload"
+    # when the engine was busy until just now (a batch ended less than this ago), wait
+    # up to this long for more requests before the next call; an idle engine never waits
+    max_wait_s: float = 0.0
 
 
 @dataclass
@@ -201,8 +204,15 @@ class Reranker:
 
     async def _batches(self) -> None:
         """The owned loop: take what is queued (>= 1 job), run it in the engine thread."""
+        loop, wait, last_end = asyncio.get_running_loop(), self.config.max_wait_s, -1e9
         while True:
             jobs = [await self.queue.get()]
+            if (
+                wait > 0
+                and loop.time() - last_end < wait
+                and self.queue.qsize() + 1 < self.config.max_batch
+            ):
+                await asyncio.sleep(wait)  # busy: a bigger batch costs less CPU per request
             while len(jobs) < self.config.max_batch and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
             live = [j for j in jobs if not j.done.done()]  # not expired, client not gone
@@ -218,6 +228,7 @@ class Reranker:
             except Exception:  # never leave a request waiting forever
                 log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
                 results = [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]
+            last_end = loop.time()
             for job, done in zip(jobs, results, strict=True):
                 if not job.done.done():
                     job.done.set_result(done)

@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         description="Most requests per engine call: requests that queued while the engine "
         "was busy run together (no waiting when it is idle).",
     )
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=50,
+        description="When the engine was busy until less than this ago, wait up to this "
+        "long to batch more requests (an idle engine never waits); 0 = never wait.",
+    )
     max_queue: int = Field(
         default=64,
         ge=0,

@@ -319,3 +319,35 @@ def test_the_budget_bounds_the_wait_for_a_busy_engine(
     assert 0.19 <= waited < 5, waited  # answered at its deadline, not when the engine freed up
     assert out["timings"]["queue_ms"] >= 150
     assert "rerank_dropped_requests_total 0.0" in metrics  # expired is not dropped
+
+
+def test_a_busy_engine_waits_for_more_an_idle_one_does_not(
+    tiny_bundle: tuple[Path, GenReranker], gate: Gate
+) -> None:
+    srv = start(tiny_bundle[0], max_batch=8, max_queue=16, max_wait_ms=50)
+    rng = np.random.default_rng(9)
+    bodies = [make_request(rng, 20, 5) for _ in range(4)]
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c, ThreadPoolExecutor(4) as pool:
+            wait_ready(c)
+            t0 = time.monotonic()
+            c.post("/v1/rerank", json=bodies[0])  # an idle engine: no wait
+            idle_s = time.monotonic() - t0
+            gate.armed = True
+            first = pool.submit(c.post, "/v1/rerank", json=bodies[0])
+            assert gate.entered.wait(30)
+            second = pool.submit(c.post, "/v1/rerank", json=bodies[1])
+            wait_for(lambda: pending(srv) == 2)
+            gate.armed = False
+            gate.open.set()  # the engine frees up with one request queued: it waits ...
+            rest = [pool.submit(c.post, "/v1/rerank", json=b) for b in bodies[2:]]  # ... for these
+            for f in [first, second, *rest]:
+                assert f.result().status_code == 200
+            metrics = c.get("/metrics").text
+    finally:
+        srv.stop()
+    assert idle_s < 0.2  # the idle engine took the first request at once
+    # batches: the idle one, the held one, then the request that queued plus the two that
+    # came within the wait (without the wait: 1, 1, 1, 2 or 1, 1, 1, 1, 1)
+    sums = [line for line in metrics.splitlines() if line.startswith("rerank_batch_size_")]
+    assert "rerank_batch_size_sum 5.0" in sums and "rerank_batch_size_count 3.0" in sums, sums
