@@ -125,6 +125,7 @@ class LoadConfig:
     step: tuple[float, float] = (0.3, 3.0)  # overload: base and step rate, of the max
     out: Path | None = DEFAULT_PNG  # the policy plot
     pin: bool = True
+    extra_env: tuple[tuple[str, str], ...] = ()  # RERANK_* settings on every service
 
 
 # ---------------------------------------------------------------- the world's requests
@@ -531,6 +532,7 @@ class Bench:
         """Start the services {name: RERANK_* env} together, wait until each is ready,
         then pass once over every body (their items into its L1 cache)."""
         for name, env in targets.items():
+            env = {**env, **dict(self.cfg.extra_env)}
             self.servers[name] = start_service(self.bundle, self.workdir, self.server_cpus,
                                                env, name)  # fmt: skip
         for name in targets:
@@ -1148,10 +1150,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_PNG, help="the policy plot (PNG)")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--no-pin", action="store_true", help="do not pin servers and client")
+    p.add_argument("--set", action="append", default=[], metavar="RERANK_X=V",
+                   help="a setting of every service started (repeatable)")  # fmt: skip
     args = p.parse_args(argv)
     cfg = LoadConfig(bundle=args.bundle, duration_s=args.duration, warmup_s=args.warmup,
                      only=tuple(args.only or SECTIONS), n_requests=args.requests,
-                     connections=args.connections, out=args.out, pin=not args.no_pin)  # fmt: skip
+                     connections=args.connections, out=args.out, pin=not args.no_pin,
+                     extra_env=tuple(tuple(kv.split("=", 1)) for kv in args.set))  # fmt: skip
     text, figures = run(cfg)
     print(text)
     if args.json is not None:
