@@ -59,7 +59,21 @@ NOTES = (
 )
 
 
+def tensors_digest(path: Path) -> bytes:
+    """sha256 over a safetensors file's tensors (sorted names, dtypes, shapes, bytes), not
+    its bytes: the header's metadata order is not stable across processes (the same
+    weights saved twice can differ there), and the version must not move with it."""
+    from safetensors.numpy import load_file
+
+    h = hashlib.sha256()
+    for name, array in sorted(load_file(str(path)).items()):
+        h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.digest()
+
+
 def content_hash(weights: bytes, cfg: ModelConfig, export: ExportConfig) -> str:
+    """weights: tensors_digest of the checkpoint."""
     h = hashlib.sha256(weights)
     settings = {
         "model_config": cfg.to_dict(),
@@ -149,11 +163,12 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, ec: ExportConfig) 
     ckpt = Path(checkpoint)
     model, cfg, ckpt_config = load_gen_reranker(ckpt)
     weights = (ckpt / "model.safetensors").read_bytes()
+    digest = tensors_digest(ckpt / "model.safetensors")
     created = datetime.now(timezone.utc)
     label = ec.label or created.strftime("%Y%m%d")
     if not label.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"label {label!r}: letters, digits, '-' and '_' only")
-    version = f"{label}-{content_hash(weights, cfg, ec)}"
+    version = f"{label}-{content_hash(digest, cfg, ec)}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-{version}-{os.getpid()}"

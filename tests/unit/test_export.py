@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from export.__main__ import main as export_main
-from export.build import build_bundle, content_hash
+from export.build import build_bundle, content_hash, tensors_digest
 from export.config import ExportConfig
 from export.graphs import example_inputs, export_graph, graph_module
 from export.verify import ParityConfig, verify_bundle
@@ -141,8 +142,16 @@ def test_version_is_a_content_hash(tmp_path: Path) -> None:
     other = build_bundle(tmp_path / "b", tmp_path / "art", ec)
     assert first == again and first != other
     assert (tmp_path / "art" / LATEST).read_text().strip() == other.name
-    weights = (tmp_path / "a" / "model.safetensors").read_bytes()
-    assert first.name == f"v-{content_hash(weights, CFG, ec)}"
+    digest = tensors_digest(tmp_path / "a" / "model.safetensors")
+    assert first.name == f"v-{content_hash(digest, CFG, ec)}"
+    # the same tensors in a file whose header lists its metadata in another order
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "a" / "model.safetensors"))
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    save_file(tensors, str(tmp_path / "c" / "model.safetensors"),
+              metadata={"kind": "gen_reranker", "format": "pt", "note": "re-saved"})  # fmt: skip
+    assert build_bundle(tmp_path / "c", tmp_path / "art", ec).name == first.name
     assert not list((tmp_path / "art").glob(".tmp-*"))
 
 
