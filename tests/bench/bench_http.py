@@ -398,16 +398,19 @@ def client_loop_name() -> str:
     return "uvloop"
 
 
-def _load_main(conn: Any, bodies: list[bytes], cpus: set[int] | None) -> None:
-    """The load process: run each Phase sent on `conn`, answer its PhaseResult; None ends."""
+def _load_main(conn: Any, bodies: list[bytes], cpus: set[int] | None,
+               runner: Callable[[Any, list[bytes]], Awaitable[Any]] = run_phase_async,
+               ) -> None:  # fmt: skip
+    """The load process: run each job sent on `conn` with `runner` (a module-level
+    coroutine function: a Phase -> PhaseResult here), answer its result; None ends."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
     loop = _event_loop()
     asyncio.set_event_loop(loop)
     try:
-        while (ph := conn.recv()) is not None:
-            conn.send(loop.run_until_complete(run_phase_async(ph, bodies)))
+        while (job := conn.recv()) is not None:
+            conn.send(loop.run_until_complete(runner(job, bodies)))
     finally:
         loop.close()
 
@@ -416,13 +419,13 @@ class LoadProcess:
     """The spawned load generator (a fresh interpreter: no torch, no server code in it)."""
 
     def __init__(self, bodies: list[bytes], cpus: set[int] | None,
-                 main: Callable[[Any, list[bytes], set[int] | None], None] = _load_main,
+                 runner: Callable[[Any, list[bytes]], Awaitable[Any]] = run_phase_async,
                  ) -> None:  # fmt: skip
-        """`main`: the process's loop (another module's, to serve other kinds of jobs)."""
+        """`runner`: how the process runs a job (another module's, for other kinds)."""
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=main, args=(child, bodies, cpus), daemon=True,
-                                name="bench-load")  # fmt: skip
+        self.proc = ctx.Process(target=_load_main, args=(child, bodies, cpus, runner),
+                                daemon=True, name="bench-load")  # fmt: skip
         self.proc.start()
         child.close()
         self.busy = False

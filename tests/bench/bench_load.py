@@ -56,7 +56,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
 import threading
@@ -80,7 +79,6 @@ from tests.bench.bench_http import (  # noqa: E402
     PhaseResult,
     RawPool,
     ServerProcess,
-    _event_loop,
     _merge,
     _placement,
     batch_totals,
@@ -379,19 +377,11 @@ async def run_schedule_async(job: Schedule, bodies: list[bytes]) -> ScheduleResu
     return res
 
 
-def _load_main(conn: Any, bodies: list[bytes], cpus: set[int] | None) -> None:
-    """The load process (bench_http's, serving Schedules as well as Phases)."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
-    loop = _event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        while (job := conn.recv()) is not None:
-            run = run_schedule_async if isinstance(job, Schedule) else run_phase_async
-            conn.send(loop.run_until_complete(run(job, bodies)))
-    finally:
-        loop.close()
+async def run_job_async(job: Phase | Schedule, bodies: list[bytes]) -> Any:
+    """The load process's runner (bench_http's, serving Schedules as well as Phases)."""
+    if isinstance(job, Schedule):
+        return await run_schedule_async(job, bodies)
+    return await run_phase_async(job, bodies)
 
 
 def run_schedule(load: LoadProcess, job: Schedule, tick: Callable[[], None] | None = None,
@@ -1086,7 +1076,7 @@ def run(cfg: LoadConfig) -> tuple[str, dict[str, Any]]:
         manifest = json.loads((path / "manifest.json").read_text())
         world, reqs = world_requests(manifest["model_config"]["schema"], cfg.n_requests)
         server_cpus, client_cpus, placement = _placement(cfg.pin)
-        load = LoadProcess(reqs.bodies, client_cpus, main=_load_main)
+        load = LoadProcess(reqs.bodies, client_cpus, runner=run_job_async)
         stack.callback(load.stop)
         bench = Bench(cfg, workdir, path, reqs, load, server_cpus)
 
@@ -1167,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run by its package name: the spawned load process must find _load_main and Schedule
+    # run by its package name: the spawned load process must find run_job_async and Schedule
     # in tests.bench.bench_load, not in a __main__ the parent cannot import
     from tests.bench.bench_load import main as _main
 
