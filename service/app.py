@@ -57,12 +57,23 @@ class Runtime:
 
     settings: Settings
     metrics: Metrics
-    engine: Engine | None = None
+    # the served bundle: its engine, cache and decode policy are the reranker's, so a
+    # bundle swap is one assignment
     reranker: Reranker | None = None
-    cache: EmbeddingCache | None = None
-    policy: DecodePolicy | None = None
     ready: bool = False
     warmup_s: float | None = None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.reranker.engine if self.reranker is not None else None
+
+    @property
+    def cache(self) -> EmbeddingCache | None:
+        return self.reranker.cache if self.reranker is not None else None
+
+    @property
+    def policy(self) -> DecodePolicy | None:
+        return self.reranker.policy if self.reranker is not None else None
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -122,13 +133,12 @@ def _model_labels(engine: Engine) -> tuple[str, str, str]:
     return engine.version, str(manifest.get("label", "")), str(manifest.get("created", ""))
 
 
-def _assemble(runtime: Runtime, engine: Engine) -> Reranker:
-    """Engine -> its cache, decode policy and batched reranker, on the runtime (started)."""
+def _assemble(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> Reranker:
+    """Engine + policy -> its cache and batched reranker, started and on the runtime."""
     s = runtime.settings
     cache = _build_cache(runtime, engine)
     limit = s.max_candidates or engine.model_config.max_candidates
     reader = RequestReader(engine.model_config.schema, Limits(max_candidates=limit, max_k=s.max_k))
-    policy = decode_policy(s, engine.heads)
     reranker = Reranker(
         engine,
         reader,
@@ -138,21 +148,24 @@ def _assemble(runtime: Runtime, engine: Engine) -> Reranker:
         policy,
     )
     reranker.start()
-    # one assignment each, in this order, on the event loop: a request sees old or new
-    runtime.engine, runtime.cache, runtime.policy = engine, cache, policy
-    runtime.reranker = reranker
+    runtime.reranker = reranker  # one assignment on the event loop: a request sees old or new
     runtime.metrics.model_info.labels(*_model_labels(engine)).set(1)
     return reranker
 
 
-async def _retire(runtime: Runtime, old: Reranker, timeout_s: float = 30.0) -> None:
+async def _retire(old: Reranker, timeout_s: float = 30.0) -> None:
     """After a swap: let the old reranker finish what it holds, then close it."""
     deadline = time.monotonic() + timeout_s
     while old.pending and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    await old.close()
-    if old.cache.l2 is not None:
-        await old.cache.l2.close()
+    await _close(old)
+
+
+async def _close(reranker: Reranker) -> None:
+    """Stop a reranker's batcher and engine thread, then its Redis client."""
+    await reranker.close()
+    if reranker.cache.l2 is not None:
+        await reranker.cache.l2.close()
 
 
 async def _reload_loop(runtime: Runtime) -> None:
@@ -173,8 +186,8 @@ async def _reload_loop(runtime: Runtime) -> None:
         log.info("bundle reload: loading %s", target)
         try:
             engine = await anyio.to_thread.run_sync(_open, runtime, target)
-            if s.warmup:  # the new engine's own policy levels (its heads may differ)
-                policy = decode_policy(s, engine.heads)
+            policy = decode_policy(s, engine.heads)  # its own levels: its heads may differ
+            if s.warmup:
                 await anyio.to_thread.run_sync(_warm, engine, s, policy)
         except Exception as e:  # any failure keeps the old bundle serving
             failed = target
@@ -183,7 +196,7 @@ async def _reload_loop(runtime: Runtime) -> None:
                       runtime.engine.version if runtime.engine else None, e)  # fmt: skip
             continue
         old = runtime.reranker
-        _assemble(runtime, engine)
+        _assemble(runtime, engine, policy)
         if old is not None:
             with contextlib.suppress(KeyError):  # model_info names the served bundle only
                 runtime.metrics.model_info.remove(*_model_labels(old.engine))
@@ -191,7 +204,7 @@ async def _reload_loop(runtime: Runtime) -> None:
         failed = None
         log.info("bundle reload: now serving %s", engine.version)
         if old is not None:
-            await _retire(runtime, old)
+            await _retire(old)
 
 
 def decode_policy(s: Settings, heads: int) -> DecodePolicy:
@@ -247,8 +260,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     s = runtime.settings
     engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
-    reranker = _assemble(runtime, engine)
-    tasks = [asyncio.create_task(_warm_up(runtime, engine, reranker.policy), name="warm-up")]
+    policy = decode_policy(s, engine.heads)
+    _assemble(runtime, engine, policy)
+    tasks = [asyncio.create_task(_warm_up(runtime, engine, policy), name="warm-up")]
     if s.reload_interval_s > 0 and s.bundle != s.bundle_dir:  # an artifacts dir: watch it
         tasks.append(asyncio.create_task(_reload_loop(runtime), name="bundle-reload"))
     try:
@@ -257,9 +271,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         if runtime.reranker is not None:
-            await runtime.reranker.close()
-            if runtime.reranker.cache.l2 is not None:
-                await runtime.reranker.cache.l2.close()
+            await _close(runtime.reranker)
 
 
 def _server_timing(out: Outcome, total_s: float) -> str:

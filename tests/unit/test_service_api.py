@@ -70,10 +70,12 @@ def test_the_fast_and_the_checked_paths_agree() -> None:
         body = make_request(rng, m, 1)
         for c in body["candidates"][::3]:
             c["features"].pop("creator")  # some features left out
-        cands = parse_body(json.dumps(body).encode()).candidates
-        fast = READER._candidates_fast(cands)
+        raw = json.dumps(body).encode()
+        fast = READER._fast(raw)
         assert fast is not None
-        for a, b in zip(fast, READER._candidates_checked(cands), strict=True):
+        checked = READER.read(parse_body(raw))
+        for name in ("item_ids", "upstream_score", "item_cat", "item_dense"):
+            a, b = getattr(fast, name), getattr(checked, name)
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
 
