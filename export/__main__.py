@@ -18,6 +18,7 @@ def _build(args: argparse.Namespace) -> int:
         label=args.label,
         items_path=args.items,
         simplify=not args.no_simplify,
+        first_pass=not args.no_first_pass,
     )
     path = build_bundle(args.checkpoint, args.out, ec)
     print(f"bundle: {path}")
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--label", default="", help="human part of the version (default: date)")
     b.add_argument("--opset", type=int, default=20)
     b.add_argument("--no-simplify", action="store_true", help="keep the traced shape ops")
+    b.add_argument(
+        "--no-first-pass",
+        action="store_true",
+        help="the encoder stops at the cross keys/values (no folded BOS pass)",
+    )
     b.add_argument("--verify", action="store_true", help="run `verify` right after")
     b.set_defaults(fn=_build)
 

@@ -29,7 +29,7 @@ from torch import nn
 from export.simplify import simplify
 from model.network import GenReranker
 from model.tensors import Inputs
-from service.bundle import cross_names, past_names, present_names
+from service.bundle import FIRST_SCORES, cross_names, first_names, past_names, present_names
 
 ITEM_TOWER_INPUTS = ["item_id", "item_cat", "item_dense"]
 ITEM_TOWER_OUTPUTS = ["static"]
@@ -41,8 +41,9 @@ DECODER_FIXED_INPUTS = ["tokens", "start", "z", "bos", "cand_mask"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def encoder_outputs(layers: int) -> list[str]:
-    return ["z", "bos", *cross_names(layers)]
+def encoder_outputs(layers: int, first_pass: bool = True) -> list[str]:
+    first = [FIRST_SCORES, *first_names(layers)] if first_pass else []
+    return ["z", "bos", *cross_names(layers), *first]
 
 
 def decoder_inputs(layers: int) -> list[str]:
@@ -80,12 +81,17 @@ class ItemTowerGraph(nn.Module):
 
 class EncoderGraph(nn.Module):
     """static (B, M, d), upstream_score (B, M), cand_mask (B, M), user_id (B,),
-    user_dense (B, Fu) -> z (B, M, d), bos (B, d), cross.{i}.key/value (B, nh, M, hd)."""
+    user_dense (B, Fu) -> z (B, M, d), bos (B, d), cross.{i}.key/value (B, nh, M, hd)
+    and, with first_pass, the decoder's BOS pass folded in (decode_pass at tokens = BOS,
+    start = 0, an empty past): first_scores (B, n, M) float32, first.{i}.key/value
+    (B, nh, 1, hd). The service then starts decoding at the second pass: one onnxruntime
+    call per batch less, the same numbers as the decoder graph's BOS pass."""
 
-    def __init__(self, model: GenReranker, precision: str) -> None:
+    def __init__(self, model: GenReranker, precision: str, first_pass: bool = True) -> None:
         super().__init__()
         self.model = _cast(model, precision)
         self.dtype = _DTYPES[precision]
+        self.first_pass = first_pass
 
     def forward(
         self,
@@ -106,13 +112,57 @@ class EncoderGraph(nn.Module):
             user_dense=_to(user_dense, self.dtype),
         )
         enc = self.model.encode(_to(static, self.dtype), inp)
-        return enc.z, enc.bos, *(t for kv in enc.cross_kv for t in kv)
+        outs = (enc.z, enc.bos, *(t for kv in enc.cross_kv for t in kv))
+        if not self.first_pass:
+            return outs
+        cfg, B = self.model.cfg, static.shape[0]
+        hd = cfg.d_model // cfg.n_attn_heads
+        empty = enc.z.new_zeros((B, cfg.n_attn_heads, 0, hd))
+        bos_tokens = user_id.new_full((B, 1), -1)  # (B, 1) int64: BOS
+        scores, present = decode_pass(
+            self.model, bos_tokens, user_id.new_zeros(1), enc.z, enc.bos, cand_mask,
+            list(enc.cross_kv), [(empty, empty)] * cfg.dec_layers,
+        )  # fmt: skip
+        return (*outs, scores, *present)
+
+
+def decode_pass(
+    m: GenReranker,
+    tokens: torch.Tensor,
+    start: torch.Tensor,
+    z: torch.Tensor,
+    bos: torch.Tensor,
+    cand_mask: torch.Tensor,
+    cross: list[tuple[torch.Tensor, torch.Tensor]],
+    past: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """GenReranker.decode, step for step, with explicit KV tensors and the OMTP heads read
+    at the LAST position only (decoding consumes nothing else, and it saves the
+    (B, T*n, d) x (B, d, M) product of the other steps) -> head scores (B, n, M) float32,
+    present keys/values per layer (B, nh, P + T, hd)."""
+    B, T = tokens.shape
+    P = past[0][0].shape[2]
+    steps = torch.arange(T, device=tokens.device)
+    pos = start + steps  # (T,) absolute step positions
+    items = z.gather(1, tokens.clamp(min=0).unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+    x = torch.where((pos == 0)[None, :, None], bos[:, None, :], items)  # (B, T, d)
+    x = x + m.step_emb(pos)[None]
+    keys = torch.arange(P + T, device=tokens.device)
+    causal = keys[None, :] <= (P + steps)[:, None]  # (T, P + T)
+    cand_visible = cand_mask[:, None, None, :]  # (B, 1, 1, M)
+    present: list[torch.Tensor] = []
+    for i, block in enumerate(m.dec_blocks):
+        x, (k, v) = block(x, causal, past[i], cross[i], cand_visible)
+        present += [k, v]
+    h = m.dec_ln(x[:, -1])  # (B, d): the last position only
+    n, d = m.cfg.omtp_heads, m.cfg.d_model
+    q = m.heads(h).view(B, n, d)  # (B, n, d): W_1 h .. W_n h
+    scores = (q @ z.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, n, M)
+    return _to(scores, torch.float32), present
 
 
 class DecoderGraph(nn.Module):
-    """One decode pass with explicit KV tensors. GenReranker.decode, step for step, except
-    that the OMTP heads are read at the LAST position only: decoding consumes nothing else,
-    and it saves the (B, T*n, d) x (B, d, M) product of the other steps.
+    """One decode pass with explicit KV tensors (decode_pass).
 
     tokens (B, T) int64, start (1,) int64 (absolute position of tokens[:, 0]; 0 = BOS),
     z (B, M, d), bos (B, d), cand_mask (B, M) bool, then cross.{i}.key/value (B, nh, M, hd)
@@ -133,28 +183,11 @@ class DecoderGraph(nn.Module):
         cand_mask: torch.Tensor,
         *kv: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        m, L = self.model, self.layers
+        L = self.layers
         cross = [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
         past = [(kv[2 * L + 2 * i], kv[2 * L + 2 * i + 1]) for i in range(L)]
-        B, T = tokens.shape
-        P = past[0][0].shape[2]
-        steps = torch.arange(T, device=tokens.device)
-        pos = start + steps  # (T,) absolute step positions
-        items = z.gather(1, tokens.clamp(min=0).unsqueeze(-1).expand(-1, -1, z.shape[-1]))
-        x = torch.where((pos == 0)[None, :, None], bos[:, None, :], items)  # (B, T, d)
-        x = x + m.step_emb(pos)[None]
-        keys = torch.arange(P + T, device=tokens.device)
-        causal = keys[None, :] <= (P + steps)[:, None]  # (T, P + T)
-        cand_visible = cand_mask[:, None, None, :]  # (B, 1, 1, M)
-        present: list[torch.Tensor] = []
-        for i, block in enumerate(m.dec_blocks):
-            x, (k, v) = block(x, causal, past[i], cross[i], cand_visible)
-            present += [k, v]
-        h = m.dec_ln(x[:, -1])  # (B, d): the last position only
-        n, d = m.cfg.omtp_heads, m.cfg.d_model
-        q = m.heads(h).view(B, n, d)  # (B, n, d): W_1 h .. W_n h
-        scores = (q @ z.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, n, M)
-        return _to(scores, torch.float32), *present
+        scores, present = decode_pass(self.model, tokens, start, z, bos, cand_mask, cross, past)
+        return scores, *present
 
 
 def example_inputs(model: GenReranker, precision: str) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -202,6 +235,8 @@ def _dynamic_axes(graph: str, layers: int) -> dict[str, dict[int, str]]:
     if graph == "encoder":
         axes = {"static": bm, "upstream_score": bm, "cand_mask": bm, "z": bm}
         axes |= {"user_id": {0: "batch"}, "user_dense": {0: "batch"}, "bos": {0: "batch"}}
+        axes |= {FIRST_SCORES: {0: "batch", 2: "candidates"}}
+        axes |= {name: {0: "batch"} for name in first_names(layers)}
         return axes | dict.fromkeys(cross_names(layers), kv_m)
     axes = {"tokens": {0: "batch", 1: "steps"}, "z": bm, "bos": {0: "batch"}, "cand_mask": bm}
     axes |= dict.fromkeys(cross_names(layers), kv_m)
@@ -210,16 +245,20 @@ def _dynamic_axes(graph: str, layers: int) -> dict[str, dict[int, str]]:
     return axes | {"head_scores": {0: "batch", 2: "candidates"}}
 
 
-def graph_module(graph: str, model: GenReranker, precision: str) -> nn.Module:
-    cls = {"item_tower": ItemTowerGraph, "encoder": EncoderGraph, "decoder": DecoderGraph}
+def graph_module(
+    graph: str, model: GenReranker, precision: str, first_pass: bool = True
+) -> nn.Module:
+    if graph == "encoder":
+        return EncoderGraph(model, precision, first_pass).eval()
+    cls = {"item_tower": ItemTowerGraph, "decoder": DecoderGraph}
     return cls[graph](model, precision).eval()
 
 
-def io_names(graph: str, layers: int) -> tuple[list[str], list[str]]:
+def io_names(graph: str, layers: int, first_pass: bool = True) -> tuple[list[str], list[str]]:
     if graph == "item_tower":
         return ITEM_TOWER_INPUTS, ITEM_TOWER_OUTPUTS
     if graph == "encoder":
-        return ENCODER_INPUTS, encoder_outputs(layers)
+        return ENCODER_INPUTS, encoder_outputs(layers, first_pass)
     return decoder_inputs(layers), decoder_outputs(layers)
 
 
@@ -231,11 +270,13 @@ def export_graph(
     opset: int,
     metadata: dict[str, str],
     simplify_shapes: bool = True,
+    first_pass: bool = True,
 ) -> onnx.ModelProto:
-    """Trace one graph to `path`, add the metadata (model config, ...), check it."""
-    module = graph_module(graph, model, precision)
+    """Trace one graph to `path`, add the metadata (model config, ...), check it.
+    first_pass: the encoder folds in the decoder's BOS pass (EncoderGraph)."""
+    module = graph_module(graph, model, precision, first_pass)
     args = example_inputs(model, precision)[graph]
-    inputs, outputs = io_names(graph, model.cfg.dec_layers)
+    inputs, outputs = io_names(graph, model.cfg.dec_layers, first_pass)
     with warnings.catch_warnings(), torch.no_grad():
         # TracerWarnings about Python ints from shapes are expected: the shape arithmetic
         # is recorded as ONNX ops, which the dynamic-axes parity tests cover

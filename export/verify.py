@@ -174,8 +174,9 @@ def _masked_max_abs(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _head_scores(model: GenReranker, engine: Engine, grp: _Group) -> tuple[float, ...]:
-    """Max |ONNX - torch| of the item tower, pass 1 (BOS) and pass 2 (the first p items of
-    the torch list as tokens), over real candidates."""
+    """Max |ONNX - torch| of the item tower, pass 1 (BOS: the decoder's, and the encoder's
+    folded one when the bundle has it) and pass 2 (the first p items of the torch list as
+    tokens), over real candidates."""
     inp, M = grp.inp, grp.inp.m
     mask = inp.cand_mask.numpy()
     with torch.no_grad():
@@ -193,6 +194,8 @@ def _head_scores(model: GenReranker, engine: Engine, grp: _Group) -> tuple[float
     h2, _ = engine.decode_pass(e_enc, tokens.numpy(), e_past)
     m3 = mask[:, None, :]  # (B, 1, M)
     pass1 = _masked_max_abs(h1[..., :M], out1[:, -1].numpy(), m3)
+    if e_enc.first is not None:  # the encoder's folded BOS pass: the same scores
+        pass1 = max(pass1, _masked_max_abs(e_enc.first[0][..., :M], out1[:, -1].numpy(), m3))
     later = _masked_max_abs(h2[..., :M], out2[:, -1].numpy(), m3)
     return tower, pass1, later
 

@@ -5,7 +5,9 @@ A bundle is a directory `artifacts/<version>/` written by `python -m export buil
     manifest.json           schema_version, version, model config, graphs, files + sha256, ...
     item_tower.onnx         item_id (N,), item_cat (N, Fc), item_dense (N, Fd) -> static (N, d)
     encoder.onnx            static, upstream_score, cand_mask, user_id, user_dense
-                            -> z, bos, cross.{i}.key / cross.{i}.value
+                            -> z, bos, cross.{i}.key / cross.{i}.value, and (bundles
+                            exported with first_pass, the default) the decoder's BOS pass:
+                            first_scores (B, n, M), first.{i}.key / first.{i}.value
     decoder.onnx            one decode pass -> head_scores (B, n, M) at the last position,
                             present.{i}.key / present.{i}.value
     *.fp16.onnx             the same graphs in float16 (GPU path), when exported with --fp16
@@ -63,6 +65,14 @@ def past_names(layers: int) -> list[str]:
 
 def present_names(layers: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def first_names(layers: int) -> list[str]:
+    """The BOS pass's present KV, as a folded encoder outputs it (the next pass's past)."""
+    return [f"first.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+FIRST_SCORES = "first_scores"  # the BOS pass's head scores (B, n, M), from the encoder
 
 
 def sha256_bytes(data: bytes) -> str:

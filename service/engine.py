@@ -3,7 +3,9 @@
 Stages (each callable and timeable alone, infinity-style):
   prepare      requests -> one padded batch: candidates padded to a bucket (8, 16, 32, 64,
                ...), masked; cache-miss rows embedded by item_tower.onnx in ONE run (embed);
-  encode       encoder.onnx once per batch: z, bos and every layer's cross keys/values;
+  encode       encoder.onnx once per batch: z, bos and every layer's cross keys/values,
+               and (bundles exported with first_pass) the first decoder pass, at BOS,
+               folded into the same call: its head scores and KV cache;
   decode       decoder.onnx once per pass with the KV cache (gpt-fast's decode_n_tokens):
                each pass emits up to `items_per_pass` items, head j taking the best
                candidate not yet chosen; masking is numpy, vectorized over the batch;
@@ -49,7 +51,15 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from model.config import ModelConfig
 from model.features import HashedItems
-from service.bundle import Bundle, BundleError, cross_names, load_bundle, past_names
+from service.bundle import (
+    FIRST_SCORES,
+    Bundle,
+    BundleError,
+    cross_names,
+    first_names,
+    load_bundle,
+    past_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +173,13 @@ class PaddedBatch:
 
 @dataclass
 class EncodedBatch:
-    """Encoder outputs, as the decoder's per-batch feeds (z, bos, cand_mask, cross.*)."""
+    """Encoder outputs, as the decoder's per-batch feeds (z, bos, cand_mask, cross.*), and
+    the first (BOS) pass when the encoder graph folds it in: (head scores (B, n, M), its
+    present KV per layer (B, nh, 1, hd))."""
 
     feeds: dict[str, np.ndarray]
     cand_mask: np.ndarray  # (B, M) bool
+    first: tuple[np.ndarray, list[np.ndarray]] | None = None
 
 
 @dataclass
@@ -176,6 +189,8 @@ class DeviceBatch:
 
     values: dict[str, ort.OrtValue]
     cand_mask: np.ndarray  # (B, M) bool, host copy for the numpy selection
+    first_scores: np.ndarray | None = None  # the folded BOS pass's head scores, on the host
+    first_kv: list[ort.OrtValue] = field(default_factory=list)  # and its KV, on the device
 
 
 @dataclass
@@ -253,7 +268,18 @@ class Engine:
         self.buckets = (*buckets, cfg.max_candidates)
         self._past_names = past_names(self.layers)
         self._cross_names = cross_names(self.layers)
-        self._encoder_outputs = ["z", "bos", *self._cross_names]
+        # what the decoder takes from the encoder; a first_pass bundle's encoder also
+        # returns the BOS pass (FIRST_SCORES + first.*), older bundles' do not
+        self._carried = ["z", "bos", *self._cross_names]
+        self._encoder_outputs = list(bundle.graph("encoder", self.precision).outputs)
+        self._first_names = first_names(self.layers)
+        self.first_pass = FIRST_SCORES in self._encoder_outputs
+        if self.first_pass and self._encoder_outputs != [
+            *self._carried,
+            FIRST_SCORES,
+            *self._first_names,
+        ]:
+            raise BundleError(f"encoder outputs {self._encoder_outputs}: not a known layout")
         self._decoder_outputs = list(bundle.graph("decoder", self.precision).outputs)
         # the IO-binding path: OrtValues live on `device` (the decoder session's)
         self.device = "cuda" if "CUDAExecutionProvider" in self._decoder.get_providers() else "cpu"
@@ -402,9 +428,13 @@ class Engine:
                 "user_dense": batch.user_dense,
             },
         )
-        feeds = dict(zip(self._encoder_outputs, outs, strict=True))
+        named = dict(zip(self._encoder_outputs, outs, strict=True))
+        feeds = {name: named[name] for name in self._carried}
         feeds["cand_mask"] = batch.cand_mask
-        return EncodedBatch(feeds=feeds, cand_mask=batch.cand_mask)
+        first = None
+        if self.first_pass:
+            first = (named[FIRST_SCORES], [named[name] for name in self._first_names])
+        return EncodedBatch(feeds=feeds, cand_mask=batch.cand_mask, first=first)
 
     def encode_on_device(self, batch: PaddedBatch) -> DeviceBatch:
         """encode, its outputs left on the session's device (the IO-binding path)."""
@@ -414,12 +444,21 @@ class Engine:
         binding.bind_cpu_input("cand_mask", batch.cand_mask)
         binding.bind_cpu_input("user_id", batch.user_id)
         binding.bind_cpu_input("user_dense", batch.user_dense)
-        for name in self._encoder_outputs:
-            binding.bind_output(name, self.device, CUDA_DEVICE_ID)
+        for name in self._encoder_outputs:  # the first pass's scores come to the host
+            binding.bind_output(name, "cpu" if name == FIRST_SCORES else self.device,
+                                CUDA_DEVICE_ID)  # fmt: skip
         self._encoder.run_with_iobinding(binding)
-        values = dict(zip(self._encoder_outputs, binding.get_outputs(), strict=True))
+        named = dict(zip(self._encoder_outputs, binding.get_outputs(), strict=True))
+        values = {name: named[name] for name in self._carried}
         values["cand_mask"] = self._to_device(batch.cand_mask)
-        return DeviceBatch(values=values, cand_mask=batch.cand_mask)
+        if not self.first_pass:
+            return DeviceBatch(values=values, cand_mask=batch.cand_mask)
+        return DeviceBatch(
+            values=values,
+            cand_mask=batch.cand_mask,
+            first_scores=named[FIRST_SCORES].numpy(),
+            first_kv=[named[name] for name in self._first_names],
+        )
 
     def _to_device(self, x: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(
@@ -473,13 +512,17 @@ class Engine:
         k: np.ndarray,
         items_per_pass: int,
         deadlines: np.ndarray | None,
+        first_pass_s: float = 0.0,
     ) -> Decoded:
         """OMTP greedy decoding for the whole batch (greedy_decode's loop). k (B,) list
         lengths; deadlines (B,) perf_counter values (inf = none) or None. Each request has
         its own deadline: before a pass, the rows whose deadline a pass as long as the last
         one would overrun get their tail from head 0's last scores (the deadline step) and
         leave the loop; the others go on, so a tight budget never cuts its batch-mates.
-        A DeviceBatch (encode_on_device) decodes with the KV cache bound on the device."""
+        A DeviceBatch (encode_on_device) decodes with the KV cache bound on the device.
+        When the encoder ran the first pass, its scores are taken as the first pass's and
+        `first_pass_s` (the encoder call's time, an overestimate) stands for that pass's
+        time in the first deadline check."""
         B, M = enc.cand_mask.shape
         K = int(k.max())
         p, tokens = items_per_pass, self._bos_tokens(B)
@@ -497,8 +540,14 @@ class Engine:
         bound = self.device_passes(enc) if isinstance(enc, DeviceBatch) else None
         host = cast(EncodedBatch, enc)  # read only when bound is None
         past, head = self.empty_past(B), None
+        # the first pass when the encoder ran it: head scores (+ its KV on the host path)
+        folded: tuple[np.ndarray, list[np.ndarray]] | None = None
+        if isinstance(enc, DeviceBatch):
+            folded = None if enc.first_scores is None else (enc.first_scores, [])
+        else:
+            folded = enc.first
         chosen = passes = 0
-        last_pass_s = 0.0
+        last_pass_s = first_pass_s
         live = np.ones(B, bool)  # rows still decoding
         while chosen < K:
             now = time.perf_counter()
@@ -515,7 +564,11 @@ class Engine:
                         break
                     first = float(deadlines[going].min())
             t0 = time.perf_counter()
-            if bound is None:
+            timed = folded is None  # a folded pass keeps first_pass_s as its estimate
+            if folded is not None:  # the encoder's BOS pass (its KV bound already, if bound)
+                (head, kv), folded = folded, None
+                past = kv or past
+            elif bound is None:
                 head, past = self.decode_pass(host, tokens, past)  # (B, n, M)
             else:
                 head = bound.step(tokens)  # (B, n, M), the KV cache stays on the device
@@ -530,7 +583,8 @@ class Engine:
                 blocked.put(flat, -np.inf)
             tokens = order[:, chosen : chosen + c].copy()  # (B, c): raw argmax, as torch
             chosen += c
-            last_pass_s = time.perf_counter() - t0
+            if timed:
+                last_pass_s = time.perf_counter() - t0
         for rows, o, sc in finished:  # the rows that left early keep their completed lists
             order[rows], scores[rows] = o, sc
         order[:, chosen:][early_at < 0] = -1  # rows that never needed these slots
@@ -582,11 +636,12 @@ class Engine:
         enc = self.encode_on_device(batch) if self.io_binding and beam == 1 else self.encode(batch)
         t1 = time.perf_counter()
         if beam == 1:
-            dec = self.greedy(enc, batch.k, p, deadlines if np.isfinite(deadlines).any() else None)
+            limits = deadlines if np.isfinite(deadlines).any() else None
+            dec = self.greedy(enc, batch.k, p, limits, first_pass_s=t1 - t0)
         else:
             assert isinstance(enc, EncodedBatch)
             first = float(deadlines.min())
-            dec = self.beam(enc, batch.k, beam, first if np.isfinite(first) else None)
+            dec = self.beam(enc, batch.k, beam, first if np.isfinite(first) else None, t1 - t0)
             p = 1
         t2 = time.perf_counter()
         timings = StageTimings(embed_s=batch.embed_s, encode_s=t1 - t0, decode_s=t2 - t1)
@@ -607,7 +662,14 @@ class Engine:
 
     # ---- beam search (the simpler path) ------------------------------------------------
 
-    def beam(self, enc: EncodedBatch, k: np.ndarray, beam: int, deadline: float | None) -> Decoded:
+    def beam(
+        self,
+        enc: EncodedBatch,
+        k: np.ndarray,
+        beam: int,
+        deadline: float | None,
+        first_pass_s: float = 0.0,
+    ) -> Decoded:
         """Beam search per group of equal list length (a beam's best list of length k is
         not a prefix of the best of length k + 1, unlike greedy)."""
         B = enc.cand_mask.shape[0]
@@ -619,22 +681,30 @@ class Engine:
         row_passes = np.zeros(B, np.int64)
         for kk in np.unique(k):
             rows = np.flatnonzero(k == kk)
-            names = [*self._encoder_outputs, "cand_mask"]
+            names = [*self._carried, "cand_mask"]
+            first = None
+            if enc.first is not None:
+                first = (enc.first[0][rows], [kv[rows] for kv in enc.first[1]])
             sub = EncodedBatch(
                 feeds={name: enc.feeds[name][rows] for name in names},
                 cand_mask=enc.cand_mask[rows],
+                first=first,
             )
-            dec = self._beam_group(sub, int(kk), beam, deadline)
+            dec = self._beam_group(sub, int(kk), beam, deadline, first_pass_s)
             order[rows, :kk], scores[rows, :kk] = dec.order, dec.scores
             passes = max(passes, dec.passes)
             early_at[rows], row_passes[rows] = dec.early_at, dec.passes
         return Decoded(order, scores, passes, early_at, row_passes)
 
-    def _beam_group(self, enc: EncodedBatch, K: int, W: int, deadline: float | None) -> Decoded:
+    def _beam_group(
+        self, enc: EncodedBatch, K: int, W: int, deadline: float | None, first_pass_s: float
+    ) -> Decoded:
         """model.decode.beam_decode in numpy: B x W rows decode as one batch; beams ranked
-        by summed masked log-probs of head 0; the KV cache follows the survivors."""
+        by summed masked log-probs of head 0; the KV cache follows the survivors. The
+        encoder's BOS pass (enc.first), when there, is the first step's, its time taken as
+        first_pass_s."""
         B, M = enc.cand_mask.shape
-        names = [*self._encoder_outputs, "cand_mask"]
+        names = [*self._carried, "cand_mask"]
         feeds: dict[str, Any] = {n: np.repeat(enc.feeds[n], W, axis=0) for n in names}
         wide = EncodedBatch(feeds=feeds, cand_mask=feeds["cand_mask"])
         blocked = np.where(wide.cand_mask, np.float32(0), np.float32(-np.inf))  # (B*W, M)
@@ -656,7 +726,13 @@ class Engine:
                 order[sc == -np.inf] = -1
                 return Decoded(order, sc, step, np.full(B, step), np.full(B, step))
             t0 = time.perf_counter()
-            head, past = self.decode_pass(wide, tokens, past)
+            folded = step == 0 and enc.first is not None  # the encoder ran the BOS pass
+            if folded:
+                assert enc.first is not None
+                head = np.repeat(enc.first[0], W, axis=0)
+                past = [np.repeat(kv, W, axis=0) for kv in enc.first[1]]
+            else:
+                head, past = self.decode_pass(wide, tokens, past)
             head0 = head[:, 0]  # (B*W, M)
             exhausted: np.ndarray = np.all(blocked == -np.inf, axis=1)  # (B*W,)
             logp = _masked_log_softmax(head0, blocked)
@@ -673,7 +749,7 @@ class Engine:
             hist_scores[:, step] = np.where(dead, -np.inf, head0[np.arange(B * W), item])
             blocked[np.arange(B * W), item] = -np.inf
             tokens = item[:, None]
-            last_pass_s = time.perf_counter() - t0
+            last_pass_s = first_pass_s if folded else time.perf_counter() - t0
         best = first[:, 0] + total.reshape(B, W).argmax(axis=1)
         return Decoded(hist[best], hist_scores[best], K, np.full(B, -1), np.full(B, K))
 
@@ -733,11 +809,12 @@ class DevicePasses:
         self._enc = enc  # a CPU OrtValue may be a view of a numpy array (cand_mask): keep it
         for name, value in enc.values.items():
             binding.bind_ortvalue_input(name, value._ortvalue)
-        # the first pass's past: (B, nh, 0, hd), empty, bound from the host (nothing to copy)
-        empty = engine.empty_device_past(enc.cand_mask.shape[0])
-        for name, kv in zip(engine._past_names, empty, strict=True):
+        # the first step's past: the encoder's BOS pass KV when it ran that pass (the first
+        # step is then the second pass), else (B, nh, 0, hd) empty, bound from the host
+        past = enc.first_kv or engine.empty_device_past(enc.cand_mask.shape[0])
+        for name, kv in zip(engine._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, kv._ortvalue)
-        self.position = 0  # tokens fed so far (start of the next pass)
+        self.position = 1 if enc.first_kv else 0  # tokens fed so far (the next start)
         self._device = ort.OrtDevice.make(engine.device, CUDA_DEVICE_ID)._get_c_device()
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._present = engine._decoder_outputs[1:]

@@ -11,9 +11,10 @@ Both sides run the same way: onnxruntime on CPU with the engine's session option
 intra-op thread, sequential, full graph optimization), batch 1, k = 10, m in {30, 100, 200}
 padded to the engine's candidate bucket, static item embeddings given (the item tower is
 excluded on BOTH sides: the cache path).
-- gref n=4 / n=1: Engine.encode + Engine.greedy (encoder.onnx once, decoder.onnx once per
-  pass, the numpy masking/argmax of each pass) on a batch prepared once, at items_per_pass
-  4 and 1; the bundle's weights.
+- gref n=4 / n=1: Engine.encode + Engine.greedy (encoder.onnx once, with the first
+  decoder pass folded in when the bundle has it; decoder.onnx once per later pass; the
+  numpy masking/argmax of each pass) on a batch prepared once, at items_per_pass 4 and 1;
+  the bundle's weights.
 - NAR4Rec-like: model.baselines.NAR4Rec built from the bundle's ModelConfig (same d_model,
   attention heads, encoder layers, feature schema; its position decoder has
   min(2, dec_layers) blocks, as the class builds it) with RANDOM weights (decode time does

@@ -371,3 +371,54 @@ def test_no_torch_import_anywhere_under_service() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n == "torch" or n.startswith("torch.") for n in names), path
+
+
+# ---- the encoder's folded first pass -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unfolded_engine(tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+    """The same checkpoint exported without first_pass: the layout of older bundles."""
+    from export.build import build_bundle
+    from export.config import ExportConfig
+
+    ckpt = tiny_bundle[0].parents[1] / "ckpt"
+    out = tiny_bundle[0].parents[1] / "unfolded"
+    path = build_bundle(ckpt, out, ExportConfig(label="plain", first_pass=False))
+    return open_engine(str(path), EngineConfig(device="cpu"))
+
+
+def test_the_encoder_folds_in_the_decoders_bos_pass(engine: Engine, model: GenReranker) -> None:
+    assert engine.first_pass
+    inp = random_inputs([9, 4, 7], seed=3)
+    batch = engine.prepare(requests_of(model, inp, [3, 3, 3]))
+    enc = engine.encode(batch)
+    assert enc.first is not None
+    B = len(batch.k)
+    head, present = engine.decode_pass(enc, np.full((B, 1), -1, np.int64), engine.empty_past(B))
+    np.testing.assert_allclose(enc.first[0], head, rtol=0, atol=1e-6)
+    for folded, kv in zip(enc.first[1], present, strict=True):
+        assert folded.shape == kv.shape  # (B, nh, 1, hd)
+        np.testing.assert_allclose(folded, kv, rtol=0, atol=1e-6)
+
+
+def test_bundles_with_and_without_the_folded_pass_give_the_same_lists(
+    engine: Engine, unfolded_engine: Engine, model: GenReranker
+) -> None:
+    assert not unfolded_engine.first_pass
+    assert engine.version != unfolded_engine.version  # the export setting is in the version
+    inp = random_inputs([12, 5, 30, 9], seed=4)
+    reqs = requests_of(model, inp, [7, 5, 11, 2])
+    for kwargs in ({"items_per_pass": 1}, {"items_per_pass": 2}, {"items_per_pass": N},
+                   {"beam": 3}):  # fmt: skip
+        folded = engine.rerank(reqs, **kwargs)
+        plain = unfolded_engine.rerank(reqs, **kwargs)
+        for a, b in zip(folded, plain, strict=True):
+            np.testing.assert_array_equal(a.order, b.order)
+            np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
+            assert a.passes == b.passes and not a.completed_early
+    # a deadline already past: the first pass's scores complete the list, in both layouts
+    late = [RerankRequest(**{**r.__dict__, "deadline": 0.0}) for r in reqs]
+    for a, b in zip(engine.rerank(late), unfolded_engine.rerank(late), strict=True):
+        np.testing.assert_array_equal(a.order, b.order)
+        assert a.completed_early == b.completed_early

@@ -215,7 +215,8 @@ def test_beam_takes_the_host_path(bound: Engine, unbound: Engine, model: GenRera
 
 def test_the_bound_stages_keep_the_kv_cache_as_ortvalues(bound: Engine, model: GenReranker) -> None:
     """encode_on_device + DevicePasses.step == encode + decode_pass, pass by pass; the KV
-    cache is OrtValues on the session's device ('cpu' here), growing by each pass."""
+    cache is OrtValues on the session's device ('cpu' here), growing by each pass. The
+    encoder's folded BOS pass: its scores come to the host, its KV is the first step's past."""
     inp = random_inputs([10, 4], seed=25)
     batch = bound.prepare(requests_of(model, inp, [6, 6]))
     dev, host = bound.encode_on_device(batch), bound.encode(batch)
@@ -223,9 +224,15 @@ def test_the_bound_stages_keep_the_kv_cache_as_ortvalues(bound: Engine, model: G
     for name, value in dev.values.items():
         assert value.device_name() == bound.device == "cpu"
         np.testing.assert_array_equal(value.numpy(), host.feeds[name])
-    passes, past = bound.device_passes(dev), bound.empty_past(2)
-    tokens = np.full((2, 1), -1, np.int64)
+    assert host.first is not None and dev.first_scores is not None
+    np.testing.assert_array_equal(dev.first_scores, host.first[0])
+    for kv, ref in zip(dev.first_kv, host.first[1], strict=True):
+        assert kv.device_name() == "cpu"
+        np.testing.assert_array_equal(kv.numpy(), ref)
+    passes, past = bound.device_passes(dev), host.first[1]
+    assert passes.position == 1  # the BOS pass ran in the encoder
     for step, t in enumerate([1, 2, 3]):
+        tokens = np.arange(step, step + t, dtype=np.int64)[None].repeat(2, axis=0)
         head = passes.step(tokens)
         want, past = bound.decode_pass(host, tokens, past)
         assert isinstance(head, np.ndarray)
@@ -234,7 +241,6 @@ def test_the_bound_stages_keep_the_kv_cache_as_ortvalues(bound: Engine, model: G
         for kv, ref in zip(passes.present(), past, strict=True):
             assert isinstance(kv, ort.OrtValue) and kv.device_name() == "cpu"
             np.testing.assert_array_equal(kv.numpy(), ref)
-        tokens = np.arange(step, step + t, dtype=np.int64)[None].repeat(2, axis=0)
     assert bound.warmup(batch_sizes=(1, 3), k=5) > 0
 
 
