@@ -20,9 +20,10 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from itertools import compress, repeat
 from typing import Any
 
 import numpy as np
@@ -41,50 +42,84 @@ _WRITE_BATCH = 256  # embeddings per MSET of the write-back task
 
 
 class L1Cache:
-    """LRU of item_id -> (d,) float32, bounded in bytes (array payloads)."""
+    """LRU of item_id -> (d,) float32, bounded in bytes (row payloads).
+
+    The rows live in one float32 table of up to `capacity` rows, grown (doubling) as the
+    cache fills, so a large bound costs no memory until it is used and the table never
+    exceeds `max_bytes`; an OrderedDict item_id -> slot (the id's row in the table) keeps
+    the LRU order, and an evicted id's slot is reused by the next new id. A lookup is one
+    dict get per id and one gather, a put one scatter. `nbytes` is the payload of the rows
+    held (len * row_bytes), the table's allocation about that (up to a doubling ahead).
+    """
 
     def __init__(self, max_bytes: int, dim: int) -> None:
         self.max_bytes, self.dim = max_bytes, dim
         self.row_bytes = dim * 4
         self.capacity = max_bytes // self.row_bytes  # rows: every row has the same size
-        self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._slots: OrderedDict[int, int] = OrderedDict()  # LRU first
+        self._table = np.empty((0, dim), np.float32)  # rows [0, len(self)) are in use
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._slots)
 
     @property
     def nbytes(self) -> int:
-        return len(self._rows) * self.row_bytes
+        return len(self._slots) * self.row_bytes
 
     def get_many(self, ids: Sequence[int], out: np.ndarray) -> np.ndarray:
-        """Fill out[i] (out: (m, d) float32) for every id found; -> (m,) bool missing."""
-        missing = np.ones(len(ids), bool)
-        get, touch = self._rows.get, self._rows.move_to_end
-        at, found = [], []
-        for i, item in enumerate(ids):
-            row = get(item)
-            if row is not None:
-                touch(item)
-                at.append(i)
-                found.append(row)
-        if found:  # one gather instead of a numpy row assignment per item
-            out[at] = found
-            missing[at] = False
-        self.hits += len(found)
-        self.misses += len(ids) - len(found)
+        """Fill out[i] (out: (m, d) float32) for every id found, the other rows untouched;
+        -> (m,) bool missing. The hits become the most recently used."""
+        found = list(map(self._slots.get, ids, repeat(-1)))  # slots, -1 where missing
+        n_miss = found.count(-1)
+        slots = np.array(found, np.intp)
+        touch = self._slots.move_to_end
+        if n_miss == 0:  # all hits: one gather straight into out
+            # every slot is in range: "clip" changes none, and unlike "raise" writes unbuffered
+            np.take(self._table, slots, axis=0, out=out, mode="clip")
+            deque(map(touch, ids), maxlen=0)
+            missing = np.zeros(len(ids), bool)
+        else:
+            missing = slots < 0
+            hit = ~missing
+            out[hit] = self._table[slots[hit]]
+            deque(map(touch, compress(ids, hit.tolist())), maxlen=0)
+        self.hits += len(ids) - n_miss
+        self.misses += n_miss
         return missing
 
     def put_many(self, ids: Sequence[int], rows: np.ndarray) -> None:
-        """rows (n, d): copied in (as float32), the least recently used evicted."""
+        """rows (n, d): copied in (as float32), the least recently used evicted; an id
+        already held gets the new row, and within one call the last of equal ids wins."""
         if self.capacity == 0:
             return
-        data = np.array(rows, np.float32)  # one copy, owned by the cache
-        for item, row in zip(ids, data, strict=True):
-            self._rows[item] = row
-            self._rows.move_to_end(item)
-        while len(self._rows) > self.capacity:
-            self._rows.popitem(last=False)
+        data = np.asarray(rows, np.float32)
+        if data.shape != (len(ids), self.dim):
+            raise ValueError(f"rows {data.shape} for {len(ids)} ids of dim {self.dim}")
+        if min(self.capacity, len(self._slots) + len(ids)) > len(self._table):
+            self._grow(len(self._slots) + len(ids))  # first, so a failure changes nothing
+        slots = self._slots
+        writes: dict[int, int] = {}  # slot -> its row in data (the last one put there)
+        for j, item in enumerate(ids):
+            slot = slots.get(item)
+            if slot is not None:
+                slots.move_to_end(item)
+            elif len(slots) < self.capacity:
+                slot = slots[item] = len(slots)
+            else:  # full: the least recently used item's slot is reused
+                slot = slots[item] = slots.popitem(last=False)[1]
+            writes[slot] = j
+        if len(writes) == len(data):  # every row goes to its own slot, in order
+            self._table[list(writes)] = data
+        else:  # equal ids, or a slot reused within the call: only the last write per slot
+            self._table[list(writes)] = data[list(writes.values())]
+
+    def _grow(self, rows: int) -> None:
+        """Room for `rows` rows (at least doubling, at most capacity): a copy."""
+        size = min(self.capacity, max(rows, 2 * len(self._table), 1024))
+        table = np.empty((size, self.dim), np.float32)
+        table[: len(self._table)] = self._table
+        self._table = table
 
 
 class CircuitBreaker:

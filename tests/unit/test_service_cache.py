@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
+
 import numpy as np
+import pytest
 
 from service.cache import CircuitBreaker, L1Cache
 
@@ -32,6 +36,124 @@ def test_l1_keeps_its_own_copy_and_zero_bytes_is_off() -> None:
     off = L1Cache(max_bytes=0, dim=2)
     off.put_many([7], row)
     assert len(off) == 0
+
+
+def _get(l1: L1Cache, ids: list[int], fill: float = -1.0) -> tuple[list[bool], np.ndarray]:
+    out = np.full((len(ids), l1.dim), fill, np.float32)
+    return l1.get_many(ids, out).tolist(), out
+
+
+def test_l1_an_evicted_slot_is_reused_without_leaking_its_row() -> None:
+    l1 = L1Cache(max_bytes=2 * 3 * 4, dim=3)  # 2 rows
+    a, b, c, e = (np.full((1, 3), v, np.float32) for v in (1, 2, 3, 4))
+    l1.put_many([1], a)
+    l1.put_many([2], b)
+    l1.put_many([3], c)  # evicts 1: its slot is 3's now
+    missing, out = _get(l1, [1, 2, 3])
+    assert missing == [True, False, False]
+    assert out.tolist() == [[-1] * 3, [2] * 3, [3] * 3]  # the miss's row is left as it was
+    l1.put_many([1], e)  # evicts 2 (3 was touched after it)
+    missing, out = _get(l1, [3, 2, 1])
+    assert missing == [False, True, False] and out.tolist() == [[3] * 3, [-1] * 3, [4] * 3]
+    # more new ids in one call than the cache holds: the last ones stay, each with its row
+    rows = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    l1.put_many([10, 11, 12, 13, 14], rows)
+    missing, out = _get(l1, [10, 11, 12, 13, 14, 1, 3])
+    assert missing == [True, True, True, False, False, True, True]
+    assert out[3:5].tolist() == rows[3:5].tolist() and len(l1) == 2 and l1.nbytes == 24
+
+
+def test_l1_overwrites_and_touches_an_id_put_again() -> None:
+    l1 = L1Cache(max_bytes=2 * 2 * 4, dim=2)
+    l1.put_many([1, 2], np.array([[1, 1], [2, 2]], np.float32))
+    l1.put_many([1], np.array([[5, 5]], np.float32))  # new row; 1 is now the most recent
+    assert len(l1) == 2
+    l1.put_many([3], np.array([[3, 3]], np.float32))  # evicts 2, not 1
+    missing, out = _get(l1, [1, 2, 3])
+    assert missing == [False, True, False] and out.tolist() == [[5, 5], [-1, -1], [3, 3]]
+
+
+def test_l1_equal_ids_in_one_put_the_last_wins() -> None:
+    l1 = L1Cache(max_bytes=2 * 2 * 4, dim=2)
+    l1.put_many([5, 6, 5], np.array([[1, 1], [2, 2], [3, 3]], np.float32))
+    assert len(l1) == 2 and l1.nbytes == 16
+    missing, out = _get(l1, [5, 6])
+    assert missing == [False, False] and out.tolist() == [[3, 3], [2, 2]]
+    l1.put_many([6, 5, 6, 6], np.array([[4, 4], [5, 5], [6, 6], [7, 7]], np.float32))
+    l1.put_many([7], np.array([[8, 8]], np.float32))  # 6 was put last: 5 goes
+    missing, out = _get(l1, [5, 6, 7])
+    assert missing == [True, False, False] and out.tolist() == [[-1, -1], [7, 7], [8, 8]]
+
+
+def test_l1_with_room_for_no_row_caches_nothing() -> None:
+    l1 = L1Cache(max_bytes=7, dim=2)  # less than one row
+    assert l1.capacity == 0
+    l1.put_many([1, 2], np.ones((2, 2), np.float32))
+    missing, out = _get(l1, [1, 2])
+    assert missing == [True, True] and (out == -1).all()
+    assert (len(l1), l1.nbytes, l1.hits, l1.misses) == (0, 0, 0, 2)
+
+
+def test_l1_get_writes_only_the_hits_rows_and_takes_no_ids() -> None:
+    l1 = L1Cache(max_bytes=1 << 10, dim=2)
+    l1.put_many([1, 2], np.array([[1, 1], [2, 2]], np.float32))
+    for ids, want in (
+        ([2, 1], [[2, 2], [1, 1]]),  # all hits
+        ([9, 1, 8], [[-1, -1], [1, 1], [-1, -1]]),
+        ([9, 8], [[-1, -1], [-1, -1]]),  # no hit
+        ([], []),
+    ):
+        missing, out = _get(l1, ids)
+        assert missing == [w == [-1, -1] for w in want] and out.tolist() == want
+
+
+def test_l1_refuses_rows_that_do_not_match_and_changes_nothing() -> None:
+    l1 = L1Cache(max_bytes=1 << 10, dim=2)
+    with pytest.raises(ValueError):
+        l1.put_many([1, 2], np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError):
+        l1.put_many([1], np.ones((1, 3), np.float32))
+    assert len(l1) == 0
+
+
+def test_l1_grows_its_table_keeping_the_rows() -> None:
+    l1 = L1Cache(max_bytes=3000 * 2 * 4, dim=2)  # 3000 rows: grown 1024, 2048, 3000
+    ids = list(range(3500))
+    rows = np.stack([np.arange(3500), -np.arange(3500)], axis=1).astype(np.float32)
+    for at in range(0, 3500, 700):
+        l1.put_many(ids[at : at + 700], rows[at : at + 700])
+    out = np.zeros((3500, 2), np.float32)
+    missing = l1.get_many(ids, out)
+    assert missing.tolist() == [True] * 500 + [False] * 3000
+    assert (out[500:] == rows[500:]).all() and l1.nbytes == l1.max_bytes
+
+
+def test_l1_matches_a_reference_lru() -> None:
+    rnd = random.Random(7)
+    dim, capacity = 3, 6
+    l1 = L1Cache(max_bytes=capacity * dim * 4 + 5, dim=dim)
+    ref: OrderedDict[int, list[float]] = OrderedDict()
+    for step in range(2000):
+        ids = [rnd.randrange(15) for _ in range(rnd.randrange(12))]  # equal ids too
+        if rnd.random() < 0.5:
+            rows = np.array([[step, j, item] for j, item in enumerate(ids)], np.float32)
+            l1.put_many(ids, rows.reshape(len(ids), dim))
+            for item, row in zip(ids, rows.tolist(), strict=True):
+                ref[item] = row
+                ref.move_to_end(item)
+            while len(ref) > capacity:
+                ref.popitem(last=False)
+        else:
+            missing, out = _get(l1, ids, fill=-1 - step)
+            assert missing == [item not in ref for item in ids]
+            want = [ref.get(item, [-1 - step] * dim) for item in ids]
+            assert out.tolist() == want
+            for item in ids:
+                if item in ref:
+                    ref.move_to_end(item)
+        assert len(l1) == len(ref) and l1.nbytes == len(ref) * dim * 4
+    missing, out = _get(l1, list(ref))
+    assert not any(missing) and out.tolist() == list(ref.values())
 
 
 class Clock:
