@@ -79,11 +79,14 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && python /tmp/check_image.py gpu
 COPY --from=bundle --chown=10001:10001 /artifacts /app/artifacts
 WORKDIR /app
-ENV RERANK_BUNDLE=/app/artifacts RERANK_HOST=0.0.0.0 RERANK_PORT=8000 RERANK_DEVICE=cuda
+ENV RERANK_BUNDLE=/app/artifacts RERANK_HOST=0.0.0.0 RERANK_PORT=8000 RERANK_ADMIN_PORT=9000 \
+    RERANK_DEVICE=cuda
 USER 10001
-EXPOSE 8000
+# 8000: the API; 9000: the admin listener (/healthz, /readyz, /metrics off the event loop)
+EXPOSE 8000 9000
+# liveness on the admin port (answered under overload); the main port when it is off (0)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RERANK_PORT', '8000'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; e = os.environ.get; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (int(e('RERANK_ADMIN_PORT', '9000')) or e('RERANK_PORT', '8000')), timeout=2)"]
 CMD ["python", "-m", "service"]
 
 # ---- serve: the default target, CPU ------------------------------------------------------
@@ -101,9 +104,12 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && useradd --create-home --uid 10001 gref
 COPY --from=bundle --chown=10001:10001 /artifacts /app/artifacts
 WORKDIR /app
-ENV RERANK_BUNDLE=/app/artifacts RERANK_HOST=0.0.0.0 RERANK_PORT=8000 RERANK_DEVICE=cpu
+ENV RERANK_BUNDLE=/app/artifacts RERANK_HOST=0.0.0.0 RERANK_PORT=8000 RERANK_ADMIN_PORT=9000 \
+    RERANK_DEVICE=cpu
 USER 10001
-EXPOSE 8000
+# 8000: the API; 9000: the admin listener (/healthz, /readyz, /metrics off the event loop)
+EXPOSE 8000 9000
+# liveness on the admin port (answered under overload); the main port when it is off (0)
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RERANK_PORT', '8000'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; e = os.environ.get; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (int(e('RERANK_ADMIN_PORT', '9000')) or e('RERANK_PORT', '8000')), timeout=2)"]
 CMD ["python", "-m", "service"]

@@ -136,6 +136,7 @@ def start_service(stack: ExitStack, bundle: Path, redis_url: str, out: Path) -> 
     port = free_port()
     env = _env()
     env["RERANK_REDIS_URL"] = redis_url
+    env.setdefault("RERANK_ADMIN_PORT", str(free_port()))  # not 9000: a `make serve` may run
     env.setdefault("RERANK_LOG_LEVEL", "warning")  # a warning per degraded answer still
     argv = [sys.executable, "-m", "service", "--bundle", str(bundle), "--host", HOST,
             "--port", str(port)]  # fmt: skip

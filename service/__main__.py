@@ -1,5 +1,7 @@
-"""`python -m service [--host H] [--port P] [--workers N] [--bundle DIR]`: uvicorn with the
-settings (RERANK_* environment; the flags override it). Logs are JSON lines on stderr.
+"""`python -m service [--host H] [--port P] [--admin-port A] [--workers N] [--bundle DIR]`:
+uvicorn with the settings (RERANK_* environment; the flags override it). Logs are JSON
+lines on stderr. /healthz, /readyz and /metrics are also on the admin port (9000; 0 = off),
+answered off the event loop (service/admin.py).
 
 With --workers > 1 every worker builds its own app from the environment, and metrics go
 through Prometheus' multiprocess mode: PROMETHEUS_MULTIPROC_DIR (a fresh temporary
@@ -27,10 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", help="bind address (RERANK_HOST)")
     parser.add_argument("--port", type=int, help="port (RERANK_PORT)")
+    parser.add_argument(
+        "--admin-port", type=int, help="admin port: probes and metrics, 0 = off (RERANK_ADMIN_PORT)"
+    )
     parser.add_argument("--workers", type=int, help="worker processes (RERANK_WORKERS)")
     parser.add_argument("--bundle", help="bundle or artifacts directory (RERANK_BUNDLE)")
     args = parser.parse_args(argv)
-    for name in ("host", "port", "workers", "bundle"):
+    for name in ("host", "port", "admin_port", "workers", "bundle"):
         value = getattr(args, name)
         if value is not None:  # the workers read the environment: flags go there
             os.environ[f"RERANK_{name.upper()}"] = str(value)

@@ -4,6 +4,8 @@ lifespan and on `app.state.runtime`; routes are thin and get it through a typed 
 Start-up: the bundle is verified and its sessions built before the server accepts
 connections; warm-up (every candidate bucket) runs after, in the background, and /readyz
 answers 503 until it is done (so does /v1/rerank: an orchestrator routes nothing here yet).
+/healthz, /readyz and /metrics are also served on the admin port (service/admin.py), off
+the event loop, so that probes and scrapes are answered under overload.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
+from service.admin import start_admin
 from service.api import (
     ApiError,
     ErrorOut,
@@ -74,6 +77,30 @@ class Runtime:
     @property
     def policy(self) -> DecodePolicy | None:
         return self.reranker.policy if self.reranker is not None else None
+
+    def readiness(self) -> dict[str, Any]:
+        """/readyz's body, on either port: plain attribute reads (no await, no lock), so the
+        admin listener's threads may call it while the event loop runs."""
+        reranker = self.reranker  # once: a bundle swap between two reads would mix bundles
+        cache = reranker.cache if reranker is not None else None
+        return {
+            "ready": self.ready,
+            "model_version": reranker.engine.version if reranker is not None else None,
+            "warmup_s": self.warmup_s,
+            "redis": cache.breaker_state if cache is not None else "unknown",
+            "l1_items": len(cache.l1) if cache is not None else 0,
+            "redis_published": cache.l2.published if cache is not None and cache.l2 else None,
+            "decode_level": reranker.policy.level.name if reranker is not None else None,
+        }
+
+    def exposition(self) -> tuple[bytes, str]:
+        """/metrics' text and content type, on either port (every worker's in multiprocess
+        mode); the breaker gauge is read now."""
+        cache = self.cache
+        self.metrics.breaker_open.set(
+            0 if cache is None or cache.breaker_state in ("closed", "disabled") else 1
+        )
+        return self.metrics.render()
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -262,6 +289,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
     policy = decode_policy(s, engine.heads)
     _assemble(runtime, engine, policy)
+    # once the bundle is loaded, as the main port: Prometheus' `up` keeps its meaning
+    app.state.admin = admin = start_admin(runtime)
     tasks = [asyncio.create_task(_warm_up(runtime, engine, policy), name="warm-up")]
     if s.reload_interval_s > 0 and s.bundle != s.bundle_dir:  # an artifacts dir: watch it
         tasks.append(asyncio.create_task(_reload_loop(runtime), name="bundle-reload"))
@@ -270,6 +299,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         for task in tasks:
             task.cancel()
+        if admin is not None:  # shutdown() waits for its poll: off the loop
+            await anyio.to_thread.run_sync(admin.close)
         if runtime.reranker is not None:
             await _close(runtime.reranker)
 
@@ -409,17 +440,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/readyz", responses={503: {"description": "loading or warming up"}})
     async def readyz(runtime: RuntimeDep) -> Response:
         """Ready once the bundle is loaded and every bucket warmed; reports the cache."""
-        cache = runtime.cache
-        body = {
-            "ready": runtime.ready,
-            "model_version": runtime.engine.version if runtime.engine is not None else None,
-            "warmup_s": runtime.warmup_s,
-            "redis": cache.breaker_state if cache is not None else "unknown",
-            "l1_items": len(cache.l1) if cache is not None else 0,
-            "redis_published": cache.l2.published if cache is not None and cache.l2 else None,
-            "decode_level": runtime.policy.level.name if runtime.policy is not None else None,
-        }
-        return json_response(body, 200 if runtime.ready else 503)
+        body = runtime.readiness()
+        return json_response(body, 200 if body["ready"] else 503)
 
     @app.get("/v1/model")
     async def model(runtime: RuntimeDep) -> Response:
@@ -431,11 +453,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics(runtime: RuntimeDep) -> Response:
         """Prometheus exposition (every worker's, in multiprocess mode)."""
-        cache = runtime.cache
-        runtime.metrics.breaker_open.set(
-            0 if cache is None or cache.breaker_state in ("closed", "disabled") else 1
-        )
-        data, content_type = runtime.metrics.render()
+        data, content_type = runtime.exposition()
         return Response(data, media_type=content_type)
 
     return app

@@ -165,6 +165,15 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Bind address of `python -m service`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of `python -m service`.")
+    admin_port: int = Field(
+        default=9000,
+        ge=0,
+        le=65535,
+        description="Port of the admin listener on host: GET /healthz, /readyz and /metrics "
+        "answered on threads of their own, off the event loop, so liveness probes and "
+        "scrapes are answered under overload. 0 = off. With workers > 1 every worker listens "
+        "on it (SO_REUSEPORT).",
+    )
     workers: int = Field(
         default=1,
         ge=1,
@@ -186,6 +195,13 @@ class Settings(BaseSettings):
     def _bundle_exists(cls, path: Path) -> Path:
         resolve_bundle_dir(path)  # a bundle, or an artifacts dir naming one
         return path
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.admin_port == self.port:
+            raise ValueError(f"admin_port={self.admin_port} is also port: give the admin "
+                             "listener a port of its own, or 0 to turn it off")  # fmt: skip
+        return self
 
     @property
     def bundle_dir(self) -> Path:

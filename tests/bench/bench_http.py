@@ -508,10 +508,12 @@ class ServerProcess:
 
 
 def _server_env() -> dict[str, str]:
-    """The environment minus RERANK_* (no Redis, default settings) plus quiet logs."""
+    """The environment minus RERANK_* (no Redis, default settings) plus quiet logs and no
+    admin listener (services run side by side)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RERANK_") and k != "PROMETHEUS_MULTIPROC_DIR"}  # fmt: skip
     env["RERANK_LOG_LEVEL"] = "warning"
+    env["RERANK_ADMIN_PORT"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 

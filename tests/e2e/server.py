@@ -19,10 +19,12 @@ from tests.unit.test_export import SCHEMA
 
 
 class ServerThread:
-    """uvicorn.Server in a daemon thread; `url` once started."""
+    """uvicorn.Server in a daemon thread; `url` once started. The admin listener is off,
+    or with `admin` on a free port of its own (`admin_url`): tests run side by side."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.app: FastAPI = create_app(settings)
+    def __init__(self, settings: Settings, admin: bool = False) -> None:
+        self.admin_port = free_port() if admin else 0
+        self.app: FastAPI = create_app(settings.model_copy(update={"admin_port": self.admin_port}))
         self.port = free_port()
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
@@ -33,6 +35,10 @@ class ServerThread:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 120.0) -> ServerThread:
         self.thread.start()

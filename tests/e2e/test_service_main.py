@@ -1,6 +1,6 @@
 """`python -m service`: a real process tree with two uvicorn workers, metrics aggregated
-across them (Prometheus multiprocess mode), JSON log lines with the request id, and a
-clear refusal of bad settings."""
+across them (Prometheus multiprocess mode) on the main port and on the admin port both
+workers share, JSON log lines with the request id, and a clear refusal of bad settings."""
 
 from __future__ import annotations
 
@@ -25,10 +25,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
 def test_two_workers_share_their_metrics(
     tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
 ) -> None:
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "PROMETHEUS_"))}
     # a generous budget: this test counts requests across workers, a busy machine must not
     # turn some into degraded ones
@@ -36,7 +44,7 @@ def test_two_workers_share_their_metrics(
     err = (tmp_path / "stderr").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--workers", "2", "--port", str(port),
-         "--bundle", str(tiny_bundle[0])],
+         "--admin-port", str(admin_port), "--bundle", str(tiny_bundle[0])],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
     )  # fmt: skip
     try:
@@ -56,11 +64,13 @@ def test_two_workers_share_their_metrics(
                 r = c.post("/v1/rerank", json=make_request(rng, 20, 5, request_id=f"req-{i}"))
                 assert r.status_code == 200, r.text
                 ids.append(r.json()["request_id"])
-            samples = {
-                (s.name, tuple(sorted(s.labels.items()))): s.value
-                for f in text_string_to_metric_families(c.get("/metrics").text)
-                for s in f.samples
-            }
+            samples = samples_of(c.get("/metrics").text)
+        # the admin port: either worker answers, each with every worker's metrics
+        with httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", timeout=30) as admin:
+            for _ in range(6):
+                assert admin.get("/healthz").json() == {"status": "alive"}
+                assert admin.get("/readyz").json()["ready"] is True
+                assert samples_of(admin.get("/metrics").text) == samples
         assert samples["rerank_request_duration_seconds_count", (("outcome", "ok"),)] == 20
         assert samples["rerank_candidates_count", ()] == 20
         assert samples["rerank_inflight_requests", ()] == 0
@@ -74,6 +84,10 @@ def test_two_workers_share_their_metrics(
     logged = {json.loads(x["message"])["request_id"] for x in lines
               if x["logger"] == "service.access" and x["message"].startswith("{")}  # fmt: skip
     assert set(ids) <= logged
+    admin_log = [x["message"] for x in lines if x["logger"] == "service.admin"
+                 and x["level"] != "debug"]  # fmt: skip
+    # each worker bound the admin port (SO_REUSEPORT), none was refused
+    assert [m.startswith("admin listener (") for m in admin_log] == [True, True], admin_log
 
 
 def test_bad_settings_exit_2_with_the_reason(tmp_path: Path) -> None:

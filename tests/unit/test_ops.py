@@ -152,6 +152,11 @@ def load_yaml(path: Path) -> Any:
         return yaml.safe_load(f)
 
 
+def admin_port() -> int:
+    """The rerankers' admin port in the compose stack (probes and scrapes go there)."""
+    return int(load_yaml(COMPOSE)["x-serve-env"]["RERANK_ADMIN_PORT"])
+
+
 def alert_rules() -> list[dict[str, Any]]:
     doc = load_yaml(PROMETHEUS / "alerts.yml")
     return [rule for group in doc["groups"] for rule in group["rules"]]
@@ -210,7 +215,7 @@ def test_compose_stack_wiring() -> None:
         service = stack[name]
         assert service["depends_on"]["publish"]["condition"] == "service_completed_successfully"
         assert "rerankers" in service["networks"]["default"]["aliases"]  # Prometheus' DNS name
-        assert "/readyz" in " ".join(service["healthcheck"]["test"])
+        assert f":{admin_port()}/readyz" in " ".join(service["healthcheck"]["test"])
     assert stack["reranker"]["build"]["target"] == "serve" and "profiles" not in stack["reranker"]
     gpu = stack["reranker-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "serve-gpu"
@@ -289,6 +294,11 @@ def test_dockerfile_structure() -> None:
         assert users and users[-1].split(":")[0] not in ("root", "0"), name
         (health,) = [a for op, a in body if op == "HEALTHCHECK"]
         assert "/healthz" in health and "urllib" in health, name
+        assert "RERANK_ADMIN_PORT', '9000'" in health, name  # the admin port: answered under load
+        (exposed,) = [a.split() for op, a in body if op == "EXPOSE"]
+        assert exposed == ["8000", "9000"], name
+        env = " ".join(a for op, a in body if op == "ENV")
+        assert "RERANK_PORT=8000" in env and "RERANK_ADMIN_PORT=9000" in env, name
         assert [a for op, a in body if op == "CMD"] == ['["python", "-m", "service"]'], name
         copied_from = set(re.findall(r"--from=(\S+)", text))
         assert copied_from <= {"builder", "bundle"}, name
@@ -361,7 +371,7 @@ def test_prometheus_scrapes_the_rerankers_and_loads_the_rules() -> None:
     assert config["rule_files"] == ["alerts.yml"]
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "reranker"]
     (dns,) = job["dns_sd_configs"]
-    assert dns["names"] == ["rerankers"] and dns["port"] == 8000
+    assert dns["names"] == ["rerankers"] and dns["port"] == admin_port()
 
 
 def test_dashboard_is_provisioned_and_documented() -> None:

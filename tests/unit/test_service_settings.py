@@ -32,6 +32,13 @@ def test_an_artifacts_dir_resolves_to_its_latest(tiny_bundle: tuple[Path, GenRer
     assert Settings(bundle=path.parent).bundle_dir == path
 
 
+def test_the_admin_port_is_on_by_default_and_0_turns_it_off(
+    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+) -> None:
+    assert Settings(bundle=tiny_bundle[0]).admin_port == 9000
+    assert Settings(bundle=tiny_bundle[0], admin_port=0).admin_port == 0
+
+
 def test_every_field_is_documented() -> None:
     for name, info in Settings.model_fields.items():
         assert info.description, name
@@ -50,6 +57,10 @@ def test_every_field_is_documented() -> None:
         ({"default_budget_ms": -1}, "default_budget_ms"),
         ({"device": "tpu"}, "device"),
         ({"port": 70000}, "port"),
+        ({"admin_port": 70000}, "admin_port"),
+        ({"admin_port": -1}, "admin_port"),
+        ({"admin_port": 8000}, "admin_port=8000 is also port"),
+        ({"port": 9000}, "admin_port=9000 is also port"),
         ({"workers": 0}, "workers"),
         ({"log_level": "loud"}, "log_level"),
         ({"max_body_bytes": 10}, "max_body_bytes"),
