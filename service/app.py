@@ -44,6 +44,7 @@ from service.logs import RateLimit
 from service.metrics import Metrics
 from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
 from service.rerank import BatchConfig, Outcome, Reranker
+from service.routing import DirectRoute, make_app
 from service.settings import Settings, resolve_bundle_dir
 
 log = logging.getLogger("service")
@@ -375,7 +376,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, configured by `settings` (default: Settings() from the environment)."""
     settings = settings if settings is not None else Settings()
     runtime = Runtime(settings=settings, metrics=Metrics())
-    app = FastAPI(
+    app = make_app(
+        otel=settings.otel,
         title="gref-serve",
         version="0.1.0",
         description="Generative reranking (GReF) of upstream candidate lists.",
@@ -388,17 +390,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> Response:
         return json_response(exc.body(), exc.status, getattr(request.state, "headers", None))
 
-    @app.post(
-        "/v1/rerank",
-        response_model=RerankOut,
-        responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {_JSON: {"schema": {"$ref": "#/components/schemas/RerankIn"}}},
-            }
-        },
-    )
     async def rerank(request: Request) -> Response:
         """Rerank the candidates: the top k, best first."""
         arrival = time.perf_counter()
@@ -431,6 +422,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if out is None:  # the client went away before the engine ran it: nobody to answer
             return Response(status_code=499)
         return _respond(runtime, parsed, out, request_id, arrival)
+
+    app.router.add_api_route(
+        "/v1/rerank",
+        rerank,
+        methods=["POST"],
+        route_class_override=DirectRoute,  # reads its own body: no DI, no FastAPI validation
+        response_model=RerankOut,
+        responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {_JSON: {"schema": {"$ref": "#/components/schemas/RerankIn"}}},
+            }
+        },
+    )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

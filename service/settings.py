@@ -163,6 +163,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level; debug logs one JSON line per request."
     )
+    otel: bool = Field(
+        default=False,
+        description="FastAPI's native OpenTelemetry instrumentation (traces, metrics, logs "
+        "through the OpenTelemetry SDK the process configures). Off by default: the "
+        "Prometheus metrics are the service's telemetry, and FastAPI's per-request check "
+        "for a configured provider costs the hot path even when none is.",
+    )
     host: str = Field(default="127.0.0.1", description="Bind address of `python -m service`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port of `python -m service`.")
     admin_port: int = Field(

@@ -2,8 +2,9 @@
 way the service does (RequestReader.read_json: the fast path, or the pydantic-checked one,
 with the bundle's feature schema and the service's default limits) and answers a response
 of the service's shape (the first k candidates, upstream scores) serialized the same way
-(orjson). No engine, no cache, no metrics: what is left is uvicorn + FastAPI + the parse +
-orjson, the cost every request pays before the model does anything.
+(orjson). No engine, no cache, no metrics: what is left is uvicorn + FastAPI (configured
+as the service configures it: service/routing.py) + the parse + orjson, the cost every
+request pays before the model does anything.
 
     GREF_ECHO_BUNDLE=artifacts python -m uvicorn tests.bench.echo_app:app --port 8001
 """
@@ -14,12 +15,13 @@ import os
 from pathlib import Path
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import Response
 
 from model.features import FeatureSchema
 from service.api import ApiError, Limits, RequestReader
 from service.bundle import read_manifest
+from service.routing import DirectRoute, make_app
 from service.settings import Settings, resolve_bundle_dir
 
 _JSON = "application/json"
@@ -34,10 +36,10 @@ READER = RequestReader(
     Limits(max_candidates=int(_cfg["max_candidates"]), max_k=int(_defaults["max_k"].default)),
 )
 
-app = FastAPI(title="gref-serve echo (benchmark floor)")
+# the service's framework configuration (service/routing.py): the floor stays its floor
+app = make_app(title="gref-serve echo (benchmark floor)")
 
 
-@app.post("/v1/rerank")
 async def rerank(request: Request) -> Response:
     """The first k candidates, in a body of RerankOut's shape."""
     try:
@@ -59,6 +61,9 @@ async def rerank(request: Request) -> Response:
         "timings": _ZERO_TIMINGS,
     }
     return Response(orjson.dumps(body), media_type=_JSON)
+
+
+app.router.add_api_route("/v1/rerank", rerank, methods=["POST"], route_class_override=DirectRoute)
 
 
 @app.get("/readyz")
