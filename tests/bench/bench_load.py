@@ -40,7 +40,9 @@ overload  the shipped settings. Its closed-loop maximum, then one open-loop sche
           (counted; its latency still runs from its scheduled time); a send on a
           connection the server closed while idle (uvicorn: 5 s) is retried on another, as
           HTTP clients do, and counted. The server's VmRSS is read every second and
-          /healthz probed once a second on a fresh connection (5 s timeout).
+          /healthz probed once a second on a fresh connection (5 s timeout), on the main
+          port (the event loop's) and on the admin port (RERANK_ADMIN_PORT: threads off
+          the loop, what an orchestrator's liveness probe should use).
 
 Every window also reports the CPU other processes on the machine and the hypervisor
 (steal) took meanwhile: on a shared machine, the figures of a window where they are not
@@ -93,6 +95,7 @@ from tests.bench.bench_http import (  # noqa: E402
     scrape_metrics,
     start_service,
 )
+from tests.support.redis_server import free_port  # noqa: E402
 
 # Like bench_http, this module is imported by the spawned load process: the world and the
 # plotting are imported inside the functions that need them, never at module level.
@@ -879,8 +882,10 @@ def _verdict_or_unknown(value: float, ok: bool) -> str:
 
 def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
     cfg = b.cfg
-    b.start({"overload": {}})
+    admin_port = free_port()
+    b.start({"overload": {"RERANK_ADMIN_PORT": str(admin_port)}})
     server = b.servers["overload"]
+    admin_url = f"http://127.0.0.1:{admin_port}"
     top = b.closed_max("overload")
     peak = top.throughput
     base, step = cfg.step
@@ -899,7 +904,7 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
     job = b.schedule("overload", segments, grace_s=60.0)
     since = b.mark()
     server_cpu0 = process_cpu_s(server.proc.pid)
-    with HealthProbe(server.url) as probe:
+    with HealthProbe(server.url) as probe, HealthProbe(admin_url) as admin_probe:
         res = run_schedule(b.load, job, sample)
     server_cpu = process_cpu_s(server.proc.pid) - server_cpu0
     elapsed = time.monotonic() - since.wall
@@ -978,9 +983,13 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
     rss_max = float(mem.max())
     bounded = rss_max <= 1.5 * rss_before
 
-    probes = [(t, took) for t, took in probe.samples if step_t[0] <= t <= step_t[1]]
-    probe_ms = np.array([took for _, took in probes if took is not None]) * 1e3
-    probe_failed = sum(took is None for _, took in probes)
+    def probe_text(samples: list[tuple[float, float | None]]) -> str:
+        """The probes during the step: how many, failed, answered ones' latency."""
+        probes = [took for t, took in samples if step_t[0] <= t <= step_t[1]]
+        ms = np.array([took for took in probes if took is not None]) * 1e3
+        failed = sum(took is None for took in probes)
+        return (f"{len(probes)} probes, {failed} failed or over 5 s, answered ones p50 "
+                f"{_pct(ms, 50):.0f} ms, max {_pct(ms, 100):.0f} ms")  # fmt: skip
 
     sent, answered = len(res.status), int(res.answered.sum())
     errors = len(res.status) - answered
@@ -1028,13 +1037,12 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
             f"| {row['rss_mib']:5.0f}"
         )
     rec_text = f"{recovered_at:.0f} s after the drop" if recovered_at is not None else "never"
-    probe_text = (f"{len(probes)} probes, {probe_failed} failed or over 5 s, answered ones "
-                  f"p50 {_pct(probe_ms, 50):.0f} ms, max {_pct(probe_ms, 100):.0f} ms")  # fmt: skip
     lines += [
         "",
         "targets (issue):",
         f"  stays up: process alive {up}, /healthz 200 after {healthy}: "
-        f"{verdict(up and healthy)}; /healthz once a second during the step: {probe_text}",
+        f"{verdict(up and healthy)}; /healthz once a second during the step: main port "
+        f"{probe_text(probe.samples)}; admin port {probe_text(admin_probe.samples)}",
         f"  answers every request: {answered}/{sent} = {answered / max(1, sent):.4f}, errors + "
         f"unanswered {errors} (target 0): {verdict(errors == 0)}",
         f"  degraded answers marked (degraded flag iff reason; k items each): "
@@ -1057,7 +1065,7 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         "peak_connections": res.peak_connections, "reconnects": res.reconnects,
         "rss_mib": {"before": rss_before, "max": rss_max, "after": rss_after,
                     "step_growth": growth, "samples": rss},
-        "health_probes": probe.samples,
+        "health_probes": probe.samples, "admin_health_probes": admin_probe.samples,
         "p99_by_second_ms": p99_by_s, "recovered_after_drop_s": recovered_at,
         "backlog_drained_after_drop_s": drained, "timeline": timeline,
         "last_half_p99_ms": last_half_p99, "last_half_server_p99_ms": last_half_srv,
