@@ -177,17 +177,18 @@ class RawPool:
     async def send(self, payload: bytes) -> tuple[int, bytes]:
         """One request. A reused connection the server closed while it sat idle (uvicorn's
         5 s keep-alive timeout) fails before any byte of an answer: that request is sent
-        again on a new connection, as HTTP clients do, rather than counted as an error."""
+        again on a NEW connection (the next idle one may be as stale), as HTTP clients do,
+        rather than counted as an error."""
         reused = not self.idle.empty()
         try:
             return await self._send(payload)
         except asyncio.IncompleteReadError as e:
             if not reused or e.partial:
                 raise
-            return await self._send(payload)
+            return await self._send(payload, fresh=True)
 
-    async def _send(self, payload: bytes) -> tuple[int, bytes]:
-        if self.idle.empty() and self.opened < self.most:
+    async def _send(self, payload: bytes, fresh: bool = False) -> tuple[int, bytes]:
+        if fresh or (self.idle.empty() and self.opened < self.most):
             self.opened += 1
             try:
                 conn = await asyncio.open_connection(HOST, self.port)
