@@ -1,4 +1,5 @@
-"""`python -m model {generate,train,results,convert-avito}` — the offline half of gref-serve."""
+"""`python -m model {generate,train,results,logged-vs-gold,convert-avito}` — the offline half
+of gref-serve."""
 
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logged_vs_gold(args: argparse.Namespace) -> int:
+    from model.evaluate import logged_vs_gold
+    from model.logs import read_logs
+    from model.world import World
+
+    data = Path(args.data)
+    world = World.load(data / "world.npz")
+    batch = read_logs(data / f"{args.split}.parquet")
+    gold = logged_vs_gold(world, batch.take(slice(0, args.requests)))
+    n = min(args.requests, len(batch))
+    info = {"data": str(data), "split": args.split, "requests": n, "orders": gold}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _convert_avito(args: argparse.Namespace) -> int:
     from model.logs import convert_avito
 
@@ -123,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--epochs", type=int)
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=_results)
+
+    v = sub.add_parser(
+        "logged-vs-gold",
+        help="logged NDCG@10 and true utility of the exposed items in the logging order, the "
+        "best order under the true user model and by true relevance (a simulated world)",
+    )
+    v.add_argument("--data", default="data/default", help="logs + world.npz (`generate`)")
+    v.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    v.add_argument("--requests", type=int, default=5000)
+    v.set_defaults(fn=_logged_vs_gold)
 
     a = sub.add_parser("convert-avito", help="Avito Context Ad Clicks TSVs -> our log schema")
     a.add_argument("--search-stream", required=True)

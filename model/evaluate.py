@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from model.data import ListBatch
 from model.features import FeatureSchema
 from model.metrics import auc, list_metrics, ranked_labels
 from model.tensors import Inputs, to_inputs
+
+if TYPE_CHECKING:
+    from model.world import World
 
 
 @dataclass(frozen=True)
@@ -148,3 +152,44 @@ def decode_latency_ms(
         return float(statistics.median(times))
     finally:
         torch.set_num_threads(prev)
+
+
+GOLD_ORDERS = ("logging order", "best under the true user model", "true relevance")
+
+
+def logged_vs_gold(world: World, batch: ListBatch, beam: int = 8) -> dict[str, dict[str, float]]:
+    """What the logged metrics reward in this world: three orders of each request's
+    EXPOSED items (the same items the logged metrics rerank), each with its NDCG@10 on the
+    logged clicks (LibRerank's, as logged_metrics) and its true utility:
+    - the logging order;
+    - the best order a search under the TRUE user model finds (search_best_lists over the
+      exposed items, k = their number): what a reranker that knew the users would show;
+    - the exposed items sorted by true pointwise relevance.
+    The logged clicks were drawn under the logging order's position bias, so a reranker
+    that moves a clicked item down loses logged NDCG even when the list is better for the
+    user: the second row's NDCG says how far the logged metric and the gold disagree."""
+    from model.world import relevance, search_best_lists, true_utility
+
+    K = batch.k
+    slots = np.where(batch.exposed >= 0, np.arange(K)[None, :], -1)  # logging order
+    items = np.where(
+        batch.exposed >= 0,
+        np.take_along_axis(batch.item_id, np.maximum(batch.exposed, 0), axis=1),
+        -1,
+    )  # (B, K) exposed item ids, logging order
+    users = batch.user_id
+    best = search_best_lists(world, users, items, K, beam=beam)  # item ids, -1 padding
+    same = (best[:, :, None] == items[:, None, :]) & (best[:, :, None] >= 0)  # (B, K, K)
+    best_slots = np.where(same.any(axis=2), same.argmax(axis=2), -1)
+    rel = np.where(items >= 0, relevance(world, users, items), -np.inf)
+    rel_slots = np.where(items >= 0, np.argsort(-rel, axis=1, kind="stable"), -1)
+    rel_slots = np.take_along_axis(rel_slots, np.argsort(rel_slots < 0, 1, kind="stable"), 1)
+    out: dict[str, dict[str, float]] = {}
+    for name, order in zip(GOLD_ORDERS, (slots, best_slots, rel_slots), strict=True):
+        labels = ranked_labels(order, batch.click)  # clicks are per exposed slot
+        lists = np.where(order >= 0, np.take_along_axis(items, np.maximum(order, 0), 1), -1)
+        out[name] = {
+            "ndcg@10": float(list_metrics(labels, (10,))["ndcg@10"]),
+            "utility": float(true_utility(world, users, lists).mean()),
+        }
+    return out

@@ -30,6 +30,7 @@ from model.evaluate import (
     generate_lists,
     item_ids_of,
     logged_metrics,
+    logged_vs_gold,
 )
 from model.train import TrainConfig, train
 
@@ -156,7 +157,9 @@ def run_seed(rc: ResultsConfig, seed: int, out: Path, progress: bool) -> dict[st
         metrics["decode_ms"] = decode_latency_ms(r, test_b, model_cfg.schema, rc.k, rc.latency_reps)
         rows[label] = metrics
     room = headroom(world, test_b.take(slice(0, 5000)))
+    gold = logged_vs_gold(world, test_b.take(slice(0, 5000)))
     return {
+        "logged_vs_gold": gold,
         "rows": rows,
         "histories": histories,
         "headroom": {k: float(v) for k, v in room.items()},
@@ -192,6 +195,13 @@ def run(rc: ResultsConfig, out: str | Path, progress: bool = True) -> dict[str, 
         "models": aggregate(per_seed),
         "headroom": {
             k: float(np.mean([s["headroom"][k] for s in per_seed])) for k in per_seed[0]["headroom"]
+        },
+        "logged_vs_gold": {
+            order: {
+                m: float(np.mean([s["logged_vs_gold"][order][m] for s in per_seed]))
+                for m in ("ndcg@10", "utility")
+            }
+            for order in per_seed[0]["logged_vs_gold"]
         },
         "per_seed": [{k: v for k, v in s.items() if k != "histories"} for s in per_seed],
     }

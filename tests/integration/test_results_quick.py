@@ -62,6 +62,9 @@ def test_results_are_consistent(quick_results: Path) -> None:
     # the world has headroom: the searched list beats the pointwise sort
     room = json.loads((quick_results / "results.json").read_text())["headroom"]
     assert room["searched"] > room["pointwise_relevance"] > room["upstream"]
+    gold = json.loads((quick_results / "results.json").read_text())["logged_vs_gold"]
+    assert gold["best under the true user model"]["utility"] > gold["logging order"]["utility"]
+    assert "What the logged NDCG rewards" in (quick_results / "results.md").read_text()
 
 
 def test_checkpoints_are_safetensors(quick_results: Path) -> None:

@@ -314,3 +314,24 @@ def test_headroom_best_list_is_not_the_pointwise_sort(logs: tuple[World, ListBat
     assert h["gain_vs_pointwise_relevance"] > 10 * h["se_gain_vs_pointwise_relevance"]
     assert h["pointwise_relevance"] > h["upstream"]
     assert h["upstream"] > 0.9 * h["logged"]
+
+
+def test_logged_vs_gold_reorders_the_exposed_items(logs: tuple[World, ListBatch]) -> None:
+    from model.evaluate import GOLD_ORDERS, logged_vs_gold
+    from model.metrics import ndcg_at
+
+    world, batch = logs
+    part = batch.take(slice(0, 400))
+    out = logged_vs_gold(world, part)
+    assert tuple(out) == GOLD_ORDERS
+    logged, best, by_rel = (out[name] for name in GOLD_ORDERS)
+    # the logging order row is the logged exposure itself
+    exposed = np.where(
+        part.exposed >= 0, np.take_along_axis(part.item_id, np.maximum(part.exposed, 0), 1), -1
+    )
+    assert logged["utility"] == pytest.approx(true_utility(world, part.user_id, exposed).mean())
+    assert logged["ndcg@10"] == pytest.approx(ndcg_at(part.click, 10).mean())
+    # a search under the true user model does better for the users than either other order
+    assert best["utility"] > by_rel["utility"] > logged["utility"]
+    for row in out.values():
+        assert 0.0 <= row["ndcg@10"] <= 1.0
