@@ -181,9 +181,9 @@ def logged_vs_gold(world: World, batch: ListBatch, beam: int = 8) -> dict[str, d
     best = search_best_lists(world, users, items, K, beam=beam)  # item ids, -1 padding
     same = (best[:, :, None] == items[:, None, :]) & (best[:, :, None] >= 0)  # (B, K, K)
     best_slots = np.where(same.any(axis=2), same.argmax(axis=2), -1)
-    rel = np.where(items >= 0, relevance(world, users, items), -np.inf)
-    rel_slots = np.where(items >= 0, np.argsort(-rel, axis=1, kind="stable"), -1)
-    rel_slots = np.take_along_axis(rel_slots, np.argsort(rel_slots < 0, 1, kind="stable"), 1)
+    rel = np.where(items >= 0, relevance(world, users, items), -np.inf)  # padding last
+    by_rel = np.argsort(-rel, axis=1, kind="stable")
+    rel_slots = np.where(np.take_along_axis(items, by_rel, axis=1) >= 0, by_rel, -1)
     out: dict[str, dict[str, float]] = {}
     for name, order in zip(GOLD_ORDERS, (slots, best_slots, rel_slots), strict=True):
         labels = ranked_labels(order, batch.click)  # clicks are per exposed slot
