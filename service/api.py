@@ -14,6 +14,7 @@ one core of the development VM: 129 µs per body the fast way, 208 µs the check
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,9 @@ from model.features import FeatureSchema, hash_id, hash_ids, hash_items
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 FeatureValue = Annotated[float, Field(allow_inf_nan=False)]
+# what an HTTP header value can carry as is (no CR/LF, no non-Latin-1): the id is echoed
+REQUEST_ID_PATTERN = r"^[\x21-\x7e]*$"
+_REQUEST_ID_OK = re.compile(REQUEST_ID_PATTERN).match
 
 
 class User(BaseModel):
@@ -59,7 +63,11 @@ class RerankIn(BaseModel):
 
     model_config = _STRICT
     request_id: str | None = Field(
-        default=None, max_length=128, description="Echoed back; generated when absent."
+        default=None,
+        max_length=128,
+        pattern=REQUEST_ID_PATTERN,
+        description="Echoed back, in the body and the X-Request-ID header: printable ASCII "
+        "without spaces (a header value must be). Generated when absent.",
     )
     user: User
     candidates: list[Candidate] = Field(
@@ -128,8 +136,21 @@ def invalid(field: str | None, message: str) -> ApiError:
     return ApiError(422, "invalid_request", message, field)
 
 
+# pydantic names the member of a union that failed after the field (`features.x.int`)
+_UNION_TAGS = frozenset({"int", "float"})
+_MESSAGES = {
+    # the union int | float of an item feature: one message for both members
+    "features": "Input should be a number (an integer for a categorical feature)",
+    "string_pattern_mismatch": "printable ASCII without spaces only (it is echoed in the "
+    "X-Request-ID header)",
+}
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
-    """('candidates', 3, 'score') -> 'candidates[3].score'."""
+    """('candidates', 3, 'score') -> 'candidates[3].score'; a union member's tag dropped
+    (('candidates', 0, 'features', 'category', 'int') -> 'candidates[0].features.category')."""
+    if len(loc) >= 3 and loc[-3] == "features" and loc[-1] in _UNION_TAGS:
+        loc = loc[:-1]
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -144,8 +165,14 @@ def parse_body(body: bytes) -> RerankIn:
         err = e.errors(include_url=False)[0]
         if err["type"] == "json_invalid":
             raise invalid(None, f"body is not valid JSON: {err['msg']}") from None
-        field = _loc(tuple(err["loc"])) or None
-        raise invalid(field, err["msg"]) from None
+        loc = tuple(err["loc"])
+        field = _loc(loc) or None
+        message = err["msg"]
+        if err["type"] == "string_pattern_mismatch":
+            message = _MESSAGES["string_pattern_mismatch"]
+        elif len(loc) >= 3 and loc[-3] == "features" and loc[-1] in _UNION_TAGS:
+            message = _MESSAGES["features"]
+        raise invalid(field, message) from None
 
 
 @dataclass(frozen=True)
@@ -220,7 +247,9 @@ class RequestReader:
         m, lim = len(cands), self.limits
         if not 1 <= m <= lim.max_candidates or not 1 <= k <= min(m, lim.max_k):
             return None
-        if rid is not None and (type(rid) is not str or len(rid) > _MAX_ID_LEN):
+        if rid is not None and (
+            type(rid) is not str or len(rid) > _MAX_ID_LEN or not _REQUEST_ID_OK(rid)
+        ):
             return None
         uid, ufeats = user.get("id"), user.get("features", _NO_FEATURES)
         if (

@@ -217,6 +217,14 @@ BAD: list[tuple[str, Any, str | None]] = [
     ("empty body", lambda: b"", None),
     ("JSON array", lambda: b"[1, 2]", None),
     ("request id too long", lambda: _with("request_id", "x" * 200), "request_id"),
+    # echoed in the X-Request-ID header: CR/LF or non-Latin-1 there would break the answer
+    ("request id with CR LF", lambda: _with("request_id", "a\r\nX-Evil: 1"), "request_id"),
+    ("request id not ASCII", lambda: _with("request_id", "r\u00e9\u65e5"), "request_id"),
+    ("request id with a space", lambda: _with("request_id", "a b"), "request_id"),
+    ("item feature a string", lambda: _with("candidates.1.features.quality", "x"),
+     "candidates[1].features.quality"),
+    ("categorical a bool", lambda: _with("candidates.1.features.category", True),
+     "candidates[1].features.category"),
 ]  # fmt: skip
 
 

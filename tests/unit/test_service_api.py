@@ -55,6 +55,24 @@ def test_refusals_name_the_field(raw: bytes, field: str | None) -> None:
     assert e.value.body()["error"]["field"] == field
 
 
+def test_refusal_messages_say_what_is_wanted_not_pydantics_union_members() -> None:
+    base = b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1%s}], "k": 1%s}'
+    cases = {
+        (b', "features": {"category": true}', b""): "candidates[0].features.category",
+        (b', "features": {"quality": "x"}', b""): "candidates[0].features.quality",
+        (b"", b', "request_id": "a\\r\\nb"'): "request_id",
+    }
+    for (feat, top), field in cases.items():
+        with pytest.raises(ApiError) as e:
+            READER.read_json(base % (feat, top))
+        assert e.value.field == field
+        message = e.value.message
+        assert ("number" in message) if "features" in field else ("ASCII" in message), message
+    assert READER.read_json(base % (b"", b', "request_id": "req-1:a_b/c"')).request_id == (
+        "req-1:a_b/c"
+    )
+
+
 def test_integers_are_numbers_and_the_schema_says_what_is_optional() -> None:
     raw = b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 2}], "k": 1}'
     p = READER.read(parse_body(raw))
