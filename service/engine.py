@@ -640,8 +640,8 @@ class Engine:
             dec = self.greedy(enc, batch.k, p, limits, first_pass_s=t1 - t0)
         else:
             assert isinstance(enc, EncodedBatch)
-            first = float(deadlines.min())
-            dec = self.beam(enc, batch.k, beam, first if np.isfinite(first) else None, t1 - t0)
+            limits = deadlines if np.isfinite(deadlines).any() else None
+            dec = self.beam(enc, batch.k, beam, limits, t1 - t0)
             p = 1
         t2 = time.perf_counter()
         timings = StageTimings(embed_s=batch.embed_s, encode_s=t1 - t0, decode_s=t2 - t1)
@@ -667,11 +667,12 @@ class Engine:
         enc: EncodedBatch,
         k: np.ndarray,
         beam: int,
-        deadline: float | None,
+        deadlines: np.ndarray | None,
         first_pass_s: float = 0.0,
     ) -> Decoded:
         """Beam search per group of equal list length (a beam's best list of length k is
-        not a prefix of the best of length k + 1, unlike greedy)."""
+        not a prefix of the best of length k + 1, unlike greedy). deadlines (B,)
+        perf_counter values (inf = none) or None: each request's own, as in greedy."""
         B = enc.cand_mask.shape[0]
         K = int(k.max())
         order = np.full((B, K), -1, np.int64)
@@ -690,19 +691,28 @@ class Engine:
                 cand_mask=enc.cand_mask[rows],
                 first=first,
             )
-            dec = self._beam_group(sub, int(kk), beam, deadline, first_pass_s)
+            group_deadlines = None if deadlines is None else deadlines[rows]
+            dec = self._beam_group(sub, int(kk), beam, group_deadlines, first_pass_s)
             order[rows, :kk], scores[rows, :kk] = dec.order, dec.scores
             passes = max(passes, dec.passes)
-            early_at[rows], row_passes[rows] = dec.early_at, dec.passes
+            early_at[rows], row_passes[rows] = dec.early_at, dec.row_passes
         return Decoded(order, scores, passes, early_at, row_passes)
 
     def _beam_group(
-        self, enc: EncodedBatch, K: int, W: int, deadline: float | None, first_pass_s: float
+        self,
+        enc: EncodedBatch,
+        K: int,
+        W: int,
+        deadlines: np.ndarray | None,
+        first_pass_s: float,
     ) -> Decoded:
         """model.decode.beam_decode in numpy: B x W rows decode as one batch; beams ranked
         by summed masked log-probs of head 0; the KV cache follows the survivors. The
         encoder's BOS pass (enc.first), when there, is the first step's, its time taken as
-        first_pass_s."""
+        first_pass_s. Before a step, a request whose own deadline a step as long as the
+        last one would overrun gets its best beam completed from head 0's last scores (the
+        deadline step) and is frozen; the others go on, so a tight budget never cuts its
+        batch-mates (they keep their beams; the frozen rows ride along until all stop)."""
         B, M = enc.cand_mask.shape
         names = [*self._carried, "cand_mask"]
         feeds: dict[str, Any] = {n: np.repeat(enc.feeds[n], W, axis=0) for n in names}
@@ -718,13 +728,28 @@ class Engine:
         hist_scores = np.full((B * W, K), -np.inf, np.float32)
         tokens, past = self._bos_tokens(B * W), self.empty_past(B * W)
         last_pass_s, head0 = 0.0, None
+        out_order = np.full((B, K), -1, np.int64)  # the rows frozen at their deadline
+        out_scores = np.full((B, K), -np.inf, np.float32)
+        early_at = np.full(B, -1, np.int64)
+        live = np.ones(B, bool)
+        earliest = math.inf if deadlines is None else float(deadlines.min())
+        steps = K
         for step in range(K):
-            if head0 is not None and _overruns(deadline, last_pass_s):
-                best = first[:, 0] + total.reshape(B, W).argmax(axis=1)  # (B,)
-                order, sc = hist[best], hist_scores[best]  # copies
-                self._complete(head0[best], blocked[best], order, sc, step)
-                order[sc == -np.inf] = -1
-                return Decoded(order, sc, step, np.full(B, step), np.full(B, step))
+            now = time.perf_counter()
+            if head0 is not None and deadlines is not None and now + last_pass_s > earliest:
+                late = live & (now + last_pass_s > deadlines)
+                if late.any():
+                    rows = np.flatnonzero(late)
+                    best = first[rows, 0] + total.reshape(B, W)[rows].argmax(axis=1)
+                    order, sc = hist[best], hist_scores[best]  # copies
+                    self._complete(head0[best], blocked[best], order, sc, step)
+                    order[sc == -np.inf] = -1
+                    out_order[rows], out_scores[rows] = order, sc
+                    early_at[rows], live[rows] = step, False
+                    if not live.any():
+                        steps = step
+                        break
+                    earliest = float(deadlines[live].min())
             t0 = time.perf_counter()
             folded = step == 0 and enc.first is not None  # the encoder ran the BOS pass
             if folded:
@@ -750,8 +775,12 @@ class Engine:
             blocked[np.arange(B * W), item] = -np.inf
             tokens = item[:, None]
             last_pass_s = first_pass_s if folded else time.perf_counter() - t0
-        best = first[:, 0] + total.reshape(B, W).argmax(axis=1)
-        return Decoded(hist[best], hist_scores[best], K, np.full(B, -1), np.full(B, K))
+        if live.any():  # the rows that ran to the end: their best beam
+            rows = np.flatnonzero(live)
+            best = first[rows, 0] + total.reshape(B, W)[rows].argmax(axis=1)
+            out_order[rows], out_scores[rows] = hist[best], hist_scores[best]
+        row_passes = np.where(early_at >= 0, early_at, K)
+        return Decoded(out_order, out_scores, steps, early_at, row_passes)
 
     # ---- warm-up -----------------------------------------------------------------------
 
@@ -879,11 +908,6 @@ def _fast_run(session: ort.InferenceSession) -> RunFn:
         return out
 
     return run
-
-
-def _overruns(deadline: float | None, next_pass_s: float) -> bool:
-    """Would a pass as long as the last one end past the deadline?"""
-    return deadline is not None and time.perf_counter() + next_pass_s > deadline
 
 
 def _masked_log_softmax(scores: np.ndarray, blocked: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import time
 import shutil
 import subprocess
 import sys
@@ -301,6 +302,25 @@ def test_beam_equals_beam_decode(engine: Engine, model: GenReranker) -> None:
     late = engine.rerank(requests_of(model, inp, [8, 5, 8]), beam=3, deadline=0.0)
     for res in late:
         assert res.completed_early and len(set(res.order.tolist())) == len(res.order)
+
+
+def test_beam_keeps_each_requests_own_deadline_in_a_batch(
+    engine: Engine, model: GenReranker
+) -> None:
+    inp = random_inputs([20, 20, 11], seed=6)
+    reqs = requests_of(model, inp, [8, 8, 8])
+    late = RerankRequest(**{**reqs[1].__dict__, "deadline": 0.0})  # already past
+    far = [RerankRequest(**{**r.__dict__, "deadline": time.perf_counter() + 60}) for r in reqs]
+    results = engine.rerank([far[0], late, far[2]], beam=3)
+    ref = beam_decode(model, inp, k=8, beam=3)
+    for b in (0, 2):  # batch-mates keep their whole beam search
+        np.testing.assert_array_equal(results[b].order, ref.order[b].numpy())
+        assert results[b].passes == 8 and not results[b].completed_early
+    # the late one: its best beam after the first step, completed by head 0 in one step
+    assert results[1].completed_early and results[1].passes == 1
+    assert len(set(results[1].order.tolist())) == 8
+    alone = engine.rerank([late], beam=3)[0]
+    np.testing.assert_array_equal(results[1].order, alone.order)
 
 
 def test_stages_are_callable_alone(engine: Engine, model: GenReranker) -> None:
