@@ -38,6 +38,7 @@ from service.api import (
     RerankIn,
     RerankOut,
 )
+from service.bundle import BundleError, read_manifest
 from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
 from service.engine import Engine, EngineConfig, open_engine
 from service.logs import RateLimit
@@ -96,11 +97,7 @@ class Runtime:
 
     def exposition(self) -> tuple[bytes, str]:
         """/metrics' text and content type, on either port (every worker's in multiprocess
-        mode); the breaker gauge is read now."""
-        cache = self.cache
-        self.metrics.breaker_open.set(
-            0 if cache is None or cache.breaker_state in ("closed", "disabled") else 1
-        )
+        mode)."""
         return self.metrics.render()
 
 
@@ -193,7 +190,7 @@ def _assemble(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> Reranke
 async def _retire(old: Reranker, timeout_s: float = 30.0) -> None:
     """After a swap: let the old reranker finish what it holds, then close it."""
     deadline = time.monotonic() + timeout_s
-    while old.pending and time.monotonic() < deadline:
+    while old.active and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await _close(old)
 
@@ -220,6 +217,13 @@ async def _reload_loop(runtime: Runtime) -> None:
         current = runtime.engine.bundle.path if runtime.engine is not None else None
         if target in (current, failed):
             continue
+        problem = _misfit(runtime, target)
+        if problem is not None:  # the API's limits must not shrink under the clients
+            failed = target
+            runtime.metrics.reloads.labels("error").inc()
+            log.error("bundle reload: %s refused, still serving %s: %s", target,
+                      runtime.engine.version if runtime.engine else None, problem)  # fmt: skip
+            continue
         log.info("bundle reload: loading %s", target)
         try:
             engine = await anyio.to_thread.run_sync(_open, runtime, target)
@@ -234,14 +238,41 @@ async def _reload_loop(runtime: Runtime) -> None:
             continue
         old = runtime.reranker
         _assemble(runtime, engine, policy)
-        if old is not None:
-            with contextlib.suppress(KeyError):  # model_info names the served bundle only
-                runtime.metrics.model_info.remove(*_model_labels(old.engine))
+        if old is not None:  # model_info names the served bundle only
+            unlabel_model(runtime.metrics, old.engine)
         runtime.metrics.reloads.labels("ok").inc()
         failed = None
         log.info("bundle reload: now serving %s", engine.version)
         if old is not None:
             await _retire(old)
+
+
+def unlabel_model(metrics: Metrics, engine: Engine) -> None:
+    """rerank_model_info no longer names this engine's bundle. set(0) first: in
+    multiprocess mode remove() leaves the value in this worker's file, where the old
+    version would still read 1."""
+    labels = _model_labels(engine)
+    metrics.model_info.labels(*labels).set(0)
+    with contextlib.suppress(KeyError):
+        metrics.model_info.remove(*labels)
+
+
+def _misfit(runtime: Runtime, target: Path) -> str | None:
+    """Why the bundle at `target` cannot serve the limits the API has now (None: it can):
+    a reload must not turn requests that are valid now into 422s or engine errors."""
+    s, reranker = runtime.settings, runtime.reranker
+    try:
+        cfg = read_manifest(target)["model_config"]
+    except BundleError as e:
+        return str(e)
+    limit = reranker.reader.limits.max_candidates if reranker is not None else 0
+    if int(cfg["max_candidates"]) < limit:
+        return f"its max_candidates {cfg['max_candidates']} < the served limit {limit}"
+    if int(cfg["max_steps"]) < s.max_k:
+        return f"its max_steps {cfg['max_steps']} < max_k {s.max_k}"
+    if s.items_per_pass is not None and int(cfg["omtp_heads"]) < s.items_per_pass:
+        return f"its {cfg['omtp_heads']} heads < items_per_pass {s.items_per_pass}"
+    return None
 
 
 def decode_policy(s: Settings, heads: int) -> DecodePolicy:
@@ -250,7 +281,9 @@ def decode_policy(s: Settings, heads: int) -> DecodePolicy:
     if s.decode_policy == "fixed":
         return fixed(DecodeLevel(s.items_per_pass or heads), budget_s)
     levels = ladder(s.items_per_pass or heads, s.beam)
-    return DecodePolicy(levels, PolicyConfig(budget_s=budget_s, queue_limit=s.max_batch * 4))
+    # step faster at once when the queue is half full (past max_queue requests are shed)
+    config = PolicyConfig(budget_s=budget_s, queue_limit=max(1, s.max_queue // 2))
+    return DecodePolicy(levels, config)
 
 
 def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
@@ -260,7 +293,11 @@ def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
     if s.redis_url is None:
         log.info("no RERANK_REDIS_URL: embedding cache is L1 (in-process) + item tower only")
     else:
-        breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s)
+        gauge = metrics.breaker_open
+        gauge.set(0)  # a new breaker starts closed (also after a bundle swap)
+        # set by each worker as its own breaker moves: livemax over the workers is right
+        breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s,
+                                 on_change=lambda state: gauge.set(state != "closed"))  # fmt: skip
         config = RedisConfig(s.redis_url, s.redis_prefix, s.redis_timeout_ms / 1000,
                              s.writeback_queue, s.redis_cluster)  # fmt: skip
         l2 = RedisL2(config, engine.version, engine.d_model, breaker, metrics)
@@ -326,8 +363,10 @@ def _server_timing(out: Outcome, total_s: float) -> str:
 
 def _observe(metrics: Metrics, out: Outcome, total_s: float, m: int) -> None:
     stage = metrics.stage_of
-    stage["queue"].observe(out.queue_s)
-    stage["cache"].observe(out.cache_s)
+    if out.queued:  # stages a shed request never reached are not observed as 0 s
+        stage["queue"].observe(out.queue_s)
+    if out.looked_up:
+        stage["cache"].observe(out.cache_s)
     if out.passes:
         stage["encode"].observe(out.encode_s)
         stage["decode"].observe(out.decode_s)
@@ -340,16 +379,16 @@ def _observe(metrics: Metrics, out: Outcome, total_s: float, m: int) -> None:
 
 
 def _respond(
-    runtime: Runtime, parsed: Parsed, out: Outcome, request_id: str, arrival: float
+    runtime: Runtime, version: str, parsed: Parsed, out: Outcome, request_id: str, arrival: float
 ) -> Response:
-    """The response of a served request (model list or fallback), its metrics and logs."""
+    """The response of a served request (model list or fallback), its metrics and logs.
+    version: of the bundle that served it (a swap meanwhile does not relabel it)."""
     metrics = runtime.metrics
     total_s = time.perf_counter() - arrival
     _observe(metrics, out, total_s, parsed.m)
     timings = {"queue_ms": out.queue_s * 1000, "cache_ms": out.cache_s * 1000,
                "encode_ms": out.encode_s * 1000, "decode_ms": out.decode_s * 1000,
                "total_ms": total_s * 1000}  # fmt: skip
-    version = runtime.engine.version if runtime.engine is not None else ""
     body = {
         "request_id": request_id,
         "model_version": version,
@@ -415,7 +454,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if not runtime.ready or runtime.reranker is None:
                     raise ApiError(503, "not_ready", "model is loading or warming up")
                 body = await read_body(request, s.max_body_bytes)
-                parsed = runtime.reranker.reader.read_json(body)
+                # once, and after the last await before reranker.rerank() counts the
+                # request as active: a swap's retire of the old one then waits for it
+                reranker = runtime.reranker
+                parsed = reranker.reader.read_json(body)
             except ApiError as e:
                 metrics.duration_of["rejected"].observe(time.perf_counter() - arrival)
                 access_log.debug(  # a client's mistake, not the service's problem
@@ -426,14 +468,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if parsed.request_id is not None:
                 request_id = parsed.request_id
             budget_ms = parsed.budget_ms if parsed.budget_ms is not None else s.default_budget_ms
-            out = await runtime.reranker.rerank(
+            out = await reranker.rerank(
                 parsed, arrival + budget_ms / 1000, request_id, request.receive
             )
         finally:
             metrics.inflight.dec()
         if out is None:  # the client went away before the engine ran it: nobody to answer
             return Response(status_code=499)
-        return _respond(runtime, parsed, out, request_id, arrival)
+        return _respond(runtime, reranker.engine.version, parsed, out, request_id, arrival)
 
     app.router.add_api_route(
         "/v1/rerank",

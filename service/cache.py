@@ -33,9 +33,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from service.logs import RateLimit
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+# one warning per failed Redis read, with the request id; rate-limited (a dead Redis
+# fails every request until the breaker opens, then the breaker's own warnings say so)
+problem_log = logging.getLogger(__name__ + ".problems")
+problem_log.addFilter(RateLimit())
+
+BUDGET_SHARE = 0.5  # of a request's budget left, at most, for its Redis read
+BREAKER_FLOOR_S = 0.002  # a timeout after a wait this long counts as a Redis failure
 
 WRITE_DTYPE = "<f2"  # publish's default: half the bytes; the model's inputs are float32
 _WRITE_BATCH = 256  # embeddings per MSET of the write-back task
@@ -127,27 +135,42 @@ class CircuitBreaker:
     is let through (half-open) -> closed on its success, open again on its failure."""
 
     def __init__(
-        self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        failures: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
+        """on_change(state): called on every change of state (the metrics gauge: each
+        worker sets its own when its breaker moves, so /metrics from any worker is right)."""
         self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self.on_change = on_change
         self.state = "closed"
         self._consecutive = 0
         self._opened_at = 0.0
         self.opened_count = 0
+
+    def _set(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            if self.on_change is not None:
+                self.on_change(state)
 
     def allow(self) -> bool:
         if self.state == "closed":
             return True
         # half-open: one probe per cool-down (a probe that never answers is not waited on)
         if self.clock() - self._opened_at >= self.cooldown_s:
-            self.state, self._opened_at = "half_open", self.clock()
+            self._set("half_open")
+            self._opened_at = self.clock()
             return True
         return False
 
     def success(self) -> None:
         if self.state != "closed":
             log.warning("redis circuit breaker closed (probe succeeded)")
-        self.state, self._consecutive = "closed", 0
+        self._set("closed")
+        self._consecutive = 0
 
     def failure(self) -> None:
         self._consecutive += 1
@@ -156,7 +179,8 @@ class CircuitBreaker:
         ):
             if self.state == "closed":
                 log.warning("redis circuit breaker open after %d failures", self._consecutive)
-            self.state, self._opened_at = "open", self.clock()
+            self._set("open")
+            self._opened_at = self.clock()
             self.opened_count += 1
 
 
@@ -269,24 +293,29 @@ class RedisL2:
                     await task
         await self.client.aclose()
 
-    async def mget(self, ids: Sequence[int], timeout_s: float) -> list[bytes | None] | None:
-        """One MGET, bounded by min(timeout_s, the per-call timeout); None on any failure
-        or while the breaker is open."""
+    async def mget(
+        self, ids: Sequence[int], budget_left_s: float, request_id: str = ""
+    ) -> list[bytes | None] | None:
+        """One MGET, bounded by min(the per-call timeout, BUDGET_SHARE of the request's
+        budget left: the model keeps the rest); None on any failure or while the breaker is
+        open. A timeout counts against the breaker once the wait reached BREAKER_FLOOR_S (a
+        healthy local Redis answers in well under a millisecond), so clients with budgets
+        below the per-call timeout still open it when Redis hangs."""
         if not self.breaker.allow():
             return None
         keys = [f"{self.base}{i}" for i in ids]
-        budget_bound = timeout_s < self.timeout_s  # the request's budget, not Redis, is short
+        wait = max(min(budget_left_s * BUDGET_SHARE, self.timeout_s), 1e-4)
         try:
-            got = await asyncio.wait_for(
-                self._mget(keys), timeout=max(min(timeout_s, self.timeout_s), 1e-4)
-            )
+            got = await asyncio.wait_for(self._mget(keys), timeout=wait)
         except TimeoutError:
-            if not budget_bound:
+            if wait >= min(self.timeout_s, BREAKER_FLOOR_S):
                 self.breaker.failure()
+            problem_log.warning("request %s: redis mget timed out after %.1f ms",
+                                request_id, wait * 1e3)  # fmt: skip
             return None
         except (RedisError, OSError) as e:
             self.breaker.failure()
-            log.debug("redis mget failed: %r", e)
+            problem_log.warning("request %s: redis mget failed: %r", request_id, e)
             return None
         self.breaker.success()
         return [v if isinstance(v, bytes | None) else v.encode() for v in got]
@@ -346,7 +375,9 @@ class EmbeddingCache:
     def breaker_state(self) -> str:
         return "disabled" if self.l2 is None else self.l2.breaker.state
 
-    async def lookup(self, ids: Sequence[int], timeout_s: float) -> Lookup:
+    async def lookup(
+        self, ids: Sequence[int], budget_left_s: float, request_id: str = ""
+    ) -> Lookup:
         """static (m, d) and the rows still missing after L1 and (one MGET) L2."""
         static = np.zeros((len(ids), self.l1.dim), np.float32)
         missing = self.l1.get_many(ids, static)
@@ -358,7 +389,7 @@ class EmbeddingCache:
             return Lookup(static, missing, False)
         rows = np.flatnonzero(missing).tolist()
         want = [ids[i] for i in rows]
-        values = await self.l2.mget(want, timeout_s)
+        values = await self.l2.mget(want, budget_left_s, request_id)
         if values is None:
             self._count["l2", "error"].inc(n_miss)
             return Lookup(static, missing, True)

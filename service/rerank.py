@@ -61,6 +61,9 @@ class Outcome:
     cache_s: float = 0.0
     encode_s: float = 0.0
     decode_s: float = 0.0
+    # the stages it reached (a shed request's are not observed as 0 s in the histograms)
+    looked_up: bool = False
+    queued: bool = False
 
     @property
     def degraded(self) -> bool:
@@ -118,6 +121,9 @@ class Reranker:
         self.config, self.policy = config, policy
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by max_queue below
         self.pending = 0  # requests queued or in the engine (event loop only)
+        self.active = 0  # requests anywhere in rerank(), Redis included: a retired
+        # reranker (bundle swap) is closed only once this is 0
+        self.closed = False
         self._task: asyncio.Task[None] | None = None
         self._l3 = {r: metrics.lookups.labels("l3", r) for r in ("hit", "error")}
 
@@ -127,11 +133,19 @@ class Reranker:
         self._task.add_done_callback(_log_crash)
 
     async def close(self) -> None:
+        """Stop the batcher and the engine thread. Requests still queued (a retire that
+        timed out waiting for them) are answered in upstream order, reason `model`, at
+        once, not left to wait out their budgets on a queue nobody reads."""
+        self.closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._thread.stop()  # it ends after the batch it may be running
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if not job.done.done():
+                job.done.set_result(_Done(None, "model", 0.0, 0.0, None))
 
     async def rerank(
         self,
@@ -142,6 +156,21 @@ class Reranker:
     ) -> Outcome | None:
         """The outcome of one request; None when its client went away (`gone`, the ASGI
         receive: it returns once the client disconnects) before the engine ran it."""
+        self.active += 1
+        try:
+            return await self._rerank(p, deadline, request_id, gone)
+        finally:
+            self.active -= 1
+
+    async def _rerank(
+        self,
+        p: Parsed,
+        deadline: float,
+        request_id: str,
+        gone: Callable[[], Awaitable[Any]] | None,
+    ) -> Outcome | None:
+        if self.closed:  # retired under a request that outlived the retire's wait
+            return upstream(p, "model")
         if time.perf_counter() >= deadline:
             return upstream(p, "budget")
         if self.pending > self.config.max_queue:  # shed before spending a cache lookup on it
@@ -149,11 +178,11 @@ class Reranker:
             return upstream(p, "overload")
         ids = p.item_ids.tolist()
         t0 = time.perf_counter()
-        lookup = await self.cache.lookup(ids, deadline - t0)
+        lookup = await self.cache.lookup(ids, deadline - t0, request_id)
         cache_s = time.perf_counter() - t0
         if time.perf_counter() >= deadline or self.pending > self.config.max_queue:
             out = upstream(p, "budget" if time.perf_counter() >= deadline else "overload")
-            out.cache_s = cache_s
+            out.cache_s, out.looked_up = cache_s, True
             self.policy.pressure()
             return out
         job = _Job(p, lookup.static, lookup.missing, deadline, time.perf_counter(),
@@ -181,6 +210,7 @@ class Reranker:
                 self.policy.pressure()
                 out = upstream(p, "budget")
                 out.queue_s, out.cache_s = time.perf_counter() - job.submitted, cache_s
+                out.queued = out.looked_up = True
                 return out
         finally:
             self.pending -= 1
@@ -208,6 +238,7 @@ class Reranker:
                 decode_s=r.timings.decode_s,
             )
         out.queue_s, out.cache_s = done.queue_s, cache_s + done.embed_s
+        out.queued = out.looked_up = True
         return out
 
     async def _batches(self) -> None:
@@ -233,6 +264,11 @@ class Reranker:
             jobs, waiting = live, self.queue.qsize()
             try:
                 results = await self._thread.run(self._run, jobs, waiting)
+            except asyncio.CancelledError:  # closed mid-batch: nobody will read its result
+                for job in jobs:
+                    if not job.done.done():
+                        job.done.set_result(_Done(None, "model", 0.0, 0.0, None))
+                raise
             except Exception:  # never leave a request waiting forever
                 log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
                 results = [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]

@@ -322,6 +322,34 @@ def test_metrics_parse_and_hold_every_series(client: httpx.Client) -> None:
     assert min(les) <= 1e-4 and len([x for x in les if x < 0.01]) >= 8
 
 
+def test_metrics_count_what_the_requests_did(client: httpx.Client) -> None:
+    """Deltas over two requests: one served, one out of budget on arrival (answered in
+    upstream order before any lookup or queue: those stages are not observed for it)."""
+    rng = np.random.default_rng(11)
+    before = metric_samples(client)
+    served = client.post("/v1/rerank", json=make_request(rng, 30, 10, budget_ms=30_000))
+    late = client.post("/v1/rerank", json=make_request(rng, 9, 3, budget_ms=1e-3))
+    after = metric_samples(client)
+    assert served.status_code == late.status_code == 200
+    assert not served.json()["degraded"] and late.json()["reason"] == "budget"
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    duration = "rerank_request_duration_seconds_count"
+    assert delta(duration, outcome="ok") == 1 and delta(duration, outcome="degraded") == 1
+    assert delta("rerank_fallback_total", reason="budget") == 1
+    stages = {st: delta("rerank_stage_duration_seconds_count", stage=st)
+              for st in ("queue", "cache", "encode", "decode", "total_model")}  # fmt: skip
+    assert stages == dict.fromkeys(stages, 1.0), stages  # the served request's only
+    l1 = [delta("rerank_embedding_lookups_total", tier="l1", result=r) for r in ("hit", "miss")]
+    assert sum(l1) == 30
+    assert delta("rerank_embedding_lookups_total", tier="l3", result="hit") == l1[1]
+    assert delta("rerank_candidates_count") == 2 and delta("rerank_candidates_sum") == 39
+    assert delta("rerank_batch_size_count") == 1 and delta("rerank_decode_passes_count") == 1
+
+
 def test_model_and_health(client: httpx.Client, tiny_bundle: tuple[Path, GenReranker]) -> None:
     manifest = json.loads((tiny_bundle[0] / "manifest.json").read_text())
     assert client.get("/v1/model").json() == manifest

@@ -7,10 +7,10 @@ from __future__ import annotations
 import ast
 import json
 import math
-import time
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,40 @@
+"""Prometheus metrics in multiprocess mode (several uvicorn workers), in a subprocess:
+PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+from types import SimpleNamespace
+from prometheus_client.parser import text_string_to_metric_families
+from service.app import unlabel_model
+from service.metrics import Metrics
+
+metrics = Metrics()
+def engine(version):
+    return SimpleNamespace(version=version, bundle=SimpleNamespace(manifest={"label": "x",
+                           "created": "t"}))
+metrics.model_info.labels(version="v1", label="x", created="t").set(1)
+metrics.model_info.labels(version="v2", label="x", created="t").set(1)  # the swap
+unlabel_model(metrics, engine("v1"))
+text = metrics.render()[0].decode()
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        if s.name == "rerank_model_info":
+            print(s.labels["version"], s.value)
+"""
+
+
+def test_a_retired_bundle_reads_0_in_model_info_with_several_workers(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    values = dict(line.split() for line in out.stdout.splitlines())
+    assert values == {"v1": "0.0", "v2": "1.0"}, out.stdout
