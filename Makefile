@@ -6,21 +6,42 @@ BIN := $(VENV)/bin
 SEED ?= 0
 SEEDS ?= 3
 TORCH_PIN := torch==2.13.0
+# Where torch comes from. Empty (default): pip's own configuration, which on the
+# development machine and in CI finds a local CPU wheel. On a machine without one, PyPI's
+# torch pulls the CUDA packages: give the CPU index,
+#   make serve TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# The onnxruntime build, the project's extra of that name: cpu (onnxruntime) or gpu
+# (onnxruntime-gpu). The two packages share the `onnxruntime` module and must never be
+# installed together: the install removes the other one first. The stamp carries the
+# name, so `make ... ORT=gpu` on a cpu venv (or back) reinstalls.
+ORT ?= cpu
+ifeq ($(ORT),cpu)
+ORT_OTHER := onnxruntime-gpu
+else ifeq ($(ORT),gpu)
+ORT_OTHER := onnxruntime
+else
+$(error ORT=$(ORT): want cpu or gpu)
+endif
+INSTALLED := $(BIN)/.installed-$(ORT)
 
 .DEFAULT_GOAL := help
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(BIN)/.installed: pyproject.toml
+$(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: the local CPU build. An unpinned torch pulls CUDA wheels.
-	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[train,cpu,dev,loadtest]'
+	# torch first, pinned: the CPU build (see TORCH_INDEX). An unpinned torch pulls CUDA wheels.
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PIN)
+	# never onnxruntime and onnxruntime-gpu together: remove the other build first
+	$(BIN)/pip uninstall -q -y $(ORT_OTHER)
+	$(BIN)/pip install -q -e '.[train,$(ORT),dev,loadtest]'
+	rm -f $(BIN)/.installed $(BIN)/.installed-*
 	touch $@
 
-venv: $(BIN)/.installed  ## create .venv with torch (CPU) + the project [train,cpu,dev,loadtest]
+venv: $(INSTALLED)  ## create .venv: torch (CPU; TORCH_INDEX=URL to pick its index) + the project [train,ORT,dev,loadtest], ORT=cpu (default) or gpu
 
 lint: venv  ## ruff (lint + format check) and mypy on service/ and export/
 	$(BIN)/ruff check .
@@ -38,7 +59,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
 
-serve: bundle  ## set everything up (venv, default bundle if missing) and serve on 127.0.0.1:8000
+serve: venv bundle  ## set everything up (venv, default bundle if missing) and serve on 127.0.0.1:8000
 	$(BIN)/python -m service --bundle artifacts --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 DATA := data/default
@@ -53,12 +74,17 @@ $(CKPT)/aligned/best/model.safetensors: | venv
 
 checkpoint: $(CKPT)/aligned/best/model.safetensors  ## train the default checkpoint if missing
 
-artifacts/latest: $(CKPT)/aligned/best/model.safetensors
+# Built only when artifacts/latest is missing: an existing bundle is used as is, whether or
+# not the (gitignored) checkpoint it was exported from is still here. (Not a prerequisite:
+# make would retrain a missing checkpoint, even order-only, before looking at the bundle.)
+# To rebuild: rm artifacts/latest (and checkpoints/default to retrain).
+artifacts/latest: | venv
+	$(MAKE) --no-print-directory checkpoint
 	$(BIN)/python -m export build $(CKPT)/aligned/best --items $(DATA)/items.parquet --out artifacts --fp16 --verify
 
 bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
-bench: bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor
+bench: venv bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor; ORT=gpu for the GPU figures
 	$(BIN)/python tests/bench/bench_engine.py
 	$(BIN)/python tests/bench/bench_decode.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_http.py --bundle artifacts

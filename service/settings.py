@@ -1,7 +1,8 @@
 """The service's one configuration: environment variables `RERANK_*`, validated at start.
 
 Read once, by the app factory (`create_app`) or `python -m service`, never at import time.
-Every field carries a description (the README's settings table is generated from them).
+Every field carries a description; the README's settings table repeats them
+(tests/unit/test_readme_settings.py checks that it does).
 Nonsense is refused with a message naming the variable: a bundle path that is neither a
 bundle nor an artifacts directory, limits above what the bundle's model can take, a
 breaker that never opens, ...
