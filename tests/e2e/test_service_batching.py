@@ -349,7 +349,10 @@ def test_the_budget_bounds_the_wait_for_a_busy_engine(
     assert out["degraded"] and out["reason"] == "budget" and out["passes"] == 0
     assert [i["item_id"] for i in out["items"]] == [c["item_id"] for c in hurried["candidates"][:5]]
     assert 0.19 <= waited < 5, waited  # answered at its deadline, not when the engine freed up
-    assert out["timings"]["queue_ms"] >= 150, out["timings"]
+    # it was queued, and answered at its deadline (a pause of the test process before it
+    # queued, e.g. a garbage collection, moves time from queue_ms to before it)
+    timings = out["timings"]
+    assert timings["queue_ms"] > 0 and timings["total_ms"] >= 190, timings
     assert "rerank_dropped_requests_total 0.0" in metrics  # expired is not dropped
 
 
