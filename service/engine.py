@@ -255,7 +255,13 @@ class Engine:
         self._item_tower = self._session("item_tower", opts, providers)
         self.providers = self._item_tower.get_providers()
         if on_cuda and "CUDAExecutionProvider" not in self.providers:
-            # onnxruntime-gpu without a usable GPU falls back to CPU: so does precision
+            # onnxruntime-gpu lists the CUDA provider whenever it is installed; without a
+            # GPU or the CUDA / cuDNN libraries its sessions fall back to the CPU
+            if config.device == "cuda":  # asked for by name: not a silent CPU engine
+                raise EngineError(
+                    "device=cuda but the CUDA provider did not start (no GPU, or the "
+                    f"CUDA / cuDNN libraries did not load): sessions got {self.providers}"
+                )
             log.warning("CUDA provider present but unusable: running on CPU")
             if config.precision == "auto" and self.precision == "fp16":
                 self.precision = "fp32"

@@ -39,7 +39,13 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from service.engine import Engine, EngineConfig, RerankRequest, open_engine  # noqa: E402
+from service.engine import (  # noqa: E402
+    Engine,
+    EngineConfig,
+    EngineError,
+    RerankRequest,
+    open_engine,
+)
 from service.settings import resolve_bundle_dir  # noqa: E402
 
 NOT_MEASURED = "GPU: not measured (no CUDA execution provider)"
@@ -173,7 +179,10 @@ def run(
         cpu = open_engine(
             str(path), EngineConfig(device="cpu", intra_op_threads=cpu_threads, io_binding="off")
         )
-        gpu = open_engine(str(path), EngineConfig(device="cuda"))
+        try:  # listed is not usable: the engine refuses device=cuda when CUDA did not start
+            gpu = open_engine(str(path), EngineConfig(device="cuda"))
+        except EngineError as e:
+            return f"GPU: not measured ({e})"
         unbound = open_engine(str(path), EngineConfig(device="cuda", io_binding="off"))
         engines = {"cpu": cpu, "gpu": gpu, "gpu unbound": unbound}
         k = min(k, cpu.model_config.max_steps)

@@ -15,6 +15,7 @@ import types
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +30,7 @@ from service.engine import (
     EncodedBatch,
     Engine,
     EngineConfig,
+    EngineError,
     RerankRequest,
     RerankResult,
     open_engine,
@@ -118,6 +120,23 @@ def test_an_onnxruntime_without_the_binding_internals_runs_unbound(
     assert not plain.io_binding  # said in the log; the host path serves
     reqs = requests_of(model, random_inputs([12, 5], seed=26), [6, 6])
     assert_same(plain.rerank(reqs), bound.rerank(reqs))
+
+
+def test_a_listed_cuda_provider_that_does_not_start_is_refused_by_name(
+    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """onnxruntime-gpu lists CUDA even where it cannot start; its sessions then run on the
+    CPU. device=cuda must not quietly become a CPU engine (a GPU benchmark would report CPU
+    figures); device=auto falls back, fp32."""
+    listed = [*ort.get_available_providers(), "CUDAExecutionProvider"]
+    monkeypatch.setattr(engine_module.ort, "get_available_providers", lambda: listed)
+    if HAS_CUDA:
+        pytest.skip("CUDA is really here: nothing to simulate")
+    with pytest.raises(EngineError, match="did not start"):
+        open_engine(str(tiny_bundle[0]), EngineConfig(device="cuda"))
+    auto = open_engine(str(tiny_bundle[0]), EngineConfig(device="auto"))
+    assert auto.providers[0] == "CPUExecutionProvider" and auto.precision == "fp32"
 
 
 def test_the_setting(
@@ -244,6 +263,33 @@ def test_the_bound_stages_keep_the_kv_cache_as_ortvalues(bound: Engine, model: G
     assert bound.warmup(batch_sizes=(1, 3), k=5) > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_bound_equals_unbound_at_each_precision(
+    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    model: GenReranker,
+    precision: str,
+) -> None:
+    """The fp16 graphs (what a GPU serves by default) through the bound path on the CPU:
+    fp16 KV OrtValues, position after the folded BOS pass, bit-identical lists."""
+    path = str(tiny_bundle[0])
+    on = open_engine(path, EngineConfig(device="cpu", precision=precision, io_binding="on"))
+    off = open_engine(path, EngineConfig(device="cpu", precision=precision, io_binding="off"))
+    assert on.io_binding and on.precision == precision
+    reqs = requests_of(model, random_inputs([12, 30, 5, 64], seed=40), [7, 10, 5, 20])
+    for p in (1, N):
+        assert_same(on.rerank(reqs, items_per_pass=p), off.rerank(reqs, items_per_pass=p))
+    late = [reqs[0], RerankRequest(**{**reqs[1].__dict__, "deadline": 0.0}), *reqs[2:]]
+    assert_same(on.rerank(late), off.rerank(late))
+    passes = on.device_passes(on.encode_on_device(on.prepare(reqs[:2])))
+    p0 = passes.position  # 1: the encoder ran the BOS pass
+    passes.step(np.array([[0], [1]], np.int64))
+    passes.step(np.array([[2, 3], [4, 5]], np.int64))
+    assert passes.position == p0 + 3
+    kv_type = "tensor(float16)" if precision == "fp16" else "tensor(float)"
+    for kv in passes.present():
+        assert kv.shape()[2] == p0 + 3 and kv.data_type() == kv_type
+
+
 def test_parity_with_the_torch_reference_through_the_bound_path(
     bound: Engine, model: GenReranker
 ) -> None:
@@ -254,15 +300,25 @@ def test_parity_with_the_torch_reference_through_the_bound_path(
 # ---- GPU: only where onnxruntime has the CUDA execution provider -----------------------
 
 
+def open_cuda(bundle: Path, **config: Any) -> Engine:
+    """A CUDA engine, or a skip saying why: onnxruntime-gpu lists the CUDA provider even
+    where it cannot start (no GPU, CUDA / cuDNN libraries missing); the engine then refuses
+    device=cuda."""
+    try:
+        return open_engine(str(bundle), EngineConfig(device="cuda", **config))
+    except EngineError as e:
+        pytest.skip(f"GPU path not tested here: {e}")
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 class TestCuda:
     @pytest.fixture(scope="class")
     def cuda32(self, tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
-        return open_engine(str(tiny_bundle[0]), EngineConfig(device="cuda", precision="fp32"))
+        return open_cuda(tiny_bundle[0], precision="fp32")
 
     @pytest.fixture(scope="class")
     def cuda16(self, tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
-        return open_engine(str(tiny_bundle[0]), EngineConfig(device="cuda"))
+        return open_cuda(tiny_bundle[0])
 
     def test_cuda_sessions_bind_by_default(self, cuda32: Engine, cuda16: Engine) -> None:
         for engine in (cuda32, cuda16):
@@ -276,13 +332,14 @@ class TestCuda:
         enc = cuda16.encode_on_device(batch)
         assert {v.device_name() for v in enc.values.values()} == {"cuda"}
         passes = cuda16.device_passes(enc)
-        head = passes.step(np.full((2, 1), -1, np.int64))
+        p0 = passes.position  # 1: the encoder ran the BOS pass (0 for an unfolded bundle)
+        head = passes.step(np.array([[0], [1]], np.int64))
         assert isinstance(head, np.ndarray) and head.shape == (2, N, 32)
         assert head.dtype == np.float32  # fp16 graphs: head scores still come back fp32
-        passes.step(np.array([[0, 1], [2, 3]], np.int64))
-        assert passes.position == 3
+        passes.step(np.array([[2, 3], [4, 5]], np.int64))
+        assert passes.position == p0 + 3
         assert {kv.device_name() for kv in passes.present()} == {"cuda"}
-        assert passes.present()[0].shape()[2] == 3
+        assert passes.present()[0].shape()[2] == p0 + 3
 
     def test_fp32_parity_with_torch(self, cuda32: Engine, model: GenReranker) -> None:
         report = run_parity(model, cuda32, ParityConfig(requests=100, seed=4))
@@ -300,7 +357,7 @@ class TestCuda:
         model: GenReranker,
         precision: str,
     ) -> None:
-        cuda = open_engine(str(tiny_bundle[0]), EngineConfig(device="cuda", precision=precision))
+        cuda = open_cuda(tiny_bundle[0], precision=precision)
         cpu = unbound
         if precision == "fp16":
             cpu = open_engine(
@@ -312,11 +369,17 @@ class TestCuda:
         reqs = requests_of(model, inp, ks)
         on_gpu, on_cpu = cuda.rerank(reqs), cpu.rerank(reqs)
         same = sum(np.array_equal(g.order, c.order) for g, c in zip(on_gpu, on_cpu, strict=True))
-        assert same >= len(reqs) - 1, "near-ties may flip one list, not more"
+        if precision == "fp32":
+            assert same >= len(reqs) - 1, "near-ties may flip one list, not more"
         for g, c in zip(on_gpu, on_cpu, strict=True):
             assert g.passes == c.passes and len(g.order) == len(c.order)
             n = int(np.argmax(g.order != c.order)) if not np.array_equal(g.order, c.order) else None
+            # up to the first difference the lists agree with scores within the tolerance;
+            # where they part, the two choices were a near-tie (fp16 on CUDA computes in
+            # fp16, the CPU provider upcasts many fp16 nodes): their scores are that close
             np.testing.assert_allclose(g.scores[:n], c.scores[:n], atol=atol)
+            if n is not None:
+                assert abs(float(g.scores[n]) - float(c.scores[n])) <= 2 * atol
 
     def test_unbound_cuda_path_agrees_with_the_bound_one(
         self,
