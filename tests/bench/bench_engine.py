@@ -114,6 +114,7 @@ def bench_m(
                 fn()
         for _ in range(rounds):
             for key, fn in runners.items():
+                fn()  # untimed: the first call after a switch pays the other runner's caches
                 for _ in range(block):
                     t0 = time.perf_counter()
                     fn()
@@ -194,14 +195,18 @@ def table(rows: list[Row], what: str, iters: int, k: int) -> str:
     if target is not None:
         e50 = pct(target.engine, 50)
         n1 = p50.get((30, 1), float("nan"))
+        t_vs_ee = pct(target.torch, 50) / pct(target.engine_embed, 50)
+        t_vs_e = pct(target.torch, 50) / e50
         lines += [
             "",
             "targets at m = 30, k = 10, n = 4:",
             f"  engine p50 {e50:.3f} ms (target <= 0.5 ms): {'met' if e50 <= 0.5 else 'MISSED'}",
             f"  n = 4 vs n = 1: {n1 / e50:.2f}x (target >= 2x): "
             f"{'met' if n1 / e50 >= 2 else 'MISSED'}",
-            f"  engine vs torch eager: {pct(target.torch, 50) / e50:.2f}x (target >= 3x): "
-            f"{'met' if pct(target.torch, 50) / e50 >= 3 else 'MISSED'}",
+            # like for like: torch's greedy_decode runs the item tower on every call, so
+            # the engine with its item tower (no cache) is what it is compared with
+            f"  engine (item tower included) vs torch eager: {t_vs_ee:.2f}x (target >= 3x): "
+            f"{'met' if t_vs_ee >= 3 else 'MISSED'}; the cached path: {t_vs_e:.2f}x",
         ]
     return "\n".join(lines)
 

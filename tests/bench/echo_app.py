@@ -20,6 +20,7 @@ from fastapi.responses import Response
 
 from model.features import FeatureSchema
 from service.api import ApiError, Limits, RequestReader
+from service.app import _SERVER_TIMING, header, new_request_id
 from service.bundle import read_manifest
 from service.routing import DirectRoute, make_app
 from service.settings import Settings, resolve_bundle_dir
@@ -41,13 +42,16 @@ app = make_app(title="gref-serve echo (benchmark floor)")
 
 
 async def rerank(request: Request) -> Response:
-    """The first k candidates, in a body of RerankOut's shape."""
+    """The first k candidates, in a body of RerankOut's shape, with the service's headers
+    (X-Request-ID, from the header or generated as the service does; Server-Timing)."""
+    request_id = header(request, b"x-request-id") or new_request_id()
     try:
         p = READER.read_json(await request.body())
     except ApiError as e:
-        return Response(orjson.dumps(e.body()), status_code=e.status, media_type=_JSON)
+        return Response(orjson.dumps(e.body()), status_code=e.status, media_type=_JSON,
+                        headers={"X-Request-ID": request_id})  # fmt: skip
     body = {
-        "request_id": p.request_id or "echo",
+        "request_id": p.request_id or request_id,
         "model_version": "echo",
         "items": [
             {"item_id": i, "score": s}
@@ -60,7 +64,9 @@ async def rerank(request: Request) -> Response:
         "passes": 0,
         "timings": _ZERO_TIMINGS,
     }
-    return Response(orjson.dumps(body), media_type=_JSON)
+    headers = {"X-Request-ID": p.request_id or request_id,
+               "Server-Timing": _SERVER_TIMING % (0.0, 0.0, 0.0, 0.0, 0.0)}  # fmt: skip
+    return Response(orjson.dumps(body), media_type=_JSON, headers=headers)
 
 
 app.router.add_api_route("/v1/rerank", rerank, methods=["POST"], route_class_override=DirectRoute)
