@@ -13,8 +13,10 @@ The requests are the simulated world's the bundle was trained on (design §3): a
 data/default/test.parquet with its world.npz when present, else fresh requests of
 WorldConfig() seed 0. Each body carries the request's user (id and dense features) and its
 m = 30 candidates in upstream order (item id, upstream score, the bundle's categorical and
-dense item features), k = 10. Before a target is measured, one pass over every body puts
-their items in its L1 cache.
+dense item features), k = 10. Before a target is measured, a closed-loop pass gets every
+body answered once with the model's list (their items into its L1 cache; bodies degraded
+or failed are sent again), at most max(60 s, 50 ms per body): a setup line says when the
+cap cut it short.
 
 batching  RERANK_DECODE_POLICY=fixed (every head per pass) and a 1 s budget on both, so
           the only difference is RERANK_MAX_BATCH = 32 vs 1 and every answer counted is the
@@ -24,25 +26,26 @@ batching  RERANK_DECODE_POLICY=fixed (every head per pass) and a 1 s budget on b
           loop at 70% of the batched maximum: p99 from the scheduled send time (client) and
           from rerank_request_duration_seconds over the window (server).
 policy    the shipped settings with RERANK_DECODE_POLICY=adaptive (RERANK_BEAM=3) vs fixed.
-          The fixed service's closed-loop maximum first; then open loop at 20% .. 130% of
-          it, the two policies alternating at each rate, each run 2 s unrecorded then
-          --duration recorded. Every response's list is kept and scored with the world's
-          TRUE expected utility (model.world.true_utility; degraded answers count with the
-          list they returned), beside the upstream top k of the same requests; p99 per rate;
-          the share of decoded requests at each level (rerank_decode_level_total deltas).
-          Plot: mean true utility and p99 against offered load, one figure (--out).
-overload  the shipped settings. Its closed-loop maximum, then one open-loop schedule:
-          30% of it for --duration / 2, 3x it for 2.5 x --duration, 30% again for
-          2 x --duration (long enough to see the step's backlog drain). Every request is
-          accounted for: answered, HTTP errors, no answer (a late answer still counts: the
-          sender waits up to 60 s after the last send). The sender opens at most
-          --connections connections; beyond, a request waits in the client for a free one
-          (counted; its latency still runs from its scheduled time); a send on a
+          The fixed service's closed-loop maximum of model (non-degraded) answers first;
+          then open loop at 20% .. 130% of it, the two policies alternating at each rate,
+          each run 2 s unrecorded then --duration recorded. Every response's list is kept
+          and scored with the world's TRUE expected utility (model.world.true_utility;
+          degraded answers count with the list they returned), beside the upstream top k of
+          the same requests; p99 per rate; the share of decoded requests at each level
+          (rerank_decode_level_total deltas). Plot: mean true utility and p99 against
+          offered load, one figure (--out).
+overload  the shipped settings. Its closed-loop maximum of model (non-degraded) answers,
+          then one open-loop schedule: 30% of it for --duration / 2, 3x it for 2.5 x
+          --duration, 30% again for 2 x --duration (long enough to see the step's backlog
+          drain). Every request is accounted for: answered, HTTP errors, no answer (a late
+          answer still counts: the sender waits up to 60 s after the last send). The sender
+          opens at most --connections connections; beyond, a request waits in the client for
+          a free one (counted; its latency still runs from its scheduled time); a send on a
           connection the server closed while idle (uvicorn: 5 s) is retried on another, as
-          HTTP clients do, and counted. The server's VmRSS is read every second and
-          /healthz probed once a second on a fresh connection (5 s timeout), on the main
-          port (the event loop's) and on the admin port (RERANK_ADMIN_PORT: threads off
-          the loop, what an orchestrator's liveness probe should use).
+          HTTP clients do, and counted. The server's VmRSS is read every second and /healthz
+          probed once a second on a fresh connection (5 s timeout), on the main port (the
+          event loop's) and on the admin port (RERANK_ADMIN_PORT: threads off the loop, what
+          an orchestrator's liveness probe should use).
 
 Every window also reports the CPU other processes on the machine and the hypervisor
 (steal) took meanwhile: on a shared machine, the figures of a window where they are not
@@ -62,6 +65,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field, fields
@@ -94,6 +98,7 @@ from tests.bench.bench_http import (  # noqa: E402
     run_phase_async,
     scrape_metrics,
     start_service,
+    wait_until,
 )
 from tests.support.redis_server import free_port  # noqa: E402
 
@@ -256,7 +261,9 @@ class ScheduleResult:
     reason: np.ndarray  # 0: the model's list, 1 + REASONS index, -1: no 200 answer
     marked: np.ndarray  # bool: "degraded":true in the body
     n_items: np.ndarray  # items in the answer
-    server_ms: np.ndarray  # the answer's timings.total_ms: arrival to response in the server
+    # the answer's timings.total_ms: from the rerank handler's entry to the response body
+    # (not the time in the socket / uvicorn queue before it, nor the response's write)
+    handler_ms: np.ndarray
     late: np.ndarray  # bool: sent > 1 ms after its time (the sender fell behind)
     waited: np.ndarray  # bool: every connection was busy, it queued in the sender
     n_bodies: int
@@ -276,6 +283,19 @@ class ScheduleResult:
     @property
     def answered(self) -> np.ndarray:
         return self.status == 200
+
+    @property
+    def done(self) -> np.ndarray:
+        """(n,) when each request was answered (any status), s from the start; nan: none."""
+        return self.offset + self.latency
+
+    def answers_per_s(self, start: float, end: float) -> float:
+        """200 answers COMPLETED in [start, end) s from the start, per second, whenever
+        their requests were scheduled: the throughput served in that window (counting the
+        requests scheduled in it instead gives offered rate x answered share)."""
+        with np.errstate(invalid="ignore"):
+            served = self.answered & (self.done >= start) & (self.done < end)
+        return float(served.sum()) / (end - start)
 
     def scraped(self, at: float) -> str:
         """/metrics as read nearest to `at` s from the start (by when it was answered: a
@@ -313,7 +333,7 @@ async def run_schedule_async(job: Schedule, bodies: list[bytes]) -> ScheduleResu
         schedule=job, offset=offsets, segment=segment, latency=np.full(n, np.nan),
         status=np.full(n, -1, np.int32), reason=np.full(n, -1, np.int8),
         marked=np.zeros(n, bool), n_items=np.zeros(n, np.int16),
-        server_ms=np.full(n, np.nan, np.float32), late=np.zeros(n, bool),
+        handler_ms=np.full(n, np.nan, np.float32), late=np.zeros(n, bool),
         waited=np.zeros(n, bool), n_bodies=len(bodies),
     )  # fmt: skip
     code = {name.encode(): 1 + i for i, name in enumerate(REASONS)}
@@ -340,7 +360,7 @@ async def run_schedule_async(job: Schedule, bodies: list[bytes]) -> ScheduleResu
             res.marked[i] = b'"degraded":true' in body
             res.n_items[i] = body.count(b'"item_id":')
             if total := _TOTAL_MS.search(body):
-                res.server_ms[i] = float(total.group(1))
+                res.handler_ms[i] = float(total.group(1))
         if job.keep_bodies:
             res.bodies[i] = body
 
@@ -358,11 +378,9 @@ async def run_schedule_async(job: Schedule, bodies: list[bytes]) -> ScheduleResu
     scrapes = [asyncio.ensure_future(scrape(t0 + at)) for at in times]
     pending: set[asyncio.Future[None]] = set()
     for i in range(n):
-        gap = t0 + offsets[i] - now()
-        if gap > 0:
-            await asyncio.sleep(gap)
-        elif gap < -1e-3:
-            res.late[i] = True
+        # to the microsecond (uvloop's timers work in whole ms: slop charged to the server)
+        await wait_until(t0 + offsets[i])
+        res.late[i] = now() - (t0 + offsets[i]) > 1e-3  # after the wait: oversleeping too
         task = asyncio.ensure_future(one(i))
         pending.add(task)
         task.add_done_callback(pending.discard)  # the finished ones are not kept
@@ -380,11 +398,85 @@ async def run_schedule_async(job: Schedule, bodies: list[bytes]) -> ScheduleResu
     return res
 
 
-async def run_job_async(job: Phase | Schedule, bodies: list[bytes]) -> Any:
-    """The load process's runner (bench_http's, serving Schedules as well as Phases)."""
+@dataclass(frozen=True)
+class Warm:
+    """The pass before a target is measured: closed loop, `concurrency` connections, until
+    EVERY body was answered once with the model's list (its items then are in the L1: an
+    answer degraded before the engine ran may not have computed them, so that body is sent
+    again), or `cap_s` passed."""
+
+    port: int
+    concurrency: int
+    cap_s: float
+
+
+@dataclass
+class WarmResult:
+    bodies: int  # distinct bodies
+    warmed: int  # of them answered with the model's list
+    sends: int  # requests sent (the others: degraded or failed answers, sent again)
+    seconds: float
+
+    @property
+    def cut(self) -> bool:
+        """The cap ended the pass before every body was warmed."""
+        return self.warmed < self.bodies
+
+
+async def run_warm_async(job: Warm, bodies: list[bytes]) -> WarmResult:
+    """In the load process: the warm pass (Warm)."""
+    payloads = [http_request(job.port, b) for b in bodies]
+    pool = RawPool(job.port, job.concurrency)
+    todo = deque(range(len(bodies)))
+    res = WarmResult(len(bodies), 0, 0, 0.0)
+    start = now()
+    end = start + job.cap_s
+
+    async def worker() -> None:
+        while todo and now() < end:
+            i = todo.popleft()
+            res.sends += 1
+            try:
+                status, body = await pool.send(payloads[i])
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                todo.append(i)
+                await asyncio.sleep(0.01)  # no hot loop against a dead server
+                continue
+            if status == 200 and not _REASON.search(body):  # the model's list
+                res.warmed += 1
+            else:
+                todo.append(i)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(job.concurrency)]
+    _, left = await asyncio.wait(workers, timeout=job.cap_s + 10.0)  # a hung request too
+    for t in left:
+        t.cancel()
+    if left:
+        await asyncio.wait(left)
+    res.seconds = now() - start
+    await pool.close()
+    return res
+
+
+async def run_job_async(job: Phase | Schedule | Warm, bodies: list[bytes]) -> Any:
+    """The load process's runner (bench_http's, serving Schedules and Warms as well as
+    Phases)."""
     if isinstance(job, Schedule):
         return await run_schedule_async(job, bodies)
+    if isinstance(job, Warm):
+        return await run_warm_async(job, bodies)
     return await run_phase_async(job, bodies)
+
+
+def run_warm(load: LoadProcess, job: Warm) -> WarmResult:
+    """Send `job` to the load process and wait for its result."""
+    load.busy = True
+    load.conn.send(job)
+    if not load.conn.poll(job.cap_s + 60):
+        raise RuntimeError(f"load process gave no warm-pass result in {job.cap_s + 60:.0f} s")
+    result: WarmResult = load.conn.recv()
+    load.busy = False
+    return result
 
 
 def run_schedule(load: LoadProcess, job: Schedule, tick: Callable[[], None] | None = None,
@@ -466,6 +558,17 @@ class Mark:
     own_s: float
 
 
+def model_max(top: PhaseResult) -> tuple[float, str]:
+    """A closed-loop run's maximum counting the model's answers only (non-degraded 200s:
+    a degraded answer is the upstream order, almost no work), and a text with the degraded
+    share of that run beside it."""
+    answered = len(top.latencies)
+    text = (f"{top.ok / top.window_s:.0f} model answers/s (non-degraded; all 200 answers "
+            f"{top.answered:.0f}/s, degraded {top.degraded / max(1, answered):.1%} of them, "
+            f"errors {top.errors})")  # fmt: skip
+    return top.ok / top.window_s, text
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -497,6 +600,7 @@ class Bench:
     server_cpus: set[int] | None
     servers: dict[str, ServerProcess] = field(default_factory=dict)
     retired_cpu_s: float = 0.0  # CPU of the servers already stopped
+    warmed: dict[str, WarmResult] = field(default_factory=dict)  # each target's warm pass
 
     def own_cpu_s(self) -> float:
         """CPU used so far by this benchmark's processes: servers, load process, this one."""
@@ -521,9 +625,14 @@ class Bench:
         return (f"other processes on the machine used {other:.2f} cores meanwhile (steal "
                 f"{steal:.2f}); load average {os.getloadavg()[0]:.2f}")  # fmt: skip
 
+    @property
+    def warm_cap_s(self) -> float:
+        return max(60.0, 0.05 * len(self.requests.bodies))
+
     def start(self, targets: dict[str, dict[str, str]]) -> None:
         """Start the services {name: RERANK_* env} together, wait until each is ready,
-        then pass once over every body (their items into its L1 cache)."""
+        then warm each: every body answered once with the model's list (their items into
+        its L1 cache; Warm), at most warm_cap_s."""
         for name, env in targets.items():
             env = {**env, **dict(self.cfg.extra_env)}
             self.servers[name] = start_service(self.bundle, self.workdir, self.server_cpus,
@@ -531,8 +640,26 @@ class Bench:
         for name in targets:
             self.servers[name].wait_ready()
         for name in targets:
-            n = len(self.requests.bodies)
-            self.load.run(self.phase(name, "closed", 1.5 * self.cfg.warmup_s, 0.0, max_requests=n))
+            self.alive()
+            job = Warm(self.servers[name].port, self.cfg.concurrency, self.warm_cap_s)
+            self.warmed[name] = run_warm(self.load, job)
+
+    def warm_text(self, *names: str) -> str:
+        """The warm passes of these targets, for a section's setup lines."""
+        w = {name: self.warmed[name] for name in names}
+        parts = ", ".join(f"{name} {r.seconds:.1f} s, {r.sends} sends" for name, r in w.items())
+        head = (f"L1 warm pass before measuring: every one of the {len(self.requests.bodies)} "
+                "bodies answered once with the model's list")  # fmt: skip
+        cut = {name: r for name, r in w.items() if r.cut}
+        if not cut:
+            return f"{head}: {parts}"
+        short = ", ".join(f"{name} only {r.warmed}" for name, r in cut.items())
+        return (f"{head} -- CUT SHORT by its {self.warm_cap_s:.0f} s cap: {short} (item-tower "
+                f"work leaks into the measured windows); {parts}")  # fmt: skip
+
+    def warm_figures(self, *names: str) -> dict[str, Any]:
+        return {name: {**vars(self.warmed[name]), "cut": self.warmed[name].cut}
+                for name in names}  # fmt: skip
 
     def stop(self, *names: str) -> None:
         for name in names:
@@ -591,7 +718,8 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
     window = res.window(1)
     server_p50, server_p99 = (server_quantile(q, *window) for q in (0.50, 0.99))
     requests, calls = batch_totals(*window)
-    svc = {"rate": rate, "answered_rps": ok.sum() / cfg.duration_s,
+    bounds = job.boundaries()
+    svc = {"rate": rate, "answered_rps": res.answers_per_s(bounds[1], bounds[2]),
            "p50_ms": pct_ms(res.latency[ok], 50), "p95_ms": pct_ms(res.latency[ok], 95),
            "p99_ms": pct_ms(res.latency[ok], 99), "server_p50_ms": server_p50,
            "server_p99_ms": server_p99, "degraded": int((res.reason[ok] > 0).sum()),
@@ -608,6 +736,7 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
         "",
         f"closed loop, {cfg.concurrency} connections, {cfg.warmup_s:g} s warm-up, "
         f"{cfg.duration_s:g} s per target in {rounds} alternating rounds; ms, client side",
+        f"  ({b.warm_text(*targets)})",
         "",
         "| target       | max req/s | model's lists/s |    p50 |    p99 | degraded | errors "
         "| server CPU | us/req | batch |",
@@ -617,7 +746,7 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
     for name, r in closed.items():
         us = r.server_cpu_s / max(1, len(r.latencies)) * 1e6
         lines.append(
-            f"| {name:<12} | {r.throughput:9.0f} | {r.ok / r.window_s:15.0f} "
+            f"| {name:<12} | {r.answered:9.0f} | {r.ok / r.window_s:15.0f} "
             f"| {r.pct_ms(50):6.2f} | {r.pct_ms(99):6.2f} | {r.degraded:8d} | {r.errors:6d} "
             f"| {r.server_cpu_s / r.window_s:10.0%} | {us:6.0f} | {r.mean_batch:5.2f} |"
         )
@@ -625,14 +754,16 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
         f"  ({closed_others})",
         "",
         f"open loop, batched, at {rate:.0f} req/s ({cfg.open_fraction:.0%} of its maximum), "
-        f"{cfg.duration_s:g} s after 1 s unrecorded; latency from the scheduled send, ms; "
-        "server: rerank_request_duration_seconds over the window",
+        f"{cfg.duration_s:g} s after 1 s unrecorded; answered/s: 200 answers completed in "
+        "the window, per second (by answer time); latency (requests scheduled in the "
+        "window) from the scheduled send, ms; server: rerank_request_duration_seconds over "
+        "the window",
         "",
-        "| answered/s |    p50 |    p95 |    p99 | server p50 / p99 | degraded | errors "
-        "| late sends | batch |",
-        "|-----------:|-------:|-------:|-------:|-----------------:|---------:|-------:"
-        "|-----------:|------:|",
-        f"| {svc['answered_rps']:10.0f} | {svc['p50_ms']:6.2f} | {svc['p95_ms']:6.2f} "
+        "| answered/s (by answer time) |    p50 |    p95 |    p99 | server p50 / p99 "
+        "| degraded | errors | late sends | batch |",
+        "|----------------------------:|-------:|-------:|-------:|-----------------:"
+        "|---------:|-------:|-----------:|------:|",
+        f"| {svc['answered_rps']:27.0f} | {svc['p50_ms']:6.2f} | {svc['p95_ms']:6.2f} "
         f"| {p99:6.2f} | {f'{server_p50:.2f} / {server_p99:.2f}':>16} | {svc['degraded']:8d} "
         f"| {svc['errors']:6d} | {svc['late']:10d} | {svc['mean_batch']:5.2f} |",
         f"  ({open_others}; the sender used {client_share:.0%} of its core; "
@@ -652,13 +783,14 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
         lines.append(f"  first error batched/open: {res.error_sample}")
     figures = {
         "closed": {
-            name: {"max_rps": r.throughput, "model_lists_rps": r.ok / r.window_s,
+            name: {"max_rps": r.answered, "model_lists_rps": r.ok / r.window_s,
                    "p50_ms": r.pct_ms(50), "p99_ms": r.pct_ms(99), "degraded": r.degraded,
                    "errors": r.errors, "mean_batch": r.mean_batch,
                    "server_cpu_us_per_req": r.server_cpu_s / max(1, len(r.latencies)) * 1e6}
             for name, r in closed.items()
         },
         "open": svc,
+        "warm": b.warm_figures(*targets),
         "throughput_ratio": ratio,
         "met": {"throughput_2x": ratio >= 2, "p99_10ms": p99 <= 10},
     }  # fmt: skip
@@ -670,10 +802,10 @@ class PolicyRun:
     policy: str
     fraction: float
     rate: float
-    achieved: float
+    achieved: float  # 200 answers completed in the recorded window, per second
     p50_ms: float
     p99_ms: float
-    server_p99_ms: float  # from the answers' own timings.total_ms
+    handler_p99_ms: float  # the answers' timings.total_ms (handler entry to response body)
     utility: float  # mean true utility of the answered lists
     upstream: float  # mean true utility of the upstream top k of the same requests
     degraded: dict[str, float]
@@ -703,13 +835,14 @@ def _policy_run(world: Any, reqs: Requests, res: ScheduleResult, upstream_u: np.
     cands = reqs.items[body]  # (n, m)
     foreign = int(((lists[:, :, None] != cands[:, None, :]).all(2) & (lists >= 0)).sum())
     utility = true_utility(world, reqs.users[body], np.where(lists >= 0, lists, -1))
-    seconds = res.schedule.segments[seg].seconds
+    bounds = res.schedule.boundaries()
+    served = res.answers_per_s(bounds[seg], bounds[seg + 1])  # by answer time
     levels = counter_deltas(_LEVELS, *res.window(seg))
     decoded = sum(levels.values())
     return PolicyRun(
         policy=policy, fraction=fraction, rate=res.schedule.segments[seg].rate,
-        achieved=len(idx) / seconds, p50_ms=pct_ms(res.latency[ok], 50),
-        p99_ms=pct_ms(res.latency[ok], 99), server_p99_ms=_pct(res.server_ms[ok], 99),
+        achieved=served, p50_ms=pct_ms(res.latency[ok], 50),
+        p99_ms=pct_ms(res.latency[ok], 99), handler_p99_ms=_pct(res.handler_ms[ok], 99),
         utility=float(utility.mean()) if len(idx) else np.nan,
         upstream=float(upstream_u[body].mean()) if len(idx) else np.nan,
         degraded=reason_shares(res.reason[rec]),
@@ -727,7 +860,7 @@ def bench_policy(b: Bench, world: Any) -> tuple[str, dict[str, Any]]:
                "fixed": {"RERANK_DECODE_POLICY": "fixed"}}  # fmt: skip
     b.start(targets)
     top = b.closed_max("fixed")
-    fixed_max = top.throughput
+    fixed_max, fixed_text = model_max(top)  # degraded answers are no throughput
     upstream_u = true_utility(world, reqs.users, reqs.items[:, : reqs.k])
     runs: list[PolicyRun] = []
     for n, fraction in enumerate(cfg.fractions):
@@ -751,28 +884,33 @@ def bench_policy(b: Bench, world: Any) -> tuple[str, dict[str, Any]]:
         "== load-adaptive decoding: RERANK_DECODE_POLICY=adaptive (RERANK_BEAM=3) vs fixed "
         f"(every head per pass); shipped settings otherwise ({_shipped_text()})",
         "",
-        f"fixed policy, closed loop, {cfg.concurrency} connections: {fixed_max:.0f} req/s "
-        f"(degraded {top.degraded / max(1, len(top.latencies)):.1%}, errors {top.errors}) "
-        "= 100% below",
+        f"fixed policy, closed loop, {cfg.concurrency} connections: {fixed_text} = 100% below",
+        f"  ({b.warm_text('adaptive', 'fixed')})",
         f"open loop per rate: {cfg.warmup_s:g} s unrecorded, then {cfg.duration_s:g} s; the "
-        "two policies alternate; latency from the scheduled send, ms; utility: mean TRUE "
+        "two policies alternate; answered/s: 200 answers completed in the recorded window, "
+        "per second (by answer time); latency (requests scheduled in the window) from the "
+        "scheduled send, ms; utility: mean TRUE "
         "expected utility of the returned lists (degraded ones included); late: sends > 1 ms "
         "behind schedule; others / steal: cores used by other processes on the machine and "
-        "taken by the hypervisor during the run; "
-        "srv: the answers' own timings.total_ms",
+        "taken by the hypervisor during the run; handler p99: of the handler time "
+        "(timings.total_ms: from the rerank handler's entry to the response body, not socket "
+        "or uvicorn queueing)",
         "",
-        "| load | offered req/s | policy   | answered/s |    p50 |    p99 | srv p99 | true utility "
+        "| load | offered req/s | policy   | answered/s (by answer time) |    p50 |    p99 "
+        "| handler p99 | true utility "
         "| / upstream | degraded (reason)            | decode levels (server)         | errors "
         "| late | others / steal |",
-        "|-----:|--------------:|:---------|-----------:|-------:|-------:|--------:|-------------:"
+        "|-----:|--------------:|:---------|----------------------------:|-------:|-------:"
+        "|------------:|-------------:"
         "|-----------:|:-----------------------------|:-------------------------------|-------:"
         "|-----:|---------------:|",
     ]
     for r in runs:
         levels = " ".join(f"{k} {v:.0%}" for k, v in r.levels.items()) or "-"
         lines.append(
-            f"| {r.fraction:4.0%} | {r.rate:13.0f} | {r.policy:<8} | {r.achieved:10.0f} "
-            f"| {r.p50_ms:6.2f} | {r.p99_ms:6.2f} | {r.server_p99_ms:7.2f} | {r.utility:12.4f} "
+            f"| {r.fraction:4.0%} | {r.rate:13.0f} | {r.policy:<8} | {r.achieved:27.0f} "
+            f"| {r.p50_ms:6.2f} | {r.p99_ms:6.2f} | {r.handler_p99_ms:11.2f} "
+            f"| {r.utility:12.4f} "
             f"| {r.utility / r.upstream:9.3f}x | {_shares_text(r.degraded):<28} "
             f"| {levels:<30} | {r.errors:6d} | {r.late:4d} "
             f"| {f'{r.others:.2f} / {r.steal:.2f}':>14} |"
@@ -795,7 +933,9 @@ def bench_policy(b: Bench, world: Any) -> tuple[str, dict[str, Any]]:
     if cfg.out is not None:
         where = "CPU, service on 1 core" if b.server_cpus else "CPU, unpinned"
         lines.append(f"  plot: {plot_policy(runs, budget_ms, fixed_max, cfg.out, where)}")
-    figures = {"fixed_max_rps": fixed_max, "budget_ms": budget_ms,
+    figures = {"fixed_max_rps": fixed_max, "fixed_all_answers_rps": top.answered,
+               "fixed_max_degraded_share": top.degraded / max(1, len(top.latencies)),
+               "warm": b.warm_figures("adaptive", "fixed"), "budget_ms": budget_ms,
                "runs": [vars(r) for r in runs]}  # fmt: skip
     return "\n".join(lines), figures
 
@@ -830,7 +970,7 @@ def plot_policy(runs: list[PolicyRun], budget_ms: float, fixed_max: float, out: 
     bottom.legend(fontsize=8)
     bottom.grid(alpha=0.3, which="both")
     bottom.set_xlabel(f"offered load, req/s (open loop; 100% = the fixed policy's closed-loop "
-                      f"maximum, {fixed_max:.0f} req/s)")  # fmt: skip
+                      f"maximum of model answers, {fixed_max:.0f}/s)")  # fmt: skip
     rates = sorted({(round(r.rate), r.fraction) for r in runs})
     bottom.set_xticks([x for x, _ in rates], [f"{x}\n{f:.0%}" for x, f in rates])
     fig.suptitle(f"Load-adaptive decoding: quality and tail latency vs load ({where})")
@@ -887,12 +1027,12 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
     server = b.servers["overload"]
     admin_url = f"http://127.0.0.1:{admin_port}"
     top = b.closed_max("overload")
-    peak = top.throughput
+    peak, peak_text = model_max(top)  # degraded answers are no throughput
     base, step = cfg.step
     segments = (
-        Segment(f"{base:.0%}", base * peak, max(1.0, cfg.duration_s / 2)),
-        Segment(f"{step:g}x", step * peak, 2.5 * cfg.duration_s),
-        Segment(f"{base:.0%} again", base * peak, 2 * cfg.duration_s),
+        Segment(f"{base:.0%}", max(1.0, base * peak), max(1.0, cfg.duration_s / 2)),
+        Segment(f"{step:g}x", max(1.0, step * peak), 2.5 * cfg.duration_s),
+        Segment(f"{base:.0%} again", max(1.0, base * peak), 2 * cfg.duration_s),
     )
     rss: list[tuple[float, float]] = []  # (seconds since the schedule was sent, MiB)
     rss_before = rss_mib(server.proc.pid)
@@ -937,7 +1077,7 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
                             + (ok & (res.reason == 0) & res.marked).sum()),
             "short_lists": int((ok & (res.n_items < b.requests.k)).sum()),
             "p50_ms": pct_ms(lat, 50), "p99_ms": pct_ms(lat, 99),
-            "server_p99_ms": _pct(res.server_ms[ok], 99),
+            "handler_p99_ms": _pct(res.handler_ms[ok], 99),
             "server_fallbacks": counter_deltas(_FALLBACKS, *res.window(j)),
             "late": int(res.late[mine].sum()), "waited": int(res.waited[mine].sum()),
         }  # fmt: skip
@@ -947,22 +1087,22 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
             f"| {s.name:<10} | {s.rate:6.0f} | {s.seconds:4.0f} | {phase['sent']:6d} "
             f"| {phase['answered'] / max(1, phase['sent']):8.4f} | {errors:6d} "
             f"| {_shares_text(phase['degraded']):<28} | {phase['p50_ms']:8.1f} "
-            f"| {phase['p99_ms']:8.1f} | {phase['server_p99_ms']:7.1f} "
+            f"| {phase['p99_ms']:8.1f} | {phase['handler_p99_ms']:11.1f} "
             f"| {phase['late']:5d} | {phase['waited']:6d} |"
         )
 
     # recovery, against the phase before the step: end to end (client, by scheduled send:
-    # it includes the backlog the step left in the sender) and in the server (its timings)
+    # it includes the backlog the step left in the sender) and in the handler (timings)
     drop = segments[0].seconds + segments[1].seconds
     half = (res.segment == len(segments) - 1) & res.answered
     half &= res.offset >= drop + segments[2].seconds / 2
-    first_p99, first_srv = per_phase[0]["p99_ms"], per_phase[0]["server_p99_ms"]
+    first_p99, first_srv = per_phase[0]["p99_ms"], per_phase[0]["handler_p99_ms"]
     bound, bound_srv = (max(2 * x, x + 5.0) for x in (first_p99, first_srv))
     last_half_p99 = pct_ms(res.latency[half], 99)
-    last_half_srv = _pct(res.server_ms[half], 99)
+    last_half_srv = _pct(res.handler_ms[half], 99)
     recovered = bool(last_half_p99 <= bound)
     recovered_srv = bool(last_half_srv <= bound_srv)
-    done = res.offset + res.latency  # answer times, s from the start (nan: none)
+    done = res.done  # answer times, s from the start (nan: none)
     before_drop = (res.offset < drop) & res.answered
     drained = float(np.nanmax(done[before_drop]) - drop) if before_drop.any() else np.nan
     bins = np.floor(res.offset).astype(int)
@@ -999,41 +1139,46 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         f"== overload: shipped settings ({_shipped_text()}, policy "
         f"{shipped('decode_policy')}); one open-loop schedule",
         "",
-        f"closed-loop maximum ({cfg.concurrency} connections): {peak:.0f} req/s; the sender "
-        f"opened at most {res.peak_connections} of {job.connections} connections "
+        f"closed-loop maximum ({cfg.concurrency} connections): {peak_text} = the rates' "
+        f"base; the sender opened at most {res.peak_connections} of {job.connections} connections "
         f"({res.reconnects} sends retried on a connection the server had closed while idle); "
         "latency from the scheduled send, ms (it includes waiting in the sender for a "
-        "connection); srv: the answers' own timings.total_ms (arrival to response)",
+        "connection); handler: handler time (timings.total_ms: from the rerank handler's "
+        "entry to the response body, not socket or uvicorn queueing)",
+        f"  ({b.warm_text('overload')})",
         f"  ({others}; the sender used {client_share:.0%} of its core; the server "
         f"{server_cpu / elapsed:.0%} of its core, "
         f"{server_cpu / max(1, int(res.answered.sum())) * 1e6:.0f} us per answer)",
         "",
         "| phase      | req/s  |    s |   sent | answered |"
-        " errors | degraded (reason)            |      p50 |      p99 | srv p99 | late | waited |",
+        " errors | degraded (reason)            |      p50 |      p99 | handler p99 | late "
+        "| waited |",
         "|:-----------|-------:|-----:|-------:|---------:|"
-        "-------:|:-----------------------------|---------:|---------:|--------:|-----:|-------:|",
+        "-------:|:-----------------------------|---------:|---------:|------------:|-----:"
+        "|-------:|",
         *rows,
         "",
-        "timeline, 2 s bins by scheduled send: requests | answers per second (by answer time) "
-        "| p99 ms (client) | srv p99 ms | share degraded 'overload' | server RSS MiB (max)",
+        "timeline, 2 s bins: requests scheduled in the bin | 200 answers completed in the bin "
+        "per second (by answer time) | of the requests scheduled in the bin: p99 ms (client), "
+        "handler p99 ms, share degraded 'overload' | server RSS MiB (max in the bin)",
     ]
     overload = 1 + REASONS.index("overload")
     timeline = []
     for sec in range(0, int(np.ceil(job.seconds)), 2):
         inbin = (bins >= sec) & (bins < sec + 2)
-        served = ((done >= sec) & (done < sec + 2)).sum() / 2
+        served = res.answers_per_s(sec, sec + 2)  # 200s only: the rest are errors
         near = [m for t, m in rss if sec <= t < sec + 2]
         row = {
             "t": sec, "scheduled": int(inbin.sum()), "served_rps": float(served),
             "p99_ms": pct_ms(res.latency[inbin & res.answered], 99),
-            "server_p99_ms": _pct(res.server_ms[inbin & res.answered], 99),
+            "handler_p99_ms": _pct(res.handler_ms[inbin & res.answered], 99),
             "overload": float((res.reason[inbin] == overload).mean()) if inbin.any() else 0.0,
             "rss_mib": max(near) if near else np.nan,
         }  # fmt: skip
         timeline.append(row)
         lines.append(
             f"  {sec:3d}-{sec + 2:<3d} s | {row['scheduled']:6d} | {served:6.0f}/s "
-            f"| {row['p99_ms']:8.1f} | {row['server_p99_ms']:7.1f} | {row['overload']:6.1%} "
+            f"| {row['p99_ms']:8.1f} | {row['handler_p99_ms']:7.1f} | {row['overload']:6.1%} "
             f"| {row['rss_mib']:5.0f}"
         )
     rec_text = f"{recovered_at:.0f} s after the drop" if recovered_at is not None else "never"
@@ -1054,13 +1199,15 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         f"{first_p99:.1f} ms before the step (bound max(2x, +5 ms) = {bound:.1f} ms): "
         f"{_verdict_or_unknown(last_half_p99, recovered)}; 1 s bins within the bound from "
         f"{rec_text}; the step's backlog answered {drained:.1f} s after the drop",
-        f"  recovers, in the server: srv p99 {last_half_srv:.1f} ms vs {first_srv:.1f} ms "
+        f"  recovers, in the handler: handler p99 {last_half_srv:.1f} ms vs {first_srv:.1f} ms "
         f"(bound {bound_srv:.1f} ms): {_verdict_or_unknown(last_half_srv, recovered_srv)}",
     ]
     if res.error_sample:
         lines.append(f"  first error: {res.error_sample}")
     figures = {
-        "max_rps": peak, "phases": per_phase, "sent": sent, "answered": answered,
+        "max_rps": peak, "all_answers_rps": top.answered,
+        "max_degraded_share": top.degraded / max(1, len(top.latencies)),
+        "warm": b.warm_figures("overload"), "phases": per_phase, "sent": sent, "answered": answered,
         "errors": errors, "unmarked": unmarked, "short_lists": short,
         "peak_connections": res.peak_connections, "reconnects": res.reconnects,
         "rss_mib": {"before": rss_before, "max": rss_max, "after": rss_after,
@@ -1068,10 +1215,10 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         "health_probes": probe.samples, "admin_health_probes": admin_probe.samples,
         "p99_by_second_ms": p99_by_s, "recovered_after_drop_s": recovered_at,
         "backlog_drained_after_drop_s": drained, "timeline": timeline,
-        "last_half_p99_ms": last_half_p99, "last_half_server_p99_ms": last_half_srv,
+        "last_half_p99_ms": last_half_p99, "last_half_handler_p99_ms": last_half_srv,
         "met": {"up": up and healthy, "all_answered": errors == 0,
                 "marked": unmarked == 0 and short == 0, "memory_bounded": bounded,
-                "recovered": recovered, "recovered_in_server": recovered_srv},
+                "recovered": recovered, "recovered_in_handler": recovered_srv},
     }  # fmt: skip
     return "\n".join(lines), figures
 
