@@ -969,8 +969,8 @@ def plot_policy(runs: list[PolicyRun], budget_ms: float, fixed_max: float, out: 
     bottom.set_yscale("log")
     bottom.legend(fontsize=8)
     bottom.grid(alpha=0.3, which="both")
-    bottom.set_xlabel(f"offered load, req/s (open loop; 100% = the fixed policy's closed-loop "
-                      f"maximum of model answers, {fixed_max:.0f}/s)")  # fmt: skip
+    bottom.set_xlabel(f"offered load, req/s (open loop)\n100% = the fixed policy's closed-loop "
+                      f"maximum of model answers, {fixed_max:.0f}/s")  # fmt: skip
     rates = sorted({(round(r.rate), r.fraction) for r in runs})
     bottom.set_xticks([x for x, _ in rates], [f"{x}\n{f:.0%}" for x, f in rates])
     fig.suptitle(f"Load-adaptive decoding: quality and tail latency vs load ({where})")
