@@ -136,25 +136,21 @@ def invalid(field: str | None, message: str) -> ApiError:
     return ApiError(422, "invalid_request", message, field)
 
 
-# pydantic names the member of a union that failed after the field (`features.x.int`)
-_UNION_TAGS = frozenset({"int", "float"})
-_MESSAGES = {
-    # the union int | float of an item feature: one message for both members
-    "features": "Input should be a number (an integer for a categorical feature)",
-    "string_pattern_mismatch": "printable ASCII without spaces only (it is echoed in the "
-    "X-Request-ID header)",
-}
-
-
 def _loc(loc: tuple[int | str, ...]) -> str:
-    """('candidates', 3, 'score') -> 'candidates[3].score'; a union member's tag dropped
-    (('candidates', 0, 'features', 'category', 'int') -> 'candidates[0].features.category')."""
-    if len(loc) >= 3 and loc[-3] == "features" and loc[-1] in _UNION_TAGS:
-        loc = loc[:-1]
+    """('candidates', 3, 'score') -> 'candidates[3].score'."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+# pydantic names the member of a union that failed after the field: an item feature
+# (int | float) refused reads `candidates[0].features.category.int`; the field is the feature
+_UNION_TAGS = frozenset({"int", "float"})
+_FEATURE_MESSAGE = "Input should be a number (an integer for a categorical feature)"
+_REQUEST_ID_MESSAGE = (
+    "printable ASCII without spaces only (it is echoed in the X-Request-ID header)"
+)
 
 
 def parse_body(body: bytes) -> RerankIn:
@@ -165,14 +161,12 @@ def parse_body(body: bytes) -> RerankIn:
         err = e.errors(include_url=False)[0]
         if err["type"] == "json_invalid":
             raise invalid(None, f"body is not valid JSON: {err['msg']}") from None
-        loc = tuple(err["loc"])
-        field = _loc(loc) or None
-        message = err["msg"]
-        if err["type"] == "string_pattern_mismatch":
-            message = _MESSAGES["string_pattern_mismatch"]
+        loc, message = tuple(err["loc"]), err["msg"]
+        if loc == ("request_id",) and err["type"] == "string_pattern_mismatch":
+            message = _REQUEST_ID_MESSAGE
         elif len(loc) >= 3 and loc[-3] == "features" and loc[-1] in _UNION_TAGS:
-            message = _MESSAGES["features"]
-        raise invalid(field, message) from None
+            loc, message = loc[:-1], _FEATURE_MESSAGE
+        raise invalid(_loc(loc) or None, message) from None
 
 
 @dataclass(frozen=True)
