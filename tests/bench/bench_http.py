@@ -459,12 +459,21 @@ class LoadProcess:
         self.busy = False
 
     def run(self, ph: Phase) -> PhaseResult:
+        result: PhaseResult = self.request(ph, ph.warmup_s + ph.duration_s + GRACE_S + 60)
+        return result
+
+    def request(self, job: Any, limit_s: float, tick: Callable[[], None] | None = None) -> Any:
+        """Send any job its runner takes and wait for the result, at most `limit_s`,
+        calling `tick` (if given) once a second meanwhile."""
         self.busy = True
-        self.conn.send(ph)
-        limit = ph.warmup_s + ph.duration_s + GRACE_S + 60
-        if not self.conn.poll(limit):
-            raise RuntimeError(f"load process gave no result in {limit:.0f} s")
-        result: PhaseResult = self.conn.recv()
+        self.conn.send(job)
+        deadline = time.monotonic() + limit_s
+        while not self.conn.poll(1.0):
+            if tick is not None:
+                tick()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"load process gave no result in {limit_s:.0f} s")
+        result = self.conn.recv()
         self.busy = False
         return result
 

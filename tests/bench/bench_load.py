@@ -470,30 +470,14 @@ async def run_job_async(job: Phase | Schedule | Warm, bodies: list[bytes]) -> An
 
 def run_warm(load: LoadProcess, job: Warm) -> WarmResult:
     """Send `job` to the load process and wait for its result."""
-    load.busy = True
-    load.conn.send(job)
-    if not load.conn.poll(job.cap_s + 60):
-        raise RuntimeError(f"load process gave no warm-pass result in {job.cap_s + 60:.0f} s")
-    result: WarmResult = load.conn.recv()
-    load.busy = False
+    result: WarmResult = load.request(job, job.cap_s + 60)
     return result
 
 
 def run_schedule(load: LoadProcess, job: Schedule, tick: Callable[[], None] | None = None,
                  ) -> ScheduleResult:  # fmt: skip
     """Send `job` to the load process and wait for its result, calling `tick` every second."""
-    load.busy = True
-    load.conn.send(job)
-    deadline = time.monotonic() + job.seconds + job.grace_s + 60
-    while not load.conn.poll(1.0):
-        if tick is not None:
-            tick()
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"load process gave no result in {job.seconds + job.grace_s + 60:.0f} s"
-            )
-    result: ScheduleResult = load.conn.recv()
-    load.busy = False
+    result: ScheduleResult = load.request(job, job.seconds + job.grace_s + 60, tick)
     return result
 
 
@@ -563,10 +547,10 @@ def model_max(top: PhaseResult) -> tuple[float, str]:
     a degraded answer is the upstream order, almost no work), and a text with the degraded
     share of that run beside it."""
     answered = len(top.latencies)
-    text = (f"{top.ok / top.window_s:.0f} model answers/s (non-degraded; all 200 answers "
+    text = (f"{top.throughput:.0f} model answers/s (non-degraded; all 200 answers "
             f"{top.answered:.0f}/s, degraded {top.degraded / max(1, answered):.1%} of them, "
             f"errors {top.errors})")  # fmt: skip
-    return top.ok / top.window_s, text
+    return top.throughput, text
 
 
 def verdict(ok: bool) -> str:
@@ -746,7 +730,7 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
     for name, r in closed.items():
         us = r.server_cpu_s / max(1, len(r.latencies)) * 1e6
         lines.append(
-            f"| {name:<12} | {r.answered:9.0f} | {r.ok / r.window_s:15.0f} "
+            f"| {name:<12} | {r.answered:9.0f} | {r.throughput:15.0f} "
             f"| {r.pct_ms(50):6.2f} | {r.pct_ms(99):6.2f} | {r.degraded:8d} | {r.errors:6d} "
             f"| {r.server_cpu_s / r.window_s:10.0%} | {us:6.0f} | {r.mean_batch:5.2f} |"
         )
@@ -783,7 +767,7 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
         lines.append(f"  first error batched/open: {res.error_sample}")
     figures = {
         "closed": {
-            name: {"max_rps": r.answered, "model_lists_rps": r.ok / r.window_s,
+            name: {"max_rps": r.answered, "model_lists_rps": r.throughput,
                    "p50_ms": r.pct_ms(50), "p99_ms": r.pct_ms(99), "degraded": r.degraded,
                    "errors": r.errors, "mean_batch": r.mean_batch,
                    "server_cpu_us_per_req": r.server_cpu_s / max(1, len(r.latencies)) * 1e6}

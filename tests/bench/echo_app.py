@@ -20,7 +20,7 @@ from fastapi.responses import Response
 
 from model.features import FeatureSchema
 from service.api import ApiError, Limits, RequestReader
-from service.app import _SERVER_TIMING, header, new_request_id
+from service.app import SERVER_TIMING, header, new_request_id
 from service.bundle import read_manifest
 from service.routing import DirectRoute, make_app
 from service.settings import Settings, resolve_bundle_dir
@@ -65,7 +65,7 @@ async def rerank(request: Request) -> Response:
         "timings": _ZERO_TIMINGS,
     }
     headers = {"X-Request-ID": p.request_id or request_id,
-               "Server-Timing": _SERVER_TIMING % (0.0, 0.0, 0.0, 0.0, 0.0)}  # fmt: skip
+               "Server-Timing": SERVER_TIMING % (0.0, 0.0, 0.0, 0.0, 0.0)}  # fmt: skip
     return Response(orjson.dumps(body), media_type=_JSON, headers=headers)
 
 
