@@ -30,7 +30,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from service.logs import RateLimit
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 problem_log = logging.getLogger(__name__ + ".problems")
 problem_log.addFilter(RateLimit())
 
+# what a failed Redis call raises: redis-py's errors, the socket's, and the cluster
+# client's own when no node answers (RedisClusterException is not a RedisError)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 BUDGET_SHARE = 0.5  # of a request's budget left, at most, for its Redis read
 BREAKER_FLOOR_S = 0.002  # a timeout after a wait this long counts as a Redis failure
 
@@ -200,6 +203,7 @@ class RedisConfig:
     timeout_s: float  # per call: connect, read, the whole MGET
     queue_size: int  # write-back queue bound
     cluster: bool = False
+    writeback_ttl_s: int = 0  # expiry of a written-back embedding (0: none)
 
 
 class RedisL2:
@@ -217,7 +221,6 @@ class RedisL2:
         self.client: aioredis.Redis | RedisCluster
         # cluster: one MGET / MSET per slot, pipelined; otherwise one round trip
         self._mget: Callable[[list[str]], Awaitable[list[Any]]]
-        self._mset: Callable[[dict[str, bytes]], Awaitable[Any]]
         if config.cluster:
             self.client = RedisCluster.from_url(
                 config.url,
@@ -225,7 +228,7 @@ class RedisL2:
                 socket_connect_timeout=t,
                 retry=Retry(NoBackoff(), 0),  # also the cluster's own retries (redis-py >= 6)
             )
-            self._mget, self._mset = self.client.mget_nonatomic, self.client.mset_nonatomic
+            self._mget = self.client.mget_nonatomic
         else:
             self.client = aioredis.Redis.from_url(
                 config.url,
@@ -235,9 +238,10 @@ class RedisL2:
                 retry_on_timeout=False,
                 health_check_interval=0,
             )
-            self._mget, self._mset = self.client.mget, self.client.mset
+            self._mget = self.client.mget
         self.base = f"{config.prefix}:emb:{version}:"
-        self.dim, self.timeout_s = dim, t
+        self.dim, self.timeout_s, self.ttl_s = dim, t, config.writeback_ttl_s or None
+        self.refused = False  # the published embeddings do not fit this model: L2 is off
         self.breaker, self.metrics = breaker, metrics
         self.queue: asyncio.Queue[tuple[list[int], np.ndarray]] = asyncio.Queue(config.queue_size)
         self._writer: asyncio.Task[None] | None = None
@@ -258,7 +262,7 @@ class RedisL2:
             raw = await asyncio.wait_for(
                 self.client.get(f"{self.base}__meta__"), 5 * self.timeout_s
             )
-        except (RedisError, OSError, TimeoutError) as e:
+        except (*REDIS_ERRORS, TimeoutError) as e:
             log.warning(
                 "redis: could not read the embeddings' meta key %s__meta__: %r", self.base, e
             )
@@ -277,13 +281,26 @@ class RedisL2:
             self.published = False
             return
         if dim != self.dim:
-            log.error("redis: published embeddings have dim %d, the model %d: every L2 value "
-                      "will be refused (a miss)", dim, self.dim)  # fmt: skip
-            self.published = False
+            # values of another width could still decode (float16 at 2d reads as float32
+            # at d): garbage. No reads, no write-backs into that key space
+            self.refused, self.published = True, False
+            log.error("redis: published embeddings have dim %d, the model %d: L2 reads and "
+                      "write-backs are off (every item from L1 or the item tower)",
+                      dim, self.dim)  # fmt: skip
             return
         self.published = True
         log.info("redis: %s embeddings of this version published (%s)",
                  meta.get("count"), meta.get("dtype"))  # fmt: skip
+
+    async def _set_new(self, mapping: dict[str, bytes]) -> None:
+        """SET NX (with the write-back expiry) per key, pipelined: a key that exists is
+        left alone, so a published embedding (the item table's, no expiry) is never
+        replaced by one made from a request's features, and concurrent write-backs of
+        one item keep the first."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in mapping.items():
+            pipe.set(key, value, nx=True, ex=self.ttl_s)
+        await pipe.execute()
 
     async def close(self) -> None:
         for task in (self._writer, self._checker):
@@ -301,7 +318,7 @@ class RedisL2:
         open. A timeout counts against the breaker once the wait reached BREAKER_FLOOR_S (a
         healthy local Redis answers in well under a millisecond), so clients with budgets
         below the per-call timeout still open it when Redis hangs."""
-        if not self.breaker.allow():
+        if self.refused or not self.breaker.allow():
             return None
         keys = [f"{self.base}{i}" for i in ids]
         wait = max(min(budget_left_s * BUDGET_SHARE, self.timeout_s), 1e-4)
@@ -313,7 +330,7 @@ class RedisL2:
             problem_log.warning("request %s: redis mget timed out after %.1f ms",
                                 request_id, wait * 1e3)  # fmt: skip
             return None
-        except (RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             self.breaker.failure()
             problem_log.warning("request %s: redis mget failed: %r", request_id, e)
             return None
@@ -321,11 +338,15 @@ class RedisL2:
         return [v if isinstance(v, bytes | None) else v.encode() for v in got]
 
     def decode(self, value: bytes) -> np.ndarray | None:
+        """A stored value -> (d,) float32; None (a miss) for a value of another size, or
+        one that is not finite (it would turn every list it is in to NaN)."""
         if len(value) == 2 * self.dim:
-            return np.frombuffer(value, "<f2").astype(np.float32)
-        if len(value) == 4 * self.dim:
-            return np.frombuffer(value, "<f4")
-        return None
+            vec = np.frombuffer(value, "<f2").astype(np.float32)
+        elif len(value) == 4 * self.dim:
+            vec = np.frombuffer(value, "<f4")
+        else:
+            return None
+        return vec if np.isfinite(vec).all() else None
 
     def enqueue(self, ids: list[int], rows: np.ndarray) -> None:
         """Queue computed embeddings for Redis; a full queue drops them (counted)."""
@@ -343,14 +364,14 @@ class RedisL2:
             # The breaker belongs to the reads (the request path): write-backs follow it but
             # never move it, so a slow background MSET cannot switch L2 reads off, and an
             # open breaker's one half-open probe is left to a read.
-            if self.breaker.state != "closed":
+            if self.breaker.state != "closed" or self.refused:
                 self.metrics.writebacks.labels("error").inc(len(ids))
                 continue
             values = np.ascontiguousarray(rows.astype(WRITE_DTYPE))
             mapping = {f"{self.base}{i}": values[j].tobytes() for j, i in enumerate(ids)}
             try:
-                await asyncio.wait_for(self._mset(mapping), timeout=self.timeout_s * 5)
-            except (RedisError, OSError, TimeoutError) as e:
+                await asyncio.wait_for(self._set_new(mapping), timeout=self.timeout_s * 5)
+            except (*REDIS_ERRORS, TimeoutError) as e:
                 self.metrics.writebacks.labels("error").inc(len(ids))
                 log.warning("redis write-back of %d embeddings failed: %r", len(ids), e)
                 continue
@@ -393,14 +414,18 @@ class EmbeddingCache:
         if values is None:
             self._count["l2", "error"].inc(n_miss)
             return Lookup(static, missing, True)
-        found_ids, found_rows = [], []
+        found_ids, found_rows, unfit = [], [], 0
         for i, item, value in zip(rows, want, values, strict=True):
             vec = None if value is None else self.l2.decode(value)
+            unfit += value is not None and vec is None
             if vec is not None:
                 static[i] = vec
                 missing[i] = False
                 found_ids.append(item)
                 found_rows.append(static[i])
+        if unfit:
+            problem_log.warning("request %s: %d Redis values of another size or not finite: "
+                                "read as misses", request_id, unfit)  # fmt: skip
         if found_ids:
             self.l1.put_many(found_ids, np.stack(found_rows))
             self._count["l2", "hit"].inc(len(found_ids))
@@ -408,8 +433,8 @@ class EmbeddingCache:
             self._count["l2", "miss"].inc(n_miss - len(found_ids))
         return Lookup(static, missing, False)
 
-    def store(self, ids: list[int], rows: np.ndarray) -> None:
-        """L3 results: into L1 now, into Redis from the write-back queue."""
+    def store(self, ids: list[int], rows: np.ndarray, write_back: bool = True) -> None:
+        """L3 results: into L1 now, into Redis from the write-back queue (`write_back`)."""
         self.l1.put_many(ids, rows)
-        if self.l2 is not None:
+        if write_back and self.l2 is not None:
             self.l2.enqueue(ids, rows)

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         description="Bound of the queue of computed embeddings waiting to be written to "
         "Redis; beyond it write-backs are dropped (and counted).",
     )
+    writeback_ttl_s: int = Field(
+        default=86_400,
+        ge=0,
+        description="Expiry of an embedding the item tower computed and wrote back to Redis, "
+        "s (0 = none). A write-back never replaces a key that exists (SET NX): published "
+        "embeddings (no expiry) stay as published.",
+    )
     default_budget_ms: float = Field(
         default=50.0, gt=0, description="Latency budget of a request that gives no budget_ms, ms."
     )

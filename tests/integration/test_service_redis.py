@@ -4,6 +4,8 @@ a half-open probe closes it)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -64,6 +66,15 @@ def lookups(client: httpx.Client) -> dict[str, float]:
             tier = labels.split('tier="')[1].split('"')[0]
             result = labels.split('result="')[1].split('"')[0]
             out[f"{tier}/{result}"] = float(value)
+    return out
+
+
+def writebacks(client: httpx.Client) -> dict[str, float]:
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("rerank_embedding_writebacks_total{"):
+            labels, value = line.split("} ")
+            out[labels.split('result="')[1].split('"')[0]] = float(value)
     return out
 
 
@@ -253,3 +264,114 @@ def test_readyz_says_whether_the_bundle_was_published(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.get("/readyz").json()["redis_published"] is True
+
+
+def _published(r: redis.Redis, version: str, ids: np.ndarray) -> list[bytes | None]:
+    return list(r.mget([emb_key("t", version, int(i)) for i in ids]))
+
+
+def test_a_write_back_never_replaces_a_published_embedding(
+    served: tuple[httpx.Client, RedisProcess, Path],
+) -> None:
+    """A Redis read that times out (Redis hung, the breaker still closed) sends published
+    items to the item tower with the request's own features; those rows must not be
+    written over the item table's vectors when Redis answers again."""
+    client, server, path = served
+    version, table = path.name, np.load(path / "item_ids.npy")[:30]
+    r = redis.Redis.from_url(server.url)
+    before = _published(r, version, table)
+    assert None not in before
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:  # one timeout: the breaker (2 failures) stays closed, write-backs would go out
+        out = rerank_ok(client, make_request(np.random.default_rng(5), 30, 10,
+                                             item_ids=table, budget_ms=10_000))  # fmt: skip
+        assert lookups(client)["l2/error"] == 30 and lookups(client)["l3/hit"] == 30
+        assert not out["degraded"]
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    time.sleep(1.0)  # past the write-back's own timeout: anything queued has been sent
+    assert _published(r, version, table) == before
+    # not even tried (a write-back that failed on the hung Redis would count as an error)
+    assert writebacks(client) == {"ok": 0.0, "error": 0.0, "dropped": 0.0}
+    r.close()
+
+
+def test_write_backs_set_only_new_keys_and_expire(redis_process: RedisProcess) -> None:
+    from service.cache import CircuitBreaker, RedisConfig, RedisL2
+    from service.metrics import Metrics
+
+    r = redis.Redis.from_url(redis_process.url)
+    r.set("nx:emb:v1:1", b"published")
+    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+    async def write() -> None:
+        config = RedisConfig(redis_process.url, "nx", 0.5, 16, writeback_ttl_s=60)
+        l2 = RedisL2(config, "v1", 4, CircuitBreaker(3, 1.0), Metrics())
+        l2.start()
+        l2.enqueue([1, 2], rows)
+        deadline = time.monotonic() + 10
+        while r.get("nx:emb:v1:2") is None:
+            assert time.monotonic() < deadline, "no write-back"
+            await asyncio.sleep(0.02)
+        await l2.close()
+
+    asyncio.run(write())
+    assert r.get("nx:emb:v1:1") == b"published" and r.ttl("nx:emb:v1:1") == -1  # untouched
+    assert np.array_equal(np.frombuffer(r.get("nx:emb:v1:2") or b"", "<f2"), rows[1])
+    assert 0 < r.ttl("nx:emb:v1:2") <= 60
+    r.close()
+
+
+def test_a_redis_value_that_is_not_finite_or_not_this_size_is_a_miss(
+    served: tuple[httpx.Client, RedisProcess, Path],
+) -> None:
+    client, server, path = served
+    version, table = path.name, np.load(path / "item_ids.npy")[:30]
+    r = redis.Redis.from_url(server.url)
+    d = len(r.get(emb_key("t", version, int(table[0]))) or b"") // 2  # published as float16
+    r.set(emb_key("t", version, int(table[0])), np.full(d, np.nan, "<f2").tobytes())
+    r.set(emb_key("t", version, int(table[1])), b"\x00" * (3 * d))  # neither f2 nor f4
+    r.close()
+    out = rerank_ok(client, make_request(np.random.default_rng(6), 30, 10, item_ids=table))
+    assert not out["degraded"], out
+    counts = lookups(client)
+    assert counts["l2/hit"] == 28 and counts["l3/hit"] == 2, counts
+
+
+def test_published_embeddings_of_another_dim_switch_l2_off(
+    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    redis_process: RedisProcess,
+) -> None:
+    """A meta key naming another dimension: values of another width could still decode
+    (float16 at 2d reads as float32 at d) into garbage, so no L2 reads and no write-backs."""
+    path = tiny_bundle[0]
+    version, table = path.name, np.load(path / "item_ids.npy")[:30]
+    publish_bundle(path, redis_process.url, prefix="w")
+    r = redis.Redis.from_url(redis_process.url)
+    meta = json.loads(r.get(emb_key("w", version, "__meta__")) or b"{}")
+    r.set(emb_key("w", version, "__meta__"), json.dumps({**meta, "dim": meta["dim"] * 2}))
+    settings = Settings(bundle=path, redis_url=redis_process.url, redis_prefix="w",
+                        redis_timeout_ms=100, warmup=False, default_budget_ms=30_000,
+                        decode_policy="fixed")  # fmt: skip
+    srv = ServerThread(settings).start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            wait_ready(client)
+            deadline = time.monotonic() + 10
+            while not srv.app.state.runtime.cache.l2.refused:  # checked in the background
+                assert time.monotonic() < deadline, "meta mismatch not noticed"
+                time.sleep(0.02)
+            assert client.get("/readyz").json()["redis_published"] is False
+            fresh = np.arange(700_000, 700_020)
+            for ids in (table, fresh):
+                out = rerank_ok(client, make_request(np.random.default_rng(7), 20, 5,
+                                                     item_ids=ids))  # fmt: skip
+                assert not out["degraded"]
+            counts = lookups(client)
+            assert counts["l2/hit"] == 0 and counts["l2/error"] == 40, counts
+            time.sleep(0.3)
+            assert r.get(emb_key("w", version, int(fresh[0]))) is None  # no write-back
+    finally:
+        srv.stop()
+        r.close()
