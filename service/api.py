@@ -169,6 +169,14 @@ def parse_body(body: bytes) -> RerankIn:
         raise invalid(_loc(loc) or None, message) from None
 
 
+def bad_request_id(rid: str) -> str | None:
+    """Why `rid` cannot be a request id (None: it can). The body's request_id rule, for
+    the X-Request-ID header too: both are echoed in the response's X-Request-ID."""
+    if len(rid) > _MAX_ID_LEN:
+        return f"at most {_MAX_ID_LEN} characters"
+    return None if _REQUEST_ID_OK(rid) else _REQUEST_ID_MESSAGE
+
+
 @dataclass(frozen=True)
 class Limits:
     max_candidates: int

@@ -27,6 +27,7 @@ import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from service.admin import start_admin
 from service.api import (
@@ -37,6 +38,8 @@ from service.api import (
     RequestReader,
     RerankIn,
     RerankOut,
+    bad_request_id,
+    invalid,
 )
 from service.bundle import BundleError, read_manifest
 from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
@@ -67,6 +70,7 @@ class Runtime:
     reranker: Reranker | None = None
     ready: bool = False
     warmup_s: float | None = None
+    warmup_error: str | None = None
 
     @property
     def engine(self) -> Engine | None:
@@ -89,6 +93,7 @@ class Runtime:
             "ready": self.ready,
             "model_version": reranker.engine.version if reranker is not None else None,
             "warmup_s": self.warmup_s,
+            "warmup_error": self.warmup_error,
             "redis": cache.breaker_state if cache is not None else "unknown",
             "l1_items": len(cache.l1) if cache is not None else 0,
             "redis_published": cache.l2.published if cache is not None and cache.l2 else None,
@@ -138,11 +143,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "body_too_large", f"{length} bytes, at most {limit}", "body")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"more than {limit} bytes", "body")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"more than {limit} bytes", "body")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
+        raise ApiError(499, "client_closed_request", "the client closed the connection "
+                       "before its body arrived", "body") from None  # fmt: skip
     return b"".join(chunks)
 
 
@@ -211,40 +220,44 @@ async def _reload_loop(runtime: Runtime) -> None:
         await asyncio.sleep(s.reload_interval_s)
         try:
             target = resolve_bundle_dir(s.bundle)
-        except ValueError as e:  # a half-written `latest`: look again next time
+        except (ValueError, OSError) as e:  # a half-written `latest`: look again next time
             log.warning("bundle reload: %s", e)
             continue
         current = runtime.engine.bundle.path if runtime.engine is not None else None
         if target in (current, failed):
             continue
-        problem = _misfit(runtime, target)
-        if problem is not None:  # the API's limits must not shrink under the clients
-            failed = target
-            runtime.metrics.reloads.labels("error").inc()
-            log.error("bundle reload: %s refused, still serving %s: %s", target,
-                      runtime.engine.version if runtime.engine else None, problem)  # fmt: skip
-            continue
-        log.info("bundle reload: loading %s", target)
-        try:
-            engine = await anyio.to_thread.run_sync(_open, runtime, target)
-            policy = decode_policy(s, engine.heads)  # its own levels: its heads may differ
-            if s.warmup:
-                await anyio.to_thread.run_sync(_warm, engine, s, policy)
-        except Exception as e:  # any failure keeps the old bundle serving
+        try:  # anything that goes wrong keeps the old bundle serving, and the watch going
+            engine, policy = await _prepare(runtime, target)
+        except Exception as e:
             failed = target
             runtime.metrics.reloads.labels("error").inc()
             log.error("bundle reload: %s failed, still serving %s: %s", target,
                       runtime.engine.version if runtime.engine else None, e)  # fmt: skip
             continue
+        failed = None
         old = runtime.reranker
         _assemble(runtime, engine, policy)
         if old is not None:  # model_info names the served bundle only
             unlabel_model(runtime.metrics, old.engine)
         runtime.metrics.reloads.labels("ok").inc()
-        failed = None
         log.info("bundle reload: now serving %s", engine.version)
         if old is not None:
             await _retire(old)
+
+
+async def _prepare(runtime: Runtime, target: Path) -> tuple[Engine, DecodePolicy]:
+    """The bundle at `target` opened (every sha256 checked), checked against the served
+    limits and warmed, ready to swap in; raises whatever went wrong."""
+    s = runtime.settings
+    problem = _misfit(runtime, target)
+    if problem is not None:  # the API's limits must not shrink under the clients
+        raise BundleError(f"refused: {problem}")
+    log.info("bundle reload: loading %s", target)
+    engine = await anyio.to_thread.run_sync(_open, runtime, target)
+    policy = decode_policy(s, engine.heads)  # its own levels: its heads may differ
+    if s.warmup:
+        await anyio.to_thread.run_sync(_warm, engine, s, policy)
+    return engine, policy
 
 
 def unlabel_model(metrics: Metrics, engine: Engine) -> None:
@@ -263,15 +276,18 @@ def _misfit(runtime: Runtime, target: Path) -> str | None:
     s, reranker = runtime.settings, runtime.reranker
     try:
         cfg = read_manifest(target)["model_config"]
+        limits = {key: int(cfg[key]) for key in ("max_candidates", "max_steps", "omtp_heads")}
     except BundleError as e:
         return str(e)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"its manifest's model_config is malformed: {type(e).__name__}: {e}"
     limit = reranker.reader.limits.max_candidates if reranker is not None else 0
-    if int(cfg["max_candidates"]) < limit:
-        return f"its max_candidates {cfg['max_candidates']} < the served limit {limit}"
-    if int(cfg["max_steps"]) < s.max_k:
-        return f"its max_steps {cfg['max_steps']} < max_k {s.max_k}"
-    if s.items_per_pass is not None and int(cfg["omtp_heads"]) < s.items_per_pass:
-        return f"its {cfg['omtp_heads']} heads < items_per_pass {s.items_per_pass}"
+    if limits["max_candidates"] < limit:
+        return f"its max_candidates {limits['max_candidates']} < the served limit {limit}"
+    if limits["max_steps"] < s.max_k:
+        return f"its max_steps {limits['max_steps']} < max_k {s.max_k}"
+    if s.items_per_pass is not None and limits["omtp_heads"] < s.items_per_pass:
+        return f"its {limits['omtp_heads']} heads < items_per_pass {s.items_per_pass}"
     return None
 
 
@@ -299,7 +315,7 @@ def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
         breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s,
                                  on_change=lambda state: gauge.set(state != "closed"))  # fmt: skip
         config = RedisConfig(s.redis_url, s.redis_prefix, s.redis_timeout_ms / 1000,
-                             s.writeback_queue, s.redis_cluster)  # fmt: skip
+                             s.writeback_queue, s.redis_cluster, s.writeback_ttl_s)  # fmt: skip
         l2 = RedisL2(config, engine.version, engine.d_model, breaker, metrics)
         l2.start()
     return EmbeddingCache(l1, l2, metrics)
@@ -322,10 +338,19 @@ def _warm_k(s: Settings, engine: Engine) -> int:
 
 
 async def _warm_up(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> None:
+    """Warm every bucket, then ready. A warm-up that fails (e.g. the device runs out of
+    memory) leaves the worker not ready, said in /readyz, the log and rerank_ready = 0
+    (the GrefNoReadyInstance alert), rather than serving a model that cannot run."""
     s = runtime.settings
-    if s.warmup:
-        runtime.warmup_s = await anyio.to_thread.run_sync(_warm, engine, s, policy)
+    try:
+        if s.warmup:
+            runtime.warmup_s = await anyio.to_thread.run_sync(_warm, engine, s, policy)
+    except Exception as e:
+        runtime.warmup_error = f"{type(e).__name__}: {e}"
+        log.exception("warm-up of model %s failed: not ready", engine.version)
+        return
     runtime.ready = True
+    runtime.metrics.ready.set(1)
     log.info("ready: model %s", engine.version)
 
 
@@ -333,6 +358,7 @@ async def _warm_up(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> No
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     s = runtime.settings
+    runtime.metrics.ready.set(0)
     engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
     policy = decode_policy(s, engine.heads)
     _assemble(runtime, engine, policy)
@@ -344,6 +370,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        runtime.ready = False
+        runtime.metrics.ready.set(0)
         for task in tasks:
             task.cancel()
         if admin is not None:  # shutdown() waits for its poll: off the loop
@@ -380,13 +408,22 @@ def _observe(metrics: Metrics, out: Outcome, total_s: float, m: int) -> None:
 
 
 def _respond(
-    runtime: Runtime, version: str, parsed: Parsed, out: Outcome, request_id: str, arrival: float
+    runtime: Runtime,
+    version: str,
+    parsed: Parsed,
+    out: Outcome,
+    request_id: str,
+    arrival: float,
+    budget_s: float,
 ) -> Response:
     """The response of a served request (model list or fallback), its metrics and logs.
-    version: of the bundle that served it (a swap meanwhile does not relabel it)."""
+    version: of the bundle that served it (a swap meanwhile does not relabel it); an
+    answer later than `budget_s` after arrival is counted late."""
     metrics = runtime.metrics
     total_s = time.perf_counter() - arrival
     _observe(metrics, out, total_s, parsed.m)
+    if total_s > budget_s:
+        metrics.late.inc()
     timings = {"queue_ms": out.queue_s * 1000, "cache_ms": out.cache_s * 1000,
                "encode_ms": out.encode_s * 1000, "decode_ms": out.decode_s * 1000,
                "total_ms": total_s * 1000}  # fmt: skip
@@ -447,11 +484,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         arrival = time.perf_counter()
         runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
         metrics, s = runtime.metrics, runtime.settings
-        request_id = header(request, b"x-request-id") or new_request_id()
+        request_id = header(request, b"x-request-id")
+        refused = None if request_id is None else bad_request_id(request_id)
+        if request_id is None or refused is not None:
+            request_id = new_request_id()  # a refused header is not echoed back
         request.state.headers = {"X-Request-ID": request_id}
         metrics.inflight.inc()
         try:
             try:
+                if refused is not None:
+                    raise invalid("X-Request-ID", refused)
                 if not runtime.ready or runtime.reranker is None:
                     raise ApiError(503, "not_ready", "model is loading or warming up")
                 body = await read_body(request, s.max_body_bytes)
@@ -469,14 +511,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if parsed.request_id is not None:
                 request_id = parsed.request_id
             budget_ms = parsed.budget_ms if parsed.budget_ms is not None else s.default_budget_ms
-            out = await reranker.rerank(
-                parsed, arrival + budget_ms / 1000, request_id, request.receive
-            )
+            budget_s = budget_ms / 1000
+            out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
         finally:
             metrics.inflight.dec()
         if out is None:  # the client went away before the engine ran it: nobody to answer
             return Response(status_code=499)
-        return _respond(runtime, reranker.engine.version, parsed, out, request_id, arrival)
+        return _respond(
+            runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
+        )
 
     app.router.add_api_route(
         "/v1/rerank",

@@ -154,6 +154,9 @@ class RerankResult:
     completed_early: bool  # the deadline step sorted this list's tail by head 0
     timings: StageTimings
     embedded: np.ndarray | None = None  # (missing rows, d) computed here, for cache write-back
+    # False: the model's output for this request was not a list (non-finite scores, e.g.
+    # from extreme feature values; see valid_lists): order/scores must not be served
+    valid: bool = True
 
 
 @dataclass
@@ -651,6 +654,7 @@ class Engine:
             p = 1
         t2 = time.perf_counter()
         timings = StageTimings(embed_s=batch.embed_s, encode_s=t1 - t0, decode_s=t2 - t1)
+        valid = valid_lists(dec.order, dec.scores, batch.m, batch.k)
         results = []
         for b in range(len(requests)):
             kb = int(batch.k[b])
@@ -662,6 +666,7 @@ class Engine:
                     completed_early=bool(dec.early_at[b] >= 0),
                     timings=timings,
                     embedded=batch.embedded[b],
+                    valid=bool(valid[b]),
                 )
             )
         return results
@@ -914,6 +919,20 @@ def _fast_run(session: ort.InferenceSession) -> RunFn:
         return out
 
     return run
+
+
+def valid_lists(order: np.ndarray, scores: np.ndarray, m: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """(B,) bool: row b's first k[b] slots are distinct candidates of its m[b], each with
+    a finite score. A NaN or infinite score (an item or user feature so large that the
+    network overflows) breaks the argmax: the same candidate, or a padding slot, would be
+    chosen again and again. One vectorized check per batch, a few microseconds."""
+    K = order.shape[1]
+    used = np.arange(K)[None, :] < k[:, None]  # (B, K) the slots each list has
+    fine = (order >= 0) & (order < m[:, None]) & np.isfinite(scores)
+    ok = ~(used & ~fine).any(axis=1)
+    # distinct: unused slots get distinct negative fillers, then sorted neighbours differ
+    filled = np.sort(np.where(used, order, -1 - np.arange(K)[None, :]), axis=1)
+    return ok & ~(filled[:, 1:] == filled[:, :-1]).any(axis=1)
 
 
 def _masked_log_softmax(scores: np.ndarray, blocked: np.ndarray) -> np.ndarray:

@@ -8,7 +8,10 @@ collide. With PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,10 +21,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-# 0.1 ms .. ~3.3 s, x1.5 steps: 14 buckets below 10 ms (TEI-style geometric)
-DURATION_BUCKETS = tuple(round(1e-4 * 1.5**i, 7) for i in range(26))
+# 0.1 ms .. ~3.3 s, x1.5 steps: 14 buckets below 10 ms (TEI-style geometric), plus an edge
+# at the default budget (50 ms): a p99 against the budget line is not interpolated across it
+DEFAULT_BUDGET_EDGE = 0.05
+DURATION_BUCKETS = tuple(
+    sorted({round(1e-4 * 1.5**i, 7) for i in range(26)} | {DEFAULT_BUDGET_EDGE})
+)
 POW2_BUCKETS = tuple(float(1 << i) for i in range(11))  # 1 .. 1024
 CANDIDATE_BUCKETS = (8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 PASS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
@@ -111,6 +118,20 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.late = Counter(
+            "rerank_late_responses_total",
+            "Rerank answers (200, model or degraded) sent after the request's own deadline "
+            "(its budget_ms, or the default): over 1% of answers means the p99 of latency "
+            "relative to each request's budget is over 1.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "rerank_ready",
+            "1 once this worker's bundle is verified and every shape bucket warmed (it "
+            "answers /v1/rerank), else 0; the minimum over live workers.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.inflight = Gauge(
             "rerank_inflight_requests",
             "Rerank requests being served.",
@@ -145,8 +166,31 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text: this registry, or every worker's in multiprocess mode."""
-        if multiprocess_dir() is not None:
+        if (path := multiprocess_dir()) is not None:
+            forget_dead_workers(path)
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+_LIVE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
+
+
+def forget_dead_workers(path: str) -> None:
+    """Drop the live-gauge files of worker processes that no longer exist (a worker that
+    crashed and was replaced): otherwise its last in-flight count, breaker state, readiness
+    and model version stay in every scrape. Counters and histograms keep their files: a
+    dead worker's counts still happened."""
+    pids = set()
+    with contextlib.suppress(OSError):
+        for file in Path(path).iterdir():
+            if (match := _LIVE_FILE.match(file.name)) is not None:
+                pids.add(int(match.group(1)))
+    for pid in pids:
+        try:
+            os.kill(pid, 0)  # signal 0: does the process exist?
+        except ProcessLookupError:
+            mark_process_dead(pid, path)
+        except PermissionError:  # exists, under another user
+            pass

@@ -97,6 +97,14 @@ class DecodePolicy:
             self._calm = 0
             self._ewma = max(self._ewma, self.config.high * self.config.budget_s)
 
+    def late(self, waited_s: float) -> None:
+        """A request's budget ran out after it waited `waited_s` in the service (Redis,
+        queue): pressure, unless that wait was short against the default budget: then the
+        client's own budget was tiny, and one client's tiny budgets must not take the
+        quality levels from everyone else's requests."""
+        if waited_s >= self.config.low * self.config.budget_s:
+            self.pressure()
+
     def observe(self, queue_s: float, engine_s: float) -> None:
         """After an engine call: the longest queue wait of its requests and its duration."""
         c = self.config

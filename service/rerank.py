@@ -30,10 +30,14 @@ import numpy as np
 from service.api import Parsed, RequestReader, finite
 from service.cache import EmbeddingCache
 from service.engine import Engine, RerankRequest, RerankResult
+from service.logs import RateLimit
 from service.metrics import Metrics
 from service.policy import DecodePolicy
 
 log = logging.getLogger(__name__)
+# one line per request that went wrong, rate-limited (a flood does not flood the log)
+problem_log = logging.getLogger(__name__ + ".problems")
+problem_log.addFilter(RateLimit())
 
 WATCH_AFTER_S = 0.002  # a queued request's client is watched for hang-ups after this
 
@@ -181,9 +185,13 @@ class Reranker:
         lookup = await self.cache.lookup(ids, deadline - t0, request_id)
         cache_s = time.perf_counter() - t0
         if time.perf_counter() >= deadline or self.pending > self.config.max_queue:
-            out = upstream(p, "budget" if time.perf_counter() >= deadline else "overload")
+            expired = time.perf_counter() >= deadline
+            out = upstream(p, "budget" if expired else "overload")
             out.cache_s, out.looked_up = cache_s, True
-            self.policy.pressure()
+            if expired:
+                self.policy.late(cache_s)
+            else:
+                self.policy.pressure()
             return out
         job = _Job(p, lookup.static, lookup.missing, deadline, time.perf_counter(),
                    asyncio.get_running_loop().create_future(), request_id)  # fmt: skip
@@ -207,9 +215,9 @@ class Reranker:
                     raise  # this task itself is being cancelled
                 if job.gone:
                     return None
-                self.policy.pressure()
                 out = upstream(p, "budget")
                 out.queue_s, out.cache_s = time.perf_counter() - job.submitted, cache_s
+                self.policy.late(out.queue_s + cache_s)
                 out.queued = out.looked_up = True
                 return out
         finally:
@@ -221,7 +229,9 @@ class Reranker:
                 w.cancel()
         if done.embedded is not None:
             rows = np.flatnonzero(lookup.missing)
-            self.cache.store([ids[i] for i in rows], done.embedded)
+            # after a failed Redis read these items may well be in Redis (published from
+            # the item table): only L1 gets the request-made rows then, never an overwrite
+            self.cache.store([ids[i] for i in rows], done.embedded, not lookup.l2_error)
             self._l3["hit"].inc(len(rows))
         elif done.reason == "cache":
             self._l3["error"].inc(int(lookup.missing.sum()))
@@ -322,6 +332,14 @@ class Reranker:
                 log.exception("engine failed: requests %s", ids)
                 results, reason = [None] * len(run), "model"
             for i, result in zip(run, results, strict=True):
+                if result is not None and not result.valid:
+                    problem_log.warning(
+                        "request %s: the model's scores were not finite (extreme feature "
+                        "values?): upstream order",
+                        jobs[i].request_id,
+                    )
+                    out[i] = _Done(None, "model", queue_s[i], embed_s, None)  # nothing cached
+                    continue
                 out[i] = _Done(result, reason, queue_s[i], embed_s, embedded.get(id(jobs[i])))
         return [o if o is not None else _Done(None, "model", 0.0, 0.0, None) for o in out]
 
@@ -338,10 +356,16 @@ class Reranker:
             log.exception("item tower failed: requests %s", [j.request_id for j, _ in todo])
             return {}
         out, at = {}, 0
+        finite_rows = np.isfinite(emb).all(axis=1)
         for j, rows in todo:
-            j.static[rows] = emb[at : at + len(rows)]
-            out[id(j)] = emb[at : at + len(rows)]
+            part = slice(at, at + len(rows))
             at += len(rows)
+            if not finite_rows[part].all():  # never cached; the job degrades ("cache")
+                problem_log.warning("request %s: the item tower gave non-finite embeddings "
+                                    "(extreme feature values?)", j.request_id)  # fmt: skip
+                continue
+            j.static[rows] = emb[part]
+            out[id(j)] = emb[part]
         return out
 
 

@@ -325,6 +325,38 @@ def test_a_bundle_with_smaller_limits_is_refused_and_the_old_keeps_serving(
         srv.stop()
 
 
+def test_a_malformed_manifest_is_a_failed_reload_and_the_watch_goes_on(
+    tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
+) -> None:
+    """A version whose manifest lacks a field the limits check reads: counted as a failed
+    reload, the old version serves, and the watch is still alive for the next version."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    _copy_version(tiny_bundle[0], artifacts, "v1")
+    (artifacts / "latest").write_text("v1\n")
+    srv = start(artifacts, reload_interval_s=0.05, max_batch=4)
+    body = make_request(np.random.default_rng(10), 30, 5, budget_ms=30_000)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            wait_ready(c)
+            bad = _copy_version(tiny_bundle[0], artifacts, "v2-malformed")
+            manifest = json.loads((bad / "manifest.json").read_text())
+            del manifest["model_config"]["max_steps"]
+            (bad / "manifest.json").write_text(json.dumps(manifest))
+            (artifacts / "latest").write_text("v2-malformed\n")
+            wait_for(
+                lambda: 'rerank_bundle_reloads_total{result="error"} 1.0' in c.get("/metrics").text
+            )
+            out = c.post("/v1/rerank", json=body)
+            assert out.status_code == 200 and out.json()["model_version"] == "v1"
+            _copy_version(tiny_bundle[0], artifacts, "v3")
+            (artifacts / "latest").write_text("v3\n")
+            wait_for(lambda: c.get("/readyz").json()["model_version"] == "v3")
+            assert c.post("/v1/rerank", json=body).json()["model_version"] == "v3"
+    finally:
+        srv.stop()
+
+
 def test_the_budget_bounds_the_wait_for_a_busy_engine(
     tiny_bundle: tuple[Path, GenReranker], gate: Gate
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,8 @@ REQUIRED_SAMPLES = {
     "rerank_candidates_bucket",
     "rerank_inflight_requests",
     "rerank_model_info",
+    "rerank_late_responses_total",
+    "rerank_ready",
 }
 
 
@@ -316,10 +319,11 @@ def test_metrics_parse_and_hold_every_series(client: httpx.Client) -> None:
     assert samples["rerank_fallback_total", (("reason", "budget"),)] >= 1
     assert samples["rerank_request_duration_seconds_count", (("outcome", "ok"),)] >= 1
     assert any(n == "rerank_model_info" and v == 1 for (n, _), v in samples.items())
-    # a bucket below a millisecond exists
+    assert samples["rerank_ready", ()] == 1
+    # a bucket below a millisecond exists, and one at the default budget (50 ms)
     les = {float(dict(lb)["le"]) for n, lb in samples
            if n == "rerank_request_duration_seconds_bucket"}  # fmt: skip
-    assert min(les) <= 1e-4 and len([x for x in les if x < 0.01]) >= 8
+    assert min(les) <= 1e-4 and len([x for x in les if x < 0.01]) >= 8 and 0.05 in les
 
 
 def test_metrics_count_what_the_requests_did(client: httpx.Client) -> None:
@@ -348,6 +352,44 @@ def test_metrics_count_what_the_requests_did(client: httpx.Client) -> None:
     assert delta("rerank_embedding_lookups_total", tier="l3", result="hit") == l1[1]
     assert delta("rerank_candidates_count") == 2 and delta("rerank_candidates_sum") == 39
     assert delta("rerank_batch_size_count") == 1 and delta("rerank_decode_passes_count") == 1
+    assert delta("rerank_late_responses_total") == 1  # the 1 us budget's, answered after it
+
+
+@pytest.mark.parametrize("value", ["has space", "x" * 129, "caf\u00e9"])
+def test_a_bad_x_request_id_header_is_422_and_not_echoed(client: httpx.Client, value: str) -> None:
+    r = client.post("/v1/rerank", json=_good(), headers={"X-Request-ID": value.encode("latin-1")})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "X-Request-ID" and r.json()["error"]["message"]
+    assert r.headers["X-Request-ID"] != value  # a fresh id, not the refused one
+    ok = client.post("/v1/rerank", json=_good(), headers={"X-Request-ID": "trace-1"})
+    assert ok.status_code == 200 and ok.headers["X-Request-ID"] == "trace-1"
+
+
+def test_non_finite_model_output_is_the_upstream_order_and_never_cached(
+    client: httpx.Client,
+) -> None:
+    """Feature values within float32 but so large that the network overflows: NaN scores
+    would make the argmax pick one candidate k times (or a padding slot). The answer is the
+    upstream order, degraded; nothing the request computed is cached, so the same items
+    with sane features are served normally afterwards."""
+    rng = np.random.default_rng(21)
+    huge_user = make_request(rng, 30, 10)
+    huge_user["user"]["features"] = dict.fromkeys(SCHEMA.user_dense, 3e38)
+    huge_item = make_request(rng, 30, 10)
+    huge_item["candidates"][0]["features"].update(dict.fromkeys(SCHEMA.item_dense, 3e38))
+    for body, reason in ((huge_user, "model"), (huge_item, "cache")):
+        r = client.post("/v1/rerank", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["degraded"] and out["reason"] == reason, out
+        ids = [it["item_id"] for it in out["items"]]
+        assert ids == [c["item_id"] for c in body["candidates"][:10]]  # upstream order
+    for body in (huge_user, huge_item):
+        sane = make_request(rng, 30, 10, item_ids=np.array([c["item_id"] for c in
+                                                            body["candidates"]]))  # fmt: skip
+        out = client.post("/v1/rerank", json=sane).json()
+        assert not out["degraded"], out
+        assert len({it["item_id"] for it in out["items"]}) == 10
 
 
 def test_model_and_health(client: httpx.Client, tiny_bundle: tuple[Path, GenReranker]) -> None:
@@ -361,6 +403,29 @@ def test_model_and_health(client: httpx.Client, tiny_bundle: tuple[Path, GenRera
     body = spec["paths"]["/v1/rerank"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"]["$ref"].endswith("/RerankIn")
     assert {"RerankIn", "Candidate", "User", "RerankOut"} <= set(spec["components"]["schemas"])
+
+
+def test_a_failed_warm_up_leaves_the_worker_not_ready_and_says_why(
+    tiny_bundle: tuple[Path, GenReranker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_warmup(self: Engine, *args: Any, **kwargs: Any) -> float:
+        raise RuntimeError("out of device memory (simulated)")
+
+    monkeypatch.setattr(Engine, "warmup", broken_warmup)
+    srv = ServerThread(Settings(bundle=tiny_bundle[0])).start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            deadline = time.monotonic() + 30
+            while c.get("/readyz").json()["warmup_error"] is None:
+                assert time.monotonic() < deadline, "no warm-up error reported"
+                time.sleep(0.02)
+            r = c.get("/readyz")
+            assert r.status_code == 503 and "out of device memory" in r.json()["warmup_error"]
+            assert c.post("/v1/rerank", json=_good()).status_code == 503
+            assert "rerank_ready 0.0" in c.get("/metrics").text
+            assert c.get("/healthz").status_code == 200  # alive: the alert, not a restart loop
+    finally:
+        srv.stop()
 
 
 def test_readyz_is_503_until_warm_up_is_done(

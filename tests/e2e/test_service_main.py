@@ -50,11 +50,14 @@ def test_two_workers_share_their_metrics(
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             deadline, ready = time.monotonic() + 90, 0
-            while ready < 6:  # several answers in a row: both workers are warm
+            # several answers in a row, and rerank_ready (the minimum over the workers) 1:
+            # both workers are warm (one keep-alive connection reaches only one of them)
+            while ready < 6:
                 assert proc.poll() is None, (tmp_path / "stderr").read_text()
                 assert time.monotonic() < deadline, "not ready"
                 try:
-                    ready = ready + 1 if c.get("/readyz").status_code == 200 else 0
+                    both = "rerank_ready 1.0" in c.get("/metrics").text
+                    ready = ready + 1 if both and c.get("/readyz").status_code == 200 else 0
                 except httpx.TransportError:
                     ready = 0
                 time.sleep(0.05)

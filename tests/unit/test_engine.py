@@ -23,7 +23,14 @@ from model.features import HashedItems
 from model.network import GenReranker
 from model.tensors import Inputs
 from service.bundle import BundleError, load_bundle, sha256_file
-from service.engine import Engine, EngineConfig, EngineError, RerankRequest, open_engine
+from service.engine import (
+    Engine,
+    EngineConfig,
+    EngineError,
+    RerankRequest,
+    open_engine,
+    valid_lists,
+)
 from tests.unit.test_export import CFG, tiny_bundle  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -442,3 +449,39 @@ def test_bundles_with_and_without_the_folded_pass_give_the_same_lists(
     for a, b in zip(engine.rerank(late), unfolded_engine.rerank(late), strict=True):
         np.testing.assert_array_equal(a.order, b.order)
         assert a.completed_early == b.completed_early
+
+
+def test_valid_lists_flags_repeats_padding_and_non_finite_scores() -> None:
+    order = np.array([[2, 0, 1, -1],    # k = 3 of m = 3: fine (slot 3 unused)
+                      [0, 0, 1, 2],     # a repeat
+                      [0, 1, 5, 2],     # 5: a padding slot of an m = 4 list
+                      [3, 1, 2, 0],     # a NaN score
+                      [1, 0, -1, -1]])  # fine: k = 2, unused slots -1  # fmt: skip
+    scores = np.ones_like(order, np.float32)
+    scores[3, 2] = np.nan
+    m = np.array([3, 4, 4, 4, 4])
+    k = np.array([3, 4, 4, 4, 2])
+    assert valid_lists(order, scores, m, k).tolist() == [True, False, False, False, True]
+    scores[0, 0] = np.inf  # an infinite score in a used slot
+    assert not valid_lists(order, scores, m, k)[0]
+
+
+def test_extreme_user_features_give_an_invalid_result_not_a_repeated_item(
+    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+) -> None:
+    """float32-range features that overflow the network: NaN scores; greedy and beam both
+    say so (RerankResult.valid) instead of handing back one candidate k times."""
+    engine = open_engine(str(tiny_bundle[0]))
+    cfg = engine.model_config
+    rng = np.random.default_rng(0)
+    static = rng.standard_normal((30, engine.d_model)).astype(np.float32)
+
+    def request(user_value: float) -> RerankRequest:
+        return RerankRequest(upstream_score=np.zeros(30, np.float32), user_id=1, k=10,
+                             user_dense=np.full(len(cfg.schema.user_dense), user_value,
+                                                np.float32), static=static)  # fmt: skip
+
+    for beam in (1, 3):
+        sane, huge = engine.rerank([request(0.0), request(3e38)], beam=beam)
+        assert sane.valid and len(set(sane.order.tolist())) == 10
+        assert not huge.valid, (beam, huge.order, huge.scores)

@@ -3,6 +3,7 @@ schema, and the arrays handed to the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -171,3 +172,22 @@ def test_hash_id_is_hash_ids_of_one() -> None:
     for buckets in (2, 1024, 1 << 20):
         want = hash_ids(np.array(ids, np.int64), buckets, SCHEMA.hash_salt).tolist()
         assert [hash_id(i, buckets, SCHEMA.hash_salt) for i in ids] == want
+
+
+def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_500() -> None:
+    """starlette raises ClientDisconnect from the body stream; the handler must not turn
+    it into a 500 with a traceback in the log."""
+    from starlette.requests import Request
+
+    from service.app import read_body
+
+    messages = iter([{"type": "http.request", "body": b'{"k": ', "more_body": True},
+                     {"type": "http.disconnect"}])  # fmt: skip
+
+    async def receive() -> dict[str, object]:
+        return next(messages)
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(read_body(request, 1 << 20))
+    assert caught.value.status == 499 and caught.value.field == "body"

@@ -94,3 +94,15 @@ def test_shed_requests_push_it_faster_and_keep_it_there() -> None:
         p.observe(queue_s=0.0, engine_s=0.0002)
         p.pressure()
     assert p.level.name == "n4"
+
+
+def test_a_tiny_client_budget_running_out_is_not_pressure() -> None:
+    """One client's tiny budgets expire however idle the service is: they must not take the
+    quality levels from every other request. A budget that ran out after a long wait in the
+    service (a fifth of the default budget or more) is pressure."""
+    p = policy()
+    for _ in range(50):
+        p.late(waited_s=0.0003)  # a 0.3 ms budget, spent on a fast lookup
+    assert p.level.name == "beam3"
+    p.late(waited_s=0.2 * BUDGET)
+    assert p.level.name == "n1"
