@@ -513,13 +513,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             budget_ms = parsed.budget_ms if parsed.budget_ms is not None else s.default_budget_ms
             budget_s = budget_ms / 1000
             out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
+            if out is None:  # the client went away before the engine ran it: nobody to answer
+                return Response(status_code=499)
+            return _respond(
+                runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
+            )
+        except ApiError:
+            raise
+        except Exception:  # the service's own failure (a bug): counted, logged, a JSON 500
+            metrics.duration_of["error"].observe(time.perf_counter() - arrival)
+            log.exception("request %s failed", request_id)
+            error = ApiError(500, "internal_error", f"the service failed (request {request_id})")
+            return json_response(error.body(), error.status, request.state.headers)
         finally:
             metrics.inflight.dec()
-        if out is None:  # the client went away before the engine ran it: nobody to answer
-            return Response(status_code=499)
-        return _respond(
-            runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
-        )
 
     app.router.add_api_route(
         "/v1/rerank",

@@ -33,7 +33,9 @@ POW2_BUCKETS = tuple(float(1 << i) for i in range(11))  # 1 .. 1024
 CANDIDATE_BUCKETS = (8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 PASS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 
-OUTCOMES = ("ok", "degraded", "rejected")
+# rejected: a client's mistake (422, 413) or not ready (503); error: the service's own
+# failure, a 500 (none is expected: every failure after validation degrades instead)
+OUTCOMES = ("ok", "degraded", "rejected", "error")
 STAGES = ("queue", "cache", "encode", "decode", "total_model")
 REASONS = ("budget", "overload", "cache", "model")
 TIERS = ("l1", "l2", "l3")

@@ -164,6 +164,36 @@ def test_model_and_item_tower_failures_degrade_never_500(
         srv.stop()
 
 
+def test_a_bug_on_the_request_path_is_a_500_counted_as_an_error(
+    tiny_bundle: tuple[Path, GenReranker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """None is expected (every failure after validation degrades), but one that slips
+    through must show in the metrics (outcome="error"), not only in the log."""
+    from service.rerank import Reranker
+
+    srv = start(tiny_bundle[0])
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            wait_ready(c)
+
+            async def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(Reranker, "rerank", broken)
+            r = c.post("/v1/rerank", json=make_request(np.random.default_rng(3), 12, 4),
+                       headers={"X-Request-ID": "bug-1"})  # fmt: skip
+            assert r.status_code == 500 and r.headers["X-Request-ID"] == "bug-1"
+            assert r.json()["error"]["type"] == "internal_error"
+            r = c.post("/v1/rerank", json=make_request(np.random.default_rng(4), 12, 4))
+            assert r.status_code == 500  # the connection and the server still answer
+            monkeypatch.undo()
+            text = c.get("/metrics").text
+            assert 'rerank_request_duration_seconds_count{outcome="error"} 2.0' in text
+            assert "rerank_inflight_requests 0.0" in text
+    finally:
+        srv.stop()
+
+
 def test_a_deadline_hit_inside_the_engine_completes_the_list_degraded(
     tiny_bundle: tuple[Path, GenReranker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
