@@ -95,10 +95,13 @@ USERS ?= 16
 DURATION ?= 60
 SHAPE ?= steady
 USER_RPS ?= 10
+# A running service to load instead (loopback only, e.g. the compose stack's
+# http://127.0.0.1:8000): no bundle is built, no Redis or service started.
+URL ?=
 
-loadtest: venv bundle  ## locust vs Redis + the service (USERS DURATION SHAPE=steady|step|spike USER_RPS); report in loadtest/reports/
-	$(BIN)/python -m loadtest.run --bundle artifacts --users $(USERS) --duration $(DURATION) \
-		--shape $(SHAPE) --user-rps $(USER_RPS)
+loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=http://127.0.0.1:PORT (a running one) (USERS DURATION SHAPE=steady|step|spike USER_RPS); report in loadtest/reports/
+	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL),--bundle artifacts) --users $(USERS) \
+		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
 
 validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
 	$(BIN)/pytest -q tests/unit/test_ops.py

@@ -17,7 +17,9 @@ Environment (python -m loadtest.run sets them):
                         stopped, step and spike take 300 s)
     LOADTEST_USER_RPS   requests per second per user (constant throughput); 0: no pause
     LOADTEST_CATALOGUE  catalogue size (default 200000); LOADTEST_ZIPF popularity exponent
-    LOADTEST_SEED       seed of the traffic
+    LOADTEST_SEED       seed of the traffic (one process: the same requests every run;
+                        distributed, each worker draws its own stream of it: see
+                        traffic_stream)
 
 Imports stay light (locust monkey-patches with gevent): numpy and the standard library.
 """
@@ -34,6 +36,7 @@ from typing import Any, ClassVar
 import gevent
 from locust import FastHttpUser, LoadTestShape, constant, constant_throughput, events, task
 from locust.env import Environment
+from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
@@ -44,13 +47,26 @@ from loadtest.traffic import RERANK, FeatureSpec, Traffic, TrafficConfig, check_
 _traffic: Traffic | None = None  # one per locust process, built at test start
 
 
-def _config() -> TrafficConfig:
+def traffic_stream(environment: Environment) -> int | None:
+    """This process's stream of the traffic seed: None in a single process (the seed's own,
+    as ever), a worker's index in a distributed run (its pid when the master gave none).
+    With one stream for all, every worker would send the same requests in step: the
+    service's caches would see each one N times and report inflated hit rates."""
+    runner = environment.runner
+    if not isinstance(runner, WorkerRunner):
+        return None
+    index = getattr(runner, "worker_index", -1)
+    return index if isinstance(index, int) and index >= 0 else os.getpid()
+
+
+def _config(stream: int | None = None) -> TrafficConfig:
     env = os.environ
     base = TrafficConfig()
     return TrafficConfig(
         catalogue=int(env.get("LOADTEST_CATALOGUE", base.catalogue)),
         zipf=float(env.get("LOADTEST_ZIPF", base.zipf)),
         seed=int(env.get("LOADTEST_SEED", base.seed)),
+        stream=stream,
     )
 
 
@@ -61,7 +77,7 @@ def _build_traffic(environment: Environment, **_: Any) -> None:
     host = (environment.host or "").rstrip("/")
     with urllib.request.urlopen(f"{host}/v1/model", timeout=30) as r:
         manifest = json.loads(r.read())
-    _traffic = Traffic(FeatureSpec.from_manifest(manifest), _config())
+    _traffic = Traffic(FeatureSpec.from_manifest(manifest), _config(traffic_stream(environment)))
 
 
 @events.quitting.add_listener

@@ -16,6 +16,11 @@ answer 422, and they are reported under their own names.
 
 Bodies are assembled from pre-rendered JSON fragments and numpy pools: the load generator
 shares the machine's cores with the service.
+
+One seed, one traffic: a single locust process sends the same requests every run (bar the
+never-seen ids, which carry the run's start time). Distributed locust workers each draw
+their own stream of the seed (TrafficConfig.stream: the worker index), so they do not send
+the same requests in step, which would inflate the cache hits.
 """
 
 from __future__ import annotations
@@ -31,8 +36,12 @@ RERANK = "/v1/rerank"  # the name of every valid request in locust's statistics
 REASONS = ("budget", "overload", "cache", "model")
 INVALID_KINDS = ("duplicate_id", "k_too_large", "nan_score")
 # never-seen ids start far above any catalogue id; the run's start time keeps two runs
-# against one long-lived service (whose caches remember) from reusing each other's ids
+# against one long-lived service (whose caches remember) from reusing each other's ids, and
+# each stream has a range of its own (_STREAM_SPAN apart) so that workers started within
+# the same moment do not either; all below 2**63 (the service's int64)
 _NEW_ID_BASE = 1 << 52
+_STREAM_SPAN = 1 << 47  # > the time offset (< 2**46) plus any run's count of new ids
+_STREAMS = 1 << 10  # ranges, reused beyond (a pid as stream: the time offset separates)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,9 @@ class TrafficConfig:
         (None, 0.7), (10.0, 0.1), (20.0, 0.1), (100.0, 0.1),
     )  # fmt: skip
     seed: int = 0
+    # None: the seed's own stream (one process); n: child n of the seed (locust worker n),
+    # independent of the others
+    stream: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,8 @@ class Traffic:
     def __init__(self, spec: FeatureSpec, config: TrafficConfig | None = None) -> None:
         config = config or TrafficConfig()
         self.spec, self.config = spec, config
-        rng = self.rng = np.random.default_rng(config.seed)
+        key = () if config.stream is None else (config.stream,)
+        rng = self.rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=key))
         n = config.catalogue
         weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** config.zipf
         cdf = np.cumsum(weights)
@@ -142,7 +155,8 @@ class Traffic:
         self.users = [json.dumps({"id": int(u), "features": dict(zip(spec.user_dense,
                       map(float, f.round(4)), strict=True))}, separators=(",", ":"))
                       for u, f in zip(users, user_dense, strict=True)]  # fmt: skip
-        self._new_next = _NEW_ID_BASE + (time.time_ns() // 1000 % (1 << 40)) * 64
+        stream_base = _NEW_ID_BASE + (config.stream or 0) % _STREAMS * _STREAM_SPAN
+        self._new_next = stream_base + (time.time_ns() // 1000 % (1 << 40)) * 64
         self.count = 0
 
     # ------------------------------------------------------------ items

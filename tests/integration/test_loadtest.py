@@ -260,6 +260,75 @@ def test_an_item_keeps_its_features() -> None:
             assert seen.setdefault(cand["item_id"], cand["features"]) == cand["features"]
 
 
+def _catalogue_part(call: RerankCall, catalogue: int) -> tuple[object, ...]:
+    """A request without its never-seen ids (those carry the run's start time)."""
+    return (call.name, call.k, tuple(i for i in call.item_ids if i < catalogue),
+            json.loads(call.body).get("budget_ms"))  # fmt: skip
+
+
+def test_one_process_repeats_its_traffic_and_each_worker_draws_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One locust process: the same requests every run (the seed's own stream, as before
+    streams existed). Distributed workers (stream = worker index): different requests, and
+    never-seen ids of their own even when started in the same microsecond; otherwise every
+    worker sends the same candidates in step and the caches report inflated hit rates."""
+    spec, n = FeatureSpec.from_manifest(MANIFEST), 50_000
+
+    def run(stream: int | None, seed: int = 0) -> list[RerankCall]:
+        traffic = Traffic(spec, TrafficConfig(catalogue=n, seed=seed, stream=stream))
+        return [traffic.next() for _ in range(300)]
+
+    monkeypatch.setattr("loadtest.traffic.time.time_ns", lambda: 1_700_000_000_000_000_000)
+    one, again = run(None), run(None)
+    assert [_catalogue_part(c, n) for c in one] == [_catalogue_part(c, n) for c in again]
+    # the seed's own stream is numpy's default_rng(seed): single-process traffic as before
+    ranks = Traffic(spec, TrafficConfig(catalogue=n)).ranks[:1000]
+    weights = 1.0 / np.arange(1, n + 1, dtype=np.float64)
+    cdf = np.cumsum(weights)
+    expect = np.searchsorted(cdf / cdf[-1], np.random.default_rng(0).random(Traffic.RANKS))
+    assert ranks.tolist() == expect[:1000].tolist()
+    workers = [run(0), run(1), run(2)]
+    assert [_catalogue_part(c, n) for c in run(1)] == [_catalogue_part(c, n) for c in workers[1]]
+    parts = [{_catalogue_part(c, n)[2] for c in calls} for calls in (one, *workers)]
+    for i, a in enumerate(parts):
+        for b in parts[i + 1 :]:
+            assert not a & b  # no request's candidates repeated by another stream
+    new = [{i for c in calls for i in c.item_ids if i >= n} for calls in workers]
+    assert all(new) and not (new[0] & new[1]) and not (new[1] & new[2]) and not (new[0] & new[2])
+    assert max(max(ids) for ids in new) < 1 << 63  # the service's int64
+    assert [_catalogue_part(c, n) for c in run(None, seed=1)] != [
+        _catalogue_part(c, n) for c in one
+    ]
+
+
+def test_locustfile_gives_each_worker_its_own_stream() -> None:
+    """loadtest/locustfile.py's traffic_stream: None for a local (or master) runner, the
+    worker index for a worker, its pid when the master sent no index. In a subprocess:
+    importing locust monkey-patches the process with gevent."""
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed: make venv installs the loadtest extra")
+    code = (
+        "import os, types\n"
+        "from locust.runners import LocalRunner, MasterRunner, WorkerRunner\n"
+        "from loadtest.locustfile import traffic_stream\n"
+        "def env(cls, **attrs):\n"
+        "    runner = cls.__new__(cls)\n"
+        "    runner.__dict__.update(attrs)\n"
+        "    return types.SimpleNamespace(runner=runner)\n"
+        "print(traffic_stream(env(LocalRunner, worker_index=0)),"
+        " traffic_stream(env(MasterRunner)), traffic_stream(types.SimpleNamespace(runner=None)),"
+        " traffic_stream(env(WorkerRunner, worker_index=0)),"
+        " traffic_stream(env(WorkerRunner, worker_index=3)),"
+        " traffic_stream(env(WorkerRunner)) == os.getpid())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADTEST_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["None", "None", "None", "0", "3", "True"]
+
+
 # ---------------------------------------------------------------- shapes, the target
 
 

@@ -182,6 +182,29 @@ def alert_exprs() -> dict[str, str]:
     return {rule["alert"]: rule["expr"] for rule in alert_rules()}
 
 
+def panel_exprs(title: str) -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in board["panels"] if p["title"] == title]
+    return [t["expr"] for t in panel["targets"]]
+
+
+_SERIES = re.compile(r"^\s*([a-zA-Z_:][\w:]*)\s*(?:\{(.*)\})?\s*$")
+_LABEL = re.compile(r'\s*(\w+)\s*=\s*"((?:\\.|[^"\\])*)"\s*,?')
+
+
+def parse_series(text: str) -> tuple[str, dict[str, str]]:
+    """'name{a="x", b="y"}' -> (name, {a: x, b: y}): promtool's input series notation."""
+    match = _SERIES.match(text)
+    assert match is not None, text
+    labels, rest = {}, match.group(2) or ""
+    while rest.strip():
+        label = _LABEL.match(rest)
+        assert label is not None, text
+        labels[label.group(1)] = label.group(2)
+        rest = rest[label.end() :]
+    return match.group(1), labels
+
+
 def slugs(markdown: str) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
     headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, flags=re.M)
@@ -350,7 +373,8 @@ def test_alert_rules_are_well_formed_and_documented() -> None:
     names = [rule["alert"] for rule in rules]
     assert len(names) == len(set(names))
     assert {"GrefLatencyP99OverBudget", "GrefDegradedRateHigh", "GrefRedisBreakerOpen",
-            "GrefNoReadyInstance", "GrefRejectedRateHigh"} <= set(names)  # fmt: skip
+            "GrefNoReadyInstance", "GrefInstanceDown", "GrefRejectedRateHigh",
+            "GrefBundleReloadFailed"} <= set(names)  # fmt: skip
     for rule in rules:
         name = rule["alert"]
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, name
@@ -364,6 +388,49 @@ def test_alert_rules_are_well_formed_and_documented() -> None:
         assert 'job="reranker"' in rule["expr"], name  # the scrape job of prometheus.yml
     known = series_names(Metrics().registry.collect())
     assert unknown_names(alert_exprs(), known) == {}
+
+
+def test_alert_rules_read_readiness_and_late_answers() -> None:
+    """The latency alert compares answers with their own budgets (no fixed budget in it);
+    readiness is rerank_ready (`up` is 1 before warm-up, and for a replica whose warm-up
+    failed); a replica gone from DNS discovery has no up == 0, so InstanceDown looks back."""
+    exprs = alert_exprs()
+    latency = exprs["GrefLatencyP99OverBudget"]
+    assert "rerank_late_responses_total" in latency and "histogram_quantile" not in latency
+    assert 'outcome=~"ok|degraded"' in latency
+    assert "rerank_ready" in exprs["GrefNoReadyInstance"]
+    assert "up{" not in exprs["GrefNoReadyInstance"]
+    down = exprs["GrefInstanceDown"]
+    assert "== 0" in down and "max_over_time(" in down and "rerank_ready" in down
+
+
+def test_alert_tests_use_the_services_series_and_bucket_edges() -> None:
+    """Every input series of alerts_test.yml is one the service exports, with its label
+    values and, for a histogram, one of its real bucket edges (`le` as the exposition
+    writes it); every alert has a test that expects it to fire."""
+    values: dict[str, dict[str, set[str]]] = {}
+    for family in Metrics().registry.collect():
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                values.setdefault(sample.name, {}).setdefault(label, set()).add(value)
+            values.setdefault(sample.name, {})
+    text = (PROMETHEUS / "alerts_test.yml").read_text()
+    tests = load_yaml(PROMETHEUS / "alerts_test.yml")["tests"]
+    seen = set()
+    for test in tests:
+        for item in test["input_series"]:
+            name, labels = parse_series(item["series"])
+            seen.add(name)
+            if name in PROMETHEUS_OWN:
+                continue
+            assert name in values, f"{name}: not a series the service exports"
+            for label, value in labels.items():
+                if label in ("job", "instance"):  # Prometheus' target labels
+                    continue
+                assert value in values[name].get(label, set()), (item["series"], label)
+    assert "rerank_late_responses_total" in seen and "rerank_ready" in seen
+    for name in (rule["alert"] for rule in alert_rules()):
+        assert f'alertname="{name}"' in text or f"alertname: {name}" in text, name
 
 
 def test_prometheus_scrapes_the_rerankers_and_loads_the_rules() -> None:
@@ -397,9 +464,55 @@ def test_dashboard_is_provisioned_and_documented() -> None:
     for needed in ("histogram_quantile(0.99", "rerank_fallback_total",
                    "rerank_embedding_lookups_total", "rerank_decode_passes_bucket",
                    "rerank_batch_size_bucket", "rerank_inflight_requests", "rerank_model_info",
-                   "$budget_ms"):  # fmt: skip
+                   "rerank_late_responses_total", "rerank_ready", "$budget_ms"):  # fmt: skip
         assert needed in exprs, needed
     assert "## Capacity (from `make loadtest`)" in runbook
+
+
+def test_dashboard_degraded_panel_draws_the_total_the_alert_reads() -> None:
+    """The 1% threshold line is the alert's: on the total share, not on each reason's."""
+    exprs = panel_exprs("Degraded rate: total and by reason")
+    assert any("by (reason)" in e for e in exprs)
+    (total,) = [e for e in exprs if "by (reason)" not in e]
+    assert total.startswith("sum(rate(rerank_fallback_total{")
+
+
+def test_model_version_panel_counts_replicas_per_served_version(tmp_path: Path) -> None:
+    """rerank_model_info is multiprocess `liveall` (a pid label per worker) and a version a
+    worker no longer serves stays at 0: the panel counts replicas serving each version."""
+    promtool = tool("promtool")
+    if promtool is None:
+        pytest.skip("promtool absent (apt-get install prometheus)")
+    (expr,) = panel_exprs("Model version")
+    info = 'rerank_model_info{{job="reranker", instance="{}", pid="{}", version="{}", '
+    info += 'label="l", created="c"}}'
+    series = [
+        (info.format("r1:9000", 11, "v1"), "0x5"),  # r1 rolled from v1 to v2: v1 at 0
+        (info.format("r1:9000", 11, "v2"), "1x5"),
+        (info.format("r1:9000", 12, "v1"), "0x5"),
+        (info.format("r1:9000", 12, "v2"), "1x5"),  # a second worker of r1: one replica
+        (info.format("r2:9000", 21, "v1"), "1x5"),  # r2 not yet
+    ]
+    (tmp_path / "none.yml").write_text("groups: []\n")
+    case = {
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series],
+        "promql_expr_test": [
+            {
+                "expr": expr,
+                "eval_time": "5m",
+                "exp_samples": [
+                    {"labels": '{version="v1", label="l", created="c"}', "value": 1},
+                    {"labels": '{version="v2", label="l", created="c"}', "value": 1},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(
+        yaml.safe_dump({"rule_files": ["none.yml"], "tests": [case]}, sort_keys=False)
+    )
+    out = run(promtool, "test", "rules", str(tmp_path / "test.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 # ---- (d) every query against the real app's /metrics --------------------------------------
