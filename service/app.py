@@ -29,6 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
+from model.features import FeatureSchema
 from service.admin import start_admin
 from service.api import (
     ApiError,
@@ -277,10 +278,15 @@ def _misfit(runtime: Runtime, target: Path) -> str | None:
     try:
         cfg = read_manifest(target)["model_config"]
         limits = {key: int(cfg[key]) for key in ("max_candidates", "max_steps", "omtp_heads")}
+        schema = FeatureSchema.from_dict(cfg["schema"])
     except BundleError as e:
         return str(e)
     except (KeyError, TypeError, ValueError) as e:
         return f"its manifest's model_config is malformed: {type(e).__name__}: {e}"
+    if reranker is not None:  # a feature name known now would become a 422
+        gone = sorted(set(_feature_names(reranker.reader.schema)) - set(_feature_names(schema)))
+        if gone:
+            return f"it does not know the features {gone}, which requests may send now"
     limit = reranker.reader.limits.max_candidates if reranker is not None else 0
     if limits["max_candidates"] < limit:
         return f"its max_candidates {limits['max_candidates']} < the served limit {limit}"
@@ -289,6 +295,11 @@ def _misfit(runtime: Runtime, target: Path) -> str | None:
     if s.items_per_pass is not None and limits["omtp_heads"] < s.items_per_pass:
         return f"its {limits['omtp_heads']} heads < items_per_pass {s.items_per_pass}"
     return None
+
+
+def _feature_names(schema: FeatureSchema) -> tuple[str, ...]:
+    """Every feature name a request may send under `schema` (items', then the user's)."""
+    return schema.categorical_names + schema.item_dense + schema.user_dense
 
 
 def decode_policy(s: Settings, heads: int) -> DecodePolicy:

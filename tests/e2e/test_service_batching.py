@@ -351,6 +351,18 @@ def test_a_bundle_with_smaller_limits_is_refused_and_the_old_keeps_serving(
             out = c.post("/v1/rerank", json=body)
             assert out.status_code == 200 and out.json()["model_version"] == "v1"
             assert srv.app.state.runtime.reranker.reader.limits.max_candidates == limit
+            # a bundle that drops a feature name: requests sending it would become 422s
+            fewer = _copy_version(tiny_bundle[0], artifacts, "v3-fewer")
+            manifest = json.loads((fewer / "manifest.json").read_text())
+            dropped = manifest["model_config"]["schema"]["user_dense"].pop()
+            (fewer / "manifest.json").write_text(json.dumps(manifest))
+            (artifacts / "latest").write_text("v3-fewer\n")
+            wait_for(
+                lambda: 'rerank_bundle_reloads_total{result="error"} 2.0' in c.get("/metrics").text
+            )
+            body["user"]["features"][dropped] = 0.5
+            out = c.post("/v1/rerank", json=body)
+            assert out.status_code == 200 and out.json()["model_version"] == "v1"
     finally:
         srv.stop()
 
