@@ -9,8 +9,9 @@ import sys
 
 
 def _build(args: argparse.Namespace) -> int:
-    from export.build import build_bundle
+    from export.build import build_bundle, write_latest
     from export.config import ExportConfig
+    from service.bundle import LATEST
 
     ec = ExportConfig(
         opset=args.opset,
@@ -20,10 +21,19 @@ def _build(args: argparse.Namespace) -> int:
         simplify=not args.no_simplify,
         first_pass=not args.no_first_pass,
     )
-    path = build_bundle(args.checkpoint, args.out, ec)
+    # --verify: `latest` names the new bundle only once its parity has passed
+    path = build_bundle(args.checkpoint, args.out, ec, point_latest=not args.verify)
     print(f"bundle: {path}")
-    if args.verify:
-        return _verify_path(str(path), None, None, {})
+    if not args.verify:
+        return 0
+    code = _verify_path(str(path), None, None, {})
+    latest = path.parent / LATEST
+    if code:
+        was = f"still names {latest.read_text().strip()}" if latest.is_file() else "none written"
+        print(f"{latest} not moved ({was}); the failed bundle stays in {path}", file=sys.stderr)
+        return code
+    write_latest(path.parent, path.name)
+    print(f"{latest} -> {path.name}")
     return 0
 
 
@@ -51,7 +61,12 @@ def _publish(args: argparse.Namespace) -> int:
     from export.publish import publish_bundle
 
     report = publish_bundle(
-        args.bundle, args.redis_url, prefix=args.prefix, dtype=args.dtype, chunk=args.chunk
+        args.bundle,
+        args.redis_url,
+        prefix=args.prefix,
+        dtype=args.dtype,
+        chunk=args.chunk,
+        cluster=args.cluster,
     )
     print(json.dumps(report.to_dict(), indent=2))
     return 0
@@ -92,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--prefix", default="gref")
     u.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     u.add_argument("--chunk", type=int, default=10_000, help="keys per MSET")
+    u.add_argument(
+        "--cluster",
+        action="store_true",
+        help="--redis-url names a node of a Redis Cluster (one MSET per hash slot)",
+    )
     u.set_defaults(fn=_publish)
 
     args = p.parse_args(argv)

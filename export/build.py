@@ -2,6 +2,8 @@
 
 The bundle is written into a temporary sibling directory and renamed into place, and
 `artifacts/latest` is replaced atomically after it, so a reader never sees half a bundle.
+With --verify, `latest` moves only once parity has passed: a bundle that fails it stays
+in its directory for inspection, but `latest` keeps naming the previous version.
 version = "<label>-<8 hex of sha256(weights, model config, export settings)>": the same
 checkpoint exported the same way gets the same hash. The item table does not enter it:
 an embedding is a function of the model alone, so a bundle rebuilt with a refreshed item
@@ -161,8 +163,12 @@ def _graphs_manifest(
     return graphs
 
 
-def build_bundle(checkpoint: str | Path, out_dir: str | Path, ec: ExportConfig) -> Path:
-    """Export the checkpoint's Gen-Reranker to out_dir/<version>/; returns that path."""
+def build_bundle(
+    checkpoint: str | Path, out_dir: str | Path, ec: ExportConfig, point_latest: bool = True
+) -> Path:
+    """Export the checkpoint's Gen-Reranker to out_dir/<version>/; returns that path.
+    point_latest=False: out_dir/latest is left as it is (`build --verify` moves it once
+    parity has passed)."""
     ckpt = Path(checkpoint)
     model, cfg, ckpt_config = load_gen_reranker(ckpt)
     weights = (ckpt / "model.safetensors").read_bytes()
@@ -251,7 +257,8 @@ def build_bundle(checkpoint: str | Path, out_dir: str | Path, ec: ExportConfig) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_latest(out, version)
+    if point_latest:
+        write_latest(out, version)
     log.info("bundle %s written to %s", version, final)
     return final
 

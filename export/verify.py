@@ -29,8 +29,8 @@ from model.decode import greedy_decode
 from model.features import HashedItems
 from model.network import GenReranker
 from model.tensors import Inputs
-from service.bundle import BundleError, read_manifest, sha256_file
-from service.engine import Engine, EngineConfig, RerankRequest, open_engine
+from service.bundle import BundleError, load_bundle, read_manifest, sha256_file
+from service.engine import Engine, EngineConfig, RerankRequest
 
 log = logging.getLogger(__name__)
 
@@ -294,15 +294,23 @@ def verify_bundle(
     overrides: ParityConfig fields (requests, seed, ...) on top of the precision's defaults."""
     root = Path(bundle_dir)
     manifest = read_manifest(root)
-    ckpt = Path(checkpoint or manifest["source"]["checkpoint"])
+    source = manifest.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("weights_sha256"), str):
+        raise BundleError(f"{root / 'manifest.json'}: source.weights_sha256 missing: cannot "
+                          "tell which checkpoint this bundle was built from")  # fmt: skip
+    if checkpoint is None and not isinstance(source.get("checkpoint"), str):
+        raise BundleError(f"{root / 'manifest.json'}: no source.checkpoint: pass --checkpoint")
+    ckpt = Path(checkpoint or source["checkpoint"])
     model, _, _ = load_gen_reranker(ckpt)
     weights_sha = sha256_file(ckpt / "model.safetensors")
-    if weights_sha != manifest["source"]["weights_sha256"]:
+    if weights_sha != source["weights_sha256"]:
         raise BundleError(f"{ckpt}: weights differ from the ones bundle {root} was built from")
     reports = {}
     for precision in precisions or list(manifest["graphs"]):
         cfg = ParityConfig.for_precision(precision, **(overrides or {}))
-        engine = open_engine(str(root), EngineConfig(device="cpu", precision=precision))
+        # check_parity=False: a bundle whose recorded parity failed can be measured again
+        bundle = load_bundle(root, item_table=False, check_parity=False)
+        engine = Engine(bundle, EngineConfig(device="cpu", precision=precision))
         reports[precision] = run_parity(model, engine, cfg)
         log.info("%s", reports[precision].summary())
     if write:

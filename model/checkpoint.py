@@ -16,12 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.config import ModelConfig
 
 CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: the message names the file and the problem."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
 
 
 def _model_classes() -> dict[str, type[nn.Module]]:
@@ -79,20 +100,33 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config.json (not a gref checkpoint directory)")
-    config: dict[str, Any] = json.loads(path.read_text())
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, want an object")
     version = config.get("checkpoint_version")
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint_version {version!r}, expected {CHECKPOINT_VERSION}")
+    for key in ("kind", "model_config"):
+        if key not in config:
+            raise CheckpointError(f"{path}: no {key!r}")
     return config
 
 
 def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
     """Rebuild the model from its own config and load its weights (strict)."""
     config = read_config(directory)
-    cfg = ModelConfig.from_dict(config["model_config"])
-    model = build_model(config["kind"], cfg)
-    weights = load_file(str(Path(directory) / "model.safetensors"))
-    model.load_state_dict(weights, strict=True)
+    path = Path(directory) / "config.json"
+    try:
+        cfg = ModelConfig.from_dict(config["model_config"])
+        model = build_model(config["kind"], cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    weights_path = Path(directory) / "model.safetensors"
+    weights = _read_tensors(weights_path)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+        raise CheckpointError(f"{weights_path}: does not fit its config.json: {e}") from e
     model.eval()
     return model, cfg, config
 
@@ -121,17 +155,25 @@ def save_train_state(
 
 def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     d = Path(directory)
-    tensors = load_file(str(d / "train_state.safetensors"))
-    payload = json.loads((d / "train_state.json").read_text())
+    tensors = _read_tensors(d / "train_state.safetensors")
+    path = d / "train_state.json"
+    payload = _read_json(path)
+    if not isinstance(payload, dict) or not {"state", "opt_scalars"} <= set(payload):
+        raise CheckpointError(f"{path}: want an object with 'state' and 'opt_scalars'")
+    if "rng.torch" not in tensors:
+        raise CheckpointError(f"{d / 'train_state.safetensors'}: no 'rng.torch'")
     sd = optimizer.state_dict()
     state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(payload["opt_scalars"].items()):
-        if not key.startswith("opt."):
-            continue
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
+    try:
+        for key, value in list(tensors.items()) + list(payload["opt_scalars"].items()):
+            if not key.startswith("opt."):
+                continue
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+        sd["state"] = state
+        optimizer.load_state_dict(sd)
+    except (AttributeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{d}: train state does not fit the optimizer: {e}") from e
     torch.set_rng_state(tensors["rng.torch"])
     result: dict[str, Any] = payload["state"]
     return result

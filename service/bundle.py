@@ -17,7 +17,9 @@ A bundle is a directory `artifacts/<version>/` written by `python -m export buil
 anything is parsed or any session created, and keeps the verified bytes: sessions are
 created from those bytes, so a file swapped on disk after the check is never loaded.
 Nothing is unpickled (np.load(..., allow_pickle=False)). Every problem is a BundleError
-whose message names the file and the problem. numpy only: no torch, no onnx.
+whose message names the file (or the manifest field) and the problem: a malformed
+manifest, an unknown id hash, a parity that `verify` recorded as FAILED, an item table
+with a NaN row or a repeated id are refused. numpy only: no torch, no onnx.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from model.config import ModelConfig
+from model.features import HASH_NAME
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ ITEM_EMBEDDINGS = "item_embeddings.npy"
 ITEM_IDS = "item_ids.npy"
 # file types the service would load: any such file in the bundle must be in the manifest
 LOADABLE_SUFFIXES = (".onnx", ".npy", ".data", ".ort")
+KNOWN_HASHES = (HASH_NAME,)  # id hashes model.features implements: any other is refused
+ITEM_DTYPES = ("float32", "float16")  # item_table.dtype: the .npy's dtype
 
 
 class BundleError(Exception):
@@ -107,7 +112,8 @@ class Bundle:
     graphs: dict[str, dict[str, GraphSpec]]  # precision -> graph name -> spec
     files: dict[str, bytes] = field(repr=False)  # verified bytes of every graph file
     item_ids: np.ndarray | None = field(default=None, repr=False)  # (N,) int64 raw ids
-    item_embeddings: np.ndarray | None = field(default=None, repr=False)  # (N, d) float32
+    # (N, d) float32 or float16 (item_table.dtype), every value finite
+    item_embeddings: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def version(self) -> str:
@@ -155,28 +161,110 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     for key in ("version", "model_config", "graphs", "files"):
         if key not in manifest:
             raise _fail(path, f"manifest has no {key!r}")
+    check_manifest(path, manifest)
     return manifest
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _object(path: Path, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, f"{where}: {_show(value)}, want a JSON object")
+    return value
+
+
+def _name(path: Path, where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, f"{where}: {_show(value)}, want a non-empty string")
+    return value
+
+
+def _whole(path: Path, where: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _fail(path, f"{where}: {_show(value)}, want an integer >= 0")
+    return value
+
+
+def check_manifest(path: Path, manifest: dict[str, Any]) -> ModelConfig:
+    """Every manifest field the service, the engine, `verify` or `publish` reads has the
+    type and meaning they expect; BundleError naming the field otherwise (never a KeyError
+    deep in a loader). path: the manifest file, for the message. -> its model config."""
+    _name(path, "version", manifest["version"])
+    try:
+        cfg = ModelConfig.from_dict(_object(path, "model_config", manifest["model_config"]),
+                                    complete=True)  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(path, f"model_config: {e}") from e
+    schema = cfg.schema
+    if schema.hash_name not in KNOWN_HASHES:
+        raise _fail(path, f"model_config.schema.hash_name {schema.hash_name!r}: unknown id hash "
+                          f"(this service hashes ids with {', '.join(KNOWN_HASHES)}; serving it "
+                          "would hash every id wrongly)")  # fmt: skip
+    if manifest.get("hashing") is not None:
+        hashing = _object(path, "hashing", manifest["hashing"])
+        if hashing.get("name") != schema.hash_name or hashing.get("salt") != schema.hash_salt:
+            raise _fail(path, f"hashing {_show(hashing)} disagrees with model_config.schema "
+                              f"({schema.hash_name!r}, salt {schema.hash_salt})")  # fmt: skip
+    _graph_specs(path, manifest)
+    for name, entry in _object(path, "files", manifest["files"]).items():
+        entry = _object(path, f"files.{name}", entry)
+        sha = entry.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise _fail(path, f"files.{name}.sha256: {_show(sha)}, want 64 hex digits")
+        if entry.get("size") is not None:
+            _whole(path, f"files.{name}.size", entry["size"])
+    table = _object(path, "item_table", manifest.get("item_table") or {})
+    if table.get("embeddings"):
+        _name(path, "item_table.embeddings", table["embeddings"])
+        _name(path, "item_table.ids", table.get("ids"))
+        if table.get("dtype") not in ITEM_DTYPES:
+            raise _fail(path, f"item_table.dtype: {_show(table.get('dtype'))}, want one of "
+                              f"{', '.join(ITEM_DTYPES)}")  # fmt: skip
+        if table.get("count") is not None:
+            _whole(path, "item_table.count", table["count"])
+        if table.get("dim", cfg.d_model) != cfg.d_model:
+            raise _fail(path, f"item_table.dim {_show(table['dim'])} != model_config.d_model "
+                              f"{cfg.d_model}")  # fmt: skip
+    for precision, report in _object(path, "parity", manifest.get("parity") or {}).items():
+        passed = _object(path, f"parity.{precision}", report).get("passed")
+        if not isinstance(passed, bool):
+            raise _fail(path, f"parity.{precision}.passed: {_show(passed)}, want true or false")
+    return cfg
 
 
 def _graph_specs(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, GraphSpec]]:
     specs: dict[str, dict[str, GraphSpec]] = {}
-    for precision, graphs in manifest["graphs"].items():
+    for precision, graphs in _object(path, "graphs", manifest["graphs"]).items():
         if precision not in PRECISIONS:
             raise _fail(path, f"unknown precision {precision!r} in graphs")
+        graphs = _object(path, f"graphs.{precision}", graphs)
         specs[precision] = {}
         for name in GRAPHS:
             if name not in graphs:
                 raise _fail(path, f"graphs.{precision} has no {name!r}")
-            g = graphs[name]
+            where = f"graphs.{precision}.{name}"
+            g = _object(path, where, graphs[name])
             specs[precision][name] = GraphSpec(
                 name=name,
-                file=str(g["file"]),
-                inputs=tuple(str(i["name"]) for i in g["inputs"]),
-                outputs=tuple(str(o["name"]) for o in g["outputs"]),
+                file=_name(path, f"{where}.file", g.get("file")),
+                inputs=_io_names(path, f"{where}.inputs", g.get("inputs")),
+                outputs=_io_names(path, f"{where}.outputs", g.get("outputs")),
             )
     if "fp32" not in specs:
         raise _fail(path, "no fp32 graphs")
     return specs
+
+
+def _io_names(path: Path, where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _fail(path, f"{where}: {_show(value)}, want a list of {{name, ...}}")
+    return tuple(
+        _name(path, f"{where}[{i}].name", _object(path, f"{where}[{i}]", io).get("name"))
+        for i, io in enumerate(value)
+    )
 
 
 def _read_verified(root: Path, name: str, entry: dict[str, Any], keep: bool = True) -> bytes:
@@ -207,16 +295,23 @@ def _load_npy(root: Path, name: str, data: bytes) -> np.ndarray:
         raise _fail(root / name, f"corrupted .npy: {e}") from e
 
 
-def load_bundle(bundle_dir: str | Path, item_table: bool = True) -> Bundle:
-    """Read and verify a bundle. Order: manifest (schema_version), unknown files, every
-    listed file's presence, size and sha256; only then the item table is parsed. No
-    ONNX session is created here (the Engine does, from the verified bytes).
+def load_bundle(
+    bundle_dir: str | Path, item_table: bool = True, check_parity: bool = True
+) -> Bundle:
+    """Read and verify a bundle. Order: manifest (schema_version, every field: see
+    check_manifest), its parity, unknown files, every listed file's presence, size and
+    sha256; only then the item table is parsed and checked. No ONNX session is created
+    here (the Engine does, from the verified bytes).
     item_table=False: the .npy files are still verified (streamed) but not loaded, for a
-    server that only needs the graphs."""
+    server that only needs the graphs.
+    check_parity=False: for `python -m export verify` alone, which (re)measures it."""
     root = Path(bundle_dir)
     manifest = read_manifest(root)
+    model_config = ModelConfig.from_dict(manifest["model_config"])  # checked by read_manifest
     listed: dict[str, dict[str, Any]] = manifest["files"]
     specs = _graph_specs(root / MANIFEST, manifest)
+    if check_parity:
+        _check_parity(root / MANIFEST, manifest, specs)
     wanted = {spec.file for graphs in specs.values() for spec in graphs.values()}
     table = manifest.get("item_table") or {}
     if table.get("embeddings"):
@@ -231,19 +326,11 @@ def load_bundle(bundle_dir: str | Path, item_table: bool = True) -> Bundle:
         name: _read_verified(root, name, entry, keep=item_table or name not in arrays)
         for name, entry in listed.items()
     }
-    try:
-        model_config = ModelConfig.from_dict(manifest["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise _fail(root / MANIFEST, f"bad model_config: {e}") from e
     item_ids = item_embeddings = None
     if arrays and item_table:
         item_embeddings = _load_npy(root, table["embeddings"], files.pop(table["embeddings"]))
         item_ids = _load_npy(root, table["ids"], files.pop(table["ids"]))
-        d = model_config.d_model
-        if item_embeddings.ndim != 2 or item_embeddings.shape[1] != d:
-            raise _fail(root / table["embeddings"], f"shape {item_embeddings.shape}, want (N, {d})")
-        if item_ids.shape != (item_embeddings.shape[0],) or item_ids.dtype != np.int64:
-            raise _fail(root / table["ids"], f"{item_ids.dtype} {item_ids.shape}, want int64 (N,)")
+        _check_item_table(root, table, model_config.d_model, item_ids, item_embeddings)
     files = {name: data for name, data in files.items() if name not in arrays}
     log.info("bundle %s verified: %d files", manifest["version"], len(listed))
     return Bundle(
@@ -255,6 +342,49 @@ def load_bundle(bundle_dir: str | Path, item_table: bool = True) -> Bundle:
         item_ids=item_ids,
         item_embeddings=item_embeddings,
     )
+
+
+def _check_parity(
+    path: Path, manifest: dict[str, Any], specs: dict[str, dict[str, GraphSpec]]
+) -> None:
+    """A precision whose recorded parity FAILED is refused; one never verified is served
+    with a warning (a bundle built without --verify, or by hand)."""
+    parity: dict[str, Any] = manifest.get("parity") or {}
+    failed = sorted(p for p, report in parity.items() if not report["passed"])
+    if failed:
+        raise _fail(path, f"parity FAILED for {', '.join(failed)} (recorded by `python -m "
+                          "export verify`): this bundle's ONNX graphs do not match its "
+                          "checkpoint (refused)")  # fmt: skip
+    unverified = [p for p in PRECISIONS if p in specs and p not in parity]
+    if unverified:
+        log.warning("bundle %s: parity never verified for %s (run `python -m export verify`)",
+                    manifest["version"], ", ".join(unverified))  # fmt: skip
+
+
+def _check_item_table(
+    root: Path, table: dict[str, Any], d: int, ids: np.ndarray, embeddings: np.ndarray
+) -> None:
+    """The arrays `publish` writes to Redis, where every replica reads them: one bad row
+    would reach every request holding that item."""
+    emb_path, ids_path = root / table["embeddings"], root / table["ids"]
+    dtype = table["dtype"]
+    if embeddings.dtype != np.dtype(dtype):
+        raise _fail(emb_path, f"dtype {embeddings.dtype}, manifest item_table.dtype says {dtype}")
+    if embeddings.ndim != 2 or embeddings.shape[1] != d:
+        raise _fail(emb_path, f"shape {embeddings.shape}, want (N, {d})")
+    n = embeddings.shape[0]
+    if table.get("count") is not None and table["count"] != n:
+        raise _fail(emb_path, f"{n} rows, manifest item_table.count says {table['count']}")
+    if ids.shape != (n,) or ids.dtype != np.int64:
+        raise _fail(ids_path, f"{ids.dtype} {ids.shape}, want int64 (N,)")
+    bad = ~np.isfinite(embeddings).all(axis=1)  # (N,)
+    if bad.any():
+        raise _fail(emb_path, f"{int(bad.sum())} of {n} rows not finite (NaN or inf), "
+                              f"e.g. item ids {ids[bad][:5].tolist()}")  # fmt: skip
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise _fail(ids_path, f"{int((counts > 1).sum())} item ids more than once, "
+                              f"e.g. {unique[counts > 1][:5].tolist()}")  # fmt: skip
 
 
 def latest_version(artifacts_dir: str | Path) -> str:
