@@ -325,6 +325,19 @@ def test_a_new_bundle_is_swapped_in_and_a_broken_one_keeps_the_old_serving(
     assert 'version="v3"' in metrics and 'version="v1"' not in metrics  # model_info follows
 
 
+def _roll_refused(c: httpx.Client, source: Path, artifacts: Path, name: str,
+                  edit: Any, errors: int) -> None:  # fmt: skip
+    """Roll a copy of `source` whose manifest's model_config `edit` changed, and wait
+    until the service has counted `errors` failed reloads."""
+    version = _copy_version(source, artifacts, name)
+    manifest = json.loads((version / "manifest.json").read_text())
+    edit(manifest["model_config"])
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    (artifacts / "latest").write_text(f"{name}\n")
+    want = f'rerank_bundle_reloads_total{{result="error"}} {errors:.1f}'
+    wait_for(lambda: want in c.get("/metrics").text)
+
+
 def test_a_bundle_with_smaller_limits_is_refused_and_the_old_keeps_serving(
     tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
 ) -> None:
@@ -340,27 +353,22 @@ def test_a_bundle_with_smaller_limits_is_refused_and_the_old_keeps_serving(
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             wait_ready(c)
             limit = srv.app.state.runtime.reranker.reader.limits.max_candidates
-            small = _copy_version(tiny_bundle[0], artifacts, "v2-small")
-            manifest = json.loads((small / "manifest.json").read_text())
-            manifest["model_config"]["max_candidates"] = limit - 1
-            (small / "manifest.json").write_text(json.dumps(manifest))
-            (artifacts / "latest").write_text("v2-small\n")
-            wait_for(
-                lambda: 'rerank_bundle_reloads_total{result="error"} 1.0' in c.get("/metrics").text
-            )
+
+            def smaller(cfg: dict[str, Any]) -> None:
+                cfg["max_candidates"] = limit - 1
+
+            _roll_refused(c, tiny_bundle[0], artifacts, "v2-small", smaller, errors=1)
             out = c.post("/v1/rerank", json=body)
             assert out.status_code == 200 and out.json()["model_version"] == "v1"
             assert srv.app.state.runtime.reranker.reader.limits.max_candidates == limit
             # a bundle that drops a feature name: requests sending it would become 422s
-            fewer = _copy_version(tiny_bundle[0], artifacts, "v3-fewer")
-            manifest = json.loads((fewer / "manifest.json").read_text())
-            dropped = manifest["model_config"]["schema"]["user_dense"].pop()
-            (fewer / "manifest.json").write_text(json.dumps(manifest))
-            (artifacts / "latest").write_text("v3-fewer\n")
-            wait_for(
-                lambda: 'rerank_bundle_reloads_total{result="error"} 2.0' in c.get("/metrics").text
-            )
-            body["user"]["features"][dropped] = 0.5
+            dropped: list[str] = []
+
+            def fewer(cfg: dict[str, Any]) -> None:
+                dropped.append(cfg["schema"]["user_dense"].pop())
+
+            _roll_refused(c, tiny_bundle[0], artifacts, "v3-fewer", fewer, errors=2)
+            body["user"]["features"][dropped[0]] = 0.5
             out = c.post("/v1/rerank", json=body)
             assert out.status_code == 200 and out.json()["model_version"] == "v1"
     finally:
@@ -381,14 +389,11 @@ def test_a_malformed_manifest_is_a_failed_reload_and_the_watch_goes_on(
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             wait_ready(c)
-            bad = _copy_version(tiny_bundle[0], artifacts, "v2-malformed")
-            manifest = json.loads((bad / "manifest.json").read_text())
-            del manifest["model_config"]["max_steps"]
-            (bad / "manifest.json").write_text(json.dumps(manifest))
-            (artifacts / "latest").write_text("v2-malformed\n")
-            wait_for(
-                lambda: 'rerank_bundle_reloads_total{result="error"} 1.0' in c.get("/metrics").text
-            )
+
+            def malformed(cfg: dict[str, Any]) -> None:
+                del cfg["max_steps"]
+
+            _roll_refused(c, tiny_bundle[0], artifacts, "v2-malformed", malformed, errors=1)
             out = c.post("/v1/rerank", json=body)
             assert out.status_code == 200 and out.json()["model_version"] == "v1"
             _copy_version(tiny_bundle[0], artifacts, "v3")
