@@ -279,14 +279,32 @@ def _copy_version(src: Path, artifacts: Path, version: str) -> Path:
     return dst
 
 
+def _serve_v1(source: Path, tmp_path: Path) -> tuple[Path, ServerThread]:
+    """An artifacts dir whose `latest` names a copy of `source` as v1, served and watched."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    _copy_version(source, artifacts, "v1")
+    (artifacts / "latest").write_text("v1\n")
+    return artifacts, start(artifacts, reload_interval_s=0.05, max_batch=4)
+
+
+def _roll_refused(c: httpx.Client, source: Path, artifacts: Path, name: str,
+                  edit: Any, errors: int) -> None:  # fmt: skip
+    """Roll a copy of `source` whose manifest's model_config `edit` changed, and wait
+    until the service has counted `errors` failed reloads."""
+    version = _copy_version(source, artifacts, name)
+    manifest = json.loads((version / "manifest.json").read_text())
+    edit(manifest["model_config"])
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    (artifacts / "latest").write_text(f"{name}\n")
+    want = f'rerank_bundle_reloads_total{{result="error"}} {errors:.1f}'
+    wait_for(lambda: want in c.get("/metrics").text)
+
+
 def test_a_new_bundle_is_swapped_in_and_a_broken_one_keeps_the_old_serving(
     tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
 ) -> None:
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    _copy_version(tiny_bundle[0], artifacts, "v1")
-    (artifacts / "latest").write_text("v1\n")
-    srv = start(artifacts, reload_interval_s=0.05, max_batch=4)
+    artifacts, srv = _serve_v1(tiny_bundle[0], tmp_path)
     rng = np.random.default_rng(7)
     # a generous budget: the new version's warm-up competes for the CPU (a degraded answer
     # under a busy machine is not what this test is about)
@@ -325,29 +343,12 @@ def test_a_new_bundle_is_swapped_in_and_a_broken_one_keeps_the_old_serving(
     assert 'version="v3"' in metrics and 'version="v1"' not in metrics  # model_info follows
 
 
-def _roll_refused(c: httpx.Client, source: Path, artifacts: Path, name: str,
-                  edit: Any, errors: int) -> None:  # fmt: skip
-    """Roll a copy of `source` whose manifest's model_config `edit` changed, and wait
-    until the service has counted `errors` failed reloads."""
-    version = _copy_version(source, artifacts, name)
-    manifest = json.loads((version / "manifest.json").read_text())
-    edit(manifest["model_config"])
-    (version / "manifest.json").write_text(json.dumps(manifest))
-    (artifacts / "latest").write_text(f"{name}\n")
-    want = f'rerank_bundle_reloads_total{{result="error"}} {errors:.1f}'
-    wait_for(lambda: want in c.get("/metrics").text)
-
-
 def test_a_bundle_with_smaller_limits_is_refused_and_the_old_keeps_serving(
     tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
 ) -> None:
     """A reload must not shrink the API's limits under its clients: requests valid now
     would become 422s (or engine errors)."""
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    _copy_version(tiny_bundle[0], artifacts, "v1")
-    (artifacts / "latest").write_text("v1\n")
-    srv = start(artifacts, reload_interval_s=0.05, max_batch=4)
+    artifacts, srv = _serve_v1(tiny_bundle[0], tmp_path)
     body = make_request(np.random.default_rng(9), 30, 5, budget_ms=30_000)
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -380,11 +381,7 @@ def test_a_malformed_manifest_is_a_failed_reload_and_the_watch_goes_on(
 ) -> None:
     """A version whose manifest lacks a field the limits check reads: counted as a failed
     reload, the old version serves, and the watch is still alive for the next version."""
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    _copy_version(tiny_bundle[0], artifacts, "v1")
-    (artifacts / "latest").write_text("v1\n")
-    srv = start(artifacts, reload_interval_s=0.05, max_batch=4)
+    artifacts, srv = _serve_v1(tiny_bundle[0], tmp_path)
     body = make_request(np.random.default_rng(10), 30, 5, budget_ms=30_000)
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
