@@ -5,7 +5,7 @@ click labels, at cutoff k
 - NDCG@k: gain 2^label − 1, discount log2(i + 1) for 1-based rank i, ideal DCG from the
   labels sorted descending (a list with no clicks contributes 0);
 - MAP@k: mean over the list's clicked items in the top k of precision at their ranks,
-  normalised by min(k, number of clicks) (0 when no clicks);
+  normalised by the number of clicks IN THE TOP k (LibRerank's AP_count; 0 when none);
 - clicks@k: the sum of labels in the top k.
 All functions are vectorized over requests: labels are given in the model's order.
 """
@@ -38,7 +38,7 @@ def map_at(labels: np.ndarray, k: int) -> np.ndarray:
     top = (labels[:, :k] > 0).astype(np.float64)
     hits = np.cumsum(top, axis=1)
     prec = hits / np.arange(1, top.shape[1] + 1)
-    n_rel = np.minimum((labels > 0).sum(axis=1), k)
+    n_rel = top.sum(axis=1)  # clicks inside the top k (LibRerank), not in the whole list
     ap = (prec * top).sum(axis=1)
     return np.where(n_rel > 0, ap / np.maximum(n_rel, 1), 0.0)
 

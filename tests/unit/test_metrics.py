@@ -24,8 +24,11 @@ def test_map_hand_case() -> None:
     labels = np.array([[0.0, 1.0, 0.0, 1.0]])
     # precisions at hits: 1/2 and 2/4; two relevant items
     assert map_at(labels, 4)[0] == pytest.approx((0.5 + 0.5) / 2)
-    # cutoff 2: one hit at rank 2, normaliser min(k, n_rel) = 2
-    assert map_at(labels, 2)[0] == pytest.approx(0.5 / 2)
+    # cutoff 2: one hit at rank 2; LibRerank normalises by the hits inside the top k (1),
+    # not by the list's clicks (evaluate_multi's AP_count)
+    assert map_at(labels, 2)[0] == pytest.approx(0.5 / 1)
+    # the reviewer's case: [0,1,0,0,1,0] at k = 3 is 0.5 in LibRerank (0.25 before)
+    assert map_at(np.array([[0.0, 1.0, 0.0, 0.0, 1.0, 0.0]]), 3)[0] == pytest.approx(0.5)
     assert map_at(np.zeros((1, 4)), 4)[0] == 0.0
 
 
