@@ -6,15 +6,19 @@ A checkpoint directory holds
                       to rebuild the model (the export and the service never use defaults),
 - train_state.safetensors + train_state.json (optional): optimizer moments, step, epoch,
                       best validation score and RNG states, so an interrupted run resumes.
-Files are written to a temporary name and renamed, so a crash never leaves half a file.
+Files are written to a temporary name and renamed, so a crash never leaves half a file;
+replace_dir publishes a whole directory (weights + train state) the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -179,6 +183,82 @@ def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer) ->
     return result
 
 
+def read_train_state(directory: str | Path) -> dict[str, Any]:
+    """The JSON part of a train state (epoch, best, history, ...) without touching an
+    optimizer or the RNG: what a resume checks before it loads anything."""
+    path = Path(directory) / "train_state.json"
+    payload = _read_json(path)
+    if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
+        raise CheckpointError(f"{path}: want an object with a 'state' object")
+    result: dict[str, Any] = payload["state"]
+    return result
+
+
 def has_train_state(directory: str | Path) -> bool:
     d = Path(directory)
     return (d / "train_state.safetensors").exists() and (d / "train_state.json").exists()
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 (hex) over a checkpoint's tensors: sorted names, dtypes, shapes, bytes; the
+    same digest as export/build.py's tensors_digest, and like it independent of the
+    safetensors header's metadata order, so the same weights always hash the same."""
+    from safetensors.numpy import load_file as load_numpy
+
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        tensors = load_numpy(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+    h = hashlib.sha256()
+    for name, array in sorted(tensors.items()):
+        h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def remove_dir(directory: str | Path) -> None:
+    """Remove a directory tree if it exists (a file of that name too)."""
+    d = Path(directory)
+    if d.is_dir() and not d.is_symlink():
+        shutil.rmtree(d)
+    elif d.exists() or d.is_symlink():
+        d.unlink()
+
+
+def staging_dir(directory: str | Path) -> Path:
+    """An empty sibling `<name>.tmp` to write a directory's new contents into before
+    replace_dir publishes them."""
+    d = Path(directory)
+    tmp = d.with_name(d.name + ".tmp")
+    remove_dir(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(staged: str | Path, directory: str | Path) -> Path:
+    """Put the complete directory `staged` in the place of `directory` by renames: a
+    reader finds the old contents or the new ones, never a mix (say epoch e's weights
+    with epoch e-1's train state). A crash between the two renames leaves the old
+    contents at `<name>.old`, which recover_dir puts back."""
+    d = Path(directory)
+    old = d.with_name(d.name + ".old")
+    remove_dir(old)
+    if d.exists():
+        d.rename(old)
+    Path(staged).rename(d)
+    remove_dir(old)
+    return d
+
+
+def recover_dir(directory: str | Path) -> None:
+    """Undo what a crash inside replace_dir or before it left behind: put `<name>.old`
+    back when `<name>` is missing, drop a half-written `<name>.tmp`."""
+    d = Path(directory)
+    old = d.with_name(d.name + ".old")
+    if old.exists() and not d.exists():
+        old.rename(d)
+    remove_dir(old)
+    remove_dir(d.with_name(d.name + ".tmp"))

@@ -12,16 +12,20 @@ Stages (TrainConfig.stage):
             self-distillation, what the frozen DPO model's n = 1 greedy decode would
             put at positions t+1..t+n, so an n-per-pass decode follows the DPO policy.
 Each epoch ends with validation; the best epoch is kept (early stopping), and the last
-epoch's weights + optimizer state are saved so an interrupted run resumes.
+epoch's weights + optimizer state are saved so an interrupted run resumes. A run resumes
+only if it is the same run: the train state holds a fingerprint of the train config, the
+model config, the init checkpoint's weights and the data (run_fingerprint); anything else
+starts fresh and clears the run's old checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +39,14 @@ from model.checkpoint import (
     has_train_state,
     load_checkpoint,
     load_train_state,
+    read_train_state,
+    recover_dir,
+    remove_dir,
+    replace_dir,
     save_checkpoint,
     save_train_state,
+    staging_dir,
+    weights_digest,
 )
 from model.config import ModelConfig
 from model.data import ListBatch, feedback_utility
@@ -93,6 +103,72 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr or STAGE_LR.get(self.stage, 2e-3)
+
+
+# TrainConfig fields a resume may change. `epochs`: extending a run is what resume is for,
+# and the epochs it has trained do not depend on it (each epoch's data order depends on
+# (seed, epoch) only, and there is no schedule over the epochs); a saved run that trained
+# more epochs than asked does not resume (train() checks). `threads`: how fast, not what,
+# is trained. Every other field changes the run, so it is in the fingerprint.
+RESUMABLE_FIELDS = frozenset({"epochs", "threads"})
+FINGERPRINT_VERSION = 1
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def data_digest(batch: ListBatch) -> str:
+    """sha256 (hex) over every array of a batch: name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for f in fields(batch):
+        array = np.asarray(getattr(batch, f.name))
+        h.update(f"{f.name}:{array.dtype.str}:{array.shape};".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(
+    model_cfg: ModelConfig,
+    tc: TrainConfig,
+    train_data: ListBatch,
+    valid_data: ListBatch,
+    init_from: str | Path | None,
+) -> dict[str, str]:
+    """What makes a training run this run, as sha256 digests per component, and "run" over
+    them all: the train config (less RESUMABLE_FIELDS), the model config, the init
+    checkpoint's weights, the train data and the validation rows used."""
+    parts = {
+        "train_config": _json_digest(
+            {k: v for k, v in asdict(tc).items() if k not in RESUMABLE_FIELDS}
+        ),
+        "model_config": _json_digest(model_cfg.to_dict()),
+        "init_checkpoint": "none" if init_from is None else weights_digest(init_from),
+        "train_data": data_digest(train_data),
+        "valid_data": data_digest(valid_data),
+    }
+    return {**parts, "run": _json_digest({"version": FINGERPRINT_VERSION, **parts})}
+
+
+def _resume_mismatch(state: dict[str, Any], fingerprint: dict[str, str], tc: TrainConfig) -> str:
+    """Why a saved train state is not this run ("" = it is)."""
+    saved = state.get("fingerprint")
+    if not isinstance(saved, dict):
+        return "it has no run fingerprint (written by older code)"
+    if saved.get("run") != fingerprint["run"]:
+        differs = [k for k in fingerprint if k != "run" and saved.get(k) != fingerprint[k]]
+        return "its " + (", ".join(differs) or "fingerprint version") + " differ from this run's"
+    done = int(state["epoch"]) + 1
+    if done > tc.epochs:
+        return f"it trained {done} epochs, more than the {tc.epochs} asked"
+    return ""
+
+
+def _start_fresh(out: Path) -> None:
+    """Remove what an earlier run left in out, so nothing stale is reused."""
+    for name in ("last", "best", "reference"):
+        remove_dir(out / name)
+    (out / "history.json").unlink(missing_ok=True)
 
 
 @dataclass
@@ -224,7 +300,11 @@ def train(
     progress: bool = True,
     resume: bool = True,
 ) -> TrainResult:
-    """Train one model; returns the directory of the best checkpoint (`out_dir/best`)."""
+    """Train one model; returns the directory of the best checkpoint (`out_dir/best`).
+
+    resume: continue from `out_dir/last` if its train state has this run's fingerprint
+    (run_fingerprint; only `epochs` may have grown). Otherwise, or with resume=False, the
+    run starts fresh: `last`, `best` and `reference` of an earlier run are removed first."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,22 +333,34 @@ def train(
 
     history: list[dict[str, Any]] = []
     best, start_epoch, stale = -float("inf"), 0, 0
-    last_dir, best_dir = out / "last", out / "best"
-    if resume and has_train_state(last_dir):
-        last_model, _, _ = load_checkpoint(last_dir)
-        model.load_state_dict(last_model.state_dict())
-        state = load_train_state(last_dir, opt)
-        history, best = state["history"], state["best"]
-        start_epoch, stale = state["epoch"] + 1, state["stale"]
-        log.info("resumed %s at epoch %d", out, start_epoch)
-        if ref is not None and (out / "reference").exists():
-            ref.load_state_dict(load_checkpoint(out / "reference")[0].state_dict())
-    if ref is not None and not (out / "reference").exists():
-        save_checkpoint(
-            out / "reference", ref, model_cfg, asdict(tc), {"role": f"{tc.stage} reference"}
-        )
-
+    last_dir, best_dir, ref_dir = out / "last", out / "best", out / "reference"
     valid = valid_data.take(slice(0, tc.max_valid))
+    fingerprint = run_fingerprint(model_cfg, tc, train_data, valid, init_from)
+    for d in (last_dir, best_dir, ref_dir):
+        recover_dir(d)  # a crash inside replace_dir
+    resumed = False
+    if resume and has_train_state(last_dir):
+        why = _resume_mismatch(read_train_state(last_dir), fingerprint, tc)
+        if why:
+            log.warning("%s: not resuming the saved run, %s: starting fresh", out, why)
+        else:
+            last_model, _, _ = load_checkpoint(last_dir)
+            model.load_state_dict(last_model.state_dict())
+            state = load_train_state(last_dir, opt)
+            history, best = state["history"], state["best"]
+            start_epoch, stale = state["epoch"] + 1, state["stale"]
+            resumed = True
+            log.info("resumed %s at epoch %d", out, start_epoch)
+    if not resumed:
+        _start_fresh(out)
+    if ref is not None:
+        if resumed and ref_dir.exists():
+            ref.load_state_dict(load_checkpoint(ref_dir)[0].state_dict())
+        else:  # a fresh start always writes the current reference
+            tmp = staging_dir(ref_dir)
+            save_checkpoint(tmp, ref, model_cfg, asdict(tc), {"role": f"{tc.stage} reference"})
+            replace_dir(tmp, ref_dir)
+
     for epoch in range(start_epoch, tc.epochs):
         if stale >= tc.patience:
             break
@@ -295,14 +387,18 @@ def train(
         improved = score > best
         if improved:
             best, stale = score, 0
-            save_checkpoint(best_dir, model, model_cfg, asdict(tc), {"epoch": epoch, **metrics})
+            tmp = staging_dir(best_dir)
+            save_checkpoint(tmp, model, model_cfg, asdict(tc), {"epoch": epoch, **metrics})
+            replace_dir(tmp, best_dir)
         else:
             stale += 1
         history.append({"epoch": epoch, "train_loss": running, **metrics, "improved": improved})
         log.info("%s epoch %d: %s", out.name, epoch, json.dumps(history[-1]))
-        save_checkpoint(last_dir, model, model_cfg, asdict(tc), {"epoch": epoch})
-        save_train_state(
-            last_dir, opt, {"epoch": epoch, "best": best, "stale": stale, "history": history}
-        )
+        # weights and train state of one epoch, published together (replace_dir)
+        tmp = staging_dir(last_dir)
+        save_checkpoint(tmp, model, model_cfg, asdict(tc), {"epoch": epoch})
+        state = {"epoch": epoch, "best": best, "stale": stale, "history": history}
+        save_train_state(tmp, opt, {**state, "fingerprint": fingerprint})
+        replace_dir(tmp, last_dir)
     (out / "history.json").write_text(json.dumps(history, indent=2))
     return TrainResult(best_dir, history, time.perf_counter() - t0)

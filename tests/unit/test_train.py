@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,12 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, read_config
+from model.checkpoint import (
+    build_model,
+    load_checkpoint,
+    read_config,
+    read_train_state,
+    save_checkpoint,
+    save_train_state,
+)
 from model.config import ModelConfig
 from model.data import ListBatch
 from model.evaluate import Reranker, generate_lists, logged_metrics
 from model.features import FeatureSchema
 from model.train import TrainConfig, train
+
+train_module = importlib.import_module("model.train")  # the module (`train` is the function)
 
 SCHEMA = FeatureSchema(item_id_buckets=4096, user_id_buckets=1024)
 CFG = ModelConfig(schema=SCHEMA, d_model=16, n_attn_heads=2, omtp_heads=2)
@@ -130,3 +143,168 @@ def test_distill_aligns_heads_to_the_teachers_n1_decode(
         return float((ref == got).mean())
 
     assert agreement(student) > agreement(teacher)
+
+
+# ---- resume only the same run --------------------------------------------------------
+
+
+def _weights(directory: Path) -> list[torch.Tensor]:
+    return list(load_checkpoint(directory)[0].state_dict().values())
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _fingerprint(run_dir: Path) -> dict[str, str]:
+    fp: dict[str, str] = read_train_state(run_dir / "last").get("fingerprint", {})
+    return fp
+
+
+def _random_init(directory: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    return save_checkpoint(directory, build_model("gen_reranker", CFG), CFG)
+
+
+def test_resume_starts_fresh_when_the_config_or_data_changed(
+    tmp_path: Path, splits: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
+) -> None:
+    tr, va = splits
+    tr = tr.take(slice(0, 600))
+    caplog.set_level(logging.INFO, logger="model.train")
+    tc = replace(_tc("pretrain"), epochs=1)
+    old = train(CFG, tc, tr, va, tmp_path / "r", progress=False)
+    fp_old = _fingerprint(tmp_path / "r")
+
+    # another learning rate: trained again, the same as a fresh run with it
+    caplog.clear()
+    new = train(CFG, replace(tc, lr=1e-3), tr, va, tmp_path / "r", progress=False)
+    assert new.history[0]["valid_loss"] != old.history[0]["valid_loss"]
+    fresh = train(CFG, replace(tc, lr=1e-3), tr, va, tmp_path / "fresh", progress=False)
+    assert new.history == fresh.history
+    assert _same(_weights(new.best_dir), _weights(fresh.best_dir))
+    assert read_config(new.best_dir)["train_config"]["lr"] == 1e-3
+    assert "not resuming" in caplog.text and "train_config" in caplog.text
+    fp_lr = _fingerprint(tmp_path / "r")
+    assert fp_lr["train_config"] != fp_old["train_config"] and fp_lr["run"] != fp_old["run"]
+    assert fp_lr["train_data"] == fp_old["train_data"]
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.old"))
+
+    # other training data
+    caplog.clear()
+    other = train(CFG, replace(tc, lr=1e-3), tr.take(slice(0, 500)), va, tmp_path / "r",
+                  progress=False)  # fmt: skip
+    assert other.history[0]["valid_loss"] != new.history[0]["valid_loss"]
+    assert "not resuming" in caplog.text and "train_data" in caplog.text
+    assert _fingerprint(tmp_path / "r")["train_data"] != fp_lr["train_data"]
+
+    # a train state written by older code (no fingerprint) is not resumed either
+    state = tmp_path / "r" / "last" / "train_state.json"
+    payload = json.loads(state.read_text())
+    del payload["state"]["fingerprint"]
+    state.write_text(json.dumps(payload))
+    caplog.clear()
+    train(CFG, replace(tc, lr=1e-3), tr, va, tmp_path / "r", progress=False)
+    assert "no run fingerprint" in caplog.text
+    assert _fingerprint(tmp_path / "r") == fp_lr
+
+
+def test_resume_continues_when_only_epochs_grow(
+    tmp_path: Path, splits: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
+) -> None:
+    tr, va = splits
+    tr = tr.take(slice(0, 600))
+    caplog.set_level(logging.INFO, logger="model.train")
+    one = train(CFG, replace(_tc("pretrain"), epochs=1), tr, va, tmp_path / "r", progress=False)
+    fp = _fingerprint(tmp_path / "r")
+    caplog.clear()
+    two = train(CFG, replace(_tc("pretrain"), threads=2), tr, va, tmp_path / "r", progress=False)
+    assert "resumed" in caplog.text and "not resuming" not in caplog.text
+    assert two.history[:1] == one.history and [h["epoch"] for h in two.history] == [0, 1]
+    assert _fingerprint(tmp_path / "r") == fp
+    # fewer epochs than the saved run trained: not that run's result, so fresh
+    caplog.clear()
+    again = train(CFG, replace(_tc("pretrain"), epochs=1), tr, va, tmp_path / "r",
+                  progress=False)  # fmt: skip
+    assert again.history == one.history
+    assert "more than the 1 asked" in caplog.text
+
+
+def test_changed_init_or_fresh_start_rewrites_the_reference(
+    tmp_path: Path, splits: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
+) -> None:
+    tr, va = splits
+    tr = tr.take(slice(0, 600))
+    caplog.set_level(logging.INFO, logger="model.train")
+    init_a, init_b = _random_init(tmp_path / "a", 1), _random_init(tmp_path / "b", 2)
+    tc = replace(_tc("dpo"), epochs=1)
+    ref_dir = tmp_path / "dpo" / "reference"
+    train(CFG, tc, tr, va, tmp_path / "dpo", init_from=init_a, progress=False)
+    assert _same(_weights(ref_dir), _weights(init_a))
+    fp_a = _fingerprint(tmp_path / "dpo")
+
+    # a new init checkpoint (say a re-trained pre-train): DPO again, from it
+    caplog.clear()
+    res = train(CFG, tc, tr, va, tmp_path / "dpo", init_from=init_b, progress=False)
+    assert _same(_weights(ref_dir), _weights(init_b))
+    fresh = train(CFG, tc, tr, va, tmp_path / "fresh", init_from=init_b, progress=False)
+    assert _same(_weights(res.best_dir), _weights(fresh.best_dir))
+    assert "not resuming" in caplog.text and "init_checkpoint" in caplog.text
+    assert _fingerprint(tmp_path / "dpo")["init_checkpoint"] != fp_a["init_checkpoint"]
+
+    # resume=False over an earlier run: the reference is the current init's
+    train(CFG, tc, tr, va, tmp_path / "dpo", init_from=init_a, progress=False, resume=False)
+    assert _same(_weights(ref_dir), _weights(init_a))
+
+    # a stale reference without a train state (a run killed in its first epoch)
+    shutil.rmtree(tmp_path / "dpo" / "last")
+    shutil.rmtree(ref_dir)
+    shutil.copytree(init_b, ref_dir)
+    train(CFG, tc, tr, va, tmp_path / "dpo", init_from=init_a, progress=False)
+    assert _same(_weights(ref_dir), _weights(init_a))
+
+
+def test_weights_and_train_state_are_saved_together(
+    tmp_path: Path,
+    splits: tuple[ListBatch, ListBatch],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crash while an epoch is saved resumes from the previous epoch's weights and
+    state, never epoch e's weights with epoch e-1's state."""
+    tr, va = splits
+    tr = tr.take(slice(0, 600))
+    caplog.set_level(logging.INFO, logger="model.train")
+    whole = train(CFG, _tc("pretrain"), tr, va, tmp_path / "whole", progress=False)
+
+    # crash in the second epoch's save_train_state, after its weights were written
+    calls: list[int] = []
+
+    def crash_on_second(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("crash")
+        save_train_state(*args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "save_train_state", crash_on_second)
+        with pytest.raises(RuntimeError, match="crash"):
+            train(CFG, _tc("pretrain"), tr, va, tmp_path / "r", progress=False)
+    resumed = train(CFG, _tc("pretrain"), tr, va, tmp_path / "r", progress=False)
+    assert [h["epoch"] for h in resumed.history] == [0, 1]
+    for x, y in zip(_weights(tmp_path / "r" / "last"), _weights(whole.best_dir.parent / "last"),
+                    strict=True):  # fmt: skip
+        assert torch.allclose(x, y, atol=1e-6)
+
+    # a crash between the two renames: the old `last` waits at last.old, a half-written
+    # last.tmp beside it; the next run resumes from last.old
+    last = tmp_path / "r" / "last"
+    shutil.rmtree(last)
+    shutil.copytree(tmp_path / "whole" / "last", tmp_path / "r" / "last.old")
+    (tmp_path / "r" / "last.tmp").mkdir()
+    (tmp_path / "r" / "last.tmp" / "model.safetensors").write_bytes(b"half")
+    caplog.clear()
+    three = train(CFG, replace(_tc("pretrain"), epochs=3), tr, va, tmp_path / "r", progress=False)
+    assert three.history[:2] == whole.history and len(three.history) == 3
+    assert "resumed" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best", "history.json", "last"]
