@@ -376,11 +376,13 @@ def _cascade(
     pad: np.ndarray,
     satiation: np.ndarray,
     base_cont: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The intra-list part of the user model, vectorized over rows.
 
     logit, cat, pad: (R, K) relevance logit, category, padding of each slot;
-    satiation, base_cont: (R,). Returns examine, effective relevance: (R, K) each."""
+    satiation, base_cont: (R,). Returns examine, effective relevance and continuation
+    (the probability that the cascade goes on past slot t): (R, K) each. Padding is
+    transparent: the user skips it (examine and effective relevance 0, continuation 1)."""
     K = logit.shape[1]
     earlier = np.tri(K, K, -1, dtype=bool)  # [t, s] = s < t
     valid_before = earlier[None] & ~pad[:, None, :]  # (R, K, K)
@@ -391,23 +393,19 @@ def _cascade(
     cont = np.where(pad, 1.0, base_cont[:, None] * (1.0 - cfg.abandonment * (1.0 - eff)))
     exam = np.ones_like(eff)
     exam[:, 1:] = np.cumprod(cont[:, :-1], axis=1)
-    return np.where(pad, 0.0, exam), eff
+    return np.where(pad, 0.0, exam), eff, cont
 
 
-def list_feedback_probs(
+def _feedback_probs(
     world: World, user_idx: np.ndarray, lists: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Expected feedback of each slot of lists (B, K) of item indices (-1 = padding).
-
-    Returns (B, K) float64 arrays: examine, effective_relevance, click (= examine ·
-    effective relevance), like and long_view (marginal: click · P(· | click)), and
-    like_given_click, long_view_given_click."""
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """list_feedback_probs and the cascade's continuation probabilities (B, K)."""
     user_idx = np.asarray(user_idx)
     lists = np.asarray(lists)
     pad = lists < 0
     items = np.where(pad, 0, lists)
     satiation, base_cont = _user_terms(world, user_idx)
-    exam, eff = _cascade(
+    exam, eff, cont = _cascade(
         world.cfg,
         world.complement_matrix,
         _relevance_logit(world, user_idx, items),
@@ -420,7 +418,7 @@ def list_feedback_probs(
     like_c = np.where(pad, 0.0, like_c)
     long_view_c = np.where(pad, 0.0, long_view_c)
     click = exam * eff
-    return {
+    probs = {
         "examine": exam,
         "effective_relevance": eff,
         "click": click,
@@ -429,6 +427,18 @@ def list_feedback_probs(
         "like_given_click": like_c,
         "long_view_given_click": long_view_c,
     }
+    return probs, cont
+
+
+def list_feedback_probs(
+    world: World, user_idx: np.ndarray, lists: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Expected feedback of each slot of lists (B, K) of item indices (-1 = padding).
+
+    Returns (B, K) float64 arrays: examine, effective_relevance, click (= examine ·
+    effective relevance), like and long_view (marginal: click · P(· | click)), and
+    like_given_click, long_view_given_click."""
+    return _feedback_probs(world, user_idx, lists)[0]
 
 
 def _click_value(cfg: WorldConfig, like_c: np.ndarray, long_view_c: np.ndarray) -> np.ndarray:
@@ -448,16 +458,16 @@ def sample_feedback(
     world: World, user_idx: np.ndarray, lists: np.ndarray, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     """One draw of the cascade along lists (B, K): click, like, long_view (B, K) float32
-    0/1 (0 on padding). Their expectations are list_feedback_probs'."""
-    p = list_feedback_probs(world, user_idx, lists)
+    0/1 (0 on padding). Their expectations are list_feedback_probs'. Padding anywhere in
+    a list is skipped, as in true_utility: the cascade goes on past it."""
+    p, cont = _feedback_probs(world, user_idx, lists)
     B, K = p["click"].shape
-    exam = p["examine"]
-    # P(continue after t) = exam_{t+1} / exam_t: one continuation draw per slot
-    cont = np.divide(exam[:, 1:], exam[:, :-1], out=np.zeros((B, K - 1)), where=exam[:, :-1] > 0)
-    continued = rng.random((B, K - 1)) < cont
+    # one continuation draw per slot, with the cascade's own P(continue after t): 1 on
+    # padding (not exam_{t+1} / exam_t, which is 0 / 0 after a padding slot)
+    continued = rng.random((B, K - 1)) < cont[:, :-1]
     examined = np.ones((B, K), dtype=bool)
     examined[:, 1:] = np.cumprod(continued, axis=1).astype(bool)
-    examined &= exam > 0
+    examined &= np.asarray(lists) >= 0
     click = examined & (rng.random((B, K)) < p["effective_relevance"])
     like = click & (rng.random((B, K)) < p["like_given_click"])
     long_view = click & (rng.random((B, K)) < p["long_view_given_click"])
@@ -642,7 +652,7 @@ def _utility_of_positions(world: World, c: _Candidates, pos: np.ndarray) -> np.n
     def gather(a: np.ndarray) -> np.ndarray:  # (B, M) -> (B * R, K)
         return np.take_along_axis(a[:, None, :], pos, axis=2).reshape(B * R, K)
 
-    exam, eff = _cascade(
+    exam, eff, _ = _cascade(
         world.cfg,
         world.complement_matrix,
         gather(c.logit),

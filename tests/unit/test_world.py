@@ -335,3 +335,32 @@ def test_logged_vs_gold_reorders_the_exposed_items(logs: tuple[World, ListBatch]
     assert best["utility"] > by_rel["utility"] > logged["utility"]
     for row in out.values():
         assert 0.0 <= row["ndcg@10"] <= 1.0
+
+
+def test_padding_mid_list_is_skipped_by_sampled_and_expected_feedback(world: World) -> None:
+    """A padding slot in the middle of a list is transparent to both: the user skips it
+    and the cascade goes on, so the sampled utility's mean is true_utility."""
+    user, rows, reps = 0, 4, 2_000
+    rel = relevance(world, np.array([user]), np.arange(world.n_items)[None])[0]
+    users = np.full(rows, user)
+    # relevant items of different categories: the slots after the padding matter
+    pool = np.argsort(-rel)[:200]
+    _, first = np.unique(world.item_category[pool], return_index=True)
+    items = pool[np.sort(first)][:10]
+    lists = np.tile(items, (rows, 1))
+    lists[:, 3] = -1
+    lists[1, 0] = -1  # padding first, too
+    lists[2, 5:7] = -1  # two padding slots in a row
+    util = true_utility(world, users, lists)
+    # padding is transparent: dropping it (and padding the end) changes nothing
+    packed = np.stack([np.concatenate([r[r >= 0], r[r < 0]]) for r in lists])
+    np.testing.assert_allclose(true_utility(world, users, packed), util)
+    fb = sample_feedback(
+        world, np.repeat(users, reps), np.repeat(lists, reps, axis=0), np.random.default_rng(5)
+    )
+    assert fb["click"][np.repeat(lists, reps, axis=0) < 0].sum() == 0
+    cfg = world.cfg
+    sampled = (fb["click"] + cfg.w_like * fb["like"] + cfg.w_long_view * fb["long_view"]).sum(1)
+    sampled = sampled.reshape(rows, reps)
+    means, se = sampled.mean(1), sampled.std(1, ddof=1) / np.sqrt(reps)
+    assert np.all(np.abs(means - util) <= 5 * se), (means, util, se)
