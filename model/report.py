@@ -96,6 +96,8 @@ def _gold_lines(gold: dict[str, dict[str, float]] | None) -> list[str]:
 PAIRS = (
     (GREF, "PRM"),
     (GREF, "DNN"),
+    (GREF, "PRM on U"),
+    (GREF, "DNN on U"),
     (GREF, "Seq2Slate-like"),
     (GREF, "NAR4Rec-like"),
     ("Pre-train + DPO", "Pre-train only"),

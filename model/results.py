@@ -51,6 +51,10 @@ class Run:
 RUNS: tuple[Run, ...] = (
     Run("dnn", "dnn"),
     Run("prm", "prm"),
+    # the same scorers trained on GReF's label (U), not clicks: how much of GReF's lead is
+    # the label rather than the method
+    Run("dnn_u", "dnn", train={"scorer_label": "utility"}),
+    Run("prm_u", "prm", train={"scorer_label": "utility"}),
     Run("nar4rec", "nar"),
     Run("seq2slate", "clicks", model={"omtp_heads": 1}),
     Run("gref_pretrain", "pretrain"),
@@ -69,6 +73,8 @@ EVALS: tuple[tuple[str, str | None, str, int | None, str], ...] = (
     ("Upstream order", None, "upstream", None, "main"),
     ("DNN", "dnn", "dnn", None, "main"),
     ("PRM", "prm", "prm", None, "main"),
+    ("DNN on U", "dnn_u", "dnn", None, "main"),
+    ("PRM on U", "prm_u", "prm", None, "main"),
     ("Seq2Slate-like", "seq2slate", "gen_reranker", 1, "main"),
     ("NAR4Rec-like", "nar4rec", "nar4rec", None, "main"),
     (GREF, "gref_aligned", "gen_reranker", 4, "main"),

@@ -91,6 +91,10 @@ class TrainConfig:
     w_click: float = 1.0  # feedback utility U: click, like, long view weights
     w_like: float = 1.5
     w_long_view: float = 0.8
+    # dnn / prm: the per-slot BCE target. "click" (the baselines as LibRerank trains them),
+    # or "utility": U / (w_click + w_like + w_long_view), a soft target in [0, 1], the same
+    # label GReF's DPO, L_o and NAR4Rec-like learn from (a like-for-like comparison)
+    scorer_label: str = "click"
     seed: int = 0
     threads: int = 2
     max_valid: int = 20_000  # validation rows used each epoch
@@ -99,6 +103,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} not in {STAGES}")
+        if self.scorer_label not in ("click", "utility"):
+            raise ValueError(f"scorer_label {self.scorer_label!r}: click | utility")
 
     @property
     def learning_rate(self) -> float:
@@ -250,6 +256,8 @@ class StageLoss:
             loss, parts = losses.head_distill_loss(model(inp, order), teacher, order, inp.cand_mask)
             return loss, {k: float(v) for k, v in parts.items()}
         click = torch.from_numpy(batch.click.astype(np.float32))
+        if tc.scorer_label == "utility":  # the scorers' soft target: U scaled into [0, 1]
+            click = utility / (tc.w_click + tc.w_like + tc.w_long_view)
         target = None
         if tc.stage == "nar":
             target, _ = losses.preferred_order(exposed, utility, tc.alpha, tc.gamma)

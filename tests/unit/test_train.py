@@ -308,3 +308,30 @@ def test_weights_and_train_state_are_saved_together(
     assert three.history[:2] == whole.history and len(three.history) == 3
     assert "resumed" in caplog.text
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best", "history.json", "last"]
+
+
+def test_scorers_can_learn_from_the_utility_label(splits: tuple[ListBatch, ListBatch]) -> None:
+    """scorer_label="utility": DNN / PRM fit U scaled into [0, 1] (GReF's label) instead of
+    clicks, for a like-for-like baseline; the default stays clicks."""
+    from model.baselines import PRM, exposure_bce
+    from model.data import feedback_utility
+    from model.tensors import to_inputs
+
+    batch = splits[0].take(slice(0, 64))
+    inp = to_inputs(batch, SCHEMA)
+    torch.manual_seed(0)
+    model = PRM(CFG)
+    exposed = torch.from_numpy(batch.exposed.astype(np.int64))
+    u = torch.from_numpy(feedback_utility(batch)) / (1.0 + 1.5 + 0.8)
+    click = torch.from_numpy(batch.click.astype(np.float32))
+    with torch.no_grad():
+        loss_of = train_module.StageLoss
+        on_u, _ = loss_of(_tc("prm", scorer_label="utility"), model, None)(batch, inp)
+        on_click, _ = loss_of(_tc("prm"), model, None)(batch, inp)
+        logits = model(inp)
+        assert float(on_u) == pytest.approx(float(exposure_bce(logits, inp.cand_mask, exposed, u)))
+        want = float(exposure_bce(logits, inp.cand_mask, exposed, click))
+        assert float(on_click) == pytest.approx(want)
+    assert float(on_u) != pytest.approx(float(on_click))  # the like / long-view weights count
+    with pytest.raises(ValueError, match="scorer_label"):
+        _tc("prm", scorer_label="likes")
