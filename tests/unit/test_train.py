@@ -166,12 +166,19 @@ def _random_init(directory: Path, seed: int) -> Path:
     return save_checkpoint(directory, build_model("gen_reranker", CFG), CFG)
 
 
-def test_resume_starts_fresh_when_the_config_or_data_changed(
-    tmp_path: Path, splits: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
-) -> None:
-    tr, va = splits
-    tr = tr.take(slice(0, 600))
+@pytest.fixture
+def small(
+    splits: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
+) -> tuple[ListBatch, ListBatch]:
+    """600 train rows (the resume tests train several times) and model.train's log."""
     caplog.set_level(logging.INFO, logger="model.train")
+    return splits[0].take(slice(0, 600)), splits[1]
+
+
+def test_resume_starts_fresh_when_the_config_or_data_changed(
+    tmp_path: Path, small: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
+) -> None:
+    tr, va = small
     tc = replace(_tc("pretrain"), epochs=1)
     old = train(CFG, tc, tr, va, tmp_path / "r", progress=False)
     fp_old = _fingerprint(tmp_path / "r")
@@ -210,11 +217,9 @@ def test_resume_starts_fresh_when_the_config_or_data_changed(
 
 
 def test_resume_continues_when_only_epochs_grow(
-    tmp_path: Path, splits: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, small: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
 ) -> None:
-    tr, va = splits
-    tr = tr.take(slice(0, 600))
-    caplog.set_level(logging.INFO, logger="model.train")
+    tr, va = small
     one = train(CFG, replace(_tc("pretrain"), epochs=1), tr, va, tmp_path / "r", progress=False)
     fp = _fingerprint(tmp_path / "r")
     caplog.clear()
@@ -231,11 +236,9 @@ def test_resume_continues_when_only_epochs_grow(
 
 
 def test_changed_init_or_fresh_start_rewrites_the_reference(
-    tmp_path: Path, splits: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, small: tuple[ListBatch, ListBatch], caplog: pytest.LogCaptureFixture
 ) -> None:
-    tr, va = splits
-    tr = tr.take(slice(0, 600))
-    caplog.set_level(logging.INFO, logger="model.train")
+    tr, va = small
     init_a, init_b = _random_init(tmp_path / "a", 1), _random_init(tmp_path / "b", 2)
     tc = replace(_tc("dpo"), epochs=1)
     ref_dir = tmp_path / "dpo" / "reference"
@@ -266,15 +269,13 @@ def test_changed_init_or_fresh_start_rewrites_the_reference(
 
 def test_weights_and_train_state_are_saved_together(
     tmp_path: Path,
-    splits: tuple[ListBatch, ListBatch],
+    small: tuple[ListBatch, ListBatch],
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A crash while an epoch is saved resumes from the previous epoch's weights and
     state, never epoch e's weights with epoch e-1's state."""
-    tr, va = splits
-    tr = tr.take(slice(0, 600))
-    caplog.set_level(logging.INFO, logger="model.train")
+    tr, va = small
     whole = train(CFG, _tc("pretrain"), tr, va, tmp_path / "whole", progress=False)
 
     # crash in the second epoch's save_train_state, after its weights were written
