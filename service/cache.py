@@ -338,15 +338,14 @@ class RedisL2:
         return [v if isinstance(v, bytes | None) else v.encode() for v in got]
 
     def decode(self, value: bytes) -> np.ndarray | None:
-        """A stored value -> (d,) float32; None (a miss) for a value of another size, or
-        one that is not finite (it would turn every list it is in to NaN)."""
+        """A stored value -> (d,) float32; None (a miss) for a value of another size. (A
+        value that is not finite is a miss too: EmbeddingCache.lookup checks the request's
+        values at once.)"""
         if len(value) == 2 * self.dim:
-            vec = np.frombuffer(value, "<f2").astype(np.float32)
-        elif len(value) == 4 * self.dim:
-            vec = np.frombuffer(value, "<f4")
-        else:
-            return None
-        return vec if np.isfinite(vec).all() else None
+            return np.frombuffer(value, "<f2").astype(np.float32)
+        if len(value) == 4 * self.dim:
+            return np.frombuffer(value, "<f4")
+        return None
 
     def enqueue(self, ids: list[int], rows: np.ndarray) -> None:
         """Queue computed embeddings for Redis; a full queue drops them (counted)."""
@@ -414,21 +413,31 @@ class EmbeddingCache:
         if values is None:
             self._count["l2", "error"].inc(n_miss)
             return Lookup(static, missing, True)
-        found_ids, found_rows, unfit = [], [], 0
+        found_at, found_ids, found_rows = [], [], []
         for i, item, value in zip(rows, want, values, strict=True):
             vec = None if value is None else self.l2.decode(value)
-            unfit += value is not None and vec is None
             if vec is not None:
-                static[i] = vec
-                missing[i] = False
+                found_at.append(i)
                 found_ids.append(item)
-                found_rows.append(static[i])
+                found_rows.append(vec)
+        unfit = sum(v is not None for v in values) - len(found_ids)
+        if found_ids:
+            block = np.stack(found_rows)  # (found, d) float32
+            finite = np.isfinite(block).all(axis=1)  # one check for the request, not per value
+            if not finite.all():
+                unfit += int((~finite).sum())
+                keep = finite.tolist()
+                found_at = list(compress(found_at, keep))
+                found_ids = list(compress(found_ids, keep))
+                block = block[finite]
+            static[found_at] = block
+            missing[found_at] = False
+            if found_ids:
+                self.l1.put_many(found_ids, block)
+                self._count["l2", "hit"].inc(len(found_ids))
         if unfit:
             problem_log.warning("request %s: %d Redis values of another size or not finite: "
                                 "read as misses", request_id, unfit)  # fmt: skip
-        if found_ids:
-            self.l1.put_many(found_ids, np.stack(found_rows))
-            self._count["l2", "hit"].inc(len(found_ids))
         if n_miss - len(found_ids):
             self._count["l2", "miss"].inc(n_miss - len(found_ids))
         return Lookup(static, missing, False)
