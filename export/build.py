@@ -36,7 +36,7 @@ import torch
 
 from export.config import ExportConfig
 from export.graphs import describe, export_graph, metadata_props
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, tensors_digest
 from model.config import ModelConfig
 from model.features import hash_items
 from model.network import GenReranker
@@ -59,19 +59,6 @@ NOTES = (
     "items happens in the engine. tokens: candidate indices chosen by the previous pass; "
     "start: absolute step position of tokens[:, 0] (0 = BOS, pass -1 there)."
 )
-
-
-def tensors_digest(path: Path) -> bytes:
-    """sha256 over a safetensors file's tensors (sorted names, dtypes, shapes, bytes), not
-    its bytes: the header's metadata order is not stable across processes (the same
-    weights saved twice can differ there), and the version must not move with it."""
-    from safetensors.numpy import load_file
-
-    h = hashlib.sha256()
-    for name, array in sorted(load_file(str(path)).items()):
-        h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
-    return h.digest()
 
 
 def content_hash(weights: bytes, cfg: ModelConfig, export: ExportConfig) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -199,24 +200,35 @@ def has_train_state(directory: str | Path) -> bool:
     return (d / "train_state.safetensors").exists() and (d / "train_state.json").exists()
 
 
-def weights_digest(directory: str | Path) -> str:
-    """sha256 (hex) over a checkpoint's tensors: sorted names, dtypes, shapes, bytes; the
-    same digest as export/build.py's tensors_digest, and like it independent of the
-    safetensors header's metadata order, so the same weights always hash the same."""
+def arrays_digest(arrays: Iterable[tuple[str, np.ndarray]]) -> bytes:
+    """sha256 over named arrays in the order given: each one's name, dtype, shape and
+    bytes. The project's one content hash of tensors (bundle versions, run fingerprints)."""
+    h = hashlib.sha256()
+    for name, array in arrays:
+        h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.digest()
+
+
+def tensors_digest(path: str | Path) -> bytes:
+    """arrays_digest of a safetensors file's tensors, sorted by name: not its bytes, as the
+    header's metadata order is not stable across processes (the same weights saved twice
+    can differ there), and a hash of the weights must not move with it."""
     from safetensors.numpy import load_file as load_numpy
 
-    path = Path(directory) / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
     try:
         tensors = load_numpy(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
-    h = hashlib.sha256()
-    for name, array in sorted(tensors.items()):
-        h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
+    return arrays_digest(sorted(tensors.items()))
+
+
+def weights_digest(directory: str | Path) -> str:
+    """tensors_digest (hex) of a checkpoint directory's weights."""
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    return tensors_digest(path).hex()
 
 
 def remove_dir(directory: str | Path) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.checkpoint import (
+    arrays_digest,
     build_model,
     has_train_state,
     load_checkpoint,
@@ -125,13 +126,8 @@ def _json_digest(obj: Any) -> str:
 
 
 def data_digest(batch: ListBatch) -> str:
-    """sha256 (hex) over every array of a batch: name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for f in fields(batch):
-        array = np.asarray(getattr(batch, f.name))
-        h.update(f"{f.name}:{array.dtype.str}:{array.shape};".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
+    """arrays_digest (hex) over every array of a batch, in field order."""
+    return arrays_digest((f.name, np.asarray(getattr(batch, f.name))) for f in fields(batch)).hex()
 
 
 def run_fingerprint(

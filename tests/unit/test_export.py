@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from export.__main__ import main as export_main
-from export.build import build_bundle, content_hash, tensors_digest
+from export.build import build_bundle, content_hash
 from export.config import ExportConfig
 from export.graphs import example_inputs, export_graph, graph_module
 from export.verify import ParityConfig, verify_bundle
-from model.checkpoint import save_checkpoint
+from model.checkpoint import save_checkpoint, tensors_digest
 from model.config import ModelConfig
 from model.features import hash_items
 from model.logs import write_items
