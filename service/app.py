@@ -29,6 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
+from model.config import ModelConfig
 from model.features import FeatureSchema
 from service.admin import start_admin
 from service.api import (
@@ -84,6 +85,11 @@ class Runtime:
     @property
     def policy(self) -> DecodePolicy | None:
         return self.reranker.policy if self.reranker is not None else None
+
+    def set_ready(self, ready: bool) -> None:
+        """Readiness and its gauge (rerank_ready), always together."""
+        self.ready = ready
+        self.metrics.ready.set(int(ready))
 
     def readiness(self) -> dict[str, Any]:
         """/readyz's body, on either port: plain attribute reads (no await, no lock), so the
@@ -275,25 +281,22 @@ def _misfit(runtime: Runtime, target: Path) -> str | None:
     """Why the bundle at `target` cannot serve the limits the API has now (None: it can):
     a reload must not turn requests that are valid now into 422s or engine errors."""
     s, reranker = runtime.settings, runtime.reranker
-    try:
-        cfg = read_manifest(target)["model_config"]
-        limits = {key: int(cfg[key]) for key in ("max_candidates", "max_steps", "omtp_heads")}
-        schema = FeatureSchema.from_dict(cfg["schema"])
+    try:  # read_manifest checks every field (check_manifest): a malformed one is a BundleError
+        cfg = ModelConfig.from_dict(read_manifest(target)["model_config"])
     except BundleError as e:
         return str(e)
-    except (KeyError, TypeError, ValueError) as e:
-        return f"its manifest's model_config is malformed: {type(e).__name__}: {e}"
     if reranker is not None:  # a feature name known now would become a 422
-        gone = sorted(set(_feature_names(reranker.reader.schema)) - set(_feature_names(schema)))
+        known = set(_feature_names(cfg.schema))
+        gone = sorted(set(_feature_names(reranker.reader.schema)) - known)
         if gone:
             return f"it does not know the features {gone}, which requests may send now"
     limit = reranker.reader.limits.max_candidates if reranker is not None else 0
-    if limits["max_candidates"] < limit:
-        return f"its max_candidates {limits['max_candidates']} < the served limit {limit}"
-    if limits["max_steps"] < s.max_k:
-        return f"its max_steps {limits['max_steps']} < max_k {s.max_k}"
-    if s.items_per_pass is not None and limits["omtp_heads"] < s.items_per_pass:
-        return f"its {limits['omtp_heads']} heads < items_per_pass {s.items_per_pass}"
+    if cfg.max_candidates < limit:
+        return f"its max_candidates {cfg.max_candidates} < the served limit {limit}"
+    if cfg.max_steps < s.max_k:
+        return f"its max_steps {cfg.max_steps} < max_k {s.max_k}"
+    if s.items_per_pass is not None and cfg.omtp_heads < s.items_per_pass:
+        return f"its {cfg.omtp_heads} heads < items_per_pass {s.items_per_pass}"
     return None
 
 
@@ -360,8 +363,7 @@ async def _warm_up(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> No
         runtime.warmup_error = f"{type(e).__name__}: {e}"
         log.exception("warm-up of model %s failed: not ready", engine.version)
         return
-    runtime.ready = True
-    runtime.metrics.ready.set(1)
+    runtime.set_ready(True)
     log.info("ready: model %s", engine.version)
 
 
@@ -369,7 +371,7 @@ async def _warm_up(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> No
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     s = runtime.settings
-    runtime.metrics.ready.set(0)
+    runtime.set_ready(False)
     engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
     policy = decode_policy(s, engine.heads)
     _assemble(runtime, engine, policy)
@@ -381,8 +383,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        runtime.ready = False
-        runtime.metrics.ready.set(0)
+        runtime.set_ready(False)
         for task in tasks:
             task.cancel()
         if admin is not None:  # shutdown() waits for its poll: off the loop
