@@ -16,7 +16,9 @@ def _generate(args: argparse.Namespace) -> int:
     from model.logs import write_dataset
     from model.world import WorldConfig, generate_logs, headroom
 
-    world, logs = generate_logs(WorldConfig(), args.seed, args.n_requests, progress=True)
+    world, logs = generate_logs(
+        WorldConfig(), args.seed, args.n_requests, progress=True, propensity=not args.no_propensity
+    )
     out = Path(args.out)
     items = (world.item_id, world.item_cat, world.item_dense)
     write_dataset(out, logs, ModelConfig().schema, items=items)
@@ -58,10 +60,15 @@ def _train(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     from model.results import ResultsConfig, run
 
-    if args.quick:
-        rc = ResultsConfig.quick(args.seed)
-    else:
-        rc = ResultsConfig(seeds=tuple(range(args.seed, args.seed + args.seeds)))
+    rc = ResultsConfig.quick(args.worlds) if args.quick else ResultsConfig.for_worlds(args.worlds)
+    if args.seeds:
+        rc = replace(rc, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.strengths is not None:
+        rc = replace(rc, strengths=tuple(s for s in args.strengths.split(",") if s))
+    if args.no_large:
+        rc = replace(rc, large=False)
+    if args.threads:
+        rc = replace(rc, threads=args.threads)
     if args.n_requests:
         rc = replace(rc, n_requests=args.n_requests)
     if args.epochs:
@@ -104,14 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default="data/sim")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--n-requests", type=int, default=200_000)
+    g.add_argument(
+        "--no-propensity",
+        action="store_true",
+        help="do not log the logging policy's exposure propensities (their column is optional)",
+    )
     g.set_defaults(fn=_generate)
 
     t = sub.add_parser("train", help="train one stage on logs in the Parquet schema")
     t.add_argument(
         "--stage",
         required=True,
-        choices=["pretrain", "dpo", "distill", "clicks", "dnn", "prm", "nar"],
-        help="distill: align the OMTP heads of a DPO model (--init) to its n = 1 decode",
+        choices=["pretrain", "value", "dpo", "distill", "clicks", "dnn", "prm", "nar"],
+        help="value: the list-aware stage (prefix-conditioned value model, --init a "
+        "pre-trained checkpoint); distill: align the OMTP heads of a DPO model (--init) to "
+        "its n = 1 decode",
     )
     t.add_argument("--data", required=True, help="directory with train/valid.parquet")
     t.add_argument("--out", required=True, help="checkpoint directory")
@@ -125,15 +139,33 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--beta", type=float)
     t.add_argument("--dpo-nll", dest="dpo_nll", type=float, help="NLL weight on Y_w in DPO")
     t.add_argument("--dpo-heads", dest="dpo_heads", type=int, help="heads DPO trains (0=all)")
+    t.add_argument(
+        "--scorer-label",
+        dest="scorer_label",
+        choices=["click", "utility"],
+        help="dnn/prm BCE target and clicks' sort key",
+    )
+    t.add_argument("--select-on", dest="select_on", help="validation metric choosing the epoch")
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int)
     t.add_argument("--no-resume", action="store_true")
     t.set_defaults(fn=_train)
 
     r = sub.add_parser("results", help="train everything and write results/ (tables, plots)")
-    r.add_argument("--seed", type=int, default=0, help="first seed")
-    r.add_argument("--seeds", type=int, default=3, help="number of seeds")
-    r.add_argument("--quick", action="store_true", help="small version (minutes), one seed")
+    r.add_argument(
+        "--worlds",
+        default="heldout",
+        choices=["heldout", "dev"],
+        help="held-out world seeds (reported) or development ones (for choosing settings)",
+    )
+    r.add_argument("--seeds", help="comma-separated world seeds instead of the set's own")
+    r.add_argument(
+        "--strengths",
+        help="comma-separated sensitivity worlds beside default (off,doubled; '' = none)",
+    )
+    r.add_argument("--no-large", action="store_true", help="skip the larger Gen-Reranker")
+    r.add_argument("--threads", type=int, help="torch threads for training")
+    r.add_argument("--quick", action="store_true", help="small version (minutes), one world")
     r.add_argument("--out", default="results")
     r.add_argument("--n-requests", type=int)
     r.add_argument("--epochs", type=int)

@@ -30,6 +30,22 @@ class ListBatch:
     click: np.ndarray  # (B, K) float32, per exposed slot
     like: np.ndarray  # (B, K) float32
     long_view: np.ndarray  # (B, K) float32
+    # (B, M) float32: the logging policy's probability of exposing each candidate in its
+    # top K (the simulator writes it; real logs may carry it). NaN = not logged: the
+    # estimators that need it are off (model.estimators).
+    propensity: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.propensity is None:
+            object.__setattr__(
+                self, "propensity", np.full(self.item_id.shape, np.nan, dtype=np.float32)
+            )
+
+    @property
+    def has_propensity(self) -> bool:
+        """True when every real candidate carries a logging propensity."""
+        p = np.asarray(self.propensity)
+        return bool(np.isfinite(p[self.cand_mask.astype(bool)]).all()) if len(self) else False
 
     def __len__(self) -> int:
         return int(self.user_id.shape[0])
@@ -55,7 +71,7 @@ class ListBatch:
         M = max(b.m for b in batches)
         K = max(b.k for b in batches)
         out = {}
-        pads = {"item_id": -1, "exposed": -1}
+        pads = {"item_id": -1, "exposed": -1, "propensity": np.nan}
         for f in fields(ListBatch):
             parts = []
             for b in batches:
@@ -71,7 +87,7 @@ class ListBatch:
         return ListBatch(**out)
 
 
-_M_FIELDS = {"item_id", "item_cat", "item_dense", "upstream_score", "cand_mask"}
+_M_FIELDS = {"item_id", "item_cat", "item_dense", "upstream_score", "cand_mask", "propensity"}
 _K_FIELDS = {"exposed", "click", "like", "long_view"}
 
 

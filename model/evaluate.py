@@ -36,6 +36,12 @@ class Reranker:
     model: nn.Module | None = None
     items_per_pass: int | None = None  # gen_reranker: items emitted per decoder pass
     beam: int | None = None  # gen_reranker: beam width (one item per pass)
+    # upstream / dnn / prm: how the top k is built from the scores. "" = sort; "cap" =
+    # greedy with at most `cap` items of one category (the logging policy's rule); "mmr" =
+    # greedy on score − mmr_penalty · (earlier items of the same category)
+    list_rule: str = ""
+    cap: int = 4
+    mmr_penalty: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,55 @@ class Reranked:
     passes: int  # decoder passes (0 for one-shot scorers)
 
 
+def category_greedy(
+    scores: torch.Tensor,
+    category: torch.Tensor,
+    cand_mask: torch.Tensor,
+    k: int,
+    cap: int | None = None,
+    penalty: float = 0.0,
+) -> torch.Tensor:
+    """Greedy top k (B, k) candidate indices (-1 past the real ones) by score, with at most
+    `cap` items of one category (relaxed when nothing else is left) and/or a penalty per
+    earlier item of the same category (a category-level MMR). category (B, M) int64."""
+    B, M = scores.shape
+    available = cand_mask.clone()
+    counts = torch.zeros(B, M, device=scores.device)  # earlier picks sharing j's category
+    order = torch.full((B, k), -1, dtype=torch.long, device=scores.device)
+    rows = torch.arange(B, device=scores.device)
+    for t in range(min(k, M)):
+        key = scores - penalty * counts
+        allowed = available
+        if cap is not None:
+            allowed = available & (counts < cap)
+            stuck = ~allowed.any(dim=1, keepdim=True)
+            allowed = torch.where(stuck, available, allowed)
+        j = key.masked_fill(~allowed, float("-inf")).argmax(dim=1)
+        ok = allowed[rows, j]
+        order[:, t] = torch.where(ok, j, -1)
+        available[rows, j] = False
+        same = category == category[rows, j][:, None]
+        counts = counts + (same & ok[:, None]).float()
+    return order
+
+
 @torch.no_grad()
 def rerank(r: Reranker, inp: Inputs, k: int) -> Reranked:
     from model.decode import beam_decode, greedy_decode, rank_scores
 
     B, M = inp.batch_size, inp.m
+    if r.list_rule:
+        if r.list_rule not in ("cap", "mmr") or r.kind not in ("upstream", "dnn", "prm"):
+            raise ValueError(f"{r.name}: list_rule {r.list_rule!r} for kind {r.kind!r}")
+        if r.kind == "upstream":
+            scores = torch.where(inp.cand_mask, -torch.arange(M).float().expand(B, M), -1e9)
+        elif r.model is None:
+            raise ValueError(f"{r.name}: kind {r.kind!r} needs a model")
+        else:
+            scores = r.model(inp).float()
+        cap, penalty = (r.cap, 0.0) if r.list_rule == "cap" else (None, r.mmr_penalty)
+        order = category_greedy(scores, inp.item_cat[..., 0], inp.cand_mask, k, cap, penalty)
+        return Reranked(order.numpy(), rank_scores(order, M).numpy(), 0)
     if r.kind == "upstream":
         # candidates arrive in upstream order: take the first k real ones
         idx = torch.arange(M).expand(B, M)
@@ -94,22 +144,34 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 def logged_metrics(
-    r: Reranker, batch: ListBatch, schema: FeatureSchema, chunk: int = 4096
+    r: Reranker,
+    batch: ListBatch,
+    schema: FeatureSchema,
+    chunk: int = 4096,
+    exam: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """AUC and NDCG/MAP/clicks@{1,3,5,10} of reranking each exposed list."""
+    """AUC, NDCG/MAP/clicks@{1,3,5,10} and the position-based IPS utility ("ips",
+    model.estimators.rerank_ips with the slots' examination propensities `exam`, None =
+    harvested from `batch`) of reranking each exposed list."""
+    from model.estimators import examination_propensities, rerank_ips
+
+    if exam is None:
+        exam = examination_propensities(batch)
     exp = exposed_only(batch)
     labels = clicks_by_candidate(batch)
     K = batch.k
-    ranked, flat_scores, flat_labels = [], [], []
+    ranked, flat_scores, flat_labels, ips = [], [], [], []
     for sl in _chunks(len(exp), chunk):
         part = exp.take(sl)
         out = rerank(r, to_inputs(part, schema), K)
         ranked.append(ranked_labels(out.order, labels[sl]))
+        ips.append(rerank_ips(batch.take(sl), out.order, exam))
         mask = part.cand_mask
         flat_scores.append(out.item_scores[mask])
         flat_labels.append(labels[sl][mask])
     metrics = list_metrics(np.concatenate(ranked))
     metrics["auc"] = auc(np.concatenate(flat_scores), np.concatenate(flat_labels))
+    metrics["ips"] = float(np.concatenate(ips).mean()) if ips else float("nan")
     return metrics
 
 
@@ -157,7 +219,9 @@ def decode_latency_ms(
 GOLD_ORDERS = ("logging order", "best under the true user model", "true relevance")
 
 
-def logged_vs_gold(world: World, batch: ListBatch, beam: int = 8) -> dict[str, dict[str, float]]:
+def logged_vs_gold(
+    world: World, batch: ListBatch, beam: int = 8, exam: np.ndarray | None = None
+) -> dict[str, dict[str, float]]:
     """What the logged metrics reward in this world: three orders of each request's
     EXPOSED items (the same items the logged metrics rerank), each with its NDCG@10 on the
     logged clicks (LibRerank's, as logged_metrics) and its true utility:
@@ -167,8 +231,14 @@ def logged_vs_gold(world: World, batch: ListBatch, beam: int = 8) -> dict[str, d
     - the exposed items sorted by true pointwise relevance.
     The logged clicks were drawn under the logging order's position bias, so a reranker
     that moves a clicked item down loses logged NDCG even when the list is better for the
-    user: the second row's NDCG says how far the logged metric and the gold disagree."""
+    user: the second row's NDCG says how far the logged metric and the gold disagree.
+    Each order also gets the position-based IPS utility (model.estimators.rerank_ips, with
+    the slots' examination propensities `exam`, None = harvested from `batch`)."""
+    from model.estimators import examination_propensities, rerank_ips
     from model.world import relevance, search_best_lists, true_utility
+
+    if exam is None:
+        exam = examination_propensities(batch)
 
     K = batch.k
     slots = np.where(batch.exposed >= 0, np.arange(K)[None, :], -1)  # logging order
@@ -188,8 +258,11 @@ def logged_vs_gold(world: World, batch: ListBatch, beam: int = 8) -> dict[str, d
     for name, order in zip(GOLD_ORDERS, (slots, best_slots, rel_slots), strict=True):
         labels = ranked_labels(order, batch.click)  # clicks are per exposed slot
         lists = np.where(order >= 0, np.take_along_axis(items, np.maximum(order, 0), 1), -1)
+        slot = np.maximum(order, 0)
+        cand_order = np.where(order >= 0, np.take_along_axis(batch.exposed, slot, 1), -1)
         out[name] = {
             "ndcg@10": float(list_metrics(labels, (10,))["ndcg@10"]),
+            "ips": float(rerank_ips(batch, cand_order, exam).mean()),
             "utility": float(true_utility(world, users, lists).mean()),
         }
     return out

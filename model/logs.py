@@ -20,6 +20,12 @@ by the reader):
 | like              | list<float32> | K       | feedback per exposed slot                   |
 | long_view         | list<float32> | K       | feedback per exposed slot                   |
 
+Optional column (written when the batch carries it, read when the file has it):
+
+| column             | Arrow type    | per row | meaning                                    |
+| ------------------ | ------------- | ------- | ------------------------------------------ |
+| logging_propensity | list<float32> | m       | P(the logging policy exposes candidate j)  |
+
 m and K vary per row. No nulls anywhere. File key-value metadata:
 ``b"gref.schema"`` = JSON of ``schema.to_dict()``, ``b"gref.log_version"`` = ``b"1"``.
 The reader accepts any integer width for integer columns, any float width for float
@@ -60,6 +66,7 @@ LOG_VERSION = b"1"
 SCHEMA_KEY = b"gref.schema"
 VERSION_KEY = b"gref.log_version"
 FEEDBACK = ("click", "like", "long_view")
+PROPENSITY = "logging_propensity"  # the optional column (ListBatch.propensity)
 
 PathLike = str | os.PathLike[str]
 
@@ -98,9 +105,11 @@ def _metadata(schema: FeatureSchema) -> dict[bytes, bytes]:
     }
 
 
-def log_arrow_schema(schema: FeatureSchema) -> pa.Schema:
-    """The Arrow schema of a log file for ``schema`` (with its metadata)."""
-    fields = [pa.field(n, t, nullable=False) for n, t in _log_columns(schema)]
+def log_arrow_schema(schema: FeatureSchema, propensity: bool = False) -> pa.Schema:
+    """The Arrow schema of a log file for ``schema`` (with its metadata); propensity=True
+    adds the optional logging_propensity column."""
+    cols = _log_columns(schema) + ([(PROPENSITY, pa.list_(pa.float32()))] if propensity else [])
+    fields = [pa.field(n, t, nullable=False) for n, t in cols]
     return pa.schema(fields, metadata=_metadata(schema))
 
 
@@ -238,6 +247,8 @@ def _log_record_batch(batch: ListBatch, schema: FeatureSchema, arrow: pa.Schema)
     cols["exposed"] = _list_array(e_off, batch.exposed[shown], pa.list_(pa.int32()))
     for name in FEEDBACK:
         cols[name] = _list_array(e_off, getattr(batch, name)[shown], lfloat)
+    if PROPENSITY in arrow.names:
+        cols[PROPENSITY] = _list_array(c_off, np.asarray(batch.propensity)[cand], lfloat)
     return pa.RecordBatch.from_arrays([cols[n] for n in arrow.names], schema=arrow)
 
 
@@ -247,10 +258,11 @@ def write_logs(
     """Write a padded ListBatch as a log file (one row per request, padding dropped).
 
     Padding must sit at the tail of each row (cand_mask / exposed >= 0 are prefixes);
-    feedback on padded exposure slots is dropped. Raises ValueError on a batch that breaks
-    the contract (so a bad batch never reaches disk)."""
+    feedback on padded exposure slots is dropped. The logging_propensity column is written
+    when every real candidate carries one (ListBatch.has_propensity). Raises ValueError on a
+    batch that breaks the contract (so a bad batch never reaches disk)."""
     _check_batch(batch, schema)
-    arrow = log_arrow_schema(schema)
+    arrow = log_arrow_schema(schema, propensity=batch.has_propensity)
     with pq.ParquetWriter(path, arrow) as writer:
         for start in range(0, len(batch), row_group_size):
             part = batch.take(slice(start, start + row_group_size))
@@ -361,6 +373,14 @@ class _BatchReader:
         user_dense = np.zeros((B, len(schema.user_dense)), np.float32)
         for f, name in enumerate(schema.user_dense):
             user_dense[:, f] = self.scalar(f"user_{name}", np.float32)
+        propensity = None
+        if PROPENSITY in self.rb.schema.names:
+            n, flat = self.lists(PROPENSITY, np.float32)
+            self.same_length(PROPENSITY, n, m, "item_ids")
+            if not ((flat >= 0) & (flat <= 1)).all():
+                row = cand.rows[np.flatnonzero(~((flat >= 0) & (flat <= 1)))[0]]
+                raise self.fail(PROPENSITY, "not a probability in [0, 1]", int(row))
+            propensity = cand.pad(flat, np.nan, np.float32)
         return ListBatch(
             request_id=self.request_id,
             ts=self.scalar("ts", np.int64),
@@ -373,6 +393,7 @@ class _BatchReader:
             cand_mask=cand.pad(np.ones(item_id.shape[0], bool), False, bool),
             exposed=exposed,
             **feedback,
+            propensity=propensity,
         )
 
 
@@ -410,8 +431,17 @@ def iter_logs(
         if meta.get(VERSION_KEY, LOG_VERSION) != LOG_VERSION:
             _schema_from_metadata(meta, path)  # raises with the version message
         _check_columns(pf.schema_arrow, expected, path)
-        for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
+        optional = _optional_columns(pf.schema_arrow, path)
+        for rb in pf.iter_batches(batch_size=batch_size, columns=columns + optional):
             yield _BatchReader(rb, path).read(schema)
+
+
+def _optional_columns(file_schema: pa.Schema, path: PathLike) -> list[str]:
+    """The optional columns a file has ([] or [logging_propensity]), type-checked."""
+    if PROPENSITY not in file_schema.names:
+        return []
+    _check_columns(file_schema, [(PROPENSITY, pa.list_(pa.float32()))], path)
+    return [PROPENSITY]
 
 
 def empty_batch(schema: FeatureSchema) -> ListBatch:

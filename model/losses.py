@@ -223,3 +223,36 @@ def dpo_loss(
         "reward_accuracy": _masked_mean((margin_bh > 0).to(margin_bh.dtype), pair_bh).detach(),
     }
     return _masked_mean(loss_bh, pair_bh), stats
+
+
+def value_loss(
+    scores: torch.Tensor,
+    order: torch.Tensor,
+    cand_mask: torch.Tensor,
+    target: torch.Tensor,
+    n_heads: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Prefix-conditioned value regression (the list-aware stage).
+
+    Teacher-forced on the logged order (B, K): at position t (the prefix order[:, :t]
+    consumed), head j's raw score of the item logged at slot t + j is a logit of that
+    item's feedback value target (B, K) in [0, 1] (U scaled), fitted by binary cross
+    entropy. The slot is an input (the decoder's step embedding), so the position bias of
+    the logged feedback is absorbed, and greedy decoding ranks the available candidates
+    by their value given what is already above them. Returns (loss summed over heads,
+    detached per-head parts)."""
+    n = scores.shape[2] if n_heads is None else n_heads
+    idx = head_targets(order, n)  # (B, K, n)
+    tgt = head_targets(target, n)  # (B, K, n), -1 past the end
+    valid = idx >= 0
+    avail = cand_mask.gather(1, idx.clamp(min=0).flatten(1)).view_as(idx)
+    valid = valid & avail
+    logit = scores[:, :, :n].gather(-1, idx.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, K, n)
+    bce = F.binary_cross_entropy_with_logits(logit, tgt.clamp(0.0, 1.0), reduction="none")
+    parts = {}
+    total = scores.new_zeros(())
+    for j in range(n):
+        head = _masked_mean(bce[:, :, j], valid[:, :, j])
+        parts[f"bce{j}"] = head.detach()
+        total = total + head
+    return total, parts

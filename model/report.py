@@ -8,18 +8,13 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from model.results import GREF
+from model.tables import GREF, ROWS, STRENGTHS, TABLES
 
 matplotlib.use("Agg")  # no screen: files only
 import matplotlib.pyplot as plt
 
-TABLES = {
-    "main": "Table 1 — GReF against the baselines (test split)",
-    "stages": "Table 3a — training stages (n = 4)",
-    "omtp_loss": "Table 3b — OMTP loss: L_n vs L_n + L_o (both pre-train + DPO, heads not aligned)",
-    "heads": "Table 3c — items per decoder pass, same GReF model (and before head alignment)",
-}
-COLUMNS = ("utility", "auc", "ndcg@10", "map@10", "clicks@10", "passes", "decode_ms")
+COLUMNS = ("utility", "list_ips", "ips", "ndcg@10", "auc", "passes", "decode_ms")
+WORLDS = {"heldout": "held-out", "dev": "development"}
 
 
 def _cell(m: dict[str, float], digits: int = 4) -> str:
@@ -28,43 +23,66 @@ def _cell(m: dict[str, float], digits: int = 4) -> str:
     return f"{m['mean']:.{digits}f}"
 
 
-def write_markdown(summary: dict[str, Any], path: Path) -> None:
-    from model.results import EVALS
+def _pct(x: float) -> str:
+    return f"{x:+.2%}" if np.isfinite(x) else "–"
 
+
+def write_markdown(summary: dict[str, Any], path: Path) -> None:
     rc = summary["config"]
+    which = WORLDS[rc["worlds"]]
+    share = summary["headroom_share"]
     lines = [
-        "# GReF on the simulated world",
+        f"# GReF on the simulated world ({which} worlds)",
         "",
-        f"Seeds {rc['seeds']}, {rc['n_requests']} logged requests per seed (80/10/10 time split),",
-        f"m = 30 candidates, k = {rc['k']}. Mean ± sample std across seeds. `utility` = true",
-        "expected utility of the generated top-k under the simulator's user model (the gold);",
-        "AUC / NDCG / MAP / clicks rerank the logged exposures; `decode_ms` = median time of",
-        "one request (batch 1, one CPU thread, torch eager), all models in the same run.",
+        f"World seeds {list(rc['seeds'])} ({which}: "
+        + (
+            "never used to choose a recipe or a setting"
+            if rc["worlds"] == "heldout"
+            else "the recipes and their settings were chosen on these"
+        )
+        + f"), {rc['n_requests']} logged requests per world (80/10/10 split by time), "
+        f"m = 30 candidates, k = {rc['k']}, {rc['n_test'] or 'all'} test requests per world, "
+        f"at most {rc['epochs']} epochs per stage.",
+        "",
+        "- `utility`: true expected utility of the generated top-k under the simulator's user",
+        "  model (the gold), mean ± sample std across worlds.",
+        "- `share`: share of the headroom captured, (U − U_upstream) / (U_searched −",
+        "  U_upstream), pooled over worlds.",
+        "- `list_ips`: item-level IPS estimate of the generated list's utility from the logs",
+        "  alone (examination propensities harvested from the training logs, the logging",
+        "  policy's exposure propensities); `ips`: position-based IPS of reranking the exposed",
+        "  items. Both drive epoch selection (model.train); neither reads the user model.",
+        "- `ndcg@10`, `auc`: logged metrics of reranking the exposed items (logged clicks).",
+        "- `decode_ms`: median time of one request (batch 1, one CPU thread, torch eager),",
+        "  all models in the same run.",
+        "",
         f"Total run time: {summary['seconds'] / 60:.1f} min.",
         "",
     ]
     for table, title in TABLES.items():
-        lines += [f"## {title}", "", "| model | " + " | ".join(COLUMNS) + " |"]
-        lines.append("|---" * (len(COLUMNS) + 1) + "|")
-        for label, _, _, _, t in EVALS:
-            if t != table:
-                continue
+        labels = [r.label for r in ROWS if r.table == table and r.label in summary["models"]]
+        if not labels:
+            continue
+        cols = ("share", *COLUMNS)
+        lines += [f"## {title}", "", "| model | " + " | ".join(cols) + " |"]
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for label in labels:
             m = summary["models"][label]
-            cells = [_cell(m[c], 2 if c in ("passes", "decode_ms") else 4) for c in COLUMNS]
+            cells = [f"{share.get(label, float('nan')):.1%}"]
+            cells += [_cell(m[c], 2 if c in ("passes", "decode_ms") else 4) for c in COLUMNS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _paired_lines(summary)
-    room = summary["headroom"]
+    lines += _claim_lines(summary)
+    lines += _sensitivity_lines(summary)
+    lines += _agreement_lines(summary)
+    lines += _headroom_lines(summary)
+    lines += _world_lines(summary)
     lines += [
-        "## Headroom of the world (true utility, mean over seeds, 5000 test requests each)",
+        "Per-request true utilities of every row (each world's test requests) and full",
+        "metrics (NDCG/MAP/clicks at 1, 3, 5, 10) are in results.json.",
         "",
-        "| list | true utility |",
-        "|---|---|",
-        *[f"| {k} | {v:.4f} |" for k, v in room.items()],
-        "",
-        *_gold_lines(summary.get("logged_vs_gold")),
-        "Full metrics (NDCG/MAP/clicks at 1, 3, 5, 10) per model are in results.json.",
-        "",
+        "![paired differences](paired_differences.png)",
         "![utility by model](utility_by_model.png)",
         "![utility vs latency](utility_vs_latency.png)",
         "![training curves](training_curves.png)",
@@ -73,94 +91,161 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def _gold_lines(gold: dict[str, dict[str, float]] | None) -> list[str]:
-    """What logged NDCG@10 rewards here: orders of the EXPOSED items (evaluate.logged_vs_gold)."""
-    if not gold:
-        return []
-    return [
-        "## What the logged NDCG rewards in this world (the exposed items only, mean over seeds)",
-        "",
-        "The same exposed items of 5000 test requests per seed, in three orders, scored by",
-        "NDCG@10 on the logged clicks (as the tables above) and by true utility. The clicks",
-        "were drawn under the logging order's position bias: the order that is best for the",
-        "users (found by a search under the true user model) scores LOWER logged NDCG.",
-        "",
-        "| order of the exposed items | ndcg@10 (logged clicks) | true utility |",
-        "|---|---|---|",
-        *[f"| {k} | {v['ndcg@10']:.4f} | {v['utility']:.4f} |" for k, v in gold.items()],
-        "",
-    ]
-
-
-# (a, b): the claims the paper's tables make, checked as paired per-seed differences
-PAIRS = (
-    (GREF, "PRM"),
-    (GREF, "DNN"),
-    (GREF, "PRM on U"),
-    (GREF, "DNN on U"),
-    (GREF, "Seq2Slate-like"),
-    (GREF, "NAR4Rec-like"),
-    ("Pre-train + DPO", "Pre-train only"),
-    ("Pre-train only", "Upstream order"),
-    ("Pre-train + DPO + head alignment", "Pre-train + DPO"),
-    ("L_n + L_o", "L_n"),
-    ("n = 4", "n = 1"),
-    ("n = 4, heads not aligned", "n = 1, heads not aligned"),
-)
-
-
-def _sd(x: np.ndarray) -> float:
-    return float(x.std(ddof=1)) if x.size > 1 else 0.0
-
-
 def _paired_lines(summary: dict[str, Any]) -> list[str]:
-    """Each seed is a different world, so the across-seed spread of a model's utility is
-    mostly world-to-world variation; the claims are about differences on the same world."""
-    rows = [seed["rows"] for seed in summary["per_seed"]]
+    vs = summary["paired"]["gref_vs"]
+    if not vs:
+        return []
     lines = [
-        "## Paired differences (same world and test requests; mean ± std over seeds)",
+        f"## {GREF} against every row (paired, same test requests)",
         "",
-        "| a − b | Δ utility | Δ utility / b | Δ ndcg@10 | a > b on seeds |",
+        "Δ = U(GReF) − U(row) per request; pooled = mean of the worlds' mean Δ, SE from the",
+        "per-request SEs; 95% normal interval; p two-sided, Holm-corrected across the rows.",
+        "",
+        "| row | Δ utility | Δ / row | 95% interval | Holm p | GReF wins on worlds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in vs.items():
+        lines.append(
+            f"| {label} | {r['diff']:+.4f} ± {r['se']:.4f} | {_pct(r['rel'])} "
+            f"| [{r['lo']:+.4f}, {r['hi']:+.4f}] | {r['p_holm']:.2g} "
+            f"| {int(r['wins'])}/{int(r['worlds'])} |"
+        )
+    return [*lines, ""]
+
+
+def _claim_lines(summary: dict[str, Any]) -> list[str]:
+    claims = summary["paired"]["claims"]
+    if not claims:
+        return []
+    lines = [
+        "## Ablations (paired, pooled over worlds)",
+        "",
+        "| a − b | Δ utility | Δ / b | 95% interval | a > b on worlds |",
         "|---|---|---|---|---|",
     ]
-    for a, b in PAIRS:
-        du = np.array([r[a]["utility"] - r[b]["utility"] for r in rows])
-        rel = np.array([r[a]["utility"] / r[b]["utility"] - 1 for r in rows])
-        dn = np.array([r[a]["ndcg@10"] - r[b]["ndcg@10"] for r in rows])
+    for name, r in claims.items():
         lines.append(
-            f"| {a} − {b} | {du.mean():+.4f} ± {_sd(du):.4f} | {rel.mean():+.2%} "
-            f"| {dn.mean():+.4f} ± {_sd(dn):.4f} | {int((du > 0).sum())}/{du.size} |"
+            f"| {name} | {r['diff']:+.4f} ± {r['se']:.4f} | {_pct(r['rel'])} "
+            f"| [{r['lo']:+.4f}, {r['hi']:+.4f}] | {int(r['wins'])}/{int(r['worlds'])} |"
         )
+    return [*lines, ""]
+
+
+def _sensitivity_lines(summary: dict[str, Any]) -> list[str]:
+    sens = summary["sensitivity"]
+    if len(sens) < 2:
+        return []
+    lines = [
+        "## Sensitivity to list effects: GReF − PRM on U",
+        "",
+        "The same worlds with satiation and complements switched off, at default strength and",
+        "doubled (WorldConfig overrides: "
+        + "; ".join(f"{k}: {v or 'none'}" for k, v in STRENGTHS.items())
+        + "). A method that models list effects widens its margin as they grow.",
+        "",
+        "| list effects | upstream | PRM on U | GReF | Δ (GReF − PRM on U) | Δ / PRM on U "
+        "| 95% interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for strength in STRENGTHS:
+        if strength in sens:
+            r = sens[strength]
+            lines.append(
+                f"| {strength} | {r['upstream']:.4f} | {r['prm_u']:.4f} | {r['gref']:.4f} "
+                f"| {r['diff']:+.4f} ± {r['se']:.4f} | {_pct(r['rel'])} "
+                f"| [{r['lo']:+.4f}, {r['hi']:+.4f}] |"
+            )
+    return [*lines, ""]
+
+
+def _agreement_lines(summary: dict[str, Any]) -> list[str]:
+    gold = summary.get("logged_vs_gold") or {}
+    agree = summary["agreement"]
+    lines = [
+        "## What the offline metrics reward",
+        "",
+        "The exposed items of each world's test requests in three orders, scored by NDCG@10 on",
+        "the logged clicks, by the position-based IPS utility and by true utility (mean over",
+        "worlds). The clicks were drawn under the logging order's position bias.",
+        "",
+        "| order of the exposed items | ndcg@10 (logged clicks) | IPS utility | true utility |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {v['ndcg@10']:.4f} | {v.get('ips', float('nan')):.4f} | {v['utility']:.4f} |"
+            for k, v in gold.items()
+        ],
+        "",
+        f"Kendall τ between each offline metric and true utility over the "
+        f"{int(agree.get('pairs', 0))} (model row, world) pairs, and the mean τ within a world:",
+        "",
+        "| metric | τ over rows × worlds | mean τ within a world |",
+        "|---|---|---|",
+    ]
+    for metric in ("list_ips", "ips", "ndcg@10", "auc"):
+        lines.append(
+            f"| {metric} | {agree[metric]:.3f} | {agree[f'{metric} (within world)']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _headroom_lines(summary: dict[str, Any]) -> list[str]:
+    room = summary["headroom"]
+    names = ("logged", "upstream", "pointwise_relevance", "pointwise_value", "searched")
+    return [
+        "## Headroom of the world (true utility of oracle lists, mean over worlds)",
+        "",
+        "| list | true utility |",
+        "|---|---|",
+        *[f"| {k} | {room[k]:.4f} |" for k in names if k in room],
+        "",
+    ]
+
+
+def _world_lines(summary: dict[str, Any]) -> list[str]:
+    worlds = [w for w in summary["worlds"] if w["strength"] == "default"]
+    labels = [r.label for r in ROWS if r.table == "main" and r.label in summary["models"]]
+    lines = [
+        "## Per world (true utility of the main rows)",
+        "",
+        "| row | " + " | ".join(f"seed {w['seed']}" for w in worlds) + " |",
+        "|---" * (len(worlds) + 1) + "|",
+    ]
+    for label in labels:
+        cells = [f"{w['rows'][label]['utility']:.4f}" for w in worlds]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
 def plot_results(
     summary: dict[str, Any], histories: list[dict[str, list[dict[str, Any]]]], out: Path
 ) -> None:
-    from model.results import EVALS
-
-    main = [label for label, *_, t in EVALS if t in ("main", "stages", "omtp_loss")]
-    main = list(dict.fromkeys(main))
+    _plot_paired(summary, out / "paired_differences.png")
+    main = [r.label for r in ROWS if r.table in ("main", "stages", "omtp_loss")]
+    main = [x for x in dict.fromkeys(main) if x in summary["models"]]
     means = [summary["models"][x]["utility"]["mean"] for x in main]
     spreads = [summary["models"][x]["utility"]["spread"] for x in main]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.barh(main, means, xerr=spreads, color="#4C72B0", capsize=3)
-    lo = min(means) - 0.05 * (max(means) - min(means) + 1e-9) - max(spreads)
-    ax.set_xlim(left=max(0.0, lo * 0.98))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colors = ["#C44E52" if x == GREF else "#4C72B0" for x in main]
+    ax.barh(main, means, xerr=spreads, color=colors, capsize=3)
+    room = summary["headroom"]
+    for name, style in (("pointwise_value", ":"), ("searched", "--")):
+        ax.axvline(room[name], color="k", ls=style, lw=1, label=f"oracle: {name}")
+    lo = min(means) - max(spreads) - 0.05
+    ax.set_xlim(left=max(0.0, lo))
     ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("true expected utility of the top-k (higher is better)")
-    ax.set_title("Utility by model (test split, mean ± std over seeds)")
+    ax.set_title("Utility by model (test split, mean ± std over worlds)")
     fig.tight_layout()
     fig.savefig(out / "utility_by_model.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, *_ in EVALS:
-        m = summary["models"][label]
+    for label, m in summary["models"].items():
         ax.errorbar(
             m["decode_ms"]["mean"], m["utility"]["mean"], yerr=m["utility"]["spread"], fmt="o"
         )
-        ax.annotate(label, (m["decode_ms"]["mean"], m["utility"]["mean"]), fontsize=7)
+        ax.annotate(label, (m["decode_ms"]["mean"], m["utility"]["mean"]), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("decode latency, ms (batch 1, one CPU thread, torch eager)")
     ax.set_ylabel("true utility")
@@ -169,7 +254,7 @@ def plot_results(
     fig.savefig(out / "utility_vs_latency.png", dpi=120)
     plt.close(fig)
 
-    runs = list(histories[0])
+    runs = list(histories[0]) if histories else []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in runs:
         for s, hist in enumerate(histories):
@@ -179,13 +264,34 @@ def plot_results(
             ep = [r["epoch"] for r in h]
             kw = {"label": name} if s == 0 else {}
             color = f"C{runs.index(name) % 10}"
+            key = "valid_list_ips" if "valid_list_ips" in h[0] else "valid_ips"
             axes[0].plot(ep, [r["valid_loss"] for r in h], color=color, alpha=0.8, **kw)
-            axes[1].plot(ep, [r["valid_ndcg@10"] for r in h], color=color, alpha=0.8, **kw)
+            axes[1].plot(ep, [r[key] for r in h], color=color, alpha=0.8, **kw)
     axes[0].set_title("validation loss (own objective)")
-    axes[1].set_title("validation NDCG@10 (rerank exposures)")
+    axes[0].set_yscale("symlog")
+    axes[1].set_title("validation list IPS utility (selection metric)")
     for ax in axes:
         ax.set_xlabel("epoch")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "training_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_paired(summary: dict[str, Any], path: Path) -> None:
+    vs = summary["paired"]["gref_vs"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if vs:
+        labels = list(vs)
+        rel = np.array([vs[x]["rel"] for x in labels]) * 100
+        lo = np.array([vs[x]["rel_lo"] for x in labels]) * 100
+        ax.errorbar(rel, labels, xerr=rel - lo, fmt="o", color="#C44E52", capsize=3)
+        ax.axvline(0, color="k", lw=1)
+        ax.axvline(2, color="k", lw=1, ls=":", label="+2%")
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+    ax.set_xlabel("GReF − row, % of the row's true utility (pooled, 95% interval)")
+    ax.set_title(f"{GREF} against every row")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,13 +1,21 @@
-"""`python -m model results`: the paper's tables on the simulated world, in one run.
+"""`python -m model results`: every reranker on simulated worlds, compared on the gold.
 
-For each seed: generate the world and its logs (Parquet, split by time), train every
-model on the train split (early stopping on valid), then evaluate all of them on the
-test split side by side:
-- true utility of the generated top-k under the simulator's user model (the gold),
-- AUC and NDCG / MAP / clicks @ {1, 3, 5, 10} of reranking the logged exposures,
+Worlds come in two disjoint sets of seeds: development worlds (the recipes and their
+settings were chosen on these, on the validation split) and held-out worlds (reported,
+never used to choose anything). `make results` runs the held-out set. For each world:
+generate it and its logs (Parquet, split by time, with the logging policy's exposure
+propensities), train every run on the train split (each stage selects its epoch on the
+validation split, model.train), then evaluate every row on the same test requests:
+- true utility of the generated top-k under the simulator's user model (the gold), kept
+  per request so that two rows can be compared request by request (model.stats);
+- the debiased estimates from the logs alone (model.estimators): item-level IPS of the
+  generated lists ("list_ips") and position-based IPS of reranking the exposed items
+  ("ips"), with examination propensities harvested from the training logs;
+- logged AUC and NDCG / MAP / clicks @ {1, 3, 5, 10} of reranking the logged exposures;
 - decoder passes and decode latency (batch 1, one thread, same process, same run).
-Seeds are aggregated as mean and spread (sample std across seeds). Writes
-results/results.json, results/results.md and PNG plots.
+Sensitivity worlds repeat the comparison of GReF and PRM on U with the list effects
+(satiation, complements) switched off and doubled (tables.STRENGTHS).
+Writes results.json (per-request utilities included), results.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,7 @@ import numpy as np
 
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
+from model.estimators import examination_propensities, kendall_tau, list_ips
 from model.evaluate import (
     Reranker,
     decode_latency_ms,
@@ -32,92 +41,85 @@ from model.evaluate import (
     logged_metrics,
     logged_vs_gold,
 )
+from model.stats import holm, pooled
+from model.tables import (
+    CLAIMS,
+    EXTRA_METRICS,
+    GREF,
+    METRICS,
+    ROWS,
+    RUNS,
+    SENSITIVITY_ROWS,
+    SENSITIVITY_RUNS,
+    STRENGTHS,
+    UPSTREAM,
+    Row,
+    competitors,
+)
 from model.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Run:
-    """One training run: a stage, its init (another run's name), config overrides."""
-
-    name: str
-    stage: str
-    init: str | None = None
-    model: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-
-
-RUNS: tuple[Run, ...] = (
-    Run("dnn", "dnn"),
-    Run("prm", "prm"),
-    # the same scorers trained on GReF's label (U), not clicks: how much of GReF's lead is
-    # the label rather than the method
-    Run("dnn_u", "dnn", train={"scorer_label": "utility"}),
-    Run("prm_u", "prm", train={"scorer_label": "utility"}),
-    Run("nar4rec", "nar"),
-    Run("seq2slate", "clicks", model={"omtp_heads": 1}),
-    Run("gref_pretrain", "pretrain"),
-    # DPO: one epoch (longer drifts; see TrainConfig.dpo_nll)
-    Run("gref", "dpo", init="gref_pretrain", train={"epochs": 1}),
-    # head alignment: heads 1..n-1 learn the DPO model's own n = 1 decode (TrainConfig)
-    Run("gref_aligned", "distill", init="gref", train={"epochs": 2}),
-    Run("gref_ln_pretrain", "pretrain", train={"lambda2": 0.0}),
-    Run("gref_ln", "dpo", init="gref_ln_pretrain", train={"epochs": 1}),
-    Run("gref_dpo_only", "dpo", train={"epochs": 1}),
-)
-
-# (row label, run name or None for upstream, kind, items_per_pass, table)
-GREF = "GReF (pre-train + DPO + head alignment, n=4)"
-EVALS: tuple[tuple[str, str | None, str, int | None, str], ...] = (
-    ("Upstream order", None, "upstream", None, "main"),
-    ("DNN", "dnn", "dnn", None, "main"),
-    ("PRM", "prm", "prm", None, "main"),
-    ("DNN on U", "dnn_u", "dnn", None, "main"),
-    ("PRM on U", "prm_u", "prm", None, "main"),
-    ("Seq2Slate-like", "seq2slate", "gen_reranker", 1, "main"),
-    ("NAR4Rec-like", "nar4rec", "nar4rec", None, "main"),
-    (GREF, "gref_aligned", "gen_reranker", 4, "main"),
-    ("Pre-train only", "gref_pretrain", "gen_reranker", 4, "stages"),
-    ("DPO only", "gref_dpo_only", "gen_reranker", 4, "stages"),
-    ("Pre-train + DPO", "gref", "gen_reranker", 4, "stages"),
-    ("Pre-train + DPO + head alignment", "gref_aligned", "gen_reranker", 4, "stages"),
-    ("L_n", "gref_ln", "gen_reranker", 4, "omtp_loss"),
-    ("L_n + L_o", "gref", "gen_reranker", 4, "omtp_loss"),
-    ("n = 1", "gref_aligned", "gen_reranker", 1, "heads"),
-    ("n = 2", "gref_aligned", "gen_reranker", 2, "heads"),
-    ("n = 4", "gref_aligned", "gen_reranker", 4, "heads"),
-    ("n = 1, heads not aligned", "gref", "gen_reranker", 1, "heads"),
-    ("n = 4, heads not aligned", "gref", "gen_reranker", 4, "heads"),
-)
-
-METRICS = ("utility", "auc", "ndcg@10", "map@10", "clicks@10", "passes", "decode_ms")
-EXTRA_METRICS = tuple(f"{m}@{c}" for m in ("ndcg", "map", "clicks") for c in (1, 3, 5))
+HELDOUT_SEEDS = (100, 101, 102, 103, 104)
+DEV_SEEDS = (0, 1)
 
 
 @dataclass(frozen=True)
 class ResultsConfig:
-    seeds: tuple[int, ...] = (0, 1, 2)
-    n_requests: int = 100_000  # per seed; 3 seeds of everything fit in an hour on 2 cores
-    epochs: int = 4
+    worlds: str = "heldout"  # heldout | dev: which set of world seeds
+    seeds: tuple[int, ...] = HELDOUT_SEEDS
+    n_requests: int = 30_000  # per world (80/10/10 split by time)
+    epochs: int = 3
     k: int = 10
-    n_test: int | None = None  # None = the whole test split
-    latency_reps: int = 200
+    n_test: int | None = 3_000  # test requests evaluated (None = the whole test split)
+    latency_reps: int = 100
     threads: int = 2
+    strengths: tuple[str, ...] = ("off", "doubled")  # sensitivity worlds beside default
+    large: bool = True  # train the larger Gen-Reranker of Table 2d
+
+    def __post_init__(self) -> None:
+        if self.worlds not in ("heldout", "dev"):
+            raise ValueError(f"worlds {self.worlds!r}: heldout | dev")
+        bad = [s for s in self.strengths if s not in STRENGTHS or s == "default"]
+        if bad:
+            raise ValueError(f"strengths {bad}: want names of {sorted(STRENGTHS)} but default")
 
     @classmethod
-    def quick(cls, seed: int) -> ResultsConfig:
-        return cls(seeds=(seed,), n_requests=8_000, epochs=2, latency_reps=30)
+    def for_worlds(cls, worlds: str, **overrides: Any) -> ResultsConfig:
+        seeds = HELDOUT_SEEDS if worlds == "heldout" else DEV_SEEDS
+        return cls(worlds=worlds, seeds=seeds, **overrides)
+
+    @classmethod
+    def quick(cls, worlds: str = "heldout") -> ResultsConfig:
+        """Small enough for the tests: one world of each strength, few requests."""
+        seed = HELDOUT_SEEDS[0] if worlds == "heldout" else DEV_SEEDS[0]
+        return cls(
+            worlds=worlds,
+            seeds=(seed,),
+            n_requests=6_000,
+            epochs=2,
+            n_test=400,
+            latency_reps=20,
+            large=False,
+        )
 
 
-def run_seed(rc: ResultsConfig, seed: int, out: Path, progress: bool) -> dict[str, Any]:
-    """Everything for one seed; returns {row label: metrics} and side facts."""
+def _decode_key(row: Row) -> tuple[Any, ...]:
+    return (row.run, row.kind, row.items_per_pass, row.list_rule)
+
+
+def run_world(
+    rc: ResultsConfig, seed: int, strength: str, out: Path, progress: bool
+) -> dict[str, Any]:
+    """Everything for one world: per-row metrics, per-request utilities, side facts."""
     from model.logs import read_logs, write_dataset
     from model.world import WorldConfig, generate_logs, headroom, true_utility
 
     t0 = time.perf_counter()
-    data_dir = out / "data" / f"seed{seed}"
-    world, logs = generate_logs(WorldConfig(), seed, rc.n_requests, progress=progress)
+    tag = f"seed{seed}" if strength == "default" else f"seed{seed}-{strength}"
+    data_dir = out / "data" / tag
+    world_cfg = replace(WorldConfig(), **STRENGTHS[strength])
+    world, logs = generate_logs(world_cfg, seed, rc.n_requests, progress=progress, propensity=True)
     model_cfg = ModelConfig.preset("fast")
     write_dataset(data_dir, logs, model_cfg.schema)
     # read back through the streaming reader: the same path users take with their own logs
@@ -126,12 +128,25 @@ def run_seed(rc: ResultsConfig, seed: int, out: Path, progress: bool) -> dict[st
     )
     if rc.n_test is not None:
         test_b = test_b.take(slice(0, rc.n_test))
+    exam = examination_propensities(train_b)
     gen_seconds = time.perf_counter() - t0
+
+    sensitivity = strength != "default"
+    wanted = {r.name for r in RUNS}
+    if sensitivity:
+        wanted = set(SENSITIVITY_RUNS)
+    if not rc.large:
+        wanted -= {r.name for r in RUNS if r.model.get("d_model", 32) != 32}
+    rows = [r for r in ROWS if (r.run is None or r.run in wanted)]
+    if sensitivity:
+        rows = [r for r in rows if r.label in SENSITIVITY_ROWS]
 
     checkpoints: dict[str, Path] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
     train_seconds: dict[str, float] = {}
     for run in RUNS:
+        if run.name not in wanted:
+            continue
         settings = {"epochs": rc.epochs, **run.train}
         settings["epochs"] = min(settings["epochs"], rc.epochs)
         tc = TrainConfig(stage=run.stage, seed=seed, threads=rc.threads, **settings)
@@ -141,51 +156,153 @@ def run_seed(rc: ResultsConfig, seed: int, out: Path, progress: bool) -> dict[st
             tc,
             train_b,
             valid_b,
-            out / "runs" / f"seed{seed}" / run.name,
+            out / "runs" / tag / run.name,
             init_from=checkpoints[run.init] if run.init else None,
             progress=progress,
         )
         checkpoints[run.name], histories[run.name] = res.best_dir, res.history
         train_seconds[run.name] = res.seconds
-        log.info("seed %d: trained %s in %.0f s", seed, run.name, res.seconds)
+        log.info("%s: trained %s in %.0f s", tag, run.name, res.seconds)
 
     models = {name: load_checkpoint(path)[0] for name, path in checkpoints.items()}
-    rows: dict[str, dict[str, float]] = {}
-    per_request_utility: dict[str, np.ndarray] = {}
-    for label, run_name, kind, ipp, _ in EVALS:
-        r = Reranker(label, kind, models[run_name] if run_name else None, items_per_pass=ipp)
-        order, passes = generate_lists(r, test_b, model_cfg.schema, rc.k)
-        util = true_utility(world, test_b.user_id, item_ids_of(test_b, order))
-        per_request_utility[label] = util
-        metrics = logged_metrics(r, test_b, model_cfg.schema)
-        metrics["utility"] = float(util.mean())
-        metrics["passes"] = float(passes)
-        metrics["decode_ms"] = decode_latency_ms(r, test_b, model_cfg.schema, rc.k, rc.latency_reps)
-        rows[label] = metrics
-    room = headroom(world, test_b.take(slice(0, 5000)))
-    gold = logged_vs_gold(world, test_b.take(slice(0, 5000)))
+    metrics_by_key: dict[tuple[Any, ...], dict[str, float]] = {}
+    util_by_key: dict[tuple[Any, ...], np.ndarray] = {}
+    out_rows: dict[str, dict[str, float]] = {}
+    utility: dict[str, list[float]] = {}
+    for row in rows:
+        key = _decode_key(row)
+        if key not in metrics_by_key:
+            r = Reranker(
+                row.label,
+                row.kind,
+                models[row.run] if row.run else None,
+                items_per_pass=row.items_per_pass,
+                list_rule=row.list_rule,
+            )
+            order, passes = generate_lists(r, test_b, model_cfg.schema, rc.k)
+            util = true_utility(world, test_b.user_id, item_ids_of(test_b, order))
+            m = logged_metrics(r, test_b, model_cfg.schema, exam=exam)
+            m["utility"] = float(util.mean())
+            m["list_ips"] = float(np.mean(list_ips(test_b, order, exam)))
+            m["passes"] = float(passes)
+            m["decode_ms"] = decode_latency_ms(r, test_b, model_cfg.schema, rc.k, rc.latency_reps)
+            metrics_by_key[key], util_by_key[key] = m, util
+        out_rows[row.label] = metrics_by_key[key]
+        utility[row.label] = [round(float(x), 5) for x in util_by_key[key]]
+    room = headroom(world, test_b)
+    gold = logged_vs_gold(world, test_b, exam=exam)
     return {
-        "logged_vs_gold": gold,
-        "rows": rows,
-        "histories": histories,
+        "seed": seed,
+        "strength": strength,
+        "rows": out_rows,
+        "utility": utility,
         "headroom": {k: float(v) for k, v in room.items()},
-        "utility_sem_within_seed": {
-            k: float(v.std(ddof=1) / np.sqrt(v.size)) for k, v in per_request_utility.items()
-        },
+        "logged_vs_gold": gold,
+        "exam_propensity": [float(x) for x in exam],
+        "histories": histories,
         "n_test": len(test_b),
-        "seconds": {"generate": gen_seconds, "train": train_seconds},
+        "seconds": {
+            "generate": gen_seconds,
+            "train": train_seconds,
+            "total": time.perf_counter() - t0,
+        },
     }
 
 
-def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """{row: {metric: {mean, spread}}}, spread = sample std across seeds (0 for one seed)."""
+def aggregate(worlds: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{row: {metric: {mean, spread}}} over worlds, spread = sample std (0 for one)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for label, *_ in EVALS:
-        out[label] = {}
+    for row in ROWS:
+        have = [w["rows"][row.label] for w in worlds if row.label in w["rows"]]
+        if not have:
+            continue
+        out[row.label] = {}
         for metric in METRICS + EXTRA_METRICS:
-            vals = np.array([s["rows"][label][metric] for s in per_seed], dtype=np.float64)
+            vals = np.array([h[metric] for h in have], dtype=np.float64)
             spread = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
-            out[label][metric] = {"mean": float(vals.mean()), "spread": spread}
+            out[row.label][metric] = {"mean": float(vals.mean()), "spread": spread}
+    return out
+
+
+def _util(worlds: list[dict[str, Any]], label: str) -> list[np.ndarray]:
+    return [np.asarray(w["utility"][label]) for w in worlds]
+
+
+def compare(worlds: list[dict[str, Any]]) -> dict[str, Any]:
+    """GReF against every other main row (pooled paired differences, Holm-corrected across
+    the rows, per-world differences) and the ablation claims."""
+    names = [c for c in competitors() if all(c in w["utility"] for w in worlds)]
+    vs: dict[str, dict[str, Any]] = {}
+    if all(GREF in w["utility"] for w in worlds):
+        for c in names:
+            res = pooled(_util(worlds, GREF), _util(worlds, c))
+            res["per_world"] = [
+                float(np.mean(np.asarray(w["utility"][GREF]) - np.asarray(w["utility"][c])))
+                for w in worlds
+            ]
+            vs[c] = res
+        for c, p in zip(vs, holm([vs[c]["p"] for c in vs]), strict=True):
+            vs[c]["p_holm"] = p
+    claims = {}
+    for a, b in CLAIMS:
+        if all(a in w["utility"] and b in w["utility"] for w in worlds):
+            claims[f"{a} − {b}"] = pooled(_util(worlds, a), _util(worlds, b))
+    return {"gref_vs": vs, "claims": claims}
+
+
+def headroom_share(worlds: list[dict[str, Any]]) -> dict[str, float]:
+    """Per row: (U_row − U_upstream) / (U_searched − U_upstream), pooled over worlds (all
+    on the same test requests)."""
+    up = np.mean([w["headroom"]["upstream"] for w in worlds])
+    top = np.mean([w["headroom"]["searched"] for w in worlds])
+    out = {}
+    for row in ROWS:
+        if all(row.label in w["rows"] for w in worlds):
+            u = np.mean([w["rows"][row.label]["utility"] for w in worlds])
+            out[row.label] = float((u - up) / (top - up))
+    for oracle in ("pointwise_relevance", "pointwise_value", "searched"):
+        u = np.mean([w["headroom"][oracle] for w in worlds])
+        out[f"oracle: {oracle}"] = float((u - up) / (top - up))
+    return out
+
+
+def agreement(worlds: list[dict[str, Any]]) -> dict[str, float]:
+    """Kendall τ between each offline metric and true utility over the model rows × worlds
+    (distinct trained models and decodes; the upstream rows are no model), and the mean of
+    the within-world τ."""
+    labels, seen = [], set()
+    for row in ROWS:
+        if row.run is not None and _decode_key(row) not in seen:
+            seen.add(_decode_key(row))
+            labels.append(row.label)
+    out = {}
+    for metric in ("list_ips", "ips", "ndcg@10", "auc"):
+        xs, ys, within = [], [], []
+        for w in worlds:
+            have = [lab for lab in labels if lab in w["rows"]]
+            x = [w["rows"][lab][metric] for lab in have]
+            y = [w["rows"][lab]["utility"] for lab in have]
+            if len(have) > 2 and np.all(np.isfinite(x)):
+                within.append(kendall_tau(np.array(x), np.array(y)))
+            xs += x
+            ys += y
+        ok = np.isfinite(xs)
+        out[metric] = kendall_tau(np.array(xs)[ok], np.array(ys)[ok]) if ok.sum() > 2 else np.nan
+        out[f"{metric} (within world)"] = float(np.mean(within)) if within else float("nan")
+        out["pairs"] = float(len(xs))
+    return out
+
+
+def sensitivity(by_strength: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """GReF − PRM on U, pooled over the worlds of each list-effect strength."""
+    out = {}
+    for strength, worlds in by_strength.items():
+        if worlds and all(GREF in w["utility"] and "PRM on U" in w["utility"] for w in worlds):
+            res = pooled(_util(worlds, GREF), _util(worlds, "PRM on U"))
+            res["gref"] = float(np.mean([w["rows"][GREF]["utility"] for w in worlds]))
+            res["prm_u"] = float(np.mean([w["rows"]["PRM on U"]["utility"] for w in worlds]))
+            res["upstream"] = float(np.mean([w["rows"][UPSTREAM]["utility"] for w in worlds]))
+            out[strength] = res
     return out
 
 
@@ -193,27 +310,42 @@ def run(rc: ResultsConfig, out: str | Path, progress: bool = True) -> dict[str, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    per_seed = [run_seed(rc, seed, out, progress) for seed in rc.seeds]
+    by_strength: dict[str, list[dict[str, Any]]] = {"default": []}
+    for seed in rc.seeds:
+        by_strength["default"].append(run_world(rc, seed, "default", out, progress))
+        for strength in rc.strengths:
+            by_strength.setdefault(strength, []).append(
+                run_world(rc, seed, strength, out, progress)
+            )
+    worlds = by_strength["default"]
     summary = {
         "config": asdict(rc),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "seconds": time.perf_counter() - t0,
-        "models": aggregate(per_seed),
+        "models": aggregate(worlds),
+        "paired": compare(worlds),
         "headroom": {
-            k: float(np.mean([s["headroom"][k] for s in per_seed])) for k in per_seed[0]["headroom"]
+            k: float(np.mean([w["headroom"][k] for w in worlds])) for k in worlds[0]["headroom"]
         },
+        "headroom_share": headroom_share(worlds),
+        "agreement": agreement(worlds),
+        "sensitivity": sensitivity(by_strength),
         "logged_vs_gold": {
             order: {
-                m: float(np.mean([s["logged_vs_gold"][order][m] for s in per_seed]))
-                for m in ("ndcg@10", "utility")
+                m: float(np.mean([w["logged_vs_gold"][order][m] for w in worlds]))
+                for m in worlds[0]["logged_vs_gold"][order]
             }
-            for order in per_seed[0]["logged_vs_gold"]
+            for order in worlds[0]["logged_vs_gold"]
         },
-        "per_seed": [{k: v for k, v in s.items() if k != "histories"} for s in per_seed],
+        "worlds": [
+            {k: v for k, v in w.items() if k != "histories"}
+            for ws in by_strength.values()
+            for w in ws
+        ],
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     from model.report import plot_results, write_markdown
 
     write_markdown(summary, out / "results.md")
-    plot_results(summary, [s["histories"] for s in per_seed], out)
+    plot_results(summary, [w["histories"] for w in worlds], out)
     return summary

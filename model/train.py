@@ -4,14 +4,22 @@ Stages (TrainConfig.stage):
 - pretrain  Gen-Reranker on logged exposure orders, L_omtp = λ1·L_n + λ2·L_o (Eq. 6, 9, 10);
 - dpo       Rerank-DPO from a checkpoint against its frozen copy (Eq. 7, 8);
             with no init checkpoint it is "DPO only" (reference = the random init);
-- clicks    Seq2Slate-like: Gen-Reranker (n = 1) on click-sorted exposures, no exposure
-            pre-training;
+- value     the list-aware stage: the Gen-Reranker as a prefix-conditioned value model,
+            teacher-forced on the logged exposure; head j's score of the item logged at
+            slot t + j, given the prefix, is a logit of that item's feedback value
+            (losses.value_loss), usually from a pre-trained checkpoint;
+- clicks    Seq2Slate-like: Gen-Reranker (n = 1) on click-sorted exposures (or sorted
+            by U with scorer_label="utility"), no exposure pre-training;
 - dnn, prm  pointwise DNN / PRM: BCE on clicks of exposed items;
 - nar       NAR4Rec-like: per-position cross-entropy on the preferred (Eq. 7) order;
 - distill   head alignment after DPO (our addition): the OMTP heads learn, by
             self-distillation, what the frozen DPO model's n = 1 greedy decode would
             put at positions t+1..t+n, so an n-per-pass decode follows the DPO policy.
-Each epoch ends with validation; the best epoch is kept (early stopping), and the last
+Each epoch ends with validation: the own loss, logged NDCG/AUC of reranking the exposed
+items, and the debiased estimates of model.estimators (position-based IPS of the exposed
+items' new order, and, when the logs carry the logging policy's propensities, the
+item-level IPS of whole generated lists). Every stage but pretrain and distill selects its
+epoch on the debiased estimate (select_on); the best epoch is kept (early stopping), and the last
 epoch's weights + optimizer state are saved so an interrupted run resumes. A run resumes
 only if it is the same run: the train state holds a fingerprint of the train config, the
 model config, the init checkpoint's weights and the data (run_fingerprint); anything else
@@ -65,8 +73,9 @@ STAGE_KIND = {
     "prm": "prm",
     "nar": "nar4rec",
     "distill": "gen_reranker",
+    "value": "gen_reranker",
 }
-STAGE_LR = {"dpo": 1e-4, "distill": 5e-4}  # the rest: 2e-3
+STAGE_LR = {"dpo": 1e-4, "distill": 5e-4, "value": 1e-3}  # the rest: 2e-3
 STAGES = tuple(STAGE_KIND)
 
 
@@ -94,12 +103,15 @@ class TrainConfig:
     w_long_view: float = 0.8
     # dnn / prm: the per-slot BCE target. "click" (the baselines as LibRerank trains them),
     # or "utility": U / (w_click + w_like + w_long_view), a soft target in [0, 1], the same
-    # label GReF's DPO, L_o and NAR4Rec-like learn from (a like-for-like comparison)
+    # label GReF's DPO, L_o and NAR4Rec-like learn from (a like-for-like comparison).
+    # clicks (Seq2Slate-like): the exposure sorted by clicks, or by U with "utility".
     scorer_label: str = "click"
     seed: int = 0
     threads: int = 2
     max_valid: int = 20_000  # validation rows used each epoch
-    select_on: str = ""  # "" = the stage's default (loss, or ndcg@10 for dpo)
+    # "" = the stage's default: valid_loss for pretrain and distill, else the debiased
+    # estimate (valid_list_ips when the logs carry propensities, else valid_ips)
+    select_on: str = ""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -184,10 +196,11 @@ def _utility(batch: ListBatch, tc: TrainConfig) -> np.ndarray:
     return feedback_utility(batch, tc.w_click, tc.w_like, tc.w_long_view)
 
 
-def _click_sorted(batch: ListBatch) -> np.ndarray:
-    """Exposure reordered clicked-first (stable): Seq2Slate's click supervision."""
+def _click_sorted(batch: ListBatch, label: np.ndarray | None = None) -> np.ndarray:
+    """Exposure reordered by a per-slot label, highest first (stable; clicks when label
+    is None): Seq2Slate's supervision."""
     exposed = batch.exposed
-    key = np.where(exposed >= 0, -batch.click, np.inf)
+    key = np.where(exposed >= 0, -(batch.click if label is None else label), np.inf)
     return np.take_along_axis(exposed, np.argsort(key, axis=1, kind="stable"), axis=1)
 
 
@@ -209,8 +222,14 @@ class StageLoss:
                 scores, exposed, inp.cand_mask, utility, lambda1=tc.lambda1, lambda2=tc.lambda2
             )
             return loss, {k: float(v) for k, v in parts.items()}
+        if tc.stage == "value":
+            scale = tc.w_click + tc.w_like + tc.w_long_view
+            scores = model(inp, exposed)
+            loss, parts = losses.value_loss(scores, exposed, inp.cand_mask, utility / scale)
+            return loss, {k: float(v) for k, v in parts.items()}
         if tc.stage == "clicks":
-            target = torch.from_numpy(_click_sorted(batch).astype(np.int64))
+            label = _utility(batch, tc) if tc.scorer_label == "utility" else None
+            target = torch.from_numpy(_click_sorted(batch, label).astype(np.int64))
             loss = losses.exposure_ce(model(inp, target), target, inp.cand_mask)
             return loss, {}
         if tc.stage == "dpo":
@@ -265,8 +284,20 @@ def _reranker(model: nn.Module, kind: str) -> Reranker:
 
 
 def validate(
-    loss_fn: StageLoss, valid: ListBatch, model_cfg: ModelConfig, kind: str, tc: TrainConfig
+    loss_fn: StageLoss,
+    valid: ListBatch,
+    model_cfg: ModelConfig,
+    kind: str,
+    tc: TrainConfig,
+    exam: np.ndarray | None = None,
 ) -> dict[str, float]:
+    """Validation loss, logged NDCG/AUC/MAP and the debiased estimates (exam: the slots'
+    examination propensities; None = estimated from `valid`)."""
+    from model.estimators import examination_propensities, list_ips
+    from model.evaluate import generate_lists
+
+    if exam is None:
+        exam = examination_propensities(valid, tc.w_click, tc.w_like, tc.w_long_view)
     model = loss_fn.model
     model.eval()
     total, n = 0.0, 0
@@ -277,19 +308,26 @@ def validate(
             total += float(loss) * len(part)
             n += len(part)
     out = {"valid_loss": total / max(n, 1)}
+    r = _reranker(model, kind)
     out.update(
         {
             f"valid_{k}": v
-            for k, v in logged_metrics(_reranker(model, kind), valid, model_cfg.schema).items()
-            if k in ("ndcg@10", "auc", "map@10")
+            for k, v in logged_metrics(r, valid, model_cfg.schema, exam=exam).items()
+            if k in ("ndcg@10", "auc", "map@10", "ips")
         }
     )
+    if valid.has_propensity:
+        order, _ = generate_lists(r, valid, model_cfg.schema, valid.k)
+        out["valid_list_ips"] = float(np.mean(list_ips(valid, order, exam)))
     model.train()
     return out
 
 
 def _selection_score(tc: TrainConfig, metrics: dict[str, float]) -> float:
-    key = tc.select_on or ("valid_ndcg@10" if tc.stage == "dpo" else "valid_loss")
+    key = tc.select_on
+    if not key:
+        debiased = "valid_list_ips" if "valid_list_ips" in metrics else "valid_ips"
+        key = "valid_loss" if tc.stage in ("pretrain", "distill") else debiased
     value = metrics[key]
     return -value if key.endswith("loss") else value
 
@@ -339,6 +377,10 @@ def train(
     best, start_epoch, stale = -float("inf"), 0, 0
     last_dir, best_dir, ref_dir = out / "last", out / "best", out / "reference"
     valid = valid_data.take(slice(0, tc.max_valid))
+    from model.estimators import examination_propensities
+
+    # the slots' examination propensities, harvested from the training logs once
+    exam = examination_propensities(train_data, tc.w_click, tc.w_like, tc.w_long_view)
     fingerprint = run_fingerprint(model_cfg, tc, train_data, valid, init_from)
     for d in (last_dir, best_dir, ref_dir):
         recover_dir(d)  # a crash inside replace_dir
@@ -386,7 +428,7 @@ def train(
             running = 0.9 * running + 0.1 * lv if i else lv
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{running:.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
-        metrics = validate(loss_fn, valid, model_cfg, kind, tc)
+        metrics = validate(loss_fn, valid, model_cfg, kind, tc, exam)
         score = _selection_score(tc, metrics)
         improved = score > best
         if improved:

@@ -546,12 +546,49 @@ def logging_policy(
     return exposed
 
 
+def exposure_propensity(
+    world: World,
+    upstream_score: np.ndarray,
+    cand_items: np.ndarray,
+    exposed: np.ndarray,
+    rng: np.random.Generator,
+    draws: int = 63,
+    block: int = 2_000,
+) -> np.ndarray:
+    """P(the logging policy exposes candidate j in its top k), (B, M) float32: the share of
+    `draws` fresh runs of logging_policy on the same scores that expose j, counting the
+    logged exposure as one more draw (so a logged item never has propensity 0)."""
+    B, M = cand_items.shape
+    counts = np.zeros((B, M), dtype=np.float64)
+    rows = np.arange(B)[:, None]
+    counts[rows, exposed] += 1.0
+    for s in range(0, B, block):
+        e = min(B, s + block)
+        n = e - s
+        rep = logging_policy(
+            world,
+            np.repeat(upstream_score[s:e], draws, axis=0),
+            np.repeat(cand_items[s:e], draws, axis=0),
+            rng,
+        )  # (n * draws, k)
+        hit = np.zeros((n * draws, M), dtype=np.float64)
+        hit[np.arange(n * draws)[:, None], rep] = 1.0
+        counts[s:e] += hit.reshape(n, draws, M).sum(1)
+    return (counts / (draws + 1)).astype(np.float32)
+
+
 def sample_requests(
-    world: World, n: int, rng: np.random.Generator, first_request: int = 0
+    world: World,
+    n: int,
+    rng: np.random.Generator,
+    first_request: int = 0,
+    propensity_rng: np.random.Generator | None = None,
 ) -> ListBatch:
     """n logged requests: users by activity, m retrieved candidates sorted by a noisy
     upstream score, the logging policy's exposure and feedback sampled from the user
-    model. request_id = first_request + row; ts increases with request_id."""
+    model. request_id = first_request + row; ts increases with request_id. With
+    propensity_rng, the logging policy's exposure propensities (exposure_propensity,
+    from that stream, so the logs themselves do not change) are logged too."""
     cfg = world.cfg
     users = np.searchsorted(np.cumsum(world.user_activity), rng.random(n), side="right")
     users = users.clip(max=cfg.n_users - 1).astype(np.int64)
@@ -565,6 +602,9 @@ def sample_requests(
     exposed = logging_policy(world, upstream, cand, rng)
     fb = sample_feedback(world, users, np.take_along_axis(cand, exposed, axis=1), rng)
     rid = first_request + np.arange(n, dtype=np.int64)
+    propensity = None
+    if propensity_rng is not None:
+        propensity = exposure_propensity(world, upstream, cand, exposed, propensity_rng)
     return ListBatch(
         request_id=rid,
         ts=_TS0 + _TS_STEP * rid,
@@ -582,15 +622,24 @@ def sample_requests(
         click=fb["click"],
         like=fb["like"],
         long_view=fb["long_view"],
+        propensity=propensity,
     )
 
 
 def generate_logs(
-    cfg: WorldConfig, seed: int, n_requests: int, chunk: int = 20_000, progress: bool = True
+    cfg: WorldConfig,
+    seed: int,
+    n_requests: int,
+    chunk: int = 20_000,
+    progress: bool = True,
+    propensity: bool = False,
 ) -> tuple[World, ListBatch]:
-    """A world and n_requests logged requests (deterministic for seed, n_requests, chunk)."""
+    """A world and n_requests logged requests (deterministic for seed, n_requests, chunk).
+    propensity=True also logs the logging policy's exposure propensities (from their own
+    random stream: the requests and feedback are the same either way)."""
     world = World.generate(cfg, seed)
     rng = np.random.default_rng([seed, 1])  # a stream independent of the world's
+    prop_rng = np.random.default_rng([seed, 2]) if propensity else None
     starts = range(0, n_requests, chunk)
     try:
         from tqdm import tqdm
@@ -598,7 +647,7 @@ def generate_logs(
         bar = tqdm(starts, desc="simulate requests", unit="chunk", disable=not progress)
     except ImportError:  # tqdm is a train extra; the simulator works without it
         bar = starts
-    batches = [sample_requests(world, min(chunk, n_requests - s), rng, s) for s in bar]
+    batches = [sample_requests(world, min(chunk, n_requests - s), rng, s, prop_rng) for s in bar]
     logs = ListBatch.concat(batches) if batches else sample_requests(world, 0, rng)
     logger.info(
         "simulated %d requests (seed %d): %.2f clicks per exposed list",
