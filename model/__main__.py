@@ -65,6 +65,8 @@ def _results(args: argparse.Namespace) -> int:
         rc = replace(rc, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.strengths is not None:
         rc = replace(rc, strengths=tuple(s for s in args.strengths.split(",") if s))
+    if args.runs:
+        rc = replace(rc, runs=tuple(args.runs.split(",")))
     if args.no_large:
         rc = replace(rc, large=False)
     if args.threads:
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated sensitivity worlds beside default (off,doubled; '' = none)",
     )
     r.add_argument("--no-large", action="store_true", help="skip the larger Gen-Reranker")
+    r.add_argument("--runs", help="comma-separated runs to train (and what they start from)")
     r.add_argument("--threads", type=int, help="torch threads for training")
     r.add_argument("--quick", action="store_true", help="small version (minutes), one world")
     r.add_argument("--out", default="results")

@@ -76,6 +76,7 @@ class ResultsConfig:
     threads: int = 2
     strengths: tuple[str, ...] = ("off", "doubled")  # sensitivity worlds beside default
     large: bool = True  # train the larger Gen-Reranker of Table 2d
+    runs: tuple[str, ...] = ()  # only these runs (and the runs they start from); () = all
 
     def __post_init__(self) -> None:
         if self.worlds not in ("heldout", "dev"):
@@ -102,6 +103,25 @@ class ResultsConfig:
             latency_reps=20,
             large=False,
         )
+
+
+def _wanted_runs(rc: ResultsConfig, sensitivity: bool) -> set[str]:
+    """The runs a world trains: rc.runs (or all; the sensitivity worlds' own set), less the
+    larger model's without rc.large, plus every run one of them starts from."""
+    by_name = {r.name: r for r in RUNS}
+    unknown = sorted(set(rc.runs) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown runs {unknown} (known: {sorted(by_name)})")
+
+    def chain(name: str) -> list[str]:  # the run and the runs it starts from
+        init = by_name[name].init
+        return [name, *(chain(init) if init else [])]
+
+    def large(name: str) -> bool:
+        return any("d_model" in by_name[n].model for n in chain(name))
+
+    wanted = set(SENSITIVITY_RUNS) if sensitivity else set(rc.runs or by_name)
+    return {n for w in wanted if rc.large or not large(w) for n in chain(w)}
 
 
 def _decode_key(row: Row) -> tuple[Any, ...]:
@@ -132,11 +152,7 @@ def run_world(
     gen_seconds = time.perf_counter() - t0
 
     sensitivity = strength != "default"
-    wanted = {r.name for r in RUNS}
-    if sensitivity:
-        wanted = set(SENSITIVITY_RUNS)
-    if not rc.large:
-        wanted -= {r.name for r in RUNS if r.model.get("d_model", 32) != 32}
+    wanted = _wanted_runs(rc, sensitivity)
     rows = [r for r in ROWS if (r.run is None or r.run in wanted)]
     if sensitivity:
         rows = [r for r in rows if r.label in SENSITIVITY_ROWS]
@@ -306,16 +322,44 @@ def sensitivity(by_strength: dict[str, list[dict[str, Any]]]) -> dict[str, dict[
     return out
 
 
+def _world_key(rc: ResultsConfig, seed: int, strength: str) -> str:
+    """What a world's saved result depends on (the worlds' list and the seed set do not)."""
+    settings = {k: v for k, v in asdict(rc).items() if k not in ("seeds", "strengths", "worlds")}
+    return json.dumps({"seed": seed, "strength": strength, **settings}, sort_keys=True)
+
+
+def cached_world(
+    rc: ResultsConfig, seed: int, strength: str, out: Path, progress: bool
+) -> dict[str, Any]:
+    """run_world, saved as out/worlds/<tag>.json and reused by a later run with the same
+    settings (an interrupted `make results` picks up where it stopped)."""
+    tag = f"seed{seed}" if strength == "default" else f"seed{seed}-{strength}"
+    path = out / "worlds" / f"{tag}.json"
+    key = _world_key(rc, seed, strength)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log.info("%s: reusing %s", tag, path)
+            return dict(saved["world"])
+        log.info("%s: %s was made with other settings: recomputing", tag, path)
+    world = run_world(rc, seed, strength, out, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "world": world}))
+    tmp.replace(path)
+    return world
+
+
 def run(rc: ResultsConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     by_strength: dict[str, list[dict[str, Any]]] = {"default": []}
     for seed in rc.seeds:
-        by_strength["default"].append(run_world(rc, seed, "default", out, progress))
+        by_strength["default"].append(cached_world(rc, seed, "default", out, progress))
         for strength in rc.strengths:
             by_strength.setdefault(strength, []).append(
-                run_world(rc, seed, strength, out, progress)
+                cached_world(rc, seed, strength, out, progress)
             )
     worlds = by_strength["default"]
     summary = {

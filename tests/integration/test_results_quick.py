@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.results import EVALS, GREF, METRICS
+from model.tables import GREF, GREF_PAPER, METRICS, ROWS, UPSTREAM, competitors
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +22,22 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [sys.executable, "-m", "model", "results", "--quick", "--out", str(out), "--no-progress"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Table 1" in proc.stdout
     return out
 
 
+def _summary(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
 def test_results_files_and_tables(quick_results: Path) -> None:
-    summary = json.loads((quick_results / "results.json").read_text())
-    for label, *_ in EVALS:
+    summary = _summary(quick_results)
+    small = {r.label for r in ROWS if "d = 64" not in r.label}  # --quick skips the large model
+    assert small <= set(summary["models"])
+    for label in small:
         row = summary["models"][label]
         for metric in METRICS:
             assert np.isfinite(row[metric]["mean"]), (label, metric)
@@ -39,17 +45,41 @@ def test_results_files_and_tables(quick_results: Path) -> None:
         assert 0.0 <= row["ndcg@10"]["mean"] <= 1.0
         assert row["utility"]["mean"] > 0
     md = (quick_results / "results.md").read_text()
-    for title in ("Table 1", "Table 3a", "Table 3b", "Table 3c", "Headroom"):
+    for title in ("Table 1", "Table 2a", "Table 2b", "Table 2c", "Headroom", "Sensitivity"):
         assert title in md
-    for png in ("utility_by_model.png", "utility_vs_latency.png", "training_curves.png"):
+    for png in (
+        "utility_by_model.png",
+        "utility_vs_latency.png",
+        "training_curves.png",
+        "paired_differences.png",
+    ):
         data = (quick_results / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
 
 
+def test_per_request_utilities_back_the_paired_table(quick_results: Path) -> None:
+    summary = _summary(quick_results)
+    world = next(w for w in summary["worlds"] if w["strength"] == "default")
+    n = world["n_test"]
+    for label, util in world["utility"].items():
+        assert len(util) == n, label
+        assert np.mean(util) == pytest.approx(world["rows"][label]["utility"], abs=1e-4)
+    vs = summary["paired"]["gref_vs"]
+    assert set(vs) == set(competitors())
+    for label, r in vs.items():
+        d = np.asarray(world["utility"][GREF]) - np.asarray(world["utility"][label])
+        assert r["diff"] == pytest.approx(d.mean(), abs=1e-4)
+        assert r["lo"] <= r["diff"] <= r["hi"]
+        assert r["p_holm"] >= r["p"] - 1e-12
+    # sensitivity worlds: off and doubled beside default, each with GReF and PRM on U
+    assert set(summary["sensitivity"]) == {"off", "default", "doubled"}
+
+
 def test_results_are_consistent(quick_results: Path) -> None:
-    s = json.loads((quick_results / "results.json").read_text())["models"]
+    s = _summary(quick_results)["models"]
     # one model decoded with n = 4 is the same row in every table that names it
-    assert s["n = 4"]["utility"] == s[GREF]["utility"]
+    assert s["n = 4"]["utility"] == s[GREF_PAPER]["utility"]
+    assert s["Pre-train + value"]["utility"] == s[GREF]["utility"]
     assert s["n = 4, heads not aligned"]["utility"] == s["Pre-train + DPO"]["utility"]
     assert s["L_n + L_o"]["ndcg@10"] == s["Pre-train + DPO"]["ndcg@10"]
     # passes: ceil(10 / n) for the generative model, one for NAR4Rec, none for scorers
@@ -57,14 +87,20 @@ def test_results_are_consistent(quick_results: Path) -> None:
     assert s["NAR4Rec-like"]["passes"]["mean"] == 1
     assert s["DNN"]["passes"]["mean"] == 0
     # every reranker reorders the same exposures: clicks@10 is the total and equal for all
-    totals = {round(s[label]["clicks@10"]["mean"], 9) for label, *_ in EVALS}
+    totals = {round(v["clicks@10"]["mean"], 9) for v in s.values()}
     assert len(totals) == 1
-    # the world has headroom: the searched list beats the pointwise sort
-    room = json.loads((quick_results / "results.json").read_text())["headroom"]
+    summary = _summary(quick_results)
+    room = summary["headroom"]
     assert room["searched"] > room["pointwise_relevance"] > room["upstream"]
-    gold = json.loads((quick_results / "results.json").read_text())["logged_vs_gold"]
+    # upstream is the zero of the headroom share, the searched list its one
+    share = summary["headroom_share"]
+    assert share[UPSTREAM] == pytest.approx(0.0, abs=1e-3)
+    assert share["oracle: searched"] == pytest.approx(1.0)
+    gold = summary["logged_vs_gold"]
     assert gold["best under the true user model"]["utility"] > gold["logging order"]["utility"]
-    assert "What the logged NDCG rewards" in (quick_results / "results.md").read_text()
+    assert "What the offline metrics reward" in (quick_results / "results.md").read_text()
+    for metric in ("list_ips", "ips", "ndcg@10"):
+        assert -1.0 <= summary["agreement"][metric] <= 1.0
 
 
 def test_checkpoints_are_safetensors(quick_results: Path) -> None:

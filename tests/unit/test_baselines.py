@@ -304,3 +304,23 @@ def test_nar4rec_target_order_drives_the_list() -> None:
         lists.append(model.rerank(inp, M)[0])
         assert (lists[-1] == target).all()
     assert not torch.equal(lists[0], lists[1])
+
+
+def test_category_rules_cap_and_penalise_repeats() -> None:
+    """The reference rows' list rules: a per-category cap (the logging policy's) and a
+    category MMR penalty, applied greedily to a scorer's scores."""
+    from model.evaluate import category_greedy
+
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    category = torch.tensor([[1, 1, 1, 2, 2, 3]])
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    assert category_greedy(scores, category, mask, 4).tolist() == [[0, 1, 2, 3]]
+    assert category_greedy(scores, category, mask, 4, cap=2).tolist() == [[0, 1, 3, 4]]
+    # penalty 1.5 per earlier same-category item: 1 (4 - 1.5 = 2.5) beats 3 (2.0); then 3
+    # (2.0) beats 2 (3 - 3 = 0); then 2 (0), 4 (1 - 1.5) and 5 (0): the tie goes to 2
+    mmr = category_greedy(scores, category, mask, 4, penalty=1.5)
+    assert mmr.tolist() == [[0, 1, 3, 2]]
+    assert category_greedy(scores, category, mask, 4, penalty=0.4).tolist() == [[0, 1, 2, 3]]
+    # the cap is relaxed when nothing else is left; padding is never picked
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    assert category_greedy(scores, category, mask, 4, cap=1).tolist() == [[0, 1, 2, -1]]

@@ -237,3 +237,38 @@ def test_head_distill_ignores_unavailable_candidates() -> None:
     teacher[..., 3] -= 50.0
     b, _ = losses.head_distill_loss(student, teacher, order, cand_mask)
     assert torch.isfinite(a) and float(a) == pytest.approx(float(b), abs=1e-6)
+
+
+def test_value_loss_fits_each_heads_logged_target() -> None:
+    """value_loss: head j at position t is scored on the item logged at slot t + j, against
+    that item's value, by BCE; nothing else (other candidates, padding) gets gradient."""
+    B, K, n, M = 2, 3, 2, 5
+    scores = torch.randn(B, K, n, M, requires_grad=True)
+    order = torch.tensor([[4, 0, 2], [1, 3, -1]])
+    cand_mask = torch.ones(B, M, dtype=torch.bool)
+    target = torch.tensor([[1.0, 0.0, 0.5], [0.2, 1.0, -1.0]])
+    loss, parts = losses.value_loss(scores, order, cand_mask, target)
+    # by hand: head 0 at t reads order[t]; head 1 at t reads order[t + 1]
+    want = 0.0
+    for j in range(n):
+        terms = []
+        for b in range(B):
+            for t in range(K - j):
+                item = int(order[b, t + j])
+                if item < 0:
+                    continue
+                terms.append(
+                    F.binary_cross_entropy_with_logits(
+                        scores[b, t, j, item], target[b, t + j].clamp(0, 1)
+                    )
+                )
+        head = torch.stack(terms).mean()
+        assert float(parts[f"bce{j}"]) == pytest.approx(float(head), rel=1e-5)
+        want = want + head
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    loss.backward()
+    grad = scores.grad
+    assert grad is not None
+    touched = grad.abs() > 0
+    assert int(touched.sum()) == 5 + 3  # head 0: 3 + 2 real slots; head 1: 2 + 1
+    assert not touched[1, :, :, 0].any()  # candidate 0 is never logged in request 1

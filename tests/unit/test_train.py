@@ -336,3 +336,30 @@ def test_scorers_can_learn_from_the_utility_label(splits: tuple[ListBatch, ListB
     assert float(on_u) != pytest.approx(float(on_click))  # the like / long-view weights count
     with pytest.raises(ValueError, match="scorer_label"):
         _tc("prm", scorer_label="likes")
+
+
+def test_value_stage_trains_and_selects_on_the_debiased_estimate(
+    tmp_path: Path, splits: tuple[ListBatch, ListBatch]
+) -> None:
+    """The value stage warm-starts from pre-training, reports the debiased estimates and
+    selects its epoch on the list IPS estimate when the logs carry propensities (on the
+    exposed-items IPS when they do not)."""
+    from model.world import WorldConfig, generate_logs
+
+    cfg = WorldConfig(n_items=2000, n_users=300)
+    _, logs = generate_logs(cfg, seed=3, n_requests=900, progress=False, propensity=True)
+    tr, va = logs.take(slice(0, 700)), logs.take(slice(700, 900))
+    pre = train(CFG, replace(_tc("pretrain"), epochs=1), tr, va, tmp_path / "pre", progress=False)
+    val = train(
+        CFG, _tc("value"), tr, va, tmp_path / "value", init_from=pre.best_dir, progress=False
+    )
+    h = val.history
+    assert all(np.isfinite(r["valid_list_ips"]) and np.isfinite(r["valid_ips"]) for r in h)
+    best = max(range(len(h)), key=lambda i: h[i]["valid_list_ips"])
+    assert h[best]["improved"]
+    _, _, config = load_checkpoint(val.best_dir)
+    assert config["train_config"]["stage"] == "value"
+    # without the propensity column: the exposed-items IPS chooses
+    one = replace(_tc("value"), epochs=1)
+    plain = train(CFG, one, splits[0], splits[1], tmp_path / "v2", progress=False)
+    assert "valid_list_ips" not in plain.history[0] and "valid_ips" in plain.history[0]

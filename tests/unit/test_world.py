@@ -364,3 +364,31 @@ def test_padding_mid_list_is_skipped_by_sampled_and_expected_feedback(world: Wor
     sampled = sampled.reshape(rows, reps)
     means, se = sampled.mean(1), sampled.std(1, ddof=1) / np.sqrt(reps)
     assert np.all(np.abs(means - util) <= 5 * se), (means, util, se)
+
+
+def test_logged_propensities_and_their_column(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The simulator logs the logging policy's exposure propensities from their own random
+    stream (the logs are the same without them); they round-trip through the optional
+    Parquet column, and a file without it reads as 'not logged'."""
+    from model.logs import read_logs, write_logs
+
+    _, plain = generate_logs(SMALL, seed=5, n_requests=400, chunk=200, progress=False)
+    _, logs = generate_logs(
+        SMALL, seed=5, n_requests=400, chunk=200, progress=False, propensity=True
+    )
+    for name in ("item_id", "exposed", "click", "like", "long_view"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(logs, name))
+    assert logs.has_propensity and not plain.has_propensity
+    p = logs.propensity
+    assert ((p >= 0) & (p <= 1)).all()
+    np.testing.assert_allclose(p.sum(1), logs.k, rtol=1e-5)  # k exposed per draw
+    assert (np.take_along_axis(p, logs.exposed, 1) > 0).all()  # the logged draw counts
+    # exploration: upstream position 0 is shown more often than position 20
+    assert p[:, 0].mean() > p[:, 20].mean()
+
+    schema = FeatureSchema()
+    write_logs(logs, tmp_path / "with.parquet", schema)
+    write_logs(plain, tmp_path / "without.parquet", schema)
+    back = read_logs(tmp_path / "with.parquet")
+    np.testing.assert_allclose(back.propensity, p)
+    assert not read_logs(tmp_path / "without.parquet").has_propensity
