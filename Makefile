@@ -4,7 +4,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SEED ?= 0
-SEEDS ?= 3
 TORCH_PIN := torch==2.13.0
 # Where torch comes from. Empty (default): pip's own configuration, which on the
 # development machine and in CI finds a local CPU wheel. On a machine without one, PyPI's
@@ -106,10 +105,13 @@ loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=ht
 validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
 	$(BIN)/pytest -q tests/unit/test_ops.py
 
-results: venv  ## train everything on the simulated world over SEEDS seeds; writes results/
-	$(BIN)/python -m model results --seed $(SEED) --seeds $(SEEDS)
+results: venv  ## every row on the 5 held-out worlds (+ list-effect sensitivity worlds); writes results/ (resumes)
+	$(BIN)/python -m model results --worlds heldout --out results
+
+results-dev: venv  ## the same on the development worlds (where recipes and settings are chosen); results/dev
+	$(BIN)/python -m model results --worlds dev --out results/dev
 
 results-quick: venv  ## a small version of `make results` (minutes)
-	$(BIN)/python -m model results --seed $(SEED) --quick --out results/quick
+	$(BIN)/python -m model results --quick --out results/quick
 
-.PHONY: help venv lint format test serve checkpoint bundle bench loadtest validate-ops results results-quick
+.PHONY: help venv lint format test serve checkpoint bundle bench loadtest validate-ops results results-dev results-quick

@@ -75,6 +75,8 @@ def _results(args: argparse.Namespace) -> int:
         rc = replace(rc, n_requests=args.n_requests)
     if args.epochs:
         rc = replace(rc, epochs=args.epochs)
+    if args.value_epochs:
+        rc = replace(rc, value_epochs=args.value_epochs)
     summary = run(rc, args.out, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.json, results.md and plots in {summary['seconds']:.0f} s")
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="results")
     r.add_argument("--n-requests", type=int)
     r.add_argument("--epochs", type=int)
+    r.add_argument("--value-epochs", dest="value_epochs", type=int)
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=_results)
 

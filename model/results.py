@@ -69,7 +69,8 @@ class ResultsConfig:
     worlds: str = "heldout"  # heldout | dev: which set of world seeds
     seeds: tuple[int, ...] = HELDOUT_SEEDS
     n_requests: int = 30_000  # per world (80/10/10 split by time)
-    epochs: int = 3
+    epochs: int = 3  # per stage (at most: each stage stops early on validation)
+    value_epochs: int = 6  # the value stage's (it keeps improving longer)
     k: int = 10
     n_test: int | None = 3_000  # test requests evaluated (None = the whole test split)
     latency_reps: int = 100
@@ -99,6 +100,7 @@ class ResultsConfig:
             seeds=(seed,),
             n_requests=6_000,
             epochs=2,
+            value_epochs=2,
             n_test=400,
             latency_reps=20,
             large=False,
@@ -163,8 +165,9 @@ def run_world(
     for run in RUNS:
         if run.name not in wanted:
             continue
-        settings = {"epochs": rc.epochs, **run.train}
-        settings["epochs"] = min(settings["epochs"], rc.epochs)
+        most = rc.value_epochs if run.stage == "value" else rc.epochs
+        settings = {"epochs": most, **run.train}
+        settings["epochs"] = min(settings["epochs"], most)
         tc = TrainConfig(stage=run.stage, seed=seed, threads=rc.threads, **settings)
         cfg = replace(model_cfg, **run.model)
         res = train(

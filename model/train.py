@@ -75,7 +75,7 @@ STAGE_KIND = {
     "distill": "gen_reranker",
     "value": "gen_reranker",
 }
-STAGE_LR = {"dpo": 1e-4, "distill": 5e-4, "value": 1e-3}  # the rest: 2e-3
+STAGE_LR = {"dpo": 1e-4, "distill": 5e-4}  # the rest: 2e-3
 STAGES = tuple(STAGE_KIND)
 
 
@@ -153,8 +153,12 @@ def run_fingerprint(
     them all: the train config (less RESUMABLE_FIELDS), the model config, the init
     checkpoint's weights, the train data and the validation rows used."""
     parts = {
+        # the effective learning rate too: lr = 0 means the stage's default, which may change
         "train_config": _json_digest(
-            {k: v for k, v in asdict(tc).items() if k not in RESUMABLE_FIELDS}
+            {
+                **{k: v for k, v in asdict(tc).items() if k not in RESUMABLE_FIELDS},
+                "learning_rate": tc.learning_rate,
+            }
         ),
         "model_config": _json_digest(model_cfg.to_dict()),
         "init_checkpoint": "none" if init_from is None else weights_digest(init_from),
