@@ -108,6 +108,10 @@ validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard ag
 results: venv  ## every row on the 5 held-out worlds (+ list-effect sensitivity worlds); writes results/ (resumes)
 	$(BIN)/python -m model results --worlds heldout --out results
 
+results-size: venv  ## the list-aware recipe at two model sizes on 2 held-out worlds; results/size
+	$(BIN)/python -m model results --worlds heldout --seeds 100,101 --strengths '' --large \
+		--runs gref_value,gref_value_large --out results/size
+
 results-dev: venv  ## the same on the development worlds (where recipes and settings are chosen); results/dev
 	$(BIN)/python -m model results --worlds dev --out results/dev
 

@@ -67,8 +67,8 @@ def _results(args: argparse.Namespace) -> int:
         rc = replace(rc, strengths=tuple(s for s in args.strengths.split(",") if s))
     if args.runs:
         rc = replace(rc, runs=tuple(args.runs.split(",")))
-    if args.no_large:
-        rc = replace(rc, large=False)
+    if args.large:
+        rc = replace(rc, large=True)
     if args.threads:
         rc = replace(rc, threads=args.threads)
     if args.n_requests:
@@ -77,6 +77,16 @@ def _results(args: argparse.Namespace) -> int:
         rc = replace(rc, epochs=args.epochs)
     if args.value_epochs:
         rc = replace(rc, value_epochs=args.value_epochs)
+    if args.worlds_only is not None:  # compute and save worlds only (a later run reports)
+        from model.results import cached_world
+
+        strengths = [s for s in args.worlds_only.split(",") if s]
+        for i, seed in enumerate(rc.seeds):
+            for strength in strengths:
+                if strength != "default" and i >= rc.sensitivity_seeds:
+                    continue
+                cached_world(rc, seed, strength, Path(args.out), not args.no_progress)
+        return 0
     summary = run(rc, args.out, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.json, results.md and plots in {summary['seconds']:.0f} s")
@@ -167,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         "--strengths",
         help="comma-separated sensitivity worlds beside default (off,doubled; '' = none)",
     )
-    r.add_argument("--no-large", action="store_true", help="skip the larger Gen-Reranker")
+    r.add_argument("--large", action="store_true", help="also train the larger Gen-Reranker")
     r.add_argument("--runs", help="comma-separated runs to train (and what they start from)")
+    r.add_argument(
+        "--worlds-only",
+        metavar="STRENGTHS",
+        help="only compute and save the worlds of these strengths (default,off,doubled), no "
+        "report: a later `results` with the same settings reuses them",
+    )
     r.add_argument("--threads", type=int, help="torch threads for training")
     r.add_argument("--quick", action="store_true", help="small version (minutes), one world")
     r.add_argument("--out", default="results")
