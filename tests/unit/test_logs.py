@@ -80,7 +80,7 @@ def trimmed(batch: ListBatch) -> ListBatch:
     m = int(batch.cand_mask.sum(1).max(initial=0))
     k = int((batch.exposed >= 0).sum(1).max(initial=0))
     cut = {f: getattr(batch, f)[:, :m] for f in ("item_id", "item_cat", "item_dense")}
-    cut |= {f: getattr(batch, f)[:, :m] for f in ("upstream_score", "cand_mask")}
+    cut |= {f: getattr(batch, f)[:, :m] for f in ("upstream_score", "cand_mask", "propensity")}
     cut |= {f: getattr(batch, f)[:, :k] for f in ("exposed", "click", "like", "long_view")}
     return batch.with_(**cut)
 
