@@ -63,15 +63,20 @@ serve: venv bundle  ## set everything up (venv, default bundle if missing) and s
 
 DATA := data/default
 CKPT := checkpoints/default
-# The default model: a small simulated world, pre-train, DPO, then head alignment
-# (a few minutes on 2 cores).
-$(CKPT)/aligned/best/model.safetensors: | venv
+# The default model: a small simulated world (its logs carry the logging policy's
+# propensities), exposure pre-training, then the list-aware value stage, which selects its
+# epoch on the debiased list estimate (a few minutes on 2 cores). The paper's recipe
+# (pre-train, DPO, head alignment) is `make checkpoint-paper`.
+$(CKPT)/value/best/model.safetensors: | venv
 	$(BIN)/python -m model generate --out $(DATA) --seed $(SEED) --n-requests 60000
 	$(BIN)/python -m model train --stage pretrain --data $(DATA) --out $(CKPT)/pretrain --epochs 3
+	$(BIN)/python -m model train --stage value --data $(DATA) --out $(CKPT)/value --init $(CKPT)/pretrain/best --epochs 6
+
+checkpoint: $(CKPT)/value/best/model.safetensors  ## train the default checkpoint if missing
+
+checkpoint-paper: $(CKPT)/value/best/model.safetensors  ## the paper's recipe on the same data and pre-training
 	$(BIN)/python -m model train --stage dpo --data $(DATA) --out $(CKPT)/dpo --init $(CKPT)/pretrain/best --epochs 1
 	$(BIN)/python -m model train --stage distill --data $(DATA) --out $(CKPT)/aligned --init $(CKPT)/dpo/best --epochs 2
-
-checkpoint: $(CKPT)/aligned/best/model.safetensors  ## train the default checkpoint if missing
 
 # Built only when artifacts/latest is missing: an existing bundle is used as is, whether or
 # not the (gitignored) checkpoint it was exported from is still here. (Not a prerequisite:
@@ -79,7 +84,7 @@ checkpoint: $(CKPT)/aligned/best/model.safetensors  ## train the default checkpo
 # To rebuild: rm artifacts/latest (and checkpoints/default to retrain).
 artifacts/latest: | venv
 	$(MAKE) --no-print-directory checkpoint
-	$(BIN)/python -m export build $(CKPT)/aligned/best --items $(DATA)/items.parquet --out artifacts --fp16 --verify
+	$(BIN)/python -m export build $(CKPT)/value/best --items $(DATA)/items.parquet --out artifacts --fp16 --verify
 
 bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
@@ -118,4 +123,4 @@ results-dev: venv  ## the same on the development worlds (where recipes and sett
 results-quick: venv  ## a small version of `make results` (minutes)
 	$(BIN)/python -m model results --quick --out results/quick
 
-.PHONY: help venv lint format test serve checkpoint bundle bench loadtest validate-ops results results-dev results-quick
+.PHONY: help venv lint format test serve checkpoint checkpoint-paper bundle bench loadtest validate-ops results results-dev results-quick

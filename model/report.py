@@ -56,7 +56,9 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         "- `decode_ms`: median time of one request (batch 1, one CPU thread, torch eager),",
         "  all models in the same run.",
         "",
-        f"Total run time: {summary['seconds'] / 60:.1f} min.",
+        f"Compute: {summary.get('world_seconds', summary['seconds']) / 60:.1f} min summed over "
+        f"the worlds (generate, train, evaluate; {len(summary['worlds'])} worlds); this "
+        f"report's run took {summary['seconds'] / 60:.1f} min (saved worlds are reused).",
         "",
     ]
     for table, title in TABLES.items():

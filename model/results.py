@@ -371,6 +371,10 @@ def run(rc: ResultsConfig, out: str | Path, progress: bool = True) -> dict[str, 
         "config": asdict(rc),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "seconds": time.perf_counter() - t0,
+        # every world's own time (generate, train, evaluate), also when it was reused
+        "world_seconds": float(
+            sum(w["seconds"]["total"] for ws in by_strength.values() for w in ws)
+        ),
         "models": aggregate(worlds),
         "paired": compare(worlds),
         "headroom": {
