@@ -99,11 +99,11 @@ class ResultsConfig:
         return cls(
             worlds=worlds,
             seeds=(seed,),
-            n_requests=6_000,
-            epochs=2,
+            n_requests=4_000,
+            epochs=1,
             value_epochs=2,
-            n_test=400,
-            latency_reps=20,
+            n_test=300,
+            latency_reps=10,
             large=False,
         )
 
