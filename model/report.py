@@ -297,3 +297,29 @@ def _plot_paired(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def readme_table(summary: dict[str, Any]) -> list[str]:
+    """The README's one table: every main row's true utility, headroom share, the debiased
+    list estimate, and GReF's paired difference against it (pooled, 95% interval, wins)."""
+    vs = summary["paired"]["gref_vs"]
+    share = summary["headroom_share"]
+    lines = [
+        "| row | true utility | headroom share | list IPS | GReF − row (95% interval) "
+        "| GReF wins |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        if row.table != "main" or row.label not in summary["models"]:
+            continue
+        m = summary["models"][row.label]
+        cells = [f"{m['utility']['mean']:.3f}", f"{share[row.label]:.1%}"]
+        cells.append(f"{m['list_ips']['mean']:.3f}")
+        if row.label in vs:
+            r = vs[row.label]
+            cells.append(f"{_pct(r['rel'])} [{r['rel_lo']:+.2%}, {r['rel_hi']:+.2%}]")
+            cells.append(f"{int(r['wins'])}/{int(r['worlds'])}")
+        else:
+            cells += ["", ""]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return lines

@@ -41,6 +41,7 @@ def _finish(mean: float, se: float, base: float) -> dict[str, float]:
         "hi": mean + Z95 * se,
         "rel": mean / base if base else float("nan"),
         "rel_lo": (mean - Z95 * se) / base if base else float("nan"),
+        "rel_hi": (mean + Z95 * se) / base if base else float("nan"),
         "z": z,
         "p": p,
     }
