@@ -282,18 +282,19 @@ def plot_results(
 
 def _plot_paired(summary: dict[str, Any], path: Path) -> None:
     vs = summary["paired"]["gref_vs"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     if vs:
         labels = list(vs)
         rel = np.array([vs[x]["rel"] for x in labels]) * 100
         lo = np.array([vs[x]["rel_lo"] for x in labels]) * 100
-        ax.errorbar(rel, labels, xerr=rel - lo, fmt="o", color="#C44E52", capsize=3)
+        short = [x.split(" (")[0] for x in labels]  # "GReF, paper recipe (...)" -> its name
+        ax.errorbar(rel, short, xerr=rel - lo, fmt="o", color="#C44E52", capsize=3)
         ax.axvline(0, color="k", lw=1)
         ax.axvline(2, color="k", lw=1, ls=":", label="+2%")
         ax.invert_yaxis()
         ax.legend(fontsize=7)
     ax.set_xlabel("GReF − row, % of the row's true utility (pooled, 95% interval)")
-    ax.set_title(f"{GREF} against every row")
+    ax.set_title(f"{GREF} against every row", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
