@@ -99,11 +99,11 @@ class ResultsConfig:
         return cls(
             worlds=worlds,
             seeds=(seed,),
-            n_requests=4_000,
+            n_requests=3_000,
             epochs=1,
-            value_epochs=2,
-            n_test=300,
-            latency_reps=10,
+            value_epochs=1,
+            n_test=200,
+            latency_reps=5,
             large=False,
         )
 
