@@ -43,7 +43,7 @@ $(INSTALLED): pyproject.toml
 
 venv: $(INSTALLED)  ## create .venv: torch (CPU; TORCH_INDEX=URL to pick its index) + the project [train,ORT,dev,loadtest], ORT=cpu (default) or gpu
 
-lint: venv  ## ruff (lint + format check) and mypy on service/ and export/
+lint: venv  ## ruff (lint + format check) and mypy on contract/, service/ and export/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -104,7 +104,7 @@ loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=ht
 		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
 
 validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
-	$(BIN)/pytest -q tests/unit/test_ops.py
+	$(BIN)/pytest -q tests/deploy/test_ops.py
 
 results: venv  ## train everything on the simulated world over SEEDS seeds; writes results/
 	$(BIN)/python -m model results --seed $(SEED) --seeds $(SEEDS)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from model.config import ModelConfig
+    from contract.config import ModelConfig
     from model.logs import write_dataset
     from model.world import WorldConfig, generate_logs, headroom
 
@@ -27,7 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model.config import ModelConfig
+    from contract.config import ModelConfig
     from model.logs import read_logs, read_schema
     from model.train import TrainConfig, train
 

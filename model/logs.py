@@ -51,8 +51,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from contract.features import FeatureSchema
 from model.data import ListBatch
-from model.features import FeatureSchema
 
 log = logging.getLogger(__name__)
 

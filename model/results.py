@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.config import ModelConfig
 from model.checkpoint import load_checkpoint
-from model.config import ModelConfig
 from model.evaluate import (
     Reranker,
     decode_latency_ms,

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from contract.config import ModelConfig
 from model.checkpoint import (
     arrays_digest,
     build_model,
@@ -49,7 +50,6 @@ from model.checkpoint import (
     staging_dir,
     weights_digest,
 )
-from model.config import ModelConfig
 from model.data import ListBatch, feedback_utility
 from model.evaluate import Reranker, logged_metrics
 from model.tensors import Inputs, to_inputs

@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.features import FeatureSchema, hash_id, hash_ids, hash_items
+from contract.features import FeatureSchema, hash_id, hash_ids, hash_items
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 

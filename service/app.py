@@ -29,8 +29,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from model.config import ModelConfig
-from model.features import FeatureSchema
+from contract.bundle import BundleError, read_manifest
+from contract.config import ModelConfig
+from contract.features import FeatureSchema
+from contract.limits import limits_misfit
 from service.admin import start_admin
 from service.api import (
     ApiError,
@@ -43,7 +45,6 @@ from service.api import (
     bad_request_id,
     invalid,
 )
-from service.bundle import BundleError, read_manifest
 from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
 from service.engine import Engine, EngineConfig, open_engine
 from service.logs import RateLimit
@@ -290,14 +291,8 @@ def _misfit(runtime: Runtime, target: Path) -> str | None:
         gone = sorted(set(_feature_names(reranker.reader.schema)) - known)
         if gone:
             return f"it does not know the features {gone}, which requests may send now"
-    limit = reranker.reader.limits.max_candidates if reranker is not None else 0
-    if cfg.max_candidates < limit:
-        return f"its max_candidates {cfg.max_candidates} < the served limit {limit}"
-    if cfg.max_steps < s.max_k:
-        return f"its max_steps {cfg.max_steps} < max_k {s.max_k}"
-    if s.items_per_pass is not None and cfg.omtp_heads < s.items_per_pass:
-        return f"its {cfg.omtp_heads} heads < items_per_pass {s.items_per_pass}"
-    return None
+    limit = reranker.reader.limits.max_candidates if reranker is not None else None
+    return limits_misfit(cfg, limit, s.max_k, s.items_per_pass)
 
 
 def _feature_names(schema: FeatureSchema) -> tuple[str, ...]:

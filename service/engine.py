@@ -49,9 +49,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from model.config import ModelConfig
-from model.features import HashedItems
-from service.bundle import (
+from contract.bundle import (
     FIRST_SCORES,
     Bundle,
     BundleError,
@@ -60,6 +58,8 @@ from service.bundle import (
     load_bundle,
     past_names,
 )
+from contract.config import ModelConfig
+from contract.features import HashedItems
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RerankRequest:
-    """One request, candidates in upstream order. Ids are hashed buckets (model.features).
+    """One request, candidates in upstream order. Ids are hashed buckets (contract.features).
 
     static: (m, d) float32 cached static embeddings; rows where `missing` is True (or all
     rows, when static is None) are computed by the item tower from `items`."""

@@ -16,7 +16,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.bundle import LATEST, MANIFEST, BundleError, latest_version, read_manifest
+from contract.bundle import LATEST, MANIFEST, BundleError, latest_version, read_manifest
+from contract.config import ModelConfig
+from contract.limits import limits_misfit
 
 
 def resolve_bundle_dir(path: Path) -> Path:
@@ -226,17 +228,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _within_the_model(self) -> Settings:
         """Limits must fit the bundle's model (its manifest is read, nothing else)."""
-        try:
-            cfg = read_manifest(self.bundle_dir)["model_config"]
+        try:  # read_manifest checks every field, model_config included (check_manifest)
+            cfg = ModelConfig.from_dict(read_manifest(self.bundle_dir)["model_config"])
         except BundleError as e:
             raise ValueError(str(e)) from e
-        most, steps, heads = cfg["max_candidates"], cfg["max_steps"], cfg["omtp_heads"]
-        if self.max_candidates is not None and self.max_candidates > most:
-            raise ValueError(f"max_candidates={self.max_candidates} > the bundle's {most}")
-        if self.max_k > steps:
-            raise ValueError(f"max_k={self.max_k} > the model's max_steps {steps}")
-        if self.items_per_pass is not None and self.items_per_pass > heads:
-            raise ValueError(f"items_per_pass={self.items_per_pass} > the model's {heads} heads")
+        problem = limits_misfit(cfg, self.max_candidates, self.max_k, self.items_per_pass)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property

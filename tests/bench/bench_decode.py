@@ -56,9 +56,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from contract.config import ModelConfig  # noqa: E402
 from model.baselines import NAR4Rec  # noqa: E402
 from model.checkpoint import build_model  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
 from model.tensors import Inputs  # noqa: E402
 
 # the engine's own optimization levels and session.run fast path, so both sides run alike

@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from contract.config import ModelConfig  # noqa: E402
+from contract.features import HashedItems  # noqa: E402
 from export.build import build_bundle  # noqa: E402
 from export.config import ExportConfig  # noqa: E402
 from model.checkpoint import save_checkpoint  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
 from model.decode import greedy_decode  # noqa: E402
-from model.features import HashedItems  # noqa: E402
 from model.network import GenReranker  # noqa: E402
 from model.tensors import Inputs  # noqa: E402
 from service.engine import Engine, EngineConfig, RerankRequest, open_engine  # noqa: E402

@@ -513,7 +513,7 @@ class ServerProcess:
         """/readyz 200 (the service: bundle loaded and every bucket warmed)."""
         import httpx
 
-        from tests.e2e.server import wait_ready
+        from tests.support.server import wait_ready
 
         deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.url, timeout=5) as client:
@@ -587,7 +587,7 @@ def resolve_bundle(bundle: Path | None, workdir: Path) -> tuple[Path, str]:
 
     from export.build import build_bundle
     from export.config import ExportConfig
-    from tests.unit.test_export import make_checkpoint, make_items
+    from tests.support.bundle import make_checkpoint, make_items
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

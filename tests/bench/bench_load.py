@@ -163,7 +163,7 @@ def world_requests(schema: dict[str, Any], n: int, seed: int = 0) -> tuple[Any, 
         source = (f"{len(logs)} requests sampled from data/default/test.parquet, world.npz "
                   f"(seed {world.seed}, default config: {world.cfg == WorldConfig()})")  # fmt: skip
     else:
-        from model.features import FeatureSchema
+        from contract.features import FeatureSchema
 
         world, logs = generate_logs(WorldConfig(), 0, n, progress=False)
         log_schema = FeatureSchema()

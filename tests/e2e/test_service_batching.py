@@ -21,7 +21,8 @@ import torch
 from model.network import GenReranker
 from service.engine import Engine, RerankRequest, RerankResult
 from service.settings import Settings
-from tests.e2e.server import ServerThread, make_request, wait_ready
+from tests.support.bodies import make_request
+from tests.support.server import ServerThread, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +221,7 @@ def test_a_deadline_hit_inside_the_engine_completes_the_list_degraded(
 def test_adaptive_policy_decodes_with_the_beam_at_low_load(
     tiny_bundle: tuple[Path, GenReranker],
 ) -> None:
-    from tests.e2e.test_service_e2e import reference
+    from tests.support.reference import reference
 
     srv = start(tiny_bundle[0], decode_policy="adaptive", beam=3)
     rng = np.random.default_rng(5)

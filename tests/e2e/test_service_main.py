@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.network import GenReranker
-from tests.e2e.server import make_request
+from tests.support.bodies import make_request
 from tests.support.redis_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.features import FeatureSchema
 from loadtest import report
 from loadtest.run import LoadTestError, check_loopback
 from loadtest.shapes import SHAPES, STEPS
@@ -29,11 +30,9 @@ from loadtest.traffic import (
     TrafficConfig,
     check_response,
 )
-from model.features import FeatureSchema
 from model.network import GenReranker
 from service.api import ApiError, Limits, RequestReader, parse_body
 from service.metrics import Metrics
-from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -362,7 +361,7 @@ def test_only_loopback_targets() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_loadtest_run_end_to_end(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     tmp_path: Path,
 ) -> None:
     """Redis + service + locust for 10 s with 4 users; the whole report, no failures."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 
+from contract.bundle import load_bundle
 from export.__main__ import main as export_main
 from export.build import build_bundle
 from export.config import ExportConfig
@@ -24,8 +25,7 @@ from export.publish import (
     read_meta,
 )
 from model.network import GenReranker
-from service.bundle import load_bundle
-from tests.unit.test_export import make_checkpoint, make_items, tiny_bundle  # noqa: F401
+from tests.support.bundle import make_checkpoint, make_items
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def stored(r: redis.Redis, prefix: str, version: str, ids: np.ndarray, dtype: st
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_of_the_bytes(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     redis_url: str,
     client: redis.Redis,
     dtype: str,
@@ -138,7 +138,7 @@ def test_no_item_table_is_refused(tmp_path: Path, redis_url: str) -> None:
 
 
 def test_cli_publish(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     redis_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -19,22 +19,22 @@ import pytest
 import redis
 import torch
 
+from contract.bundle import LATEST, BundleError, load_bundle, read_manifest, sha256_file
+from contract.config import ModelConfig
 from export.__main__ import main as export_main
 from export.publish import PublishError, emb_key, publish_arrays, publish_bundle, read_meta
 from export.verify import ParityReport, verify_bundle
 from model.checkpoint import load_checkpoint, load_train_state, read_config, save_train_state
-from model.config import ModelConfig
 from model.network import GenReranker
-from service.bundle import LATEST, BundleError, load_bundle, read_manifest, sha256_file
 from service.settings import Settings
-from tests.integration.test_service_redis import cluster_node  # noqa: F401 - the fixture
-from tests.unit.test_export import CFG, make_checkpoint, tiny_bundle  # noqa: F401 - the fixture
+from tests.support.bundle import BUNDLE_CFG as CFG
+from tests.support.bundle import make_checkpoint
 
 Manifest = dict[str, Any]
 
 
 @pytest.fixture
-def bundle_copy(tiny_bundle: tuple[Path, GenReranker], tmp_path: Path) -> Path:  # noqa: F811
+def bundle_copy(tiny_bundle: tuple[Path, GenReranker], tmp_path: Path) -> Path:
     dst = tmp_path / tiny_bundle[0].name
     shutil.copytree(tiny_bundle[0], dst)
     return dst
@@ -117,14 +117,14 @@ def test_verify_names_a_manifest_without_its_source(bundle_copy: Path) -> None:
 def test_a_never_verified_bundle_loads_with_one_warning(
     bundle_copy: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.bundle"):
+    with caplog.at_level(logging.WARNING, logger="contract.bundle"):
         load_bundle(bundle_copy)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "parity never verified for fp32, fp16" in warnings[0]
     caplog.clear()
     edit_manifest(bundle_copy, lambda m: m.update(parity={"fp32": {"passed": True},
                                                           "fp16": {"passed": True}}))  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="service.bundle"):
+    with caplog.at_level(logging.WARNING, logger="contract.bundle"):
         load_bundle(bundle_copy)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -308,8 +308,8 @@ def test_publish_cli_passes_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.integration
 def test_publish_to_a_redis_cluster(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
-    cluster_node: str,  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
+    cluster_node: str,
 ) -> None:
     path = tiny_bundle[0]
     bundle = load_bundle(path)

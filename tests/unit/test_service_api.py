@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from model.features import hash_ids, hash_items
+from contract.features import hash_ids, hash_items
 from service.api import ApiError, Limits, Parsed, RequestReader, RerankIn, parse_body
-from tests.e2e.server import make_request
-from tests.unit.test_export import SCHEMA
+from tests.support.bodies import make_request
+from tests.support.tiny import TINY_SCHEMA as SCHEMA
 
 READER = RequestReader(SCHEMA, Limits(max_candidates=64, max_k=20))
 
@@ -144,7 +144,7 @@ def test_read_json_takes_the_fast_path_for_good_bodies_and_agrees_with_the_check
 
 
 def test_read_json_sends_every_bad_body_the_checked_way_with_the_same_error() -> None:
-    from tests.e2e.test_service_e2e import BAD, MAX_CANDIDATES, MAX_K
+    from tests.support.bodies import BAD, MAX_CANDIDATES, MAX_K
 
     assert (READER.limits.max_candidates, READER.limits.max_k) == (MAX_CANDIDATES, MAX_K)
     for name, make, field in BAD:
@@ -165,7 +165,7 @@ def test_read_json_sends_every_bad_body_the_checked_way_with_the_same_error() ->
 
 
 def test_hash_id_is_hash_ids_of_one() -> None:
-    from model.features import hash_id
+    from contract.features import hash_id
 
     rng = np.random.default_rng(3)
     ids = [0, 1, -1, -(1 << 63), (1 << 63) - 1, *rng.integers(-(1 << 62), 1 << 62, 200).tolist()]
