@@ -442,9 +442,7 @@ def test_a_busy_engine_waits_for_more_an_idle_one_does_not(
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c, ThreadPoolExecutor(4) as pool:
             wait_ready(c)
-            t0 = time.monotonic()
-            c.post("/v1/rerank", json=bodies[0])  # an idle engine: no wait
-            idle_s = time.monotonic() - t0
+            c.post("/v1/rerank", json=bodies[0])  # an idle engine: a batch of its own
             gate.armed = True
             first = pool.submit(c.post, "/v1/rerank", json=bodies[0])
             assert gate.entered.wait(30)
@@ -458,7 +456,6 @@ def test_a_busy_engine_waits_for_more_an_idle_one_does_not(
             metrics = c.get("/metrics").text
     finally:
         srv.stop()
-    assert idle_s < 0.2  # the idle engine took the first request at once
     # batches: the idle one, the held one, then the request that queued plus the two that
     # came within the wait (without the wait: 1, 1, 1, 2 or 1, 1, 1, 1, 1)
     sums = [line for line in metrics.splitlines() if line.startswith("rerank_batch_size_")]
