@@ -839,7 +839,7 @@ class DevicePasses:
     It drives onnxruntime's pybind objects directly (IOBinding._iobinding, OrtValue's
     C value, InferenceSession._sess), as _fast_run does: the public wrappers re-check
     every call for WebGPU graph capture, make an OrtDevice per bind_output and wrap every
-    output, ~10 us of a pass. Engine checks they exist (binding_internals) before it
+    output: a visible share of a pass. Engine checks they exist (binding_internals) before it
     turns IO binding on."""
 
     def __init__(self, engine: Engine, enc: DeviceBatch) -> None:
@@ -907,8 +907,8 @@ RunFn = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]
 
 
 def _fast_run(session: ort.InferenceSession) -> RunFn:
-    """session.run without its per-call re-validation of the feed names (~5 us of a ~65 us
-    decode pass): the names were checked against the manifest when the session was made.
+    """session.run without its per-call re-validation of the feed names (a visible share of
+    a decode pass): the names were checked against the manifest when the session was made.
     Falls back to the public run() if the binding is not where it has always been."""
     inner = getattr(session, "_sess", None)
     if inner is None or not callable(getattr(inner, "run", None)):

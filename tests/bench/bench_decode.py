@@ -388,7 +388,7 @@ def table(cells: list[Cell], what: dict[str, str], reps: int, warmup: int, k: in
             f"| {p50['nar']:7.3f} | {p90['nar']:7.3f} | {n4_nar:7.2f}x | {n1_n4:6.2f}x |"
         )
         verdicts.append(
-            f"  m = {c.m:3d}: n=4 / NAR {n4_nar:.2f}x (target <= {TARGET}x): "
+            f"  m = {c.m:3d}: n=4 / NAR {n4_nar:.2f}x (goal <= {TARGET}x): "
             f"{'met' if n4_nar <= TARGET else 'MISSED'}; n=1 / n=4 {n1_n4:.2f}x"
         )
     lines += [

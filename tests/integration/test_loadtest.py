@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from contract.features import FeatureSchema
-from loadtest import report
+from loadtest import report, scrapes
 from loadtest.run import LoadTestError, check_loopback
 from loadtest.shapes import SHAPES, STEPS
 from loadtest.traffic import (
@@ -100,10 +100,10 @@ def test_server_percentiles_from_the_histogram_deltas() -> None:
 
 
 def test_histogram_quantile_edges() -> None:
-    assert math.isnan(report.histogram_quantile(0.5, {}))
-    assert math.isnan(report.histogram_quantile(0.5, {0.001: 0.0, math.inf: 0.0}))
+    assert math.isnan(scrapes.histogram_quantile(0.5, {}))
+    assert math.isnan(scrapes.histogram_quantile(0.5, {0.001: 0.0, math.inf: 0.0}))
     # the rank in +Inf: the largest finite bound, as Prometheus answers
-    assert report.histogram_quantile(0.99, {0.001: 1.0, math.inf: 10.0}) == 0.001
+    assert scrapes.histogram_quantile(0.99, {0.001: 1.0, math.inf: 10.0}) == 0.001
 
 
 def test_server_metrics_read_the_services_own_exposition() -> None:

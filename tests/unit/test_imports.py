@@ -7,6 +7,7 @@
 - `export/` imports `service` only in its parity module (export/verify.py).
 - `model/` has no import circle (imports inside functions count: a circle broken only by
   a late import is still one).
+- No test module imports another: what tests share lives in tests/support/.
 """
 
 from __future__ import annotations
@@ -147,3 +148,14 @@ def test_model_has_no_import_circle() -> None:
     }
     unknown = [c for c in circles(graph) if c not in KNOWN_CIRCLES]
     assert not unknown, f"import circles in model/: {[sorted(c) for c in unknown]}"
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared fixtures and builders live in tests/support/, never in a test module."""
+    bad = {
+        (module_name(path), m)
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for m in project_imports(path, "tests")
+        if any(part.startswith("test_") or part == "conftest" for part in m.split("."))
+    }
+    assert not bad, f"test modules imported as a library: {sorted(bad)}"
