@@ -159,3 +159,28 @@ def test_throughput(client: redis.Redis) -> None:
     print(f"\npublish: {n} items of d={d} float16 in {seconds:.3f} s = {n / seconds:,.0f} items/s")
     assert report.count == n
     client.delete(*[emb_key("tput", "tput", int(i)) for i in ids[:10]])
+
+
+def test_publish_to_a_redis_cluster(
+    tiny_bundle: tuple[Path, GenReranker],
+    cluster_node: str,
+) -> None:
+    path = tiny_bundle[0]
+    bundle = load_bundle(path)
+    assert bundle.item_ids is not None and bundle.item_embeddings is not None
+    # CROSSSLOT: why --cluster exists
+    with pytest.raises(redis.ResponseError, match="don't hash to the same slot"):
+        publish_bundle(path, cluster_node, prefix="x", chunk=50)
+    report = publish_bundle(path, cluster_node, prefix="cl", chunk=50, cluster=True)
+    assert report.count == len(bundle.item_ids)
+    cluster = redis.RedisCluster.from_url(cluster_node)
+    try:
+        raw = cluster.mget_nonatomic([emb_key("cl", bundle.version, int(i))
+                                      for i in bundle.item_ids])  # fmt: skip
+        got = np.stack([np.frombuffer(v, "<f2") for v in raw])
+        np.testing.assert_array_equal(got, bundle.item_embeddings.astype(np.float16))
+        meta = read_meta(cluster, bundle.version, "cl")
+        assert meta is not None and meta["count"] == len(bundle.item_ids)
+    finally:
+        cluster.close()
+

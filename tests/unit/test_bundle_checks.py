@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 import torch
 
 from contract.bundle import LATEST, BundleError, load_bundle, read_manifest, sha256_file
 from contract.config import ModelConfig
 from export.__main__ import main as export_main
-from export.publish import PublishError, emb_key, publish_arrays, publish_bundle, read_meta
+from export.publish import PublishError, publish_arrays, publish_bundle
 from export.verify import ParityReport, verify_bundle
 from model.checkpoint import load_checkpoint, load_train_state, read_config, save_train_state
 from model.network import GenReranker
@@ -306,29 +305,6 @@ def test_publish_cli_passes_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
         assert seen["cluster"] is cluster and seen["url"] == "redis://h:1"
 
 
-@pytest.mark.integration
-def test_publish_to_a_redis_cluster(
-    tiny_bundle: tuple[Path, GenReranker],
-    cluster_node: str,
-) -> None:
-    path = tiny_bundle[0]
-    bundle = load_bundle(path)
-    assert bundle.item_ids is not None and bundle.item_embeddings is not None
-    # CROSSSLOT: why --cluster exists
-    with pytest.raises(redis.ResponseError, match="don't hash to the same slot"):
-        publish_bundle(path, cluster_node, prefix="x", chunk=50)
-    report = publish_bundle(path, cluster_node, prefix="cl", chunk=50, cluster=True)
-    assert report.count == len(bundle.item_ids)
-    cluster = redis.RedisCluster.from_url(cluster_node)
-    try:
-        raw = cluster.mget_nonatomic([emb_key("cl", bundle.version, int(i))
-                                      for i in bundle.item_ids])  # fmt: skip
-        got = np.stack([np.frombuffer(v, "<f2") for v in raw])
-        np.testing.assert_array_equal(got, bundle.item_embeddings.astype(np.float16))
-        meta = read_meta(cluster, bundle.version, "cl")
-        assert meta is not None and meta["count"] == len(bundle.item_ids)
-    finally:
-        cluster.close()
 
 
 # ---- 7. checkpoints: the file that cannot be read is named -------------------------------
