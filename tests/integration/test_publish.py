@@ -183,4 +183,3 @@ def test_publish_to_a_redis_cluster(
         assert meta is not None and meta["count"] == len(bundle.item_ids)
     finally:
         cluster.close()
-

@@ -305,8 +305,6 @@ def test_publish_cli_passes_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
         assert seen["cluster"] is cluster and seen["url"] == "redis://h:1"
 
 
-
-
 # ---- 7. checkpoints: the file that cannot be read is named -------------------------------
 
 
