@@ -295,6 +295,10 @@ def test_publish_job_publishes_into_the_replicas_redis_keys() -> None:
 def test_runbook_has_a_kubernetes_section() -> None:
     text = RUNBOOK.read_text()
     assert "## Kubernetes" in text
-    for needle in ("kubectl apply -k deploy/k8s/overlays/cpu", "deploy/k8s/publish",
-                   "kubectl wait --for=condition=complete", "rerank_inflight_requests"):  # fmt: skip
+    for needle in (
+        "kubectl apply -k deploy/k8s/overlays/cpu",
+        "deploy/k8s/publish",
+        "kubectl wait --for=condition=complete",
+        "rerank_inflight_requests",
+    ):
         assert needle in text, needle
