@@ -113,6 +113,7 @@ def test_a_global_batch_splits_into_weighted_rank_parts(logs_dir: Path) -> None:
     assert len(batch) == 1 and weight == 0.0
 
 
+@pytest.mark.slow  # two torch processes start (tens of seconds on 2 busy cores)
 def test_two_processes_train_the_single_process_weights(
     logs_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
