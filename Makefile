@@ -84,12 +84,13 @@ artifacts/latest: | venv
 
 bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
-bench: venv bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor; ORT=gpu for the GPU figures
+bench: venv bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor; training 1 vs 2 processes; ORT=gpu for the GPU figures
 	$(BIN)/python tests/bench/bench_engine.py
 	$(BIN)/python tests/bench/bench_decode.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_http.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_load.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_gpu.py --bundle artifacts
+	$(BIN)/python tests/bench/bench_ddp.py --plot docs/img/ddp.png
 
 USERS ?= 16
 DURATION ?= 60

@@ -380,6 +380,7 @@ def train(
             start_epoch, stale = state["epoch"] + 1, state["stale"]
             resumed = True
             log.info("resumed %s at epoch %d", out, start_epoch)
+    distributed.barrier(world)  # every rank has read the saved run before rank 0 clears it
     if not resumed and world.is_main:
         _start_fresh(out)
     if ref is not None:

@@ -71,6 +71,7 @@ def plot(path: Path, medians: dict[str, float]) -> None:
     names = list(medians)
     ax.barh(names, [medians[n] for n in names], color=["#888", "#4a7", "#37c"])
     ax.set_xlabel("training samples/s (median)")
+    ax.set_xlim(0, 1.2 * max(medians.values()))
     ax.invert_yaxis()
     for i, n in enumerate(names):
         ax.text(medians[n], i, f" {medians[n] / medians[REFERENCE]:.2f}x", va="center")
