@@ -104,8 +104,8 @@ loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=ht
 	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL),--bundle artifacts) --users $(USERS) \
 		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
 
-validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
-	$(BIN)/pytest -q tests/unit/test_ops.py
+validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard, Kubernetes manifests (no Docker, no cluster)
+	$(BIN)/pytest -q tests/unit/test_ops.py tests/deploy
 
 results: venv  ## train everything on the simulated world over SEEDS seeds; writes results/
 	$(BIN)/python -m model results --seed $(SEED) --seeds $(SEEDS)
