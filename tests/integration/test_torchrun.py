@@ -4,6 +4,7 @@ reading its own row groups, and a run resumes under another world size."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -136,6 +137,11 @@ def test_two_processes_train_the_single_process_weights(
     assert done.stdout.count('"best"') == 1
 
     _assert_same(_weights(ddp / "last"), single_epoch0)
+    # validation is the whole validation log's, reduced over the ranks
+    (ddp_epoch0,) = json.loads((ddp / "history.json").read_text())
+    single_epoch0_metrics = json.loads((single / "history.json").read_text())[0]
+    for key in ("valid_loss", "valid_auc", "valid_ndcg@10", "valid_map@10"):
+        assert ddp_epoch0[key] == pytest.approx(single_epoch0_metrics[key], abs=1e-5), key
     # the two-process run resumes in one process (another world size, same global batch)
     caplog.set_level(logging.INFO, logger="model.train")
     assert main(_args(logs_dir, ddp, 2)) == 0
