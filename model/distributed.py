@@ -3,8 +3,8 @@ and what the ranks reduce together.
 
 `torchrun --nproc_per_node N -m model train ...` starts N copies of the trainer; each finds
 its rank in the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK) and joins one
-process group: nccl when the trainer runs on CUDA, else gloo. A plain `python -m model
-train` is a world of one and joins nothing.
+process group: gloo, as the trainer runs on CPU (`backend` gives nccl for a CUDA device).
+A plain `python -m model train` is a world of one and joins nothing.
 
 What a world of W ranks trains is what one process trains with the same global batch:
 - the data order is global: epoch e visits the log's rows in the permutation of
@@ -14,7 +14,8 @@ What a world of W ranks trains is what one process trains with the same global b
 - its mean loss is weighted by its share of the batch's rows (W · n_rank / n_batch), so
   DistributedDataParallel's mean of the ranks' gradients is the gradient of the whole
   batch's per-row mean: equal to one process's gradient when the loss is a mean over rows
-  (or over a fixed number of slots per row), close to it otherwise;
+  or over a fixed number of slots per row (L_n, the head-alignment KL), close to it when
+  the count it averages over varies by row (L_o's and DPO's means over pairs);
 - validation metrics are reduced over the ranks (sums of losses and counts; the ranked
   labels, scores and clicks gathered for NDCG, MAP and AUC), so every rank takes the same
   early-stopping decision;
