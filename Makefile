@@ -84,12 +84,13 @@ artifacts/latest: | venv
 
 bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
-bench: venv bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor; ORT=gpu for the GPU figures
+bench: venv bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor; training 1 vs 2 processes; ORT=gpu for the GPU figures
 	$(BIN)/python tests/bench/bench_engine.py
 	$(BIN)/python tests/bench/bench_decode.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_http.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_load.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_gpu.py --bundle artifacts
+	$(BIN)/python tests/bench/bench_ddp.py --plot docs/img/ddp.png
 
 USERS ?= 16
 DURATION ?= 60
@@ -103,8 +104,8 @@ loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=ht
 	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL),--bundle artifacts) --users $(USERS) \
 		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
 
-validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
-	$(BIN)/pytest -q tests/deploy/test_ops.py
+validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard, Kubernetes manifests (no Docker, no cluster)
+	$(BIN)/pytest -q tests/deploy
 
 results: venv  ## train everything on the simulated world over SEEDS seeds; writes results/
 	$(BIN)/python -m model results --seed $(SEED) --seeds $(SEEDS)
