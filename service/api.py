@@ -20,13 +20,25 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from model.features import FeatureSchema, hash_id, hash_ids, hash_items
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 FeatureValue = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 12.0 is the integer 12 (JSON Schema says so too, and the
+    OpenAPI schema's "integer" with it), taken exactly; 12.5 stays a float, refused."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# an integer field: strict (no strings, no booleans), but an integral JSON number is one
+JsonInt = Annotated[int, BeforeValidator(_integral)]
 # Limits the service enforces (RequestReader), stated in the schema (OpenAPI): the checks
 # themselves stay in the reader, whose messages name the field and the reason
 _F32 = float(np.finfo(np.float32).max)
@@ -42,7 +54,7 @@ class User(BaseModel):
     """The user the list is for."""
 
     model_config = _STRICT
-    id: int = Field(
+    id: JsonInt = Field(
         description="Raw user id (hashed by the service as in training), an int64.",
         json_schema_extra={"minimum": _INT64_MIN, "maximum": _INT64_MAX},
     )
@@ -57,7 +69,7 @@ class Candidate(BaseModel):
     """One candidate, in upstream order."""
 
     model_config = _STRICT
-    item_id: int = Field(
+    item_id: JsonInt = Field(
         description="Raw item id, unique within the request: an int64 >= 0 (negative ids "
         "are padding).",
         json_schema_extra={"minimum": 0, "maximum": _INT64_MAX},
@@ -89,7 +101,7 @@ class RerankIn(BaseModel):
     candidates: list[Candidate] = Field(
         min_length=1, description="Candidates in upstream order (1..max_candidates)."
     )
-    k: int = Field(
+    k: JsonInt = Field(
         description="Length of the returned list: 1..min(len(candidates), max_k).",
         json_schema_extra={"minimum": 1},
     )
@@ -397,6 +409,7 @@ class RequestReader:
                         raise invalid(f"candidates[{i}].features.{name}", _RANGE)
                     dense[i, at] = value
                 elif (at := self.cat_index.get(name)) is not None:
+                    value = _integral(value)
                     if not isinstance(value, int) or not _INT64[0] <= value <= _INT64[1]:
                         raise invalid(f"candidates[{i}].features.{name}",
                                       "categorical feature: want an integer id")  # fmt: skip
