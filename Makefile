@@ -111,6 +111,9 @@ loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=ht
 	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL),--bundle artifacts) --users $(USERS) \
 		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
 
+chaos: venv bundle prometheus  ## the fault suite on loopback (Redis, the service, a real Prometheus; ~15 min): report in loadtest/reports/chaos-<time>/
+	$(BIN)/pytest -q -m chaos tests/chaos -p no:cacheprovider
+
 validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
 	$(BIN)/pytest -q tests/unit/test_ops.py
 
