@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -206,6 +207,10 @@ class Load:
 
     def __init__(self, port: int, record: Record, max_conns: int = 512) -> None:
         self.port, self.record, self.max_conns = port, record, max_conns
+        # connections are file descriptors: the client's own limit must not be what fails
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.idle: list[Connection] = []
         self.open = 0
 
