@@ -275,7 +275,9 @@ async def _swap(runtime: Runtime, target: Path) -> None:
     if old is not None:
         await _retire(old)
         del old  # the last reference: what it held is freed before the trim
-        await anyio.to_thread.run_sync(_give_back_memory)
+        # on the loop, once a swap: a collection in a worker thread may run finalizers of
+        # loop-bound objects (the retired Redis client's) off their loop
+        _give_back_memory()
 
 
 async def _prepare(runtime: Runtime, target: Path) -> tuple[Engine, DecodePolicy]:
