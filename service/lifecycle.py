@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
 import signal
 import threading
@@ -207,15 +205,6 @@ async def _retire(old: Reranker, timeout_s: float = 30.0) -> None:
     await _close(old)
 
 
-def _give_back_memory() -> None:
-    """After a retire: the old engine's sessions and buffers are freed, but glibc keeps
-    freed pages in its arenas, so RSS grew by a share of an engine at every swap. Hand
-    them back to the system (malloc_trim); elsewhere than glibc, nothing to do."""
-    gc.collect()  # the retired objects' cycles first
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 async def _close(reranker: Reranker) -> None:
     """Stop a reranker's batcher and engine thread, then its Redis client."""
     await reranker.close()
@@ -274,10 +263,6 @@ async def _swap(runtime: Runtime, target: Path) -> None:
     log.info("bundle reload: now serving %s", engine.version)
     if old is not None:
         await _retire(old)
-        del old  # the last reference: what it held is freed before the trim
-        # on the loop, once a swap: a collection in a worker thread may run finalizers of
-        # loop-bound objects (the retired Redis client's) off their loop
-        _give_back_memory()
 
 
 async def _prepare(runtime: Runtime, target: Path) -> tuple[Engine, DecodePolicy]:
