@@ -52,7 +52,15 @@ format: venv  ## apply ruff format and autofixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: venv lint  ## set everything up, lint, run the test suite
+# Debian's prometheus package (prometheus + promtool): the alert-rule tests, the real
+# Prometheus test and the fault suite run them. Installed when missing and root (CI).
+prometheus:  ## install Debian's prometheus (promtool too) when missing and root
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	else echo "prometheus/promtool missing (apt-get install prometheus, as root): their tests skip"; fi
+
+test: venv lint prometheus  ## set everything up, lint, run the test suite
 	$(BIN)/pytest -q
 
 HOST ?= 127.0.0.1
@@ -104,6 +112,9 @@ loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=ht
 	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL),--bundle artifacts) --users $(USERS) \
 		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
 
+chaos: venv bundle prometheus  ## the fault suite on loopback (Redis, the service, a real Prometheus; ~15 min): report in loadtest/reports/chaos-<time>/
+	$(BIN)/pytest -q -m chaos tests/chaos -p no:cacheprovider
+
 validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard, Kubernetes manifests (no Docker, no cluster)
 	$(BIN)/pytest -q tests/deploy
 
@@ -113,4 +124,4 @@ results: venv  ## train everything on the simulated world over SEEDS seeds; writ
 results-quick: venv  ## a small version of `make results` (minutes)
 	$(BIN)/python -m model results --seed $(SEED) --quick --out results/quick
 
-.PHONY: help venv lint format test serve checkpoint bundle bench loadtest validate-ops results results-quick
+.PHONY: help venv lint format prometheus chaos test serve checkpoint bundle bench loadtest validate-ops results results-quick

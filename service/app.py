@@ -1,58 +1,42 @@
 """The FastAPI app: `create_app(settings)`; engine, cache and Redis client live in the
-lifespan and on `app.state.runtime`; routes are thin and get it through a typed dependency.
+lifespan and on `app.state.runtime` (service/lifecycle.py: open, warm, swap, reload,
+drain); routes are thin and get it through a typed dependency.
 
-Start-up: the bundle is verified and its sessions built before the server accepts
-connections; warm-up (every candidate bucket) runs after, in the background, and /readyz
-answers 503 until it is done (so does /v1/rerank: an orchestrator routes nothing here yet).
+/readyz answers 503 until the bundle is warmed (so does /v1/rerank: an orchestrator
+routes nothing here yet) and again once a shutdown drain begins.
 /healthz, /readyz and /metrics are also served on the admin port (service/admin.py), off
 the event loop, so that probes and scrapes are answered under overload.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from contract.bundle import BundleError, read_manifest
-from contract.config import ModelConfig
-from contract.features import FeatureSchema
-from contract.limits import limits_misfit
-from service.admin import start_admin
 from service.api import (
     ApiError,
     ErrorOut,
-    Limits,
     Parsed,
-    RequestReader,
-    RerankIn,
     RerankOut,
     bad_request_id,
     invalid,
+    request_schema,
 )
-from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
-from service.engine import Engine, EngineConfig, open_engine
+from service.lifecycle import Runtime, lifespan
 from service.logs import RateLimit
 from service.metrics import Metrics
-from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
-from service.rerank import BatchConfig, Outcome, Reranker
+from service.rerank import Outcome
 from service.routing import DirectRoute, make_app
-from service.settings import Settings, resolve_bundle_dir
+from service.settings import Settings
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
@@ -60,58 +44,6 @@ degraded_log = logging.getLogger("service.degraded")  # one warning per degraded
 degraded_log.addFilter(RateLimit())  # at most 20/s (+ a count of the suppressed)
 
 _JSON = "application/json"
-
-
-@dataclass
-class Runtime:
-    """Everything a request needs, built once by the lifespan."""
-
-    settings: Settings
-    metrics: Metrics
-    # the served bundle: its engine, cache and decode policy are the reranker's, so a
-    # bundle swap is one assignment
-    reranker: Reranker | None = None
-    ready: bool = False
-    warmup_s: float | None = None
-    warmup_error: str | None = None
-
-    @property
-    def engine(self) -> Engine | None:
-        return self.reranker.engine if self.reranker is not None else None
-
-    @property
-    def cache(self) -> EmbeddingCache | None:
-        return self.reranker.cache if self.reranker is not None else None
-
-    @property
-    def policy(self) -> DecodePolicy | None:
-        return self.reranker.policy if self.reranker is not None else None
-
-    def set_ready(self, ready: bool) -> None:
-        """Readiness and its gauge (rerank_ready), always together."""
-        self.ready = ready
-        self.metrics.ready.set(int(ready))
-
-    def readiness(self) -> dict[str, Any]:
-        """/readyz's body, on either port: plain attribute reads (no await, no lock), so the
-        admin listener's threads may call it while the event loop runs."""
-        reranker = self.reranker  # once: a bundle swap between two reads would mix bundles
-        cache = reranker.cache if reranker is not None else None
-        return {
-            "ready": self.ready,
-            "model_version": reranker.engine.version if reranker is not None else None,
-            "warmup_s": self.warmup_s,
-            "warmup_error": self.warmup_error,
-            "redis": cache.breaker_state if cache is not None else "unknown",
-            "l1_items": len(cache.l1) if cache is not None else 0,
-            "redis_published": cache.l2.published if cache is not None and cache.l2 else None,
-            "decode_level": reranker.policy.level.name if reranker is not None else None,
-        }
-
-    def exposition(self) -> tuple[bytes, str]:
-        """/metrics' text and content type, on either port (every worker's in multiprocess
-        mode)."""
-        return self.metrics.render()
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -161,230 +93,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise ApiError(499, "client_closed_request", "the client closed the connection "
                        "before its body arrived", "body") from None  # fmt: skip
     return b"".join(chunks)
-
-
-def _open(runtime: Runtime, bundle_dir: Path) -> Engine:
-    """A verified bundle -> its engine (sessions built; raises BundleError / EngineError)."""
-    s = runtime.settings
-    return open_engine(
-        str(bundle_dir),
-        EngineConfig(
-            device=s.device,
-            precision=s.precision,
-            intra_op_threads=s.intra_op_threads,
-            inter_op_threads=s.inter_op_threads,
-            default_items_per_pass=s.items_per_pass,
-            io_binding=s.io_binding,
-        ),
-    )
-
-
-def _model_labels(engine: Engine) -> tuple[str, str, str]:
-    manifest = engine.bundle.manifest
-    return engine.version, str(manifest.get("label", "")), str(manifest.get("created", ""))
-
-
-def _assemble(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> Reranker:
-    """Engine + policy -> its cache and batched reranker, started and on the runtime."""
-    s = runtime.settings
-    cache = _build_cache(runtime, engine)
-    limit = s.max_candidates or engine.model_config.max_candidates
-    reader = RequestReader(engine.model_config.schema, Limits(max_candidates=limit, max_k=s.max_k))
-    reranker = Reranker(
-        engine,
-        reader,
-        cache,
-        runtime.metrics,
-        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000),
-        policy,
-    )
-    reranker.start()
-    runtime.reranker = reranker  # one assignment on the event loop: a request sees old or new
-    runtime.metrics.model_info.labels(*_model_labels(engine)).set(1)
-    return reranker
-
-
-async def _retire(old: Reranker, timeout_s: float = 30.0) -> None:
-    """After a swap: let the old reranker finish what it holds, then close it."""
-    deadline = time.monotonic() + timeout_s
-    while old.active and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    await _close(old)
-
-
-async def _close(reranker: Reranker) -> None:
-    """Stop a reranker's batcher and engine thread, then its Redis client."""
-    await reranker.close()
-    if reranker.cache.l2 is not None:
-        await reranker.cache.l2.close()
-
-
-async def _reload_loop(runtime: Runtime) -> None:
-    """Watch the artifacts dir's `latest`: a new version is opened (every sha256 checked),
-    warmed and swapped in while the old one serves; one that fails leaves the old serving
-    (logged, counted) and is not retried until `latest` names another version."""
-    s, failed = runtime.settings, None
-    while True:
-        await asyncio.sleep(s.reload_interval_s)
-        try:
-            target = resolve_bundle_dir(s.bundle)
-        except (ValueError, OSError) as e:  # a half-written `latest`: look again next time
-            log.warning("bundle reload: %s", e)
-            continue
-        current = runtime.engine.bundle.path if runtime.engine is not None else None
-        if target in (current, failed):
-            continue
-        try:  # anything that goes wrong keeps the old bundle serving, and the watch going
-            engine, policy = await _prepare(runtime, target)
-        except Exception as e:
-            failed = target
-            runtime.metrics.reloads.labels("error").inc()
-            log.error("bundle reload: %s failed, still serving %s: %s", target,
-                      runtime.engine.version if runtime.engine else None, e)  # fmt: skip
-            continue
-        failed = None
-        old = runtime.reranker
-        _assemble(runtime, engine, policy)
-        if old is not None:  # model_info names the served bundle only
-            unlabel_model(runtime.metrics, old.engine)
-        runtime.metrics.reloads.labels("ok").inc()
-        log.info("bundle reload: now serving %s", engine.version)
-        if old is not None:
-            await _retire(old)
-
-
-async def _prepare(runtime: Runtime, target: Path) -> tuple[Engine, DecodePolicy]:
-    """The bundle at `target` opened (every sha256 checked), checked against the served
-    limits and warmed, ready to swap in; raises whatever went wrong."""
-    s = runtime.settings
-    problem = _misfit(runtime, target)
-    if problem is not None:  # the API's limits must not shrink under the clients
-        raise BundleError(f"refused: {problem}")
-    log.info("bundle reload: loading %s", target)
-    engine = await anyio.to_thread.run_sync(_open, runtime, target)
-    policy = decode_policy(s, engine.heads)  # its own levels: its heads may differ
-    if s.warmup:
-        await anyio.to_thread.run_sync(_warm, engine, s, policy)
-    return engine, policy
-
-
-def unlabel_model(metrics: Metrics, engine: Engine) -> None:
-    """rerank_model_info no longer names this engine's bundle. set(0) first: in
-    multiprocess mode remove() leaves the value in this worker's file, where the old
-    version would still read 1."""
-    labels = _model_labels(engine)
-    metrics.model_info.labels(*labels).set(0)
-    with contextlib.suppress(KeyError):
-        metrics.model_info.remove(*labels)
-
-
-def _misfit(runtime: Runtime, target: Path) -> str | None:
-    """Why the bundle at `target` cannot serve the limits the API has now (None: it can):
-    a reload must not turn requests that are valid now into 422s or engine errors."""
-    s, reranker = runtime.settings, runtime.reranker
-    try:  # read_manifest checks every field (check_manifest): a malformed one is a BundleError
-        cfg = ModelConfig.from_dict(read_manifest(target)["model_config"])
-    except BundleError as e:
-        return str(e)
-    if reranker is not None:  # a feature name known now would become a 422
-        known = set(_feature_names(cfg.schema))
-        gone = sorted(set(_feature_names(reranker.reader.schema)) - known)
-        if gone:
-            return f"it does not know the features {gone}, which requests may send now"
-    limit = reranker.reader.limits.max_candidates if reranker is not None else None
-    return limits_misfit(cfg, limit, s.max_k, s.items_per_pass)
-
-
-def _feature_names(schema: FeatureSchema) -> tuple[str, ...]:
-    """Every feature name a request may send under `schema` (items', then the user's)."""
-    return schema.categorical_names + schema.item_dense + schema.user_dense
-
-
-def decode_policy(s: Settings, heads: int) -> DecodePolicy:
-    """The settings' decode policy: fixed at one level, or adaptive over the ladder."""
-    budget_s = s.default_budget_ms / 1000
-    if s.decode_policy == "fixed":
-        return fixed(DecodeLevel(s.items_per_pass or heads), budget_s)
-    levels = ladder(s.items_per_pass or heads, s.beam)
-    # step faster at once when the queue is half full (past max_queue requests are shed)
-    config = PolicyConfig(budget_s=budget_s, queue_limit=max(1, s.max_queue // 2))
-    return DecodePolicy(levels, config)
-
-
-def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
-    s, metrics = runtime.settings, runtime.metrics
-    l1 = L1Cache(s.l1_cache_bytes, engine.d_model)
-    l2 = None
-    if s.redis_url is None:
-        log.info("no RERANK_REDIS_URL: embedding cache is L1 (in-process) + item tower only")
-    else:
-        gauge = metrics.breaker_open
-        gauge.set(0)  # a new breaker starts closed (also after a bundle swap)
-        # set by each worker as its own breaker moves: livemax over the workers is right
-        breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s,
-                                 on_change=lambda state: gauge.set(state != "closed"))  # fmt: skip
-        config = RedisConfig(s.redis_url, s.redis_prefix, s.redis_timeout_ms / 1000,
-                             s.writeback_queue, s.redis_cluster, s.writeback_ttl_s)  # fmt: skip
-        l2 = RedisL2(config, engine.version, engine.d_model, breaker, metrics)
-        l2.start()
-    return EmbeddingCache(l1, l2, metrics)
-
-
-def _warm_sizes(s: Settings) -> list[int]:
-    """Batch sizes 1, 2, 4, .. max_batch: the shapes batching will produce most."""
-    return [1 << i for i in range(s.max_batch.bit_length())]
-
-
-def _warm(engine: Engine, s: Settings, policy: DecodePolicy) -> float:
-    """Every bucket x batch size x decode level the policy may pick (engine thread)."""
-    greedy = [lv.items_per_pass for lv in policy.levels if lv.beam == 1]
-    beam = max(lv.beam for lv in policy.levels)
-    return engine.warmup(_warm_sizes(s), _warm_k(s, engine), greedy, beam)
-
-
-def _warm_k(s: Settings, engine: Engine) -> int:
-    return min(s.max_k, engine.model_config.max_steps)
-
-
-async def _warm_up(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> None:
-    """Warm every bucket, then ready. A warm-up that fails (e.g. the device runs out of
-    memory) leaves the worker not ready, said in /readyz, the log and rerank_ready = 0
-    (the GrefNoReadyInstance alert), rather than serving a model that cannot run."""
-    s = runtime.settings
-    try:
-        if s.warmup:
-            runtime.warmup_s = await anyio.to_thread.run_sync(_warm, engine, s, policy)
-    except Exception as e:
-        runtime.warmup_error = f"{type(e).__name__}: {e}"
-        log.exception("warm-up of model %s failed: not ready", engine.version)
-        return
-    runtime.set_ready(True)
-    log.info("ready: model %s", engine.version)
-
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    runtime: Runtime = app.state.runtime
-    s = runtime.settings
-    runtime.set_ready(False)
-    engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
-    policy = decode_policy(s, engine.heads)
-    _assemble(runtime, engine, policy)
-    # once the bundle is loaded, as the main port: Prometheus' `up` keeps its meaning
-    app.state.admin = admin = start_admin(runtime)
-    tasks = [asyncio.create_task(_warm_up(runtime, engine, policy), name="warm-up")]
-    if s.reload_interval_s > 0 and s.bundle != s.bundle_dir:  # an artifacts dir: watch it
-        tasks.append(asyncio.create_task(_reload_loop(runtime), name="bundle-reload"))
-    try:
-        yield
-    finally:
-        runtime.set_ready(False)
-        for task in tasks:
-            task.cancel()
-        if admin is not None:  # shutdown() waits for its poll: off the loop
-            await anyio.to_thread.run_sync(admin.close)
-        if runtime.reranker is not None:
-            await _close(runtime.reranker)
 
 
 # the Server-Timing header (tests/bench/echo_app.py sends the same, with zeros)
@@ -456,15 +164,18 @@ def _respond(
 
 
 def _custom_openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus RerankIn (the body is parsed from bytes, not by FastAPI)."""
-    if app.openapi_schema is None:
+    """FastAPI's schema plus RerankIn (the body is parsed from bytes, not by FastAPI) with
+    the served bundle's limits (rebuilt after a swap: they may have grown)."""
+    reranker = app.state.runtime.reranker
+    reader = reranker.reader if reranker is not None else None
+    if app.openapi_schema is None or getattr(app.state, "openapi_reader", None) is not reader:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description=app.description)  # fmt: skip
-        body = RerankIn.model_json_schema(ref_template="#/components/schemas/{model}")
+        body = request_schema(reader)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(body.pop("$defs", {}))
         components["RerankIn"] = body
-        app.openapi_schema = schema
+        app.openapi_schema, app.state.openapi_reader = schema, reader
     return app.openapi_schema
 
 

@@ -34,6 +34,28 @@ def resolve_bundle_dir(path: Path) -> Path:
     raise ValueError(f"{path}: neither a bundle (no {MANIFEST}) nor an artifacts dir (no {LATEST})")
 
 
+def serving_choices(path: Path) -> tuple[list[Path], str | None]:
+    """The bundle directories to try serving, in order, and why `latest` is not what they
+    are (None: it is): `resolve_bundle_dir(path)`, or, when `path` is a directory whose
+    `latest` is missing, unreadable or names no bundle, every version in it with a
+    readable manifest, newest (`created`) first. Raises ValueError when there is none."""
+    try:
+        return [resolve_bundle_dir(path)], None
+    except (ValueError, OSError, BundleError) as e:
+        problem = str(e)
+    versions = []
+    if path.is_dir():
+        for child in path.iterdir():
+            try:
+                created = str(read_manifest(child)["created"])
+            except (BundleError, OSError, KeyError):
+                continue
+            versions.append((created, child.name, child))
+    if not versions:
+        raise ValueError(f"{problem}; and no bundle in {path} to serve instead")
+    return [child for _, _, child in sorted(versions, reverse=True)], problem
+
+
 class Settings(BaseSettings):
     """Settings of the reranking service. Environment: RERANK_<FIELD NAME IN CAPITALS>."""
 
@@ -191,6 +213,23 @@ class Settings(BaseSettings):
         "scrapes are answered under overload. 0 = off. With workers > 1 every worker listens "
         "on it (SO_REUSEPORT).",
     )
+    keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        le=3600,
+        description="Seconds an idle keep-alive connection stays open. Longer than the idle "
+        "timeout of the load balancer in front (60 s on the common ones), so the service "
+        "never closes a connection the balancer is about to reuse (a 502 for its client).",
+    )
+    drain_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="On SIGTERM: seconds during which /readyz fails while requests are "
+        "still served, so load balancers stop sending here (at least their readiness "
+        "probe period x failure threshold); then the listener closes and in-flight "
+        "requests finish. 0 = stop at once.",
+    )
     workers: int = Field(
         default=1,
         ge=1,
@@ -210,7 +249,7 @@ class Settings(BaseSettings):
     @field_validator("bundle")
     @classmethod
     def _bundle_exists(cls, path: Path) -> Path:
-        resolve_bundle_dir(path)  # a bundle, or an artifacts dir naming one
+        serving_choices(path)  # a bundle, or an artifacts dir with one
         return path
 
     @model_validator(mode="after")
@@ -222,8 +261,9 @@ class Settings(BaseSettings):
 
     @property
     def bundle_dir(self) -> Path:
-        """The bundle directory to serve: `bundle`, or the version its `latest` names now."""
-        return resolve_bundle_dir(self.bundle)
+        """The bundle directory to serve: `bundle`, or the version its `latest` names now
+        (when `latest` names none: the newest version in it, see serving_choices)."""
+        return serving_choices(self.bundle)[0][0]
 
     @model_validator(mode="after")
     def _within_the_model(self) -> Settings:
