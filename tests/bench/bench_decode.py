@@ -11,7 +11,7 @@ Both sides run the same way: onnxruntime on CPU with the engine's session option
 intra-op thread, sequential, full graph optimization), batch 1, k = 10, m in {30, 100, 200}
 padded to the engine's candidate bucket, static item embeddings given (the item tower is
 excluded on BOTH sides: the cache path).
-- gref n=4 / n=1: Engine.encode + Engine.greedy (encoder.onnx once, with the first
+- gref n=4 / n=1: Engine.encode + Engine.decode (encoder.onnx once, with the first
   decoder pass folded in when the bundle has it; decoder.onnx once per later pass; the
   numpy masking/argmax of each pass) on a batch prepared once, at items_per_pass 4 and 1;
   the bundle's weights.
@@ -63,13 +63,12 @@ from model.tensors import Inputs  # noqa: E402
 
 # the engine's own optimization levels and session.run fast path, so both sides run alike
 from service.engine import (  # noqa: E402
-    _OPT_LEVELS,
     Engine,
     EngineConfig,
     RerankRequest,
-    _fast_run,
     open_engine,
 )
+from service.ort_sessions import OPT_LEVELS, fast_run  # noqa: E402
 from service.settings import resolve_bundle_dir  # noqa: E402
 
 PAPER_MS = {"omtp": 12.97, "no_omtp": 24.29, "nar4rec": 12.67}
@@ -192,7 +191,7 @@ def nar_session(path: Path, config: EngineConfig) -> ort.InferenceSession:
     opts.intra_op_num_threads = config.intra_op_threads
     opts.inter_op_num_threads = config.inter_op_threads
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = _OPT_LEVELS[config.optimization]
+    opts.graph_optimization_level = OPT_LEVELS[config.optimization]
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
@@ -228,7 +227,7 @@ def make_cell(
 
     def gref(p: int) -> Callable[[], Any]:
         def run() -> Any:
-            return engine.greedy(engine.encode(batch), batch.k, p, None)
+            return engine.decode(engine.encode(batch), batch.k, p)
 
         return run
 
@@ -285,7 +284,7 @@ def run(
                 if bucket not in sessions:
                     onnx_path = Path(tmp) / f"nar4rec.{bucket}.onnx"
                     export_nar(nar, bucket, onnx_path, opset)
-                    sessions[bucket] = _fast_run(nar_session(onnx_path, config))
+                    sessions[bucket] = fast_run(nar_session(onnx_path, config))
                 return sessions[bucket]
 
             cells, runners = [], []

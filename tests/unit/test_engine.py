@@ -338,7 +338,7 @@ def test_stages_are_callable_alone(engine: Engine, model: GenReranker) -> None:
     head, past = engine.decode_pass(enc, np.full((2, 1), -1, np.int64), engine.empty_past(2))
     assert head.shape == (2, N, 16) and len(past) == 2 * CFG.dec_layers
     assert past[0].shape == (2, CFG.n_attn_heads, 1, CFG.d_model // CFG.n_attn_heads)
-    dec = engine.greedy(enc, np.array([3, 3]), N, None)
+    dec = engine.decode(enc, np.array([3, 3]), N)
     assert dec.passes == 1 and dec.order.shape == (2, 3)
     assert engine.warmup(batch_sizes=(1, 2), k=5) > 0
 

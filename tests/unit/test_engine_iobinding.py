@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+import service.decoding as decoding_module
 import service.engine as engine_module
 from export.verify import ParityConfig, run_parity
 from model.decode import beam_decode, greedy_decode
@@ -86,9 +87,9 @@ class FakeClock:
 @pytest.fixture
 def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
     clock = FakeClock()
-    monkeypatch.setattr(
-        engine_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter)
-    )
+    fake = types.SimpleNamespace(perf_counter=clock.perf_counter)
+    monkeypatch.setattr(engine_module, "time", fake)
+    monkeypatch.setattr(decoding_module, "time", fake)
     yield clock
 
 
@@ -114,7 +115,7 @@ def test_an_onnxruntime_without_the_binding_internals_runs_unbound(
     model: GenReranker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert engine_module.binding_internals(bound._decoder)  # this onnxruntime has them
+    assert engine_module.binding_internals(bound.decoder)  # this onnxruntime has them
     monkeypatch.setattr(engine_module, "binding_internals", lambda session: False)
     plain = open_engine(str(tiny_bundle[0]), EngineConfig(device="cpu", io_binding="on"))
     assert not plain.io_binding  # said in the log; the host path serves
@@ -248,7 +249,7 @@ def test_the_bound_stages_keep_the_kv_cache_as_ortvalues(bound: Engine, model: G
     for kv, ref in zip(dev.first_kv, host.first[1], strict=True):
         assert kv.device_name() == "cpu"
         np.testing.assert_array_equal(kv.numpy(), ref)
-    passes, past = bound.device_passes(dev), host.first[1]
+    passes, past = bound.passes(dev), host.first[1]
     assert passes.position == 1  # the BOS pass ran in the encoder
     for step, t in enumerate([1, 2, 3]):
         tokens = np.arange(step, step + t, dtype=np.int64)[None].repeat(2, axis=0)
@@ -280,7 +281,7 @@ def test_bound_equals_unbound_at_each_precision(
         assert_same(on.rerank(reqs, items_per_pass=p), off.rerank(reqs, items_per_pass=p))
     late = [reqs[0], RerankRequest(**{**reqs[1].__dict__, "deadline": 0.0}), *reqs[2:]]
     assert_same(on.rerank(late), off.rerank(late))
-    passes = on.device_passes(on.encode_on_device(on.prepare(reqs[:2])))
+    passes = on.passes(on.encode_on_device(on.prepare(reqs[:2])))
     p0 = passes.position  # 1: the encoder ran the BOS pass
     passes.step(np.array([[0], [1]], np.int64))
     passes.step(np.array([[2, 3], [4, 5]], np.int64))
@@ -331,7 +332,7 @@ class TestCuda:
         batch = cuda16.prepare(requests_of(model, random_inputs([10, 30], seed=30), [6, 6]))
         enc = cuda16.encode_on_device(batch)
         assert {v.device_name() for v in enc.values.values()} == {"cuda"}
-        passes = cuda16.device_passes(enc)
+        passes = cuda16.passes(enc)
         p0 = passes.position  # 1: the encoder ran the BOS pass (0 for an unfolded bundle)
         head = passes.step(np.array([[0], [1]], np.int64))
         assert isinstance(head, np.ndarray) and head.shape == (2, N, 32)
