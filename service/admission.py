@@ -97,10 +97,12 @@ class Admission:
         if self.working >= self.limit:
             self._at_limit = True
 
-    def end(self) -> None:
-        """A working request is answered."""
+    def end(self, served: bool = True) -> None:
+        """A working request is answered: `served` with a list (the model's or degraded),
+        or refused after its body (a 422 costs little: it says nothing of the rate)."""
         self.working -= 1
-        self._answered += 1
+        if served:
+            self._answered += 1
 
     # ---------------------------------------------------------------- measurement
 
