@@ -10,6 +10,7 @@ the event loop, so that probes and scrapes are answered under overload.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -22,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
+from service.admission import Admission, AdmissionConfig, Message, Scope, Send, shed_response
 from service.api import (
     ApiError,
     ErrorOut,
@@ -77,12 +79,19 @@ def header(request: Request, name: bytes) -> str | None:
     return None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 beyond `limit` bytes (Content-Length, then the bytes)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 beyond `limit` bytes (Content-Length, then the bytes),
+    and with 408 when it has not all arrived `timeout_s` after the headers."""
     length = header(request, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "body_too_large", f"{length} bytes, at most {limit}", "body")
     chunks, size = [], 0
+    # a timer that cancels this task (asyncio.timeout's way, which Python 3.10 lacks;
+    # wait_for would cost a task per request)
+    task = asyncio.current_task()
+    assert task is not None
+    timer = _BodyTimer(task)
+    handle = asyncio.get_running_loop().call_later(timeout_s, timer.expire)
     try:
         async for chunk in request.stream():
             size += len(chunk)
@@ -92,7 +101,33 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
         raise ApiError(499, "client_closed_request", "the client closed the connection "
                        "before its body arrived", "body") from None  # fmt: skip
+    except asyncio.CancelledError:
+        if not timer.expired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11: this cancel is handled
+        if uncancel is not None:
+            uncancel()
+        # the rest may still come: the connection is closed after the 408
+        headers = getattr(request.state, "headers", None)
+        if headers is None:
+            request.state.headers = headers = {}
+        headers["Connection"] = "close"
+        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s "
+                       f"of the headers ({size} bytes came)", "body") from None  # fmt: skip
+    finally:
+        handle.cancel()
     return b"".join(chunks)
+
+
+class _BodyTimer:
+    """Cancels the reading task once, when the body read's time is up."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task, self.expired = task, False
+
+    def expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
 
 
 # the Server-Timing header (tests/bench/echo_app.py sends the same, with zeros)
@@ -179,11 +214,82 @@ def _custom_openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+RERANK_PATH = "/v1/rerank"
+
+
+class RerankApp(FastAPI):
+    """FastAPI whose own ASGI entry asks the admission gate first: a rerank request shed
+    there is answered before FastAPI's middleware, routing and body read (service/
+    admission.py)."""
+
+    gate: _Gate | None = None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
+        gate = self.gate
+        if (
+            gate is not None
+            and scope["type"] == "http"
+            and scope["path"] == RERANK_PATH
+            and not gate.admission.admit()
+        ):
+            await gate.shed(scope, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+class _Gate:
+    """The shed answer: a pre-built 503 (Retry-After, JSON error body), the request's
+    X-Request-ID (the client's when valid, else a new one), counted in the metrics."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        assert runtime.admission is not None
+        self.admission, self.metrics = runtime.admission, runtime.metrics
+        start, self.body = shed_response(runtime.settings.retry_after_s)
+        self.status, self.headers = start["status"], list(start["headers"])
+        self.rejected = self.metrics.duration_of["rejected"]
+        self.shed_count = self.metrics.shed
+
+    async def shed(self, scope: Scope, send: Send) -> None:
+        t0 = time.perf_counter()
+        request_id = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")
+                break
+        if request_id is None or bad_request_id(request_id) is not None:
+            request_id = new_request_id()
+        start: Message = {
+            "type": "http.response.start",
+            "status": self.status,
+            "headers": [*self.headers, (b"x-request-id", request_id.encode("latin-1"))],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": self.body})
+        self.shed_count.inc()
+        self.rejected.observe(time.perf_counter() - t0)
+
+
+def _admission(s: Settings, metrics: Metrics) -> Admission:
+    config = AdmissionConfig(s.default_budget_ms / 1000, s.admission_share, s.admission_floor,
+                             s.retry_after_s)  # fmt: skip
+    admission = Admission(config)
+
+    def publish(a: Admission) -> None:  # every measurement window: the gauges
+        metrics.admission_limit.set(a.limit)
+        metrics.loop_lag.set(a.lag)
+
+    admission.on_tick = publish
+    return admission
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, configured by `settings` (default: Settings() from the environment)."""
     settings = settings if settings is not None else Settings()
     runtime = Runtime(settings=settings, metrics=Metrics())
+    if settings.admission:
+        runtime.admission = _admission(settings, runtime.metrics)
     app = make_app(
+        cls=RerankApp,
         otel=settings.otel,
         title="gref-serve",
         version="0.1.0",
@@ -191,6 +297,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.gate = _Gate(runtime) if runtime.admission is not None else None
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
@@ -199,28 +306,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def rerank(request: Request) -> Response:
         """Rerank the candidates: the top k, best first."""
-        arrival = time.perf_counter()
+        entry = time.perf_counter()
         runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
-        metrics, s = runtime.metrics, runtime.settings
+        metrics, s, admission = runtime.metrics, runtime.settings, runtime.admission
         request_id = header(request, b"x-request-id")
         refused = None if request_id is None else bad_request_id(request_id)
         if request_id is None or refused is not None:
             request_id = new_request_id()  # a refused header is not echoed back
         request.state.headers = {"X-Request-ID": request_id}
         metrics.inflight.inc()
+        working = served = False
         try:
             try:
                 if refused is not None:
                     raise invalid("X-Request-ID", refused)
                 if not runtime.ready or runtime.reranker is None:
                     raise ApiError(503, "not_ready", "model is loading or warming up")
-                body = await read_body(request, s.max_body_bytes)
+                body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
+                # the budget runs from here: a slow upload does not spend it
+                arrival = time.perf_counter()
+                if admission is not None:
+                    admission.begin()
+                    working = True
                 # once, and after the last await before reranker.rerank() counts the
                 # request as active: a swap's retire of the old one then waits for it
                 reranker = runtime.reranker
                 parsed = reranker.reader.read_json(body)
             except ApiError as e:
-                metrics.duration_of["rejected"].observe(time.perf_counter() - arrival)
+                metrics.duration_of["rejected"].observe(time.perf_counter() - entry)
                 access_log.debug(  # a client's mistake, not the service's problem
                     "%s", orjson.dumps({"request_id": request_id, "status": e.status,
                                         "field": e.field, "error": e.message}).decode()
@@ -233,18 +346,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
             if out is None:  # the client went away before the engine ran it: nobody to answer
                 return Response(status_code=499)
+            served = True
             return _respond(
                 runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
             )
         except ApiError:
             raise
         except Exception:  # the service's own failure (a bug): counted, logged, a JSON 500
-            metrics.duration_of["error"].observe(time.perf_counter() - arrival)
+            metrics.duration_of["error"].observe(time.perf_counter() - entry)
             log.exception("request %s failed", request_id)
             error = ApiError(500, "internal_error", f"the service failed (request {request_id})")
             return json_response(error.body(), error.status, request.state.headers)
         finally:
             metrics.inflight.dec()
+            if working:
+                admission.end(served)  # type: ignore[union-attr]
 
     app.router.add_api_route(
         "/v1/rerank",
@@ -252,7 +368,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         methods=["POST"],
         route_class_override=DirectRoute,  # reads its own body: no DI, no FastAPI validation
         response_model=RerankOut,
-        responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+        responses={
+            408: {"model": ErrorOut, "description": "the body did not arrive in time"},
+            413: {"model": ErrorOut},
+            422: {"model": ErrorOut},
+            503: {
+                "model": ErrorOut,
+                "description": "not ready, or overloaded: shed before the body was read "
+                "(with Retry-After); the caller keeps its upstream order",
+            },
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,

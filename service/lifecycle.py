@@ -45,6 +45,7 @@ from contract.config import ModelConfig
 from contract.features import FeatureSchema
 from contract.limits import limits_misfit
 from service.admin import start_admin
+from service.admission import Admission
 from service.api import Limits, RequestReader
 from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
 from service.engine import Engine, EngineConfig, open_engine
@@ -62,6 +63,7 @@ class Runtime:
 
     settings: Settings
     metrics: Metrics
+    admission: Admission | None = None  # None: off (RERANK_ADMISSION=false)
     # the served bundle: its engine, cache and decode policy are the reranker's, so a
     # bundle swap is one assignment
     reranker: Reranker | None = None
@@ -417,6 +419,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await _start(runtime)  # no local here holds the engine: a reload frees it
     # once the bundle is loaded, as the main port: Prometheus' `up` keeps its meaning
     app.state.admin = admin = start_admin(runtime)
+    if runtime.admission is not None:
+        runtime.admission.start()
     undrain = _drain_on_sigterm(runtime)
     tasks = [asyncio.create_task(_warm_up(runtime), name="warm-up")]
     if s.reload_interval_s > 0 and s.bundle != s.bundle_dir:  # an artifacts dir: watch it
@@ -425,6 +429,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         runtime.set_ready(False)
+        if runtime.admission is not None:
+            runtime.admission.stop()
         if undrain is not None:
             undrain()
         for task in tasks:

@@ -164,6 +164,33 @@ class Settings(BaseSettings):
         description="Requests allowed to wait for the engine; beyond it a request is answered "
         "at once in upstream order, degraded with reason 'overload'.",
     )
+    admission: bool = Field(
+        default=True,
+        description="Admission at the door: a rerank request the service cannot start "
+        "within the default budget (working requests beyond the measured answer rate x "
+        "admission_share x the budget, or an event loop lagging more than that) is "
+        "answered 503 with Retry-After at once, before its body is read. Off: every "
+        "request is read, parsed and queued (max_queue still answers 'overload').",
+    )
+    admission_share: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Share of the default budget a request may wait in the service before "
+        "it starts (the rest is its own lookup and decode): what admission sizes its "
+        "limit by.",
+    )
+    admission_floor: int = Field(
+        default=32,
+        ge=1,
+        description="Working requests always admitted, whatever the measured rate (a "
+        "batch's worth: bursts at low load are not shed).",
+    )
+    retry_after_s: int = Field(
+        default=1,
+        ge=0,
+        description="Retry-After of a request shed at the door (503), s.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="onnxruntime device: auto (CUDA when available), cpu or cuda."
     )
@@ -188,6 +215,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest accepted request body, bytes (larger: 413)."
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time a request's body may take to arrive once its headers have, s; "
+        "later: 408 and the connection closed. The budget starts when the body has arrived.",
     )
     warmup: bool = Field(
         default=True, description="Run every candidate bucket once before /readyz says ready."

@@ -1051,8 +1051,9 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         lat = res.latency[ok]
         phase = {
             "name": s.name, "rate": s.rate, "seconds": s.seconds, "sent": int(mine.sum()),
-            "answered": int(ok.sum()), "http_errors": int((mine & (res.status > 0)
-                                                          & ~res.answered).sum()),
+            "answered": int(ok.sum()), "shed": int((mine & (res.status == 503)).sum()),
+            "http_errors": int((mine & (res.status > 0) & (res.status != 503)
+                                & ~res.answered).sum()),
             "transport_errors": int((mine & (res.status == 0)).sum()),
             "no_answer": int((mine & (res.status == -1)).sum()),
             "degraded": reason_shares(res.reason[mine]),
@@ -1114,7 +1115,8 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         return (f"{len(probes)} probes, {failed} failed or over 5 s, answered ones p50 "
                 f"{_pct(ms, 50):.0f} ms, max {_pct(ms, 100):.0f} ms")  # fmt: skip
 
-    sent, answered = len(res.status), int(res.answered.sum())
+    # a 503 shed at the door (admission) is an answer: the client keeps its upstream order
+    sent, answered = len(res.status), int((res.answered | (res.status == 503)).sum())
     errors = len(res.status) - answered
     unmarked = sum(p["unmarked"] for p in per_phase)
     short = sum(p["short_lists"] for p in per_phase)

@@ -33,7 +33,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.redis_server import RedisProcess, find_redis_server, free_port
-from tests.support.bundles import copy_version, point_latest
+from tests.support.bundle import copy_version, point_latest
 from tests.support.prometheus import PrometheusProcess, find_prometheus
 
 log = logging.getLogger("chaos")

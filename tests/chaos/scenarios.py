@@ -20,7 +20,7 @@ from tests.chaos.harness import (
     failures,
     p99_ms,
 )
-from tests.support.bundles import point_latest
+from tests.support.bundle import point_latest
 
 
 @dataclass(frozen=True)

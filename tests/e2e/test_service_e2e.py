@@ -15,14 +15,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from model.network import GenReranker
 from service.engine import Engine
 from service.settings import Settings
 from tests.support.bodies import BAD, MAX_CANDIDATES, MAX_K, good_body, make_request
 from tests.support.reference import reference
-from tests.support.server import ServerThread, wait_ready
+from tests.support.server import ServerThread, metric_samples, wait_ready
 from tests.support.tiny import TINY_SCHEMA as SCHEMA
 
 pytestmark = pytest.mark.integration
@@ -157,15 +156,6 @@ REQUIRED_SAMPLES = {
     "rerank_late_responses_total",
     "rerank_ready",
 }
-
-
-def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = client.get("/metrics").text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_metrics_parse_and_hold_every_series(client: httpx.Client) -> None:

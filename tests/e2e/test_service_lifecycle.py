@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model.network import GenReranker
 from service.settings import Settings
 from tests.support.bodies import make_request
-from tests.support.bundles import copy_version, point_latest
+from tests.support.bundle import copy_version, point_latest
 from tests.support.server import ServerThread, wait_ready
 
 pytestmark = pytest.mark.integration

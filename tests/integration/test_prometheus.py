@@ -16,7 +16,7 @@ import pytest
 from model.network import GenReranker
 from service.settings import Settings
 from tests.support.bodies import make_request
-from tests.support.bundles import copy_version, point_latest
+from tests.support.bundle import copy_version, point_latest
 from tests.support.prometheus import PrometheusProcess, dashboard_queries, find_prometheus
 from tests.support.server import ServerThread, wait_ready
 

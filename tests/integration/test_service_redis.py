@@ -228,6 +228,30 @@ def test_readyz_says_whether_the_bundle_was_published(
     assert client.get("/readyz").json()["redis_published"] is True
 
 
+def test_readyz_sees_a_redis_that_lost_the_published_embeddings(
+    served: tuple[httpx.Client, RedisProcess, Path],
+) -> None:
+    """Redis restarted empty (here: flushed): redis_published turns false within the
+    meta key's re-check, and true again once the bundle is published again."""
+    from service.cache import META_CHECK_S
+
+    client, server, path = served
+
+    def wait_for(value: bool) -> None:
+        deadline = time.monotonic() + 3 * META_CHECK_S + 5
+        while client.get("/readyz").json()["redis_published"] is not value:
+            assert time.monotonic() < deadline, f"redis_published never became {value}"
+            time.sleep(0.1)
+
+    wait_for(True)
+    r = redis.Redis.from_url(server.url)
+    r.flushall()
+    r.close()
+    wait_for(False)
+    publish_bundle(path, server.url, prefix="t")
+    wait_for(True)
+
+
 def _published(r: redis.Redis, version: str, ids: np.ndarray) -> list[bytes | None]:
     return list(r.mget([emb_key("t", version, int(i)) for i in ids]))
 
@@ -337,3 +361,24 @@ def test_published_embeddings_of_another_dim_switch_l2_off(
     finally:
         srv.stop()
         r.close()
+
+
+def test_the_l2_client_parses_replies_in_c(redis_process: RedisProcess) -> None:
+    """hiredis is a dependency and redis-py picks it: an MGET's reply is parsed in C, not
+    in Python on the event loop (which made Redis slower than no Redis at all)."""
+    from service.cache import CircuitBreaker, RedisConfig, RedisL2
+    from service.metrics import Metrics
+
+    async def parser_of_a_read() -> str:
+        l2 = RedisL2(RedisConfig(redis_process.url, "hp", 0.5, 16), "v1", 4,
+                     CircuitBreaker(3, 1.0), Metrics())  # fmt: skip
+        try:
+            assert await l2.mget([1, 2], 1.0) == [None, None]
+            connection = await l2.client.connection_pool.get_connection()
+            name = type(connection._parser).__name__
+            await l2.client.connection_pool.release(connection)
+            return name
+        finally:
+            await l2.client.aclose()
+
+    assert asyncio.run(parser_of_a_read()) == "_AsyncHiredisParser"

@@ -1,10 +1,14 @@
 """The tiny exported bundle the service, engine and export tests share: a random
 GenReranker checkpoint of the tiny schema, an item table, and the bundle built from them
-(fp32 and fp16 graphs, with the item table)."""
+(fp32 and fp16 graphs, with the item table); versions of a bundle in an artifacts
+directory, as a rollout makes them."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,3 +51,21 @@ def build_tiny_bundle(root: Path) -> tuple[Path, GenReranker]:
     make_items(root / "items.parquet")
     ec = ExportConfig(fp16=True, label="test", items_path=str(root / "items.parquet"))
     return build_bundle(root / "ckpt", root / "artifacts", ec), model
+
+
+def copy_version(src: Path, artifacts: Path, name: str, **manifest: Any) -> Path:
+    """A copy of the bundle `src` as `artifacts/name`; its manifest's version is `name`
+    unless `manifest` says otherwise (any top-level manifest field may be given)."""
+    dst = artifacts / name
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "manifest.json").read_text())
+    data.update({"version": name, **manifest})
+    (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+def point_latest(artifacts: Path, name: str) -> None:
+    """artifacts/latest names `name`, replaced atomically as `python -m export build` does."""
+    tmp = artifacts / "latest.tmp"
+    tmp.write_text(f"{name}\n")
+    tmp.replace(artifacts / "latest")

@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
@@ -59,3 +60,13 @@ def wait_ready(client: Any, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("not ready in time")
         time.sleep(0.05)
+
+
+def metric_samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the server's /metrics, by (name, sorted labels)."""
+    text = client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

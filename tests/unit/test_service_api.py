@@ -189,7 +189,7 @@ def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_500() -> None:
 
     request = Request({"type": "http", "method": "POST", "headers": []}, receive)
     with pytest.raises(ApiError) as caught:
-        asyncio.run(read_body(request, 1 << 20))
+        asyncio.run(read_body(request, 1 << 20, 10.0))
     assert caught.value.status == 499 and caught.value.field == "body"
 
 
