@@ -20,6 +20,7 @@ FROM python:${PYTHON_VERSION}-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY model ./model
 COPY export ./export
 COPY service ./service
@@ -44,6 +45,7 @@ WORKDIR /app
 # torch first, CPU wheel index: an unpinned torch from PyPI pulls the CUDA packages
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY model ./model
 COPY export ./export
 COPY service ./service

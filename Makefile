@@ -42,7 +42,7 @@ $(INSTALLED): pyproject.toml
 
 venv: $(INSTALLED)  ## create .venv: torch (CPU; TORCH_INDEX=URL to pick its index) + the project [train,ORT,dev,loadtest], ORT=cpu (default) or gpu
 
-lint: venv  ## ruff (lint + format check) and mypy on service/ and export/
+lint: venv  ## ruff (lint + format check) and mypy on contract/, service/ and export/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -51,7 +51,15 @@ format: venv  ## apply ruff format and autofixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: venv lint  ## set everything up, lint, run the test suite
+# Debian's prometheus package (prometheus + promtool): the alert-rule tests, the real
+# Prometheus test and the fault suite run them. Installed when missing and root (CI).
+prometheus:  ## install Debian's prometheus (promtool too) when missing and root
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	else echo "prometheus/promtool missing (apt-get install prometheus, as root): their tests skip"; fi
+
+test: venv lint prometheus  ## set everything up, lint, run the test suite
 	$(BIN)/pytest -q
 
 HOST ?= 127.0.0.1
@@ -88,12 +96,13 @@ artifacts/latest: | venv
 
 bundle: artifacts/latest  ## the default ONNX bundle in artifacts/ (trained + exported + verified if missing)
 
-bench: venv bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor; ORT=gpu for the GPU figures
+bench: venv bundle  ## benchmarks (ratios in one run): engine vs torch decode; HTTP service vs echo floor; training 1 vs 2 processes; ORT=gpu for the GPU figures
 	$(BIN)/python tests/bench/bench_engine.py
 	$(BIN)/python tests/bench/bench_decode.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_http.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_load.py --bundle artifacts
 	$(BIN)/python tests/bench/bench_gpu.py --bundle artifacts
+	$(BIN)/python tests/bench/bench_ddp.py --plot docs/img/ddp.png
 
 USERS ?= 16
 DURATION ?= 60
@@ -107,8 +116,11 @@ loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=ht
 	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL),--bundle artifacts) --users $(USERS) \
 		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
 
-validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard against /metrics (no Docker needed)
-	$(BIN)/pytest -q tests/unit/test_ops.py
+chaos: venv bundle prometheus  ## the fault suite on loopback (Redis, the service, a real Prometheus; ~15 min): report in loadtest/reports/chaos-<time>/
+	$(BIN)/pytest -q -m chaos tests/chaos -p no:cacheprovider
+
+validate-ops: venv  ## check Dockerfile, compose, Prometheus rules, dashboard, Kubernetes manifests (no Docker, no cluster)
+	$(BIN)/pytest -q tests/deploy
 
 results: venv  ## every row on the 5 held-out worlds (+ list-effect sensitivity worlds); writes results/ (resumes)
 	$(BIN)/python -m model results --worlds heldout --out results
@@ -123,4 +135,4 @@ results-dev: venv  ## the same on the development worlds (where recipes and sett
 results-quick: venv  ## a small version of `make results` (minutes)
 	$(BIN)/python -m model results --quick --out results/quick
 
-.PHONY: help venv lint format test serve checkpoint checkpoint-paper bundle bench loadtest validate-ops results results-dev results-quick
+.PHONY: help venv lint format prometheus chaos test serve checkpoint checkpoint-paper bundle bench loadtest validate-ops results results-dev results-quick results-size

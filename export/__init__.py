@@ -1,2 +1,2 @@
 """gref-serve: export. torch -> ONNX bundle (`build`), parity against torch (`verify`),
-item embeddings into Redis (`publish`). The bundle contract lives in service/bundle.py."""
+item embeddings into Redis (`publish`). The bundle contract lives in contract/bundle.py."""

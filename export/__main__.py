@@ -9,9 +9,9 @@ import sys
 
 
 def _build(args: argparse.Namespace) -> int:
+    from contract.bundle import LATEST
     from export.build import build_bundle, write_latest
     from export.config import ExportConfig
-    from service.bundle import LATEST
 
     ec = ExportConfig(
         opset=args.opset,

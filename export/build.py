@@ -34,13 +34,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.config import ExportConfig
-from export.graphs import describe, export_graph, metadata_props
-from model.checkpoint import load_checkpoint, tensors_digest
-from model.config import ModelConfig
-from model.features import hash_items
-from model.network import GenReranker
-from service.bundle import (
+from contract.bundle import (
     GRAPHS,
     ITEM_EMBEDDINGS,
     ITEM_IDS,
@@ -50,6 +44,12 @@ from service.bundle import (
     graph_file,
     sha256_file,
 )
+from contract.config import ModelConfig
+from contract.features import hash_items
+from export.config import ExportConfig
+from export.graphs import describe, export_graph, metadata_props
+from model.checkpoint import load_checkpoint, tensors_digest
+from model.network import GenReranker
 
 log = logging.getLogger(__name__)
 

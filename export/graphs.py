@@ -26,32 +26,23 @@ import onnx
 import torch
 from torch import nn
 
+from contract.bundle import (
+    FIRST_SCORES,
+    ITEM_TOWER_INPUTS,
+    ITEM_TOWER_OUTPUTS,
+    cross_names,
+    first_names,
+    io_names,
+    past_names,
+    present_names,
+)
 from export.simplify import simplify
 from model.network import GenReranker
 from model.tensors import Inputs
-from service.bundle import FIRST_SCORES, cross_names, first_names, past_names, present_names
-
-ITEM_TOWER_INPUTS = ["item_id", "item_cat", "item_dense"]
-ITEM_TOWER_OUTPUTS = ["static"]
-ENCODER_INPUTS = ["static", "upstream_score", "cand_mask", "user_id", "user_dense"]
-DECODER_FIXED_INPUTS = ["tokens", "start", "z", "bos", "cand_mask"]
 
 # the dtype of the tensors that only travel between graphs (z, bos, keys/values); the
 # service-facing inputs and outputs (features, static embeddings, head scores) stay float32
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def encoder_outputs(layers: int, first_pass: bool = True) -> list[str]:
-    first = [FIRST_SCORES, *first_names(layers)] if first_pass else []
-    return ["z", "bos", *cross_names(layers), *first]
-
-
-def decoder_inputs(layers: int) -> list[str]:
-    return [*DECODER_FIXED_INPUTS, *cross_names(layers), *past_names(layers)]
-
-
-def decoder_outputs(layers: int) -> list[str]:
-    return ["head_scores", *present_names(layers)]
 
 
 def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -252,14 +243,6 @@ def graph_module(
         return EncoderGraph(model, precision, first_pass).eval()
     cls = {"item_tower": ItemTowerGraph, "decoder": DecoderGraph}
     return cls[graph](model, precision).eval()
-
-
-def io_names(graph: str, layers: int, first_pass: bool = True) -> tuple[list[str], list[str]]:
-    if graph == "item_tower":
-        return ITEM_TOWER_INPUTS, ITEM_TOWER_OUTPUTS
-    if graph == "encoder":
-        return ENCODER_INPUTS, encoder_outputs(layers, first_pass)
-    return decoder_inputs(layers), decoder_outputs(layers)
 
 
 def export_graph(

@@ -29,7 +29,7 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
-from service.bundle import load_bundle
+from contract.bundle import load_bundle
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The TorchScript tracer records every `x.view(B, T, nh, d // nh)` as Shape -> Gather ->
 Unsqueeze -> Concat -> Reshape, even where the dims are static (d, nh) or are just "keep
 this axis" (B, T). A decode pass at batch 1 is ~100 tiny kernels, and onnxruntime spends
-~0.5 us per node whatever its size, so these dominate. With symbolic shapes (onnxruntime's
+a fixed cost per node whatever its size, so these dominate. With symbolic shapes (onnxruntime's
 symbolic shape inference), this pass
 - evaluates small int64 shape subgraphs: a value whose elements are all known becomes an
   initializer (e.g. the Slice bounds of qkv.chunk(3), d // nh);

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.bundle import BundleError, load_bundle, read_manifest, sha256_file
+from contract.features import HashedItems
 from export.build import load_gen_reranker, write_manifest
 from model.decode import greedy_decode
-from model.features import HashedItems
 from model.network import GenReranker
 from model.tensors import Inputs
-from service.bundle import BundleError, load_bundle, read_manifest, sha256_file
 from service.engine import Engine, EngineConfig, RerankRequest
 
 log = logging.getLogger(__name__)

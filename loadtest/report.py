@@ -11,77 +11,27 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from loadtest.scrapes import (
+    DURATION,
+    LabelTest,
+    Samples,
+    buckets,
+    delta,
+    histogram_quantile,
+    parse_metrics,
+    select,
+)
 
-# sample name and its labels -> value
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-LabelTest = Callable[[dict[str, str]], bool]
-
-DURATION = "rerank_request_duration_seconds"
 STAGE = "rerank_stage_duration_seconds"
 LOOKUPS = "rerank_embedding_lookups_total"
 FALLBACK = "rerank_fallback_total"
 WRITEBACKS = "rerank_embedding_writebacks_total"
 QUANTILES = (0.50, 0.95, 0.99)
-
-
-# ---------------------------------------------------------------- /metrics
-
-
-def parse_metrics(text: str) -> Samples:
-    """Prometheus exposition text -> {(sample name, labels): value}."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name, frozenset(s.labels.items())] = float(s.value)
-    return out
-
-
-def delta(before: Samples, after: Samples) -> Samples:
-    """What happened between two scrapes (counters and histogram series)."""
-    return {key: value - before.get(key, 0.0) for key, value in after.items()}
-
-
-def select(samples: Samples, name: str, where: LabelTest | None = None
-           ) -> list[tuple[dict[str, str], float]]:  # fmt: skip
-    return [(dict(labels), value) for (n, labels), value in samples.items()
-            if n == name and (where is None or where(dict(labels)))]  # fmt: skip
-
-
-def buckets(samples: Samples, name: str, where: LabelTest | None = None) -> dict[float, float]:
-    """Cumulative counts by upper bound of histogram `name`, summed over the label sets
-    that pass `where` (e.g. outcome ok and degraded)."""
-    out: dict[float, float] = {}
-    for labels, value in select(samples, f"{name}_bucket", where):
-        le = float(labels["le"])  # "+Inf" -> inf
-        out[le] = out.get(le, 0.0) + value
-    return out
-
-
-def histogram_quantile(q: float, cumulative: dict[float, float]) -> float:
-    """The q-quantile of a histogram's cumulative bucket counts (as Prometheus'
-    histogram_quantile: linear inside the bucket; the largest finite bound when the rank
-    falls in +Inf); NaN when it counted nothing."""
-    bounds = sorted(cumulative)
-    if not bounds or cumulative[bounds[-1]] <= 0:
-        return math.nan
-    rank = q * cumulative[bounds[-1]]
-    lower, below = 0.0, 0.0
-    for bound in bounds:
-        count = cumulative[bound]
-        if count >= rank:
-            if math.isinf(bound):
-                return lower
-            if count <= below:
-                return bound
-            return lower + (bound - lower) * (rank - below) / (count - below)
-        lower, below = bound, count
-    return lower
 
 
 def _total(samples: Samples, name: str, where: LabelTest | None = None) -> float:

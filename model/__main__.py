@@ -6,13 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.distributed import World
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from model.config import ModelConfig
+    from contract.config import ModelConfig
     from model.logs import write_dataset
     from model.world import WorldConfig, generate_logs, headroom
 
@@ -29,8 +34,21 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model.config import ModelConfig
-    from model.logs import read_logs, read_schema
+    """Alone, or one rank of `torchrun --nproc_per_node N -m model train ...`: each rank
+    reads its own row groups of the logs (model/distributed.py)."""
+    from model import distributed
+
+    world = distributed.init()
+    try:
+        return _train_rank(args, world)
+    finally:
+        distributed.shutdown()
+
+
+def _train_rank(args: argparse.Namespace, world: World) -> int:
+    from contract.config import ModelConfig
+    from model.distributed import read_shard
+    from model.logs import read_schema
     from model.train import TrainConfig, train
 
     data = Path(args.data)
@@ -47,13 +65,14 @@ def _train(args: argparse.Namespace) -> int:
     res = train(
         cfg,
         tc,
-        read_logs(data / "train.parquet", schema),
-        read_logs(data / "valid.parquet", schema),
+        read_shard(data / "train.parquet", schema, world),
+        read_shard(data / "valid.parquet", schema, world),
         args.out,
         init_from=args.init,
         resume=not args.no_resume,
     )
-    print(json.dumps({"best": str(res.best_dir), "seconds": round(res.seconds, 1)}))
+    if world.is_main:
+        print(json.dumps({"best": str(res.best_dir), "seconds": round(res.seconds, 1)}))
     return 0
 
 
@@ -212,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     a.set_defaults(fn=_convert_avito)
 
     args = p.parse_args(argv)
+    # under torchrun every rank logs; the rank says which one
+    rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s",
     )
     return int(args.fn(args))
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from contract.config import ModelConfig
 from model.layers import ItemTower, ListContext, UserTower
 from model.tensors import Inputs
 

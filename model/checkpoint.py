@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.config import ModelConfig
+from contract.config import ModelConfig
 
 CHECKPOINT_VERSION = 1
 

@@ -5,7 +5,7 @@ Conventions shared by every part of model/:
   so "the upstream order" is simply 0, 1, 2, ...
 - Padding: item_id = -1 and cand_mask = False for missing candidates; exposed = -1
   for missing exposure slots (feedback 0 there).
-- Ids are raw (user and item ids as logged); hashing happens in model/features.py.
+- Ids are raw (user and item ids as logged); hashing happens in contract/features.py.
 """
 
 from __future__ import annotations

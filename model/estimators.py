@@ -24,6 +24,8 @@ checked against the gold (results: logged-vs-gold and Kendall τ with true utili
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from model.data import ListBatch, feedback_utility
@@ -50,16 +52,21 @@ def examination_propensities(
     w_like: float = 1.5,
     w_long_view: float = 0.8,
     iters: int = 200,
+    reduce: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> np.ndarray:
     """(K,) examination propensity of each slot relative to slot 0, by intervention
     harvesting: the rank-1 Poisson fit c[j, t] ≈ n[j, t] · p_t · r_j over the cells
     (upstream rank j, slot t) of the logs (alternating closed-form updates). Slots no
-    logged item reached get the last estimated value."""
+    logged item reached get the last estimated value. `reduce` sums the cells over the
+    processes that each hold part of the logs (torchrun: distributed.sum_cells), so every
+    process fits the whole logs' cells."""
     K = batch.k
-    if len(batch) == 0 or K == 0:
-        return np.ones(K)
     u = feedback_utility(batch, w_click, w_like, w_long_view)
     n, c = _cells(batch, u)
+    if reduce is not None:
+        n, c = reduce(n, c)
+    if n.sum() == 0 or K == 0:
+        return np.ones(K)
     p = np.ones(K)
     r = np.full(n.shape[0], max(c.sum(), 1e-12) / max(n.sum(), 1e-12))
     for _ in range(iters):

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from contract.features import FeatureSchema
 from model.data import ListBatch
-from model.features import FeatureSchema
 from model.metrics import auc, list_metrics, ranked_labels
 from model.tensors import Inputs, to_inputs
 

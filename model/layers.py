@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from contract.config import ModelConfig
 
 
 class ItemTower(nn.Module):

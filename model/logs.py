@@ -57,8 +57,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from contract.features import FeatureSchema
 from model.data import ListBatch
-from model.features import FeatureSchema
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +442,45 @@ def _optional_columns(file_schema: pa.Schema, path: PathLike) -> list[str]:
         return []
     _check_columns(file_schema, [(PROPENSITY, pa.list_(pa.float32()))], path)
     return [PROPENSITY]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One row group of a log file, numbered across the files of a log in order: `first` is
+    the log-wide index of its first request (the files' rows concatenated)."""
+
+    path: PathLike
+    index: int  # within its file
+    first: int
+    rows: int
+
+
+def row_groups(path_or_paths: PathLike | Sequence[PathLike]) -> list[RowGroup]:
+    """The row groups of one or more log files, from their footers (no data is read)."""
+    groups, first = [], 0
+    for path in _as_paths(path_or_paths):
+        meta = pq.ParquetFile(path).metadata
+        for i in range(meta.num_row_groups):
+            rows = meta.row_group(i).num_rows
+            groups.append(RowGroup(path, i, first, rows))
+            first += rows
+    return groups
+
+
+def read_row_group(group: RowGroup, schema: FeatureSchema) -> ListBatch:
+    """The requests of one row group, validated as iter_logs validates them."""
+    pf = pq.ParquetFile(group.path)
+    meta = pf.schema_arrow.metadata or {}
+    if meta.get(VERSION_KEY, LOG_VERSION) != LOG_VERSION:
+        _schema_from_metadata(meta, group.path)  # raises with the version message
+    expected = _log_columns(schema)
+    _check_columns(pf.schema_arrow, expected, group.path)
+    optional = _optional_columns(pf.schema_arrow, group.path)
+    table = pf.read_row_group(group.index, columns=[n for n, _ in expected] + optional)
+    (rb,) = table.combine_chunks().to_batches(max_chunksize=max(table.num_rows, 1)) or [
+        pa.RecordBatch.from_pylist([], schema=table.schema)
+    ]
+    return _BatchReader(rb, group.path).read(schema)
 
 
 def empty_batch(schema: FeatureSchema) -> ListBatch:

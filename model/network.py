@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from contract.config import ModelConfig
 from model.layers import ItemTower, ListContext, UserTower
 from model.tensors import Inputs
 

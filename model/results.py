@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.config import ModelConfig
 from model.checkpoint import load_checkpoint
-from model.config import ModelConfig
 from model.estimators import examination_propensities, kendall_tau, list_ips
 from model.evaluate import (
     Reranker,

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from contract.features import FeatureSchema, hash_ids, hash_items
 from model.data import ListBatch
-from model.features import FeatureSchema, hash_ids, hash_items
 
 
 @dataclass

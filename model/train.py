@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from contract.config import ModelConfig
+from model import distributed
 from model.checkpoint import (
     arrays_digest,
     build_model,
@@ -57,9 +59,9 @@ from model.checkpoint import (
     staging_dir,
     weights_digest,
 )
-from model.config import ModelConfig
 from model.data import ListBatch, feedback_utility
-from model.evaluate import Reranker, logged_metrics
+from model.distributed import LogShard
+from model.evaluate import Reranker
 from model.tensors import Inputs, to_inputs
 
 log = logging.getLogger(__name__)
@@ -142,11 +144,16 @@ def data_digest(batch: ListBatch) -> str:
     return arrays_digest((f.name, np.asarray(getattr(batch, f.name))) for f in fields(batch)).hex()
 
 
+def _data_digest(data: ListBatch | LogShard) -> str:
+    """A sharded log's digest is its whole content's, the same for every world size."""
+    return data.digest if isinstance(data, LogShard) else data_digest(data)
+
+
 def run_fingerprint(
     model_cfg: ModelConfig,
     tc: TrainConfig,
-    train_data: ListBatch,
-    valid_data: ListBatch,
+    train_data: ListBatch | LogShard,
+    valid_data: ListBatch | LogShard,
     init_from: str | Path | None,
 ) -> dict[str, str]:
     """What makes a training run this run, as sha256 digests per component, and "run" over
@@ -162,8 +169,8 @@ def run_fingerprint(
         ),
         "model_config": _json_digest(model_cfg.to_dict()),
         "init_checkpoint": "none" if init_from is None else weights_digest(init_from),
-        "train_data": data_digest(train_data),
-        "valid_data": data_digest(valid_data),
+        "train_data": _data_digest(train_data),
+        "valid_data": _data_digest(valid_data),
     }
     return {**parts, "run": _json_digest({"version": FINGERPRINT_VERSION, **parts})}
 
@@ -296,12 +303,16 @@ def validate(
     exam: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Validation loss, logged NDCG/AUC/MAP and the debiased estimates (exam: the slots'
-    examination propensities; None = estimated from `valid`)."""
+    examination propensities; None = estimated from `valid`); under torchrun `valid` is
+    this rank's part and every figure is reduced over the ranks (distributed.py)."""
     from model.estimators import examination_propensities, list_ips
     from model.evaluate import generate_lists
 
+    world = distributed.current()
     if exam is None:
-        exam = examination_propensities(valid, tc.w_click, tc.w_like, tc.w_long_view)
+        exam = examination_propensities(
+            valid, tc.w_click, tc.w_like, tc.w_long_view, reduce=distributed.sum_cells(world)
+        )
     model = loss_fn.model
     model.eval()
     total, n = 0.0, 0
@@ -311,18 +322,22 @@ def validate(
             loss, _ = loss_fn(part, to_inputs(part, model_cfg.schema))
             total += float(loss) * len(part)
             n += len(part)
-    out = {"valid_loss": total / max(n, 1)}
-    r = _reranker(model, kind)
+    total, rows = distributed.sum_over_ranks(world, (total, n))
+    out = {"valid_loss": total / max(rows, 1)}
+    r, schema = _reranker(model, kind), model_cfg.schema
     out.update(
         {
             f"valid_{k}": v
-            for k, v in logged_metrics(r, valid, model_cfg.schema, exam=exam).items()
+            for k, v in distributed.logged_metrics(r, valid, schema, world, exam=exam).items()
             if k in ("ndcg@10", "auc", "map@10", "ips")
         }
     )
-    if valid.has_propensity:
-        order, _ = generate_lists(r, valid, model_cfg.schema, valid.k)
-        out["valid_list_ips"] = float(np.mean(list_ips(valid, order, exam)))
+    if valid.has_propensity:  # the same log on every rank
+        order, _ = generate_lists(r, valid, schema, valid.k)
+        ips_sum, count = distributed.sum_over_ranks(
+            world, (float(np.sum(list_ips(valid, order, exam))), len(valid))
+        )
+        out["valid_list_ips"] = ips_sum / max(count, 1)
     model.train()
     return out
 
@@ -339,8 +354,8 @@ def _selection_score(tc: TrainConfig, metrics: dict[str, float]) -> float:
 def train(
     model_cfg: ModelConfig,
     tc: TrainConfig,
-    train_data: ListBatch,
-    valid_data: ListBatch,
+    train_data: ListBatch | LogShard,
+    valid_data: ListBatch | LogShard,
     out_dir: str | Path,
     init_from: str | Path | None = None,
     progress: bool = True,
@@ -350,7 +365,12 @@ def train(
 
     resume: continue from `out_dir/last` if its train state has this run's fingerprint
     (run_fingerprint; only `epochs` may have grown). Otherwise, or with resume=False, the
-    run starts fresh: `last`, `best` and `reference` of an earlier run are removed first."""
+    run starts fresh: `last`, `best` and `reference` of an earlier run are removed first.
+
+    Under torchrun (distributed.init joined the process group) the data are this rank's
+    LogShards (distributed.read_shard) and the run is data-parallel; see distributed.py."""
+    world = distributed.current()
+    progress = progress and world.is_main
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,14 +400,25 @@ def train(
     history: list[dict[str, Any]] = []
     best, start_epoch, stale = -float("inf"), 0, 0
     last_dir, best_dir, ref_dir = out / "last", out / "best", out / "reference"
-    valid = valid_data.take(slice(0, tc.max_valid))
+    if isinstance(valid_data, LogShard):
+        valid: ListBatch | LogShard = valid_data.head(tc.max_valid)
+    else:
+        valid = valid_data.take(slice(0, tc.max_valid))
+    fingerprint = run_fingerprint(model_cfg, tc, train_data, valid, init_from)
+    shard = distributed.as_shard(train_data, world, fingerprint["train_data"])
     from model.estimators import examination_propensities
 
-    # the slots' examination propensities, harvested from the training logs once
-    exam = examination_propensities(train_data, tc.w_click, tc.w_like, tc.w_long_view)
-    fingerprint = run_fingerprint(model_cfg, tc, train_data, valid, init_from)
-    for d in (last_dir, best_dir, ref_dir):
-        recover_dir(d)  # a crash inside replace_dir
+    # the slots' examination propensities, harvested from the training logs once (under
+    # torchrun from every rank's part: the cells are summed over the ranks)
+    exam = examination_propensities(
+        shard.batch, tc.w_click, tc.w_like, tc.w_long_view, reduce=distributed.sum_cells(world)
+    )
+    valid = distributed.as_shard(valid, world, fingerprint["valid_data"]).batch
+    step = distributed.step_fn(model, loss_fn, world)
+    if world.is_main:
+        for d in (last_dir, best_dir, ref_dir):
+            recover_dir(d)  # a crash inside replace_dir
+    distributed.barrier(world)
     resumed = False
     if resume and has_train_state(last_dir):
         why = _resume_mismatch(read_train_state(last_dir), fingerprint, tc)
@@ -401,31 +432,35 @@ def train(
             start_epoch, stale = state["epoch"] + 1, state["stale"]
             resumed = True
             log.info("resumed %s at epoch %d", out, start_epoch)
-    if not resumed:
+    distributed.barrier(world)  # every rank has read the saved run before rank 0 clears it
+    if not resumed and world.is_main:
         _start_fresh(out)
     if ref is not None:
         if resumed and ref_dir.exists():
             ref.load_state_dict(load_checkpoint(ref_dir)[0].state_dict())
-        else:  # a fresh start always writes the current reference
+        elif world.is_main:  # a fresh start always writes the current reference
             tmp = staging_dir(ref_dir)
             save_checkpoint(tmp, ref, model_cfg, asdict(tc), {"role": f"{tc.stage} reference"})
             replace_dir(tmp, ref_dir)
+    distributed.barrier(world)
 
     for epoch in range(start_epoch, tc.epochs):
         if stale >= tc.patience:
             break
-        # the permutation depends on (seed, epoch) only, so a resumed run sees the same data
-        perm = np.random.default_rng([tc.seed, epoch]).permutation(len(train_data))
+        # the permutation depends on (seed, epoch) only, so a resumed run sees the same data,
+        # and it is over the whole log's rows whatever the world size
+        perm = np.random.default_rng([tc.seed, epoch]).permutation(shard.total)
         steps = range(0, len(perm), tc.batch_size)
         bar = tqdm(
             steps, desc=f"{tc.stage} {out.name} ep{epoch}", disable=not progress, leave=False
         )
         running = 0.0
         for i, start in enumerate(bar):
-            batch = train_data.take(perm[start : start + tc.batch_size])
-            loss, parts = loss_fn(batch, to_inputs(batch, model_cfg.schema))
+            # this rank's rows of the global batch; weight 1.0 in a world of one
+            batch, weight = shard.part(perm[start : start + tc.batch_size], world)
+            loss, parts = step(batch, to_inputs(batch, model_cfg.schema))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             lv = loss.item()
@@ -437,18 +472,22 @@ def train(
         improved = score > best
         if improved:
             best, stale = score, 0
-            tmp = staging_dir(best_dir)
-            save_checkpoint(tmp, model, model_cfg, asdict(tc), {"epoch": epoch, **metrics})
-            replace_dir(tmp, best_dir)
+            if world.is_main:
+                tmp = staging_dir(best_dir)
+                save_checkpoint(tmp, model, model_cfg, asdict(tc), {"epoch": epoch, **metrics})
+                replace_dir(tmp, best_dir)
         else:
             stale += 1
         history.append({"epoch": epoch, "train_loss": running, **metrics, "improved": improved})
-        log.info("%s epoch %d: %s", out.name, epoch, json.dumps(history[-1]))
-        # weights and train state of one epoch, published together (replace_dir)
-        tmp = staging_dir(last_dir)
-        save_checkpoint(tmp, model, model_cfg, asdict(tc), {"epoch": epoch})
-        state = {"epoch": epoch, "best": best, "stale": stale, "history": history}
-        save_train_state(tmp, opt, {**state, "fingerprint": fingerprint})
-        replace_dir(tmp, last_dir)
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+        if world.is_main:
+            log.info("%s epoch %d: %s", out.name, epoch, json.dumps(history[-1]))
+            # weights and train state of one epoch, published together (replace_dir)
+            tmp = staging_dir(last_dir)
+            save_checkpoint(tmp, model, model_cfg, asdict(tc), {"epoch": epoch})
+            state = {"epoch": epoch, "best": best, "stale": stale, "history": history}
+            save_train_state(tmp, opt, {**state, "fingerprint": fingerprint})
+            replace_dir(tmp, last_dir)
+    if world.is_main:
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+    distributed.barrier(world)  # the checkpoints are there for every rank
     return TrainResult(best_dir, history, time.perf_counter() - t0)

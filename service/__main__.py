@@ -1,7 +1,9 @@
 """`python -m service [--host H] [--port P] [--admin-port A] [--workers N] [--bundle DIR]`:
 uvicorn with the settings (RERANK_* environment; the flags override it). Logs are JSON
 lines on stderr. /healthz, /readyz and /metrics are also on the admin port (9000; 0 = off),
-answered off the event loop (service/admin.py).
+answered off the event loop (service/admin.py). SIGTERM drains first: /readyz fails for
+RERANK_DRAIN_S seconds while requests are still served, then uvicorn shuts down gracefully
+(service/lifecycle.py). Idle keep-alive connections close after RERANK_KEEP_ALIVE_S.
 
 With --workers > 1 every worker builds its own app from the environment, and metrics go
 through Prometheus' multiprocess mode: PROMETHEUS_MULTIPROC_DIR (a fresh temporary
@@ -61,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=settings.workers,
             log_config=log_config(settings.log_level),
             access_log=False,
+            timeout_keep_alive=settings.keep_alive_s,
         )
     finally:
         if own_dir is not None:

@@ -7,8 +7,7 @@ The models are the schema of record. On the hot path a body goes through
 accepts only what the models (strict, NaN/Infinity refused, no extra keys) and the bundle
 checks (feature names, duplicates, k against m, ranges) accept too, and builds the same
 arrays; anything it is not sure of goes the checked way (`model_validate_json` on the raw
-bytes, then `read`), whose error names the field. Measured on the default bundle, m = 30,
-one core of the development VM: 129 µs per body the fast way, 208 µs the checked way.
+bytes, then `read`), whose error names the field.
 """
 
 from __future__ import annotations
@@ -20,13 +19,31 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from model.features import FeatureSchema, hash_id, hash_ids, hash_items
+from contract.features import FeatureSchema, hash_id, hash_ids, hash_items
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 FeatureValue = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 12.0 is the integer 12 (JSON Schema says so too, and the
+    OpenAPI schema's "integer" with it), taken exactly; 12.5 stays a float, refused."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# an integer field: strict (no strings, no booleans), but an integral JSON number is one
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+# Limits the service enforces (RequestReader), stated in the schema (OpenAPI): the checks
+# themselves stay in the reader, whose messages name the field and the reason
+_F32 = float(np.finfo(np.float32).max)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_F32_RANGE: dict[str, Any] = {"minimum": -_F32, "maximum": _F32}
+MAX_BUDGET_MS = 60_000.0  # a minute: past it an answer no longer serves an online request
 # what an HTTP header value can carry as is (no CR/LF, no non-Latin-1): the id is echoed
 REQUEST_ID_PATTERN = r"^[\x21-\x7e]*$"
 _REQUEST_ID_OK = re.compile(REQUEST_ID_PATTERN).match
@@ -36,7 +53,10 @@ class User(BaseModel):
     """The user the list is for."""
 
     model_config = _STRICT
-    id: int = Field(description="Raw user id (hashed by the service as in training).")
+    id: JsonInt = Field(
+        description="Raw user id (hashed by the service as in training), an int64.",
+        json_schema_extra={"minimum": _INT64_MIN, "maximum": _INT64_MAX},
+    )
     features: dict[str, FeatureValue] = Field(
         default_factory=dict,
         description="User dense features by name (the bundle's user_dense names, see "
@@ -48,8 +68,15 @@ class Candidate(BaseModel):
     """One candidate, in upstream order."""
 
     model_config = _STRICT
-    item_id: int = Field(description="Raw item id, unique within the request.")
-    score: FeatureValue = Field(description="Upstream ranker's score.")
+    item_id: JsonInt = Field(
+        description="Raw item id, unique within the request: an int64 >= 0 (negative ids "
+        "are padding).",
+        json_schema_extra={"minimum": 0, "maximum": _INT64_MAX},
+    )
+    score: FeatureValue = Field(
+        description="Upstream ranker's score (within the float32 range).",
+        json_schema_extra=_F32_RANGE,
+    )
     features: dict[str, int | FeatureValue] = Field(
         default_factory=dict,
         description="Item features by name: categorical ones (integers, raw ids) and dense "
@@ -73,9 +100,15 @@ class RerankIn(BaseModel):
     candidates: list[Candidate] = Field(
         min_length=1, description="Candidates in upstream order (1..max_candidates)."
     )
-    k: int = Field(description="Length of the returned list: 1..min(len(candidates), max_k).")
+    k: JsonInt = Field(
+        description="Length of the returned list: 1..min(len(candidates), max_k).",
+        json_schema_extra={"minimum": 1},
+    )
     budget_ms: FeatureValue | None = Field(
-        default=None, ge=0, description="Latency budget in ms (default: the server's)."
+        default=None,
+        ge=0,
+        le=MAX_BUDGET_MS,
+        description="Latency budget in ms, 0..60000 (default: the server's).",
     )
 
 
@@ -294,7 +327,7 @@ class RequestReader:
         if ids_a.min() < 0 or not (np.abs(numbers) <= _F32_MAX).all():
             return None  # negative ids, NaN, inf or beyond float32: the checked way says which
         if budget is not None and (
-            type(budget) not in _NUMBER_TYPES or not 0 <= budget <= _F32_MAX
+            type(budget) not in _NUMBER_TYPES or not 0 <= budget <= MAX_BUDGET_MS
         ):
             return None
         numbers32 = numbers.astype(np.float32)
@@ -375,6 +408,7 @@ class RequestReader:
                         raise invalid(f"candidates[{i}].features.{name}", _RANGE)
                     dense[i, at] = value
                 elif (at := self.cat_index.get(name)) is not None:
+                    value = _integral(value)
                     if not isinstance(value, int) or not _INT64[0] <= value <= _INT64[1]:
                         raise invalid(f"candidates[{i}].features.{name}",
                                       "categorical feature: want an integer id")  # fmt: skip
@@ -388,6 +422,29 @@ class RequestReader:
         """The item tower's inputs of `rows` (hashed as in training)."""
         h = hash_items(self.schema, p.item_ids[rows], p.item_cat[rows], p.item_dense[rows])
         return h.item_id, h.item_cat, h.item_dense
+
+
+def request_schema(reader: RequestReader | None) -> dict[str, Any]:
+    """RerankIn's JSON schema (its `$defs` refer to #/components/schemas/) with the served
+    bundle's limits when `reader` is given: at most max_candidates candidates, k at most
+    max_k, and the feature names the bundle knows (categorical ones int64, dense ones
+    numbers in the float32 range), nothing else."""
+    body = RerankIn.model_json_schema(ref_template="#/components/schemas/{model}")
+    if reader is None:
+        return body
+    props, defs, lim = body["properties"], body["$defs"], reader.limits
+    props["candidates"]["maxItems"] = lim.max_candidates
+    props["k"]["maximum"] = min(lim.max_k, lim.max_candidates)
+    number = {"type": "number", **_F32_RANGE}
+    categorical = {"type": "integer", "minimum": _INT64_MIN, "maximum": _INT64_MAX}
+    item = {**dict.fromkeys(reader.cat_names, categorical), **dict.fromkeys(reader.dense_names,
+            number)}  # fmt: skip
+    user = dict.fromkeys(reader.user_index, number)
+    for model, names in (("Candidate", item), ("User", user)):
+        features = defs[model]["properties"]["features"]
+        features.pop("additionalProperties", None)
+        features.update(type="object", properties=names, additionalProperties=False)
+    return body
 
 
 def _check_int64(field: str, value: int) -> None:

@@ -1,9 +1,9 @@
 """The FastAPI app: `create_app(settings)`; engine, cache and Redis client live in the
-lifespan and on `app.state.runtime`; routes are thin and get it through a typed dependency.
+lifespan and on `app.state.runtime` (service/lifecycle.py: open, warm, swap, reload,
+drain); routes are thin and get it through a typed dependency.
 
-Start-up: the bundle is verified and its sessions built before the server accepts
-connections; warm-up (every candidate bucket) runs after, in the background, and /readyz
-answers 503 until it is done (so does /v1/rerank: an orchestrator routes nothing here yet).
+/readyz answers 503 until the bundle is warmed (so does /v1/rerank: an orchestrator
+routes nothing here yet) and again once a shutdown drain begins.
 /healthz, /readyz and /metrics are also served on the admin port (service/admin.py), off
 the event loop, so that probes and scrapes are answered under overload.
 """
@@ -11,47 +11,34 @@ the event loop, so that probes and scrapes are answered under overload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from model.config import ModelConfig
-from model.features import FeatureSchema
-from service.admin import start_admin
+from service.admission import Admission, AdmissionConfig, Message, Scope, Send, shed_response
 from service.api import (
     ApiError,
     ErrorOut,
-    Limits,
     Parsed,
-    RequestReader,
-    RerankIn,
     RerankOut,
     bad_request_id,
     invalid,
+    request_schema,
 )
-from service.bundle import BundleError, read_manifest
-from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
-from service.engine import Engine, EngineConfig, open_engine
+from service.lifecycle import Runtime, lifespan
 from service.logs import RateLimit
 from service.metrics import Metrics
-from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
-from service.rerank import BatchConfig, Outcome, Reranker
+from service.rerank import Outcome
 from service.routing import DirectRoute, make_app
-from service.settings import Settings, resolve_bundle_dir
+from service.settings import Settings
 
 log = logging.getLogger("service")
 access_log = logging.getLogger("service.access")
@@ -59,58 +46,6 @@ degraded_log = logging.getLogger("service.degraded")  # one warning per degraded
 degraded_log.addFilter(RateLimit())  # at most 20/s (+ a count of the suppressed)
 
 _JSON = "application/json"
-
-
-@dataclass
-class Runtime:
-    """Everything a request needs, built once by the lifespan."""
-
-    settings: Settings
-    metrics: Metrics
-    # the served bundle: its engine, cache and decode policy are the reranker's, so a
-    # bundle swap is one assignment
-    reranker: Reranker | None = None
-    ready: bool = False
-    warmup_s: float | None = None
-    warmup_error: str | None = None
-
-    @property
-    def engine(self) -> Engine | None:
-        return self.reranker.engine if self.reranker is not None else None
-
-    @property
-    def cache(self) -> EmbeddingCache | None:
-        return self.reranker.cache if self.reranker is not None else None
-
-    @property
-    def policy(self) -> DecodePolicy | None:
-        return self.reranker.policy if self.reranker is not None else None
-
-    def set_ready(self, ready: bool) -> None:
-        """Readiness and its gauge (rerank_ready), always together."""
-        self.ready = ready
-        self.metrics.ready.set(int(ready))
-
-    def readiness(self) -> dict[str, Any]:
-        """/readyz's body, on either port: plain attribute reads (no await, no lock), so the
-        admin listener's threads may call it while the event loop runs."""
-        reranker = self.reranker  # once: a bundle swap between two reads would mix bundles
-        cache = reranker.cache if reranker is not None else None
-        return {
-            "ready": self.ready,
-            "model_version": reranker.engine.version if reranker is not None else None,
-            "warmup_s": self.warmup_s,
-            "warmup_error": self.warmup_error,
-            "redis": cache.breaker_state if cache is not None else "unknown",
-            "l1_items": len(cache.l1) if cache is not None else 0,
-            "redis_published": cache.l2.published if cache is not None and cache.l2 else None,
-            "decode_level": reranker.policy.level.name if reranker is not None else None,
-        }
-
-    def exposition(self) -> tuple[bytes, str]:
-        """/metrics' text and content type, on either port (every worker's in multiprocess
-        mode)."""
-        return self.metrics.render()
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -137,19 +72,26 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 def header(request: Request, name: bytes) -> str | None:
     """One request header (name in lower case), read from the ASGI scope: starlette's
-    request.headers builds a Headers object of every header first, ~10 us a request."""
+    request.headers builds a Headers object of every header first, on every request."""
     for key, value in request.scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
     return None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 beyond `limit` bytes (Content-Length, then the bytes)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 beyond `limit` bytes (Content-Length, then the bytes),
+    and with 408 when it has not all arrived `timeout_s` after the headers."""
     length = header(request, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "body_too_large", f"{length} bytes, at most {limit}", "body")
     chunks, size = [], 0
+    # a timer that cancels this task (asyncio.timeout's way, which Python 3.10 lacks;
+    # wait_for would cost a task per request)
+    task = asyncio.current_task()
+    assert task is not None
+    timer = _BodyTimer(task)
+    handle = asyncio.get_running_loop().call_later(timeout_s, timer.expire)
     try:
         async for chunk in request.stream():
             size += len(chunk)
@@ -159,237 +101,33 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
         raise ApiError(499, "client_closed_request", "the client closed the connection "
                        "before its body arrived", "body") from None  # fmt: skip
+    except asyncio.CancelledError:
+        if not timer.expired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11: this cancel is handled
+        if uncancel is not None:
+            uncancel()
+        # the rest may still come: the connection is closed after the 408
+        headers = getattr(request.state, "headers", None)
+        if headers is None:
+            request.state.headers = headers = {}
+        headers["Connection"] = "close"
+        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s "
+                       f"of the headers ({size} bytes came)", "body") from None  # fmt: skip
+    finally:
+        handle.cancel()
     return b"".join(chunks)
 
 
-def _open(runtime: Runtime, bundle_dir: Path) -> Engine:
-    """A verified bundle -> its engine (sessions built; raises BundleError / EngineError)."""
-    s = runtime.settings
-    return open_engine(
-        str(bundle_dir),
-        EngineConfig(
-            device=s.device,
-            precision=s.precision,
-            intra_op_threads=s.intra_op_threads,
-            inter_op_threads=s.inter_op_threads,
-            default_items_per_pass=s.items_per_pass,
-            io_binding=s.io_binding,
-        ),
-    )
+class _BodyTimer:
+    """Cancels the reading task once, when the body read's time is up."""
 
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task, self.expired = task, False
 
-def _model_labels(engine: Engine) -> tuple[str, str, str]:
-    manifest = engine.bundle.manifest
-    return engine.version, str(manifest.get("label", "")), str(manifest.get("created", ""))
-
-
-def _assemble(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> Reranker:
-    """Engine + policy -> its cache and batched reranker, started and on the runtime."""
-    s = runtime.settings
-    cache = _build_cache(runtime, engine)
-    limit = s.max_candidates or engine.model_config.max_candidates
-    reader = RequestReader(engine.model_config.schema, Limits(max_candidates=limit, max_k=s.max_k))
-    reranker = Reranker(
-        engine,
-        reader,
-        cache,
-        runtime.metrics,
-        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000),
-        policy,
-    )
-    reranker.start()
-    runtime.reranker = reranker  # one assignment on the event loop: a request sees old or new
-    runtime.metrics.model_info.labels(*_model_labels(engine)).set(1)
-    return reranker
-
-
-async def _retire(old: Reranker, timeout_s: float = 30.0) -> None:
-    """After a swap: let the old reranker finish what it holds, then close it."""
-    deadline = time.monotonic() + timeout_s
-    while old.active and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    await _close(old)
-
-
-async def _close(reranker: Reranker) -> None:
-    """Stop a reranker's batcher and engine thread, then its Redis client."""
-    await reranker.close()
-    if reranker.cache.l2 is not None:
-        await reranker.cache.l2.close()
-
-
-async def _reload_loop(runtime: Runtime) -> None:
-    """Watch the artifacts dir's `latest`: a new version is opened (every sha256 checked),
-    warmed and swapped in while the old one serves; one that fails leaves the old serving
-    (logged, counted) and is not retried until `latest` names another version."""
-    s, failed = runtime.settings, None
-    while True:
-        await asyncio.sleep(s.reload_interval_s)
-        try:
-            target = resolve_bundle_dir(s.bundle)
-        except (ValueError, OSError) as e:  # a half-written `latest`: look again next time
-            log.warning("bundle reload: %s", e)
-            continue
-        current = runtime.engine.bundle.path if runtime.engine is not None else None
-        if target in (current, failed):
-            continue
-        try:  # anything that goes wrong keeps the old bundle serving, and the watch going
-            engine, policy = await _prepare(runtime, target)
-        except Exception as e:
-            failed = target
-            runtime.metrics.reloads.labels("error").inc()
-            log.error("bundle reload: %s failed, still serving %s: %s", target,
-                      runtime.engine.version if runtime.engine else None, e)  # fmt: skip
-            continue
-        failed = None
-        old = runtime.reranker
-        _assemble(runtime, engine, policy)
-        if old is not None:  # model_info names the served bundle only
-            unlabel_model(runtime.metrics, old.engine)
-        runtime.metrics.reloads.labels("ok").inc()
-        log.info("bundle reload: now serving %s", engine.version)
-        if old is not None:
-            await _retire(old)
-
-
-async def _prepare(runtime: Runtime, target: Path) -> tuple[Engine, DecodePolicy]:
-    """The bundle at `target` opened (every sha256 checked), checked against the served
-    limits and warmed, ready to swap in; raises whatever went wrong."""
-    s = runtime.settings
-    problem = _misfit(runtime, target)
-    if problem is not None:  # the API's limits must not shrink under the clients
-        raise BundleError(f"refused: {problem}")
-    log.info("bundle reload: loading %s", target)
-    engine = await anyio.to_thread.run_sync(_open, runtime, target)
-    policy = decode_policy(s, engine.heads)  # its own levels: its heads may differ
-    if s.warmup:
-        await anyio.to_thread.run_sync(_warm, engine, s, policy)
-    return engine, policy
-
-
-def unlabel_model(metrics: Metrics, engine: Engine) -> None:
-    """rerank_model_info no longer names this engine's bundle. set(0) first: in
-    multiprocess mode remove() leaves the value in this worker's file, where the old
-    version would still read 1."""
-    labels = _model_labels(engine)
-    metrics.model_info.labels(*labels).set(0)
-    with contextlib.suppress(KeyError):
-        metrics.model_info.remove(*labels)
-
-
-def _misfit(runtime: Runtime, target: Path) -> str | None:
-    """Why the bundle at `target` cannot serve the limits the API has now (None: it can):
-    a reload must not turn requests that are valid now into 422s or engine errors."""
-    s, reranker = runtime.settings, runtime.reranker
-    try:  # read_manifest checks every field (check_manifest): a malformed one is a BundleError
-        cfg = ModelConfig.from_dict(read_manifest(target)["model_config"])
-    except BundleError as e:
-        return str(e)
-    if reranker is not None:  # a feature name known now would become a 422
-        known = set(_feature_names(cfg.schema))
-        gone = sorted(set(_feature_names(reranker.reader.schema)) - known)
-        if gone:
-            return f"it does not know the features {gone}, which requests may send now"
-    limit = reranker.reader.limits.max_candidates if reranker is not None else 0
-    if cfg.max_candidates < limit:
-        return f"its max_candidates {cfg.max_candidates} < the served limit {limit}"
-    if cfg.max_steps < s.max_k:
-        return f"its max_steps {cfg.max_steps} < max_k {s.max_k}"
-    if s.items_per_pass is not None and cfg.omtp_heads < s.items_per_pass:
-        return f"its {cfg.omtp_heads} heads < items_per_pass {s.items_per_pass}"
-    return None
-
-
-def _feature_names(schema: FeatureSchema) -> tuple[str, ...]:
-    """Every feature name a request may send under `schema` (items', then the user's)."""
-    return schema.categorical_names + schema.item_dense + schema.user_dense
-
-
-def decode_policy(s: Settings, heads: int) -> DecodePolicy:
-    """The settings' decode policy: fixed at one level, or adaptive over the ladder."""
-    budget_s = s.default_budget_ms / 1000
-    if s.decode_policy == "fixed":
-        return fixed(DecodeLevel(s.items_per_pass or heads), budget_s)
-    levels = ladder(s.items_per_pass or heads, s.beam)
-    # step faster at once when the queue is half full (past max_queue requests are shed)
-    config = PolicyConfig(budget_s=budget_s, queue_limit=max(1, s.max_queue // 2))
-    return DecodePolicy(levels, config)
-
-
-def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
-    s, metrics = runtime.settings, runtime.metrics
-    l1 = L1Cache(s.l1_cache_bytes, engine.d_model)
-    l2 = None
-    if s.redis_url is None:
-        log.info("no RERANK_REDIS_URL: embedding cache is L1 (in-process) + item tower only")
-    else:
-        gauge = metrics.breaker_open
-        gauge.set(0)  # a new breaker starts closed (also after a bundle swap)
-        # set by each worker as its own breaker moves: livemax over the workers is right
-        breaker = CircuitBreaker(s.breaker_failures, s.breaker_cooldown_s,
-                                 on_change=lambda state: gauge.set(state != "closed"))  # fmt: skip
-        config = RedisConfig(s.redis_url, s.redis_prefix, s.redis_timeout_ms / 1000,
-                             s.writeback_queue, s.redis_cluster, s.writeback_ttl_s)  # fmt: skip
-        l2 = RedisL2(config, engine.version, engine.d_model, breaker, metrics)
-        l2.start()
-    return EmbeddingCache(l1, l2, metrics)
-
-
-def _warm_sizes(s: Settings) -> list[int]:
-    """Batch sizes 1, 2, 4, .. max_batch: the shapes batching will produce most."""
-    return [1 << i for i in range(s.max_batch.bit_length())]
-
-
-def _warm(engine: Engine, s: Settings, policy: DecodePolicy) -> float:
-    """Every bucket x batch size x decode level the policy may pick (engine thread)."""
-    greedy = [lv.items_per_pass for lv in policy.levels if lv.beam == 1]
-    beam = max(lv.beam for lv in policy.levels)
-    return engine.warmup(_warm_sizes(s), _warm_k(s, engine), greedy, beam)
-
-
-def _warm_k(s: Settings, engine: Engine) -> int:
-    return min(s.max_k, engine.model_config.max_steps)
-
-
-async def _warm_up(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> None:
-    """Warm every bucket, then ready. A warm-up that fails (e.g. the device runs out of
-    memory) leaves the worker not ready, said in /readyz, the log and rerank_ready = 0
-    (the GrefNoReadyInstance alert), rather than serving a model that cannot run."""
-    s = runtime.settings
-    try:
-        if s.warmup:
-            runtime.warmup_s = await anyio.to_thread.run_sync(_warm, engine, s, policy)
-    except Exception as e:
-        runtime.warmup_error = f"{type(e).__name__}: {e}"
-        log.exception("warm-up of model %s failed: not ready", engine.version)
-        return
-    runtime.set_ready(True)
-    log.info("ready: model %s", engine.version)
-
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    runtime: Runtime = app.state.runtime
-    s = runtime.settings
-    runtime.set_ready(False)
-    engine = await anyio.to_thread.run_sync(_open, runtime, s.bundle_dir)
-    policy = decode_policy(s, engine.heads)
-    _assemble(runtime, engine, policy)
-    # once the bundle is loaded, as the main port: Prometheus' `up` keeps its meaning
-    app.state.admin = admin = start_admin(runtime)
-    tasks = [asyncio.create_task(_warm_up(runtime, engine, policy), name="warm-up")]
-    if s.reload_interval_s > 0 and s.bundle != s.bundle_dir:  # an artifacts dir: watch it
-        tasks.append(asyncio.create_task(_reload_loop(runtime), name="bundle-reload"))
-    try:
-        yield
-    finally:
-        runtime.set_ready(False)
-        for task in tasks:
-            task.cancel()
-        if admin is not None:  # shutdown() waits for its poll: off the loop
-            await anyio.to_thread.run_sync(admin.close)
-        if runtime.reranker is not None:
-            await _close(runtime.reranker)
+    def expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
 
 
 # the Server-Timing header (tests/bench/echo_app.py sends the same, with zeros)
@@ -461,23 +199,97 @@ def _respond(
 
 
 def _custom_openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus RerankIn (the body is parsed from bytes, not by FastAPI)."""
-    if app.openapi_schema is None:
+    """FastAPI's schema plus RerankIn (the body is parsed from bytes, not by FastAPI) with
+    the served bundle's limits (rebuilt after a swap: they may have grown)."""
+    reranker = app.state.runtime.reranker
+    reader = reranker.reader if reranker is not None else None
+    if app.openapi_schema is None or getattr(app.state, "openapi_reader", None) is not reader:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description=app.description)  # fmt: skip
-        body = RerankIn.model_json_schema(ref_template="#/components/schemas/{model}")
+        body = request_schema(reader)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(body.pop("$defs", {}))
         components["RerankIn"] = body
-        app.openapi_schema = schema
+        app.openapi_schema, app.state.openapi_reader = schema, reader
     return app.openapi_schema
+
+
+RERANK_PATH = "/v1/rerank"
+
+
+class RerankApp(FastAPI):
+    """FastAPI whose own ASGI entry asks the admission gate first: a rerank request shed
+    there is answered before FastAPI's middleware, routing and body read (service/
+    admission.py)."""
+
+    gate: _Gate | None = None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
+        gate = self.gate
+        if (
+            gate is not None
+            and scope["type"] == "http"
+            and scope["path"] == RERANK_PATH
+            and not gate.admission.admit()
+        ):
+            await gate.shed(scope, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+class _Gate:
+    """The shed answer: a pre-built 503 (Retry-After, JSON error body), the request's
+    X-Request-ID (the client's when valid, else a new one), counted in the metrics."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        assert runtime.admission is not None
+        self.admission, self.metrics = runtime.admission, runtime.metrics
+        start, self.body = shed_response(runtime.settings.retry_after_s)
+        self.status, self.headers = start["status"], list(start["headers"])
+        self.rejected = self.metrics.duration_of["rejected"]
+        self.shed_count = self.metrics.shed
+
+    async def shed(self, scope: Scope, send: Send) -> None:
+        t0 = time.perf_counter()
+        request_id = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")
+                break
+        if request_id is None or bad_request_id(request_id) is not None:
+            request_id = new_request_id()
+        start: Message = {
+            "type": "http.response.start",
+            "status": self.status,
+            "headers": [*self.headers, (b"x-request-id", request_id.encode("latin-1"))],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": self.body})
+        self.shed_count.inc()
+        self.rejected.observe(time.perf_counter() - t0)
+
+
+def _admission(s: Settings, metrics: Metrics) -> Admission:
+    config = AdmissionConfig(s.default_budget_ms / 1000, s.admission_share, s.admission_floor,
+                             s.retry_after_s)  # fmt: skip
+    admission = Admission(config)
+
+    def publish(a: Admission) -> None:  # every measurement window: the gauges
+        metrics.admission_limit.set(a.limit)
+        metrics.loop_lag.set(a.lag)
+
+    admission.on_tick = publish
+    return admission
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, configured by `settings` (default: Settings() from the environment)."""
     settings = settings if settings is not None else Settings()
     runtime = Runtime(settings=settings, metrics=Metrics())
+    if settings.admission:
+        runtime.admission = _admission(settings, runtime.metrics)
     app = make_app(
+        cls=RerankApp,
         otel=settings.otel,
         title="gref-serve",
         version="0.1.0",
@@ -485,6 +297,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.gate = _Gate(runtime) if runtime.admission is not None else None
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
@@ -493,28 +306,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def rerank(request: Request) -> Response:
         """Rerank the candidates: the top k, best first."""
-        arrival = time.perf_counter()
+        entry = time.perf_counter()
         runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
-        metrics, s = runtime.metrics, runtime.settings
+        metrics, s, admission = runtime.metrics, runtime.settings, runtime.admission
         request_id = header(request, b"x-request-id")
         refused = None if request_id is None else bad_request_id(request_id)
         if request_id is None or refused is not None:
             request_id = new_request_id()  # a refused header is not echoed back
         request.state.headers = {"X-Request-ID": request_id}
         metrics.inflight.inc()
+        working = served = False
         try:
             try:
                 if refused is not None:
                     raise invalid("X-Request-ID", refused)
                 if not runtime.ready or runtime.reranker is None:
                     raise ApiError(503, "not_ready", "model is loading or warming up")
-                body = await read_body(request, s.max_body_bytes)
+                body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
+                # the budget runs from here: a slow upload does not spend it
+                arrival = time.perf_counter()
+                if admission is not None:
+                    admission.begin()
+                    working = True
                 # once, and after the last await before reranker.rerank() counts the
                 # request as active: a swap's retire of the old one then waits for it
                 reranker = runtime.reranker
                 parsed = reranker.reader.read_json(body)
             except ApiError as e:
-                metrics.duration_of["rejected"].observe(time.perf_counter() - arrival)
+                metrics.duration_of["rejected"].observe(time.perf_counter() - entry)
                 access_log.debug(  # a client's mistake, not the service's problem
                     "%s", orjson.dumps({"request_id": request_id, "status": e.status,
                                         "field": e.field, "error": e.message}).decode()
@@ -527,18 +346,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
             if out is None:  # the client went away before the engine ran it: nobody to answer
                 return Response(status_code=499)
+            served = True
             return _respond(
                 runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
             )
         except ApiError:
             raise
         except Exception:  # the service's own failure (a bug): counted, logged, a JSON 500
-            metrics.duration_of["error"].observe(time.perf_counter() - arrival)
+            metrics.duration_of["error"].observe(time.perf_counter() - entry)
             log.exception("request %s failed", request_id)
             error = ApiError(500, "internal_error", f"the service failed (request {request_id})")
             return json_response(error.body(), error.status, request.state.headers)
         finally:
             metrics.inflight.dec()
+            if working:
+                admission.end(served)  # type: ignore[union-attr]
 
     app.router.add_api_route(
         "/v1/rerank",
@@ -546,7 +368,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         methods=["POST"],
         route_class_override=DirectRoute,  # reads its own body: no DI, no FastAPI validation
         response_model=RerankOut,
-        responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+        responses={
+            408: {"model": ErrorOut, "description": "the body did not arrive in time"},
+            413: {"model": ErrorOut},
+            422: {"model": ErrorOut},
+            503: {
+                "model": ErrorOut,
+                "description": "not ready, or overloaded: shed before the body was read "
+                "(with Retry-After); the caller keeps its upstream order",
+            },
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,

@@ -50,6 +50,7 @@ BREAKER_FLOOR_S = 0.002  # a timeout after a wait this long counts as a Redis fa
 
 WRITE_DTYPE = "<f2"  # publish's default: half the bytes; the model's inputs are float32
 _WRITE_BATCH = 256  # embeddings per MSET of the write-back task
+META_CHECK_S = 5.0  # how often the version's meta key (published or not) is read again
 
 
 class L1Cache:
@@ -255,42 +256,56 @@ class RedisL2:
         self._checker.add_done_callback(_log_crash)
 
     async def _check_published(self) -> None:
-        """Read the version's meta key (written last by `python -m export publish`): say
-        once whether this bundle's embeddings are in Redis, and refuse a dimension that
-        is not the model's. `published`: True, False, or None (Redis did not answer)."""
+        """Read the version's meta key (written last by `python -m export publish`) now and
+        every META_CHECK_S: whether this bundle's embeddings are in Redis (a Redis that
+        restarted empty, or was flushed, says so within that time), and refuse a dimension
+        that is not the model's. Each change is logged once. `published`: True, False, or
+        None (Redis did not answer)."""
+        while True:
+            await self._read_meta()
+            await asyncio.sleep(META_CHECK_S)
+
+    async def _read_meta(self) -> None:
+        was = self.published
         try:
             raw = await asyncio.wait_for(
                 self.client.get(f"{self.base}__meta__"), 5 * self.timeout_s
             )
         except (*REDIS_ERRORS, TimeoutError) as e:
-            log.warning(
-                "redis: could not read the embeddings' meta key %s__meta__: %r", self.base, e
-            )
+            if was is not None:
+                log.warning("redis: could not read the embeddings' meta key %s__meta__: %r",
+                            self.base, e)  # fmt: skip
+            self.published = None
             return
         if raw is None:
-            self.published = False
-            log.warning("redis: no embeddings published for this version (%s__meta__ is "
-                        "missing; run `python -m export publish`): L2 misses until the "
-                        "item tower's write-backs fill it", self.base)  # fmt: skip
+            self.published = self.refused = False
+            if was is not False:
+                log.warning("redis: no embeddings published for this version (%s__meta__ is "
+                            "missing; run `python -m export publish`): L2 misses until the "
+                            "item tower's write-backs fill it", self.base)  # fmt: skip
             return
         try:
             meta = json.loads(raw)
             dim = int(meta["dim"])
         except (ValueError, KeyError, TypeError):
-            log.error("redis: meta key %s__meta__ is not publish's JSON: %r", self.base, raw[:200])
+            if was is not False:
+                log.error("redis: meta key %s__meta__ is not publish's JSON: %r", self.base,
+                          raw[:200])  # fmt: skip
             self.published = False
             return
         if dim != self.dim:
             # values of another width could still decode (float16 at 2d reads as float32
             # at d): garbage. No reads, no write-backs into that key space
+            if not self.refused:
+                log.error("redis: published embeddings have dim %d, the model %d: L2 reads "
+                          "and write-backs are off (every item from L1 or the item tower)",
+                          dim, self.dim)  # fmt: skip
             self.refused, self.published = True, False
-            log.error("redis: published embeddings have dim %d, the model %d: L2 reads and "
-                      "write-backs are off (every item from L1 or the item tower)",
-                      dim, self.dim)  # fmt: skip
             return
-        self.published = True
-        log.info("redis: %s embeddings of this version published (%s)",
-                 meta.get("count"), meta.get("dtype"))  # fmt: skip
+        self.refused, self.published = False, True
+        if not was:
+            log.info("redis: %s embeddings of this version published (%s)",
+                     meta.get("count"), meta.get("dtype"))  # fmt: skip
 
     async def _set_new(self, mapping: dict[str, bytes]) -> None:
         """SET NX (with the write-back expiry) per key, pipelined: a key that exists is

@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from model.config import ModelConfig
-from model.features import HashedItems
-from service.bundle import (
+from contract.bundle import (
     FIRST_SCORES,
     Bundle,
     BundleError,
@@ -40,6 +38,8 @@ from service.bundle import (
     load_bundle,
     past_names,
 )
+from contract.config import ModelConfig
+from contract.features import HashedItems
 from service.decoding import Deadlines, Decoded, beam, greedy, valid_lists
 from service.ort_sessions import (
     CUDA_DEVICE_ID,
@@ -90,7 +90,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RerankRequest:
-    """One request, candidates in upstream order. Ids are hashed buckets (model.features).
+    """One request, candidates in upstream order. Ids are hashed buckets (contract.features).
 
     static: (m, d) float32 cached static embeddings; rows where `missing` is True (or all
     rows, when static is None) are computed by the item tower from `items`."""

@@ -33,7 +33,8 @@ POW2_BUCKETS = tuple(float(1 << i) for i in range(11))  # 1 .. 1024
 CANDIDATE_BUCKETS = (8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 PASS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 
-# rejected: a client's mistake (422, 413) or not ready (503); error: the service's own
+# rejected: a client's mistake (422, 413, 408), not ready (503) or shed at the door
+# (503 overloaded, also rerank_shed_requests_total); error: the service's own
 # failure, a 500 (none is expected: every failure after validation degrades instead)
 OUTCOMES = ("ok", "degraded", "rejected", "error")
 STAGES = ("queue", "cache", "encode", "decode", "total_model")
@@ -126,6 +127,26 @@ class Metrics:
             "(its budget_ms, or the default): over 1% of answers means the p99 of latency "
             "relative to each request's budget is over 1.",
             registry=registry,
+        )
+        self.shed = Counter(
+            "rerank_shed_requests_total",
+            "Rerank requests answered 503 at the door, before their body was read: the "
+            "service could not have started them within the default budget (also counted "
+            'in rerank_request_duration_seconds{outcome="rejected"}).',
+            registry=registry,
+        )
+        self.admission_limit = Gauge(
+            "rerank_admission_limit",
+            "Requests the service admits at once (working ones beyond it are shed at the "
+            "door): the measured answer rate x the time a request may wait.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.loop_lag = Gauge(
+            "rerank_event_loop_lag_seconds",
+            "How late the event loop runs a timer (smoothed); the worst worker's.",
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.ready = Gauge(
             "rerank_ready",

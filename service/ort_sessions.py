@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from service.bundle import Bundle, BundleError
+from contract.bundle import Bundle, BundleError
 
 if TYPE_CHECKING:
     from service.engine import DeviceBatch, EncodedBatch, Engine

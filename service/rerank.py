@@ -202,7 +202,7 @@ class Reranker:
         # per-request deadline completes its list early instead)
         timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), _expire, job)
         # a hang-up is watched for only once the request has queued a while: a task per
-        # request costs more CPU (~13 us) than the engine work it could save on a short wait
+        # request costs more CPU than the engine work it could save on a short wait
         watch: list[asyncio.Future[None]] = []
         starter = None if gone is None else loop.call_later(WATCH_AFTER_S, _start_watch,
                                                             gone, job, watch)  # fmt: skip
@@ -401,8 +401,8 @@ def _cancelling() -> bool:
 
 class EngineThread:
     """The one thread the engine runs in. A plain queue in, call_soon_threadsafe out: a
-    third of the CPU of anyio.to_thread.run_sync's hop (measured 41 vs 132 us per call on
-    this machine's vCPUs), which a batch of one pays per request."""
+    fraction of the CPU of anyio.to_thread.run_sync's hop, which a batch of one pays per
+    request."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()

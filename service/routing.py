@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+App = TypeVar("App", bound=FastAPI)
 
 _TELEMETRY = "telemetry" in inspect.signature(FastAPI.__init__).parameters
 _TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False}
@@ -49,8 +50,9 @@ class DirectRoute(APIRoute):
         return handler
 
 
-def make_app(*, otel: bool = False, **kwargs: Any) -> FastAPI:
-    """FastAPI(**kwargs), with FastAPI's native OpenTelemetry off unless `otel`."""
+def make_app(*, otel: bool = False, cls: type[App] = FastAPI, **kwargs: Any) -> App:  # type: ignore[assignment]
+    """cls(**kwargs) (FastAPI or a subclass), with FastAPI's native OpenTelemetry off
+    unless `otel`."""
     if _TELEMETRY and not otel:
         kwargs["telemetry"] = _TELEMETRY_OFF
-    return FastAPI(**kwargs)
+    return cls(**kwargs)

@@ -16,7 +16,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.bundle import LATEST, MANIFEST, BundleError, latest_version, read_manifest
+from contract.bundle import LATEST, MANIFEST, BundleError, latest_version, read_manifest
+from contract.config import ModelConfig
+from contract.limits import limits_misfit
 
 
 def resolve_bundle_dir(path: Path) -> Path:
@@ -30,6 +32,28 @@ def resolve_bundle_dir(path: Path) -> Path:
             raise ValueError(f"{path / LATEST} names {bundle.name!r}, which has no {MANIFEST}")
         return bundle
     raise ValueError(f"{path}: neither a bundle (no {MANIFEST}) nor an artifacts dir (no {LATEST})")
+
+
+def serving_choices(path: Path) -> tuple[list[Path], str | None]:
+    """The bundle directories to try serving, in order, and why `latest` is not what they
+    are (None: it is): `resolve_bundle_dir(path)`, or, when `path` is a directory whose
+    `latest` is missing, unreadable or names no bundle, every version in it with a
+    readable manifest, newest (`created`) first. Raises ValueError when there is none."""
+    try:
+        return [resolve_bundle_dir(path)], None
+    except (ValueError, OSError, BundleError) as e:
+        problem = str(e)
+    versions = []
+    if path.is_dir():
+        for child in path.iterdir():
+            try:
+                created = str(read_manifest(child)["created"])
+            except (BundleError, OSError, KeyError):
+                continue
+            versions.append((created, child.name, child))
+    if not versions:
+        raise ValueError(f"{problem}; and no bundle in {path} to serve instead")
+    return [child for _, _, child in sorted(versions, reverse=True)], problem
 
 
 class Settings(BaseSettings):
@@ -140,6 +164,33 @@ class Settings(BaseSettings):
         description="Requests allowed to wait for the engine; beyond it a request is answered "
         "at once in upstream order, degraded with reason 'overload'.",
     )
+    admission: bool = Field(
+        default=True,
+        description="Admission at the door: a rerank request the service cannot start "
+        "within the default budget (working requests beyond the measured answer rate x "
+        "admission_share x the budget, or an event loop lagging more than that) is "
+        "answered 503 with Retry-After at once, before its body is read. Off: every "
+        "request is read, parsed and queued (max_queue still answers 'overload').",
+    )
+    admission_share: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Share of the default budget a request may wait in the service before "
+        "it starts (the rest is its own lookup and decode): what admission sizes its "
+        "limit by.",
+    )
+    admission_floor: int = Field(
+        default=32,
+        ge=1,
+        description="Working requests always admitted, whatever the measured rate (a "
+        "batch's worth: bursts at low load are not shed).",
+    )
+    retry_after_s: int = Field(
+        default=1,
+        ge=0,
+        description="Retry-After of a request shed at the door (503), s.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="onnxruntime device: auto (CUDA when available), cpu or cuda."
     )
@@ -165,6 +216,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest accepted request body, bytes (larger: 413)."
     )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time a request's body may take to arrive once its headers have, s; "
+        "later: 408 and the connection closed. The budget starts when the body has arrived.",
+    )
     warmup: bool = Field(
         default=True, description="Run every candidate bucket once before /readyz says ready."
     )
@@ -189,6 +246,23 @@ class Settings(BaseSettings):
         "scrapes are answered under overload. 0 = off. With workers > 1 every worker listens "
         "on it (SO_REUSEPORT).",
     )
+    keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        le=3600,
+        description="Seconds an idle keep-alive connection stays open. Longer than the idle "
+        "timeout of the load balancer in front (60 s on the common ones), so the service "
+        "never closes a connection the balancer is about to reuse (a 502 for its client).",
+    )
+    drain_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="On SIGTERM: seconds during which /readyz fails while requests are "
+        "still served, so load balancers stop sending here (at least their readiness "
+        "probe period x failure threshold); then the listener closes and in-flight "
+        "requests finish. 0 = stop at once.",
+    )
     workers: int = Field(
         default=1,
         ge=1,
@@ -208,7 +282,7 @@ class Settings(BaseSettings):
     @field_validator("bundle")
     @classmethod
     def _bundle_exists(cls, path: Path) -> Path:
-        resolve_bundle_dir(path)  # a bundle, or an artifacts dir naming one
+        serving_choices(path)  # a bundle, or an artifacts dir with one
         return path
 
     @model_validator(mode="after")
@@ -220,23 +294,20 @@ class Settings(BaseSettings):
 
     @property
     def bundle_dir(self) -> Path:
-        """The bundle directory to serve: `bundle`, or the version its `latest` names now."""
-        return resolve_bundle_dir(self.bundle)
+        """The bundle directory to serve: `bundle`, or the version its `latest` names now
+        (when `latest` names none: the newest version in it, see serving_choices)."""
+        return serving_choices(self.bundle)[0][0]
 
     @model_validator(mode="after")
     def _within_the_model(self) -> Settings:
         """Limits must fit the bundle's model (its manifest is read, nothing else)."""
-        try:
-            cfg = read_manifest(self.bundle_dir)["model_config"]
+        try:  # read_manifest checks every field, model_config included (check_manifest)
+            cfg = ModelConfig.from_dict(read_manifest(self.bundle_dir)["model_config"])
         except BundleError as e:
             raise ValueError(str(e)) from e
-        most, steps, heads = cfg["max_candidates"], cfg["max_steps"], cfg["omtp_heads"]
-        if self.max_candidates is not None and self.max_candidates > most:
-            raise ValueError(f"max_candidates={self.max_candidates} > the bundle's {most}")
-        if self.max_k > steps:
-            raise ValueError(f"max_k={self.max_k} > the model's max_steps {steps}")
-        if self.items_per_pass is not None and self.items_per_pass > heads:
-            raise ValueError(f"items_per_pass={self.items_per_pass} > the model's {heads} heads")
+        problem = limits_misfit(cfg, self.max_candidates, self.max_k, self.items_per_pass)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property

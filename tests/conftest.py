@@ -1,4 +1,5 @@
-"""Shared fixtures. `redis_url`: a real Redis for the whole session."""
+"""Shared fixtures: `redis_url` (a real Redis for the whole run), `redis_process` (a
+private one a test may stop), and tests/support/fixtures.py's (`tiny_bundle`, ...)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.redis_server import RedisProcess, find_redis_server
+
+pytest_plugins = ["tests.support.fixtures"]
 
 
 def _redis_binary() -> str:

@@ -38,6 +38,8 @@ def problems(kind: str) -> list[str]:
             importlib.import_module(module)
         if "torch" in sys.modules:
             found.append("importing the service imported torch")
+        if "model" in sys.modules:  # service/ and publish read the contract package only
+            found.append("importing the service imported the offline package model")
     return found
 
 

@@ -56,9 +56,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from contract.config import ModelConfig  # noqa: E402
 from model.baselines import NAR4Rec  # noqa: E402
 from model.checkpoint import build_model  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
 from model.tensors import Inputs  # noqa: E402
 
 # the engine's own optimization levels and session.run fast path, so both sides run alike
@@ -387,7 +387,7 @@ def table(cells: list[Cell], what: dict[str, str], reps: int, warmup: int, k: in
             f"| {p50['nar']:7.3f} | {p90['nar']:7.3f} | {n4_nar:7.2f}x | {n1_n4:6.2f}x |"
         )
         verdicts.append(
-            f"  m = {c.m:3d}: n=4 / NAR {n4_nar:.2f}x (target <= {TARGET}x): "
+            f"  m = {c.m:3d}: n=4 / NAR {n4_nar:.2f}x (goal <= {TARGET}x): "
             f"{'met' if n4_nar <= TARGET else 'MISSED'}; n=1 / n=4 {n1_n4:.2f}x"
         )
     lines += [

@@ -148,10 +148,10 @@ def default_bundle(workdir: Path) -> tuple[Path, str]:
         return resolve_bundle_dir(artifacts), "bundle artifacts/ (latest)"
     import torch
 
+    from contract.config import ModelConfig
     from export.build import build_bundle
     from export.config import ExportConfig
     from model.checkpoint import save_checkpoint
-    from model.config import ModelConfig
     from model.network import GenReranker
 
     cfg = ModelConfig.preset("fast")

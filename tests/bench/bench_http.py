@@ -31,7 +31,7 @@ On a machine with >= 2 cores the servers are pinned to one core and the load gen
 another (taskset / sched_setaffinity), so each target gets one core: "one process per core".
 CPU used by the server and the client in each measured window is read from /proc.
 
-Targets (issue): service throughput >= 50% of the echo's; service p99 <= 5 ms at half its
+Goals: service throughput >= 50% of the echo's; service p99 <= 5 ms at half its
 maximum throughput. Printed as ratios, never asserted.
 """
 
@@ -56,12 +56,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from loadtest.scrapes import window_quantile  # noqa: E402
+from loadtest.traffic import FeatureSpec, Traffic, TrafficConfig  # noqa: E402
 from tests.support.redis_server import free_port  # noqa: E402
 
 # Keep this module's imports light: the spawned load process imports it too (no torch,
@@ -78,30 +79,18 @@ now = time.perf_counter
 # ---------------------------------------------------------------- requests
 
 
-def build_bodies(schema: dict[str, Any], m: int, k: int, n: int = N_BODIES, seed: int = 0
+def build_bodies(manifest: dict[str, Any], m: int, k: int, n: int = N_BODIES, seed: int = 0
                  ) -> list[bytes]:  # fmt: skip
-    """n distinct rerank bodies for the bundle's FeatureSchema (manifest's model_config.schema):
-    raw ids, categorical raw ids, dense features, upstream scores in descending order."""
-    rng = np.random.default_rng(seed)
-    pool = rng.choice(1_000_000, 4 * m * 16, replace=False)  # a catalogue of item ids
-    cats = [(str(name), int(buckets)) for name, buckets in schema["item_categorical"]]
-    bodies = []
-    for _ in range(n):
-        ids = rng.choice(pool, m, replace=False)
-        scores = np.sort(rng.standard_normal(m))[::-1]
-        candidates = []
-        for item_id, score in zip(ids, scores, strict=True):
-            feats: dict[str, int | float] = {
-                name: int(rng.integers(0, 4 * buckets)) for name, buckets in cats
-            }
-            feats.update({name: float(rng.standard_normal()) for name in schema["item_dense"]})
-            candidates.append({"item_id": int(item_id), "score": float(score), "features": feats})
-        user = {
-            "id": int(rng.integers(0, 1 << 40)),
-            "features": {name: float(rng.standard_normal()) for name in schema["user_dense"]},
-        }
-        bodies.append(orjson.dumps({"user": user, "candidates": candidates, "k": k}))
-    return bodies
+    """n distinct rerank bodies for the served bundle (its manifest's feature schema), made
+    by the load test's traffic generator with one m and one k, every body valid and on the
+    server's default budget; item ids drawn uniformly from a catalogue of 64 m ids, so the
+    warm-up leaves them all in the cache."""
+    config = TrafficConfig(
+        catalogue=64 * m, zipf=0.0, new_item_share=0.0, invalid_share=0.0,
+        m_mix=((m, 1.0),), k_mix=((k, 1.0),), budget_mix=((None, 1.0),), seed=seed,
+    )  # fmt: skip
+    traffic = Traffic(FeatureSpec.from_manifest(manifest), config)
+    return [traffic.next().body for _ in range(n)]
 
 
 def http_request(port: int, body: bytes) -> bytes:
@@ -513,7 +502,7 @@ class ServerProcess:
         """/readyz 200 (the service: bundle loaded and every bucket warmed)."""
         import httpx
 
-        from tests.e2e.server import wait_ready
+        from tests.support.server import wait_ready
 
         deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.url, timeout=5) as client:
@@ -587,7 +576,7 @@ def resolve_bundle(bundle: Path | None, workdir: Path) -> tuple[Path, str]:
 
     from export.build import build_bundle
     from export.config import ExportConfig
-    from tests.unit.test_export import make_checkpoint, make_items
+    from tests.support.bundle import make_checkpoint, make_items
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -601,24 +590,6 @@ def resolve_bundle(bundle: Path | None, workdir: Path) -> tuple[Path, str]:
     return path, "tiny random test bundle (no artifacts/latest)"
 
 
-_SAMPLE = re.compile(r"^rerank_request_duration_seconds_bucket\{([^}]*)\} (\S+)$", re.M)
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-
-def duration_buckets(
-    text: str, outcomes: tuple[str, ...] = ("ok", "degraded")
-) -> dict[float, float]:
-    """Cumulative counts by upper bound of rerank_request_duration_seconds, summed over
-    `outcomes` (served requests; 'rejected' are refused bodies)."""
-    out: dict[float, float] = {}
-    for labels, value in _SAMPLE.findall(text):
-        lab = dict(_LABEL.findall(labels))
-        if lab.get("outcome") in outcomes:
-            le = float(lab["le"])  # "+Inf" -> inf
-            out[le] = out.get(le, 0.0) + float(value)
-    return out
-
-
 _BATCH = re.compile(r"^rerank_batch_size_(sum|count) (\S+)$", re.M)
 
 
@@ -630,24 +601,6 @@ def batch_totals(before: str, after: str) -> tuple[float, float]:
 
     b, a = totals(before), totals(after)
     return a.get("sum", 0.0) - b.get("sum", 0.0), a.get("count", 0.0) - b.get("count", 0.0)
-
-
-def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
-    """Prometheus' histogram_quantile over the counts between two scrapes (seconds;
-    linear inside a bucket; the largest finite bound when the rank is in +Inf)."""
-    bounds = sorted(after)
-    cum = [after[b] - before.get(b, 0.0) for b in bounds]
-    if not cum or cum[-1] <= 0:
-        return np.nan
-    rank = q * cum[-1]
-    lo, below = 0.0, 0.0
-    for b, c in zip(bounds, cum, strict=True):
-        if c >= rank:
-            if b == float("inf"):
-                return lo
-            return lo + (b - lo) * (rank - below) / (c - below) if c > below else b
-        lo, below = b, c
-    return lo
 
 
 # ---------------------------------------------------------------- the run
@@ -715,7 +668,7 @@ def run(
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gref-bench-")))
         path, how = resolve_bundle(bundle, workdir)
         manifest = json.loads((path / "manifest.json").read_text())
-        bodies = build_bodies(manifest["model_config"]["schema"], m, k)
+        bodies = build_bodies(manifest, m, k)
         server_cpus, client_cpus, placement = _placement(pin)
         report = Report(bundle=f"{manifest['version']} ({how}: {path})")
         size = np.mean([len(b) for b in bodies]) / 1024
@@ -763,9 +716,8 @@ def run(
         rate = max(1.0, load_fraction * report.closed["service"].throughput)
         svc = load.run(phase("service", "open", duration_s, 1.0, rate=rate, client=client))
         report.open["service"] = svc
-        before, after = (duration_buckets(text) for text in svc.metrics)
-        report.server_p99_s = histogram_quantile(0.99, before, after)
-        report.server_p50_s = histogram_quantile(0.50, before, after)
+        report.server_p99_s = window_quantile(0.99, *svc.metrics)
+        report.server_p50_s = window_quantile(0.50, *svc.metrics)
         report.open["echo"] = load.run(phase("echo", "open", duration_s, 1.0, rate=rate,
                                              client=client))  # fmt: skip
         phase("echo", "closed", 0, 0)  # both servers still up at the end
@@ -839,12 +791,12 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
         "server CPU: its share of its one core in the window; us/req: CPU per answered request "
         "(server, then client); batch: requests per engine call (the service's micro-batches)",
         "",
-        "targets (issue):",
-        f"  service / echo throughput: {ratio:.2f} (target >= 0.50): "
+        "goals:",
+        f"  service / echo throughput: {ratio:.2f} (goal >= 0.50): "
         f"{'met' if ratio >= 0.5 else 'MISSED'}",
         f"  service p99 at {load_fraction:.0%} of its maximum: {p99:.2f} ms, "
         f"{p99 / rep.open['echo'].pct_ms(99):.1f}x the echo's at the same rate "
-        f"(target <= 5 ms): {'met' if p99 <= 5 else 'MISSED'}",
+        f"(goal <= 5 ms): {'met' if p99 <= 5 else 'MISSED'}",
     ]
     echo_us = _us(echo.client_cpu_s, echo)
     if echo_us > 0:

@@ -18,10 +18,10 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from model.features import FeatureSchema
+from contract.bundle import read_manifest
+from contract.features import FeatureSchema
 from service.api import ApiError, Limits, RequestReader
 from service.app import SERVER_TIMING, header, new_request_id
-from service.bundle import read_manifest
 from service.routing import DirectRoute, make_app
 from service.settings import Settings, resolve_bundle_dir
 

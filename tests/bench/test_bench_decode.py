@@ -13,8 +13,8 @@ import pytest
 from export.build import build_bundle
 from export.config import ExportConfig
 from tests.bench.bench_decode import VARIANTS, main
+from tests.support.bundle import make_checkpoint
 from tests.support.tiny import tiny_config
-from tests.unit.test_export import make_checkpoint
 
 
 @pytest.mark.bench

@@ -20,7 +20,7 @@ def test_load_benchmark_short(tmp_path: Path) -> None:
     print()
     print(text)
     for heading in ("== micro-batching", "== load-adaptive decoding", "== overload",
-                    "targets (issue):", "timeline"):  # fmt: skip
+                    "goals:", "timeline"):  # fmt: skip
         assert heading in text
     assert set(SECTIONS) <= set(figures)
     closed = figures["batching"]["closed"]

@@ -15,20 +15,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from model.decode import beam_decode, greedy_decode
-from model.features import hash_ids, hash_items
 from model.network import GenReranker
-from model.tensors import Inputs
 from service.engine import Engine
 from service.settings import Settings
-from tests.e2e.server import ServerThread, make_request, wait_ready
-from tests.unit.test_export import SCHEMA
+from tests.support.bodies import BAD, MAX_CANDIDATES, MAX_K, good_body, make_request
+from tests.support.reference import reference
+from tests.support.server import ServerThread, metric_samples, wait_ready
+from tests.support.tiny import TINY_SCHEMA as SCHEMA
 
 pytestmark = pytest.mark.integration
-
-MAX_CANDIDATES, MAX_K = 64, 20
 
 
 @pytest.fixture(scope="module")
@@ -51,39 +47,6 @@ def client(server: ServerThread) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as c:
         wait_ready(c)
         yield c
-
-
-def reference(model: GenReranker, body: dict[str, Any], beam: int = 1) -> list[int]:
-    """The torch decode (greedy, every head per pass; or beam search) of the same
-    request, hashed as training hashes it."""
-    cands = body["candidates"]
-    ids = np.array([c["item_id"] for c in cands], np.int64)
-    cat = np.array(
-        [[c["features"].get(n, 0) for n in SCHEMA.categorical_names] for c in cands], np.int64
-    )
-    dense = np.array(
-        [[c["features"].get(n, 0.0) for n in SCHEMA.item_dense] for c in cands], np.float32
-    )
-    h = hash_items(SCHEMA, ids[None], cat[None], dense[None])
-    user = body["user"]
-    inp = Inputs(
-        item_id=torch.from_numpy(h.item_id),
-        item_cat=torch.from_numpy(h.item_cat),
-        item_dense=torch.from_numpy(h.item_dense),
-        upstream_score=torch.tensor([[c["score"] for c in cands]], dtype=torch.float32),
-        cand_mask=torch.ones((1, len(cands)), dtype=torch.bool),
-        user_id=torch.from_numpy(
-            hash_ids(np.array([user["id"]]), SCHEMA.user_id_buckets, SCHEMA.hash_salt)
-        ),
-        user_dense=torch.tensor(
-            [[user["features"].get(n, 0.0) for n in SCHEMA.user_dense]], dtype=torch.float32
-        ),
-    )
-    if beam > 1:
-        order = beam_decode(model, inp, body["k"], beam=beam).order[0].tolist()
-    else:
-        order = greedy_decode(model, inp, body["k"]).order[0].tolist()
-    return [int(ids[i]) for i in order]
 
 
 def test_served_lists_equal_the_torch_reference(
@@ -136,99 +99,6 @@ def test_every_list_has_k_distinct_ids_of_the_request(client: httpx.Client) -> N
         assert all(np.isfinite(scores))
 
 
-def _good() -> dict[str, Any]:
-    return make_request(np.random.default_rng(3), 30, 10)
-
-
-def _with(path: str, value: Any) -> bytes:
-    """The good body with one field set (dotted path, list indices as numbers)."""
-    body: Any = _good()
-    keys = [int(p) if p.isdigit() else p for p in path.split(".")]
-    target = body
-    for key in keys[:-1]:
-        target = target[key]
-    if value is _DROP:
-        del target[keys[-1]]
-    else:
-        target[keys[-1]] = value
-    return json.dumps(body).encode()
-
-
-_DROP = object()
-
-
-def _raw(good_json_with: str, old: str) -> bytes:
-    """The good body with a literal swapped in (NaN / Infinity are not in json.dumps' way)."""
-    text = json.dumps(_good())
-    assert old in text
-    return text.replace(old, good_json_with, 1).encode()
-
-
-def _dup() -> bytes:
-    body = _good()
-    body["candidates"][7]["item_id"] = body["candidates"][2]["item_id"]
-    return json.dumps(body).encode()
-
-
-def _first_score() -> str:
-    return json.dumps(_good()["candidates"][0]["score"])
-
-
-BAD: list[tuple[str, Any, str | None]] = [
-    ("empty list", lambda: _with("candidates", []), "candidates"),
-    ("too many", lambda: json.dumps(make_request(np.random.default_rng(0), 65, 5)).encode(),
-     "candidates"),
-    ("duplicate ids", _dup, "candidates[7].item_id"),
-    ("NaN score", lambda: _raw("NaN", _first_score()), "candidates[0].score"),
-    ("Infinity score", lambda: _raw("Infinity", _first_score()), "candidates[0].score"),
-    ("-Infinity user feature", lambda: _with("user.features.pref_0", float("-inf")),
-     "user.features.pref_0"),
-    ("string score", lambda: _with("candidates.3.score", "1.0"), "candidates[3].score"),
-    ("float item id", lambda: _with("candidates.4.item_id", 1.5), "candidates[4].item_id"),
-    ("string item id", lambda: _with("candidates.4.item_id", "12"), "candidates[4].item_id"),
-    ("bool k", lambda: _with("k", True), "k"),
-    ("string k", lambda: _with("k", "10"), "k"),
-    ("missing user", lambda: _with("user", _DROP), "user"),
-    ("missing candidates", lambda: _with("candidates", _DROP), "candidates"),
-    ("missing k", lambda: _with("k", _DROP), "k"),
-    ("missing score", lambda: _with("candidates.5.score", _DROP), "candidates[5].score"),
-    ("missing user id", lambda: _with("user.id", _DROP), "user.id"),
-    ("k = 0", lambda: _with("k", 0), "k"),
-    ("k > m", lambda: json.dumps(make_request(np.random.default_rng(0), 5, 6)).encode(), "k"),
-    ("k > max_k", lambda: _with("k", MAX_K + 1), "k"),
-    ("negative budget", lambda: _with("budget_ms", -1.0), "budget_ms"),
-    ("unknown item feature", lambda: _with("candidates.2.features.colour", 1.0),
-     "candidates[2].features.colour"),
-    ("unknown user feature", lambda: _with("user.features.age", 30.0), "user.features.age"),
-    ("categorical not an integer", lambda: _with("candidates.1.features.category", 2.5),
-     "candidates[1].features.category"),
-    ("negative item id", lambda: _with("candidates.6.item_id", -3), "candidates[6].item_id"),
-    ("item id beyond int64", lambda: _with("candidates.6.item_id", 1 << 64),
-     "candidates[6].item_id"),
-    ("score beyond float32", lambda: _with("candidates.0.score", 1e39), "candidates[0].score"),
-    ("dense feature beyond float32", lambda: _with("candidates.2.features.quality", 1e39),
-     "candidates[2].features.quality"),
-    ("huge integer dense feature", lambda: _with("candidates.2.features.duration", 10**400),
-     "candidates[2].features.duration"),
-    ("user feature beyond float32", lambda: _with("user.features.pref_1", -1e300),
-     "user.features.pref_1"),
-    ("unknown top-level field", lambda: _with("colour", "red"), "colour"),
-    ("candidates not a list", lambda: _with("candidates", {"a": 1}), "candidates"),
-    ("not JSON", lambda: b"{not json", None),
-    ("empty body", lambda: b"", None),
-    ("JSON array", lambda: b"[1, 2]", None),
-    ("request id too long", lambda: _with("request_id", "x" * 200), "request_id"),
-    # echoed in the X-Request-ID header: CR/LF or non-Latin-1 there would break the answer
-    ("request id with CR LF", lambda: _with("request_id", "a\r\nX-Evil: 1"), "request_id"),
-    ("request id not ASCII", lambda: _with("request_id", "r\u00e9\u65e5"), "request_id"),
-    ("request id with a space", lambda: _with("request_id", "a b"), "request_id"),
-    ("item feature a string", lambda: _with("candidates.1.features.quality", "x"),
-     "candidates[1].features.quality"),
-    ("categorical a bool", lambda: _with("candidates.1.features.category", True),
-     "candidates[1].features.category"),
-]  # fmt: skip
-
-
 @pytest.mark.parametrize(("case", "make", "field"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_422_naming_the_field(
     client: httpx.Client, case: str, make: Any, field: str | None
@@ -243,7 +113,7 @@ def test_bad_input_is_422_naming_the_field(
 
 
 def test_oversized_body_is_413_by_length_and_by_bytes(client: httpx.Client) -> None:
-    big = json.dumps(_good() | {"request_id": "x", "pad": "y" * 70_000}).encode()
+    big = json.dumps(good_body() | {"request_id": "x", "pad": "y" * 70_000}).encode()
     r = client.post("/v1/rerank", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
 
@@ -258,7 +128,7 @@ def test_oversized_body_is_413_by_length_and_by_bytes(client: httpx.Client) -> N
 def test_a_good_request_works_after_the_bad_ones(client: httpx.Client) -> None:
     for _, make, _ in BAD:
         assert client.post("/v1/rerank", content=make()).status_code in (413, 422)
-    r = client.post("/v1/rerank", json=_good())
+    r = client.post("/v1/rerank", json=good_body())
     assert r.status_code == 200 and not r.json()["degraded"]
 
 
@@ -288,17 +158,8 @@ REQUIRED_SAMPLES = {
 }
 
 
-def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = client.get("/metrics").text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_metrics_parse_and_hold_every_series(client: httpx.Client) -> None:
-    client.post("/v1/rerank", json=_good())
+    client.post("/v1/rerank", json=good_body())
     client.post("/v1/rerank", json=make_request(np.random.default_rng(5), 9, 3, budget_ms=1e-3))
     samples = metric_samples(client)
     names = {name for name, _ in samples}
@@ -357,11 +218,13 @@ def test_metrics_count_what_the_requests_did(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize("value", ["has space", "x" * 129, "caf\u00e9"])
 def test_a_bad_x_request_id_header_is_422_and_not_echoed(client: httpx.Client, value: str) -> None:
-    r = client.post("/v1/rerank", json=_good(), headers={"X-Request-ID": value.encode("latin-1")})
+    r = client.post(
+        "/v1/rerank", json=good_body(), headers={"X-Request-ID": value.encode("latin-1")}
+    )
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "X-Request-ID" and r.json()["error"]["message"]
     assert r.headers["X-Request-ID"] != value  # a fresh id, not the refused one
-    ok = client.post("/v1/rerank", json=_good(), headers={"X-Request-ID": "trace-1"})
+    ok = client.post("/v1/rerank", json=good_body(), headers={"X-Request-ID": "trace-1"})
     assert ok.status_code == 200 and ok.headers["X-Request-ID"] == "trace-1"
 
 
@@ -421,7 +284,7 @@ def test_a_failed_warm_up_leaves_the_worker_not_ready_and_says_why(
                 time.sleep(0.02)
             r = c.get("/readyz")
             assert r.status_code == 503 and "out of device memory" in r.json()["warmup_error"]
-            assert c.post("/v1/rerank", json=_good()).status_code == 503
+            assert c.post("/v1/rerank", json=good_body()).status_code == 503
             assert "rerank_ready 0.0" in c.get("/metrics").text
             assert c.get("/healthz").status_code == 200  # alive: the alert, not a restart loop
     finally:
@@ -445,12 +308,12 @@ def test_readyz_is_503_until_warm_up_is_done(
             assert c.get("/healthz").status_code == 200
             r = c.get("/readyz")
             assert r.status_code == 503 and not r.json()["ready"]
-            r = c.post("/v1/rerank", json=_good())
+            r = c.post("/v1/rerank", json=good_body())
             assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
             assert c.get("/v1/model").status_code == 200  # loaded, not yet warm
             gate.set()
             wait_ready(c)
-            assert c.post("/v1/rerank", json=_good()).status_code == 200
+            assert c.post("/v1/rerank", json=good_body()).status_code == 200
     finally:
         gate.set()
         srv.stop()

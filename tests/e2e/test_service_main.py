@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.network import GenReranker
-from tests.e2e.server import make_request
+from tests.support.bodies import make_request
 from tests.support.redis_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,11 +27,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# gauges each worker re-measures every window (the door's limit, the loop's lag): they move
+# between two scrapes with no request in between
+LIVE = {"rerank_admission_limit", "rerank_event_loop_lag_seconds"}
+
+
 def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in text_string_to_metric_families(text)
         for s in f.samples
+        if s.name not in LIVE
     }
 
 
@@ -40,7 +48,12 @@ def test_two_workers_share_their_metrics(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "PROMETHEUS_"))}
     # a generous budget: this test counts requests across workers, a busy machine must not
     # turn some into degraded ones
-    env |= {"RERANK_LOG_LEVEL": "debug", "RERANK_MAX_K": "10", "RERANK_DEFAULT_BUDGET_MS": "30000"}
+    env |= {
+        "RERANK_LOG_LEVEL": "debug",
+        "RERANK_MAX_K": "10",
+        "RERANK_DEFAULT_BUDGET_MS": "30000",
+        "RERANK_DRAIN_S": "0",
+    }
     err = (tmp_path / "stderr").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--workers", "2", "--port", str(port),
@@ -100,3 +113,90 @@ def test_bad_settings_exit_2_with_the_reason(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2 and "neither a bundle" in r.stderr
+
+
+def _start_service(bundle: Path, tmp_path: Path, **env_extra: str) -> tuple[
+    subprocess.Popen[bytes], int, int
+]:  # fmt: skip
+    port, admin_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RERANK_", "PROMETHEUS_"))}
+    env |= {"RERANK_MAX_K": "10", "RERANK_DEFAULT_BUDGET_MS": "30000", **env_extra}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--admin-port", str(admin_port),
+         "--bundle", str(bundle)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("wb"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+        while True:
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()
+            assert time.monotonic() < deadline, "not ready"
+            try:
+                if c.get("/readyz").status_code == 200:
+                    return proc, port, admin_port
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+
+
+def test_sigterm_fails_readiness_first_serves_the_drain_then_stops(
+    tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
+) -> None:
+    """SIGTERM: /readyz answers 503 at once on both ports while POST /v1/rerank is still
+    answered for RERANK_DRAIN_S; then the process exits cleanly."""
+    drain_s = 3.0
+    proc, port, admin_port = _start_service(tiny_bundle[0], tmp_path,
+                                            RERANK_DRAIN_S=str(drain_s))  # fmt: skip
+    body = make_request(np.random.default_rng(1), 20, 5)
+    try:
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c,
+            httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as admin,
+        ):
+            assert c.post("/v1/rerank", json=body).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            wait = t0 + 2
+            while c.get("/readyz").status_code != 503:
+                assert time.monotonic() < wait, "readiness did not fail"
+                time.sleep(0.02)
+            assert admin.get("/readyz").json()["draining"] is True
+            assert admin.get("/readyz").status_code == 503
+            served = 0
+            while time.monotonic() - t0 < drain_s - 1:  # well inside the drain
+                out = c.post("/v1/rerank", json=body)
+                assert out.status_code == 200 and not out.json()["degraded"], out.text
+                served += 1
+            assert served > 0 and proc.poll() is None
+        # uvicorn ends by re-raising the signal it stopped on
+        assert proc.wait(timeout=drain_s + 30) in (0, -signal.SIGTERM)
+        assert time.monotonic() - t0 >= drain_s - 0.1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_keep_alive_timeout_is_a_setting(
+    tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
+) -> None:
+    """An idle keep-alive connection is closed by the service after RERANK_KEEP_ALIVE_S,
+    not after uvicorn's fixed 5 s."""
+    proc, port, _ = _start_service(
+        tiny_bundle[0], tmp_path, RERANK_KEEP_ALIVE_S="1", RERANK_DRAIN_S="0"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b'{"status":"alive"}'):  # headers, then the body
+                chunk = sock.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            time.sleep(2.5)  # past the setting, well before uvicorn's default
+            sock.settimeout(1)
+            assert sock.recv(4096) == b""  # closed by the service
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest import report
+from contract.features import FeatureSchema
+from loadtest import report, scrapes
 from loadtest.run import LoadTestError, check_loopback
 from loadtest.shapes import SHAPES, STEPS
 from loadtest.traffic import (
@@ -29,11 +30,9 @@ from loadtest.traffic import (
     TrafficConfig,
     check_response,
 )
-from model.features import FeatureSchema
 from model.network import GenReranker
 from service.api import ApiError, Limits, RequestReader, parse_body
 from service.metrics import Metrics
-from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,10 +100,10 @@ def test_server_percentiles_from_the_histogram_deltas() -> None:
 
 
 def test_histogram_quantile_edges() -> None:
-    assert math.isnan(report.histogram_quantile(0.5, {}))
-    assert math.isnan(report.histogram_quantile(0.5, {0.001: 0.0, math.inf: 0.0}))
+    assert math.isnan(scrapes.histogram_quantile(0.5, {}))
+    assert math.isnan(scrapes.histogram_quantile(0.5, {0.001: 0.0, math.inf: 0.0}))
     # the rank in +Inf: the largest finite bound, as Prometheus answers
-    assert report.histogram_quantile(0.99, {0.001: 1.0, math.inf: 10.0}) == 0.001
+    assert scrapes.histogram_quantile(0.99, {0.001: 1.0, math.inf: 10.0}) == 0.001
 
 
 def test_server_metrics_read_the_services_own_exposition() -> None:
@@ -362,7 +361,7 @@ def test_only_loopback_targets() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_loadtest_run_end_to_end(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     tmp_path: Path,
 ) -> None:
     """Redis + service + locust for 10 s with 4 users; the whole report, no failures."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 
+from contract.bundle import load_bundle
 from export.__main__ import main as export_main
 from export.build import build_bundle
 from export.config import ExportConfig
@@ -24,8 +25,7 @@ from export.publish import (
     read_meta,
 )
 from model.network import GenReranker
-from service.bundle import load_bundle
-from tests.unit.test_export import make_checkpoint, make_items, tiny_bundle  # noqa: F401
+from tests.support.bundle import make_checkpoint, make_items
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def stored(r: redis.Redis, prefix: str, version: str, ids: np.ndarray, dtype: st
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_of_the_bytes(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     redis_url: str,
     client: redis.Redis,
     dtype: str,
@@ -138,7 +138,7 @@ def test_no_item_table_is_refused(tmp_path: Path, redis_url: str) -> None:
 
 
 def test_cli_publish(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     redis_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -159,3 +159,27 @@ def test_throughput(client: redis.Redis) -> None:
     print(f"\npublish: {n} items of d={d} float16 in {seconds:.3f} s = {n / seconds:,.0f} items/s")
     assert report.count == n
     client.delete(*[emb_key("tput", "tput", int(i)) for i in ids[:10]])
+
+
+def test_publish_to_a_redis_cluster(
+    tiny_bundle: tuple[Path, GenReranker],
+    cluster_node: str,
+) -> None:
+    path = tiny_bundle[0]
+    bundle = load_bundle(path)
+    assert bundle.item_ids is not None and bundle.item_embeddings is not None
+    # CROSSSLOT: why --cluster exists
+    with pytest.raises(redis.ResponseError, match="don't hash to the same slot"):
+        publish_bundle(path, cluster_node, prefix="x", chunk=50)
+    report = publish_bundle(path, cluster_node, prefix="cl", chunk=50, cluster=True)
+    assert report.count == len(bundle.item_ids)
+    cluster = redis.RedisCluster.from_url(cluster_node)
+    try:
+        raw = cluster.mget_nonatomic([emb_key("cl", bundle.version, int(i))
+                                      for i in bundle.item_ids])  # fmt: skip
+        got = np.stack([np.frombuffer(v, "<f2") for v in raw])
+        np.testing.assert_array_equal(got, bundle.item_embeddings.astype(np.float16))
+        meta = read_meta(cluster, bundle.version, "cl")
+        assert meta is not None and meta["count"] == len(bundle.item_ids)
+    finally:
+        cluster.close()

@@ -1,4 +1,4 @@
-"""The Redis fixture gives a real, working server (later issues depend on it)."""
+"""The Redis fixture gives a real, working server (the integration tests depend on it)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +19,11 @@ import redis
 from export.publish import emb_key, publish_bundle
 from model.network import GenReranker
 from service.settings import Settings
-from tests.e2e.server import ServerThread, make_request, wait_ready
+from tests.support.bodies import make_request
 from tests.support.redis_server import (
     RedisProcess,
-    find_redis_server,
-    free_cluster_port,
 )
-from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
+from tests.support.server import ServerThread, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +32,7 @@ COOLDOWN_S = 0.3
 
 @pytest.fixture
 def served(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     redis_process: RedisProcess,
 ) -> Iterator[tuple[httpx.Client, RedisProcess, Path]]:
     path = tiny_bundle[0]
@@ -184,43 +181,8 @@ def test_a_hung_redis_opens_the_breaker_for_short_budgets_too(
         server.proc.send_signal(signal.SIGCONT)
 
 
-@pytest.fixture
-def cluster_node(tmp_path: Path) -> Iterator[str]:
-    """A one-node Redis Cluster owning every slot: the cluster protocol (MOVED, CROSSSLOT)
-    without three masters."""
-    binary = find_redis_server()
-    if binary is None:
-        pytest.fail("no redis-server")
-    port = free_cluster_port()
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path), "--cluster-enabled", "yes",
-         "--cluster-config-file", str(tmp_path / "nodes.conf")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        plain = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                plain.execute_command("CLUSTER", "ADDSLOTS", *range(16384))  # Redis 6: no RANGE
-                break
-            except redis.ConnectionError:
-                assert proc.poll() is None, f"cluster node exited ({proc.returncode})"
-                assert time.monotonic() < deadline, "cluster node did not start"
-                time.sleep(0.05)
-        while b"cluster_state:ok" not in plain.execute_command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "cluster not ok"
-            time.sleep(0.05)
-        plain.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def test_a_redis_cluster_url_works(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     cluster_node: str,
 ) -> None:
     path = tiny_bundle[0]
@@ -264,6 +226,30 @@ def test_readyz_says_whether_the_bundle_was_published(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.get("/readyz").json()["redis_published"] is True
+
+
+def test_readyz_sees_a_redis_that_lost_the_published_embeddings(
+    served: tuple[httpx.Client, RedisProcess, Path],
+) -> None:
+    """Redis restarted empty (here: flushed): redis_published turns false within the
+    meta key's re-check, and true again once the bundle is published again."""
+    from service.cache import META_CHECK_S
+
+    client, server, path = served
+
+    def wait_for(value: bool) -> None:
+        deadline = time.monotonic() + 3 * META_CHECK_S + 5
+        while client.get("/readyz").json()["redis_published"] is not value:
+            assert time.monotonic() < deadline, f"redis_published never became {value}"
+            time.sleep(0.1)
+
+    wait_for(True)
+    r = redis.Redis.from_url(server.url)
+    r.flushall()
+    r.close()
+    wait_for(False)
+    publish_bundle(path, server.url, prefix="t")
+    wait_for(True)
 
 
 def _published(r: redis.Redis, version: str, ids: np.ndarray) -> list[bytes | None]:
@@ -340,7 +326,7 @@ def test_a_redis_value_that_is_not_finite_or_not_this_size_is_a_miss(
 
 
 def test_published_embeddings_of_another_dim_switch_l2_off(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     redis_process: RedisProcess,
 ) -> None:
     """A meta key naming another dimension: values of another width could still decode
@@ -375,3 +361,24 @@ def test_published_embeddings_of_another_dim_switch_l2_off(
     finally:
         srv.stop()
         r.close()
+
+
+def test_the_l2_client_parses_replies_in_c(redis_process: RedisProcess) -> None:
+    """hiredis is a dependency and redis-py picks it: an MGET's reply is parsed in C, not
+    in Python on the event loop (which made Redis slower than no Redis at all)."""
+    from service.cache import CircuitBreaker, RedisConfig, RedisL2
+    from service.metrics import Metrics
+
+    async def parser_of_a_read() -> str:
+        l2 = RedisL2(RedisConfig(redis_process.url, "hp", 0.5, 16), "v1", 4,
+                     CircuitBreaker(3, 1.0), Metrics())  # fmt: skip
+        try:
+            assert await l2.mget([1, 2], 1.0) == [None, None]
+            connection = await l2.client.connection_pool.get_connection()
+            name = type(connection._parser).__name__
+            await l2.client.connection_pool.release(connection)
+            return name
+        finally:
+            await l2.client.aclose()
+
+    assert asyncio.run(parser_of_a_read()) == "_AsyncHiredisParser"

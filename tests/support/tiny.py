@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from model.config import ModelConfig
-from model.features import FeatureSchema
+from contract.config import ModelConfig
+from contract.features import FeatureSchema
 
 TINY_SCHEMA = FeatureSchema(
     item_id_buckets=97,

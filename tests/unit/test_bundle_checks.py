@@ -16,25 +16,24 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 import torch
 
+from contract.bundle import LATEST, BundleError, load_bundle, read_manifest, sha256_file
+from contract.config import ModelConfig
 from export.__main__ import main as export_main
-from export.publish import PublishError, emb_key, publish_arrays, publish_bundle, read_meta
+from export.publish import PublishError, publish_arrays, publish_bundle
 from export.verify import ParityReport, verify_bundle
 from model.checkpoint import load_checkpoint, load_train_state, read_config, save_train_state
-from model.config import ModelConfig
 from model.network import GenReranker
-from service.bundle import LATEST, BundleError, load_bundle, read_manifest, sha256_file
 from service.settings import Settings
-from tests.integration.test_service_redis import cluster_node  # noqa: F401 - the fixture
-from tests.unit.test_export import CFG, make_checkpoint, tiny_bundle  # noqa: F401 - the fixture
+from tests.support.bundle import BUNDLE_CFG as CFG
+from tests.support.bundle import make_checkpoint
 
 Manifest = dict[str, Any]
 
 
 @pytest.fixture
-def bundle_copy(tiny_bundle: tuple[Path, GenReranker], tmp_path: Path) -> Path:  # noqa: F811
+def bundle_copy(tiny_bundle: tuple[Path, GenReranker], tmp_path: Path) -> Path:
     dst = tmp_path / tiny_bundle[0].name
     shutil.copytree(tiny_bundle[0], dst)
     return dst
@@ -117,14 +116,14 @@ def test_verify_names_a_manifest_without_its_source(bundle_copy: Path) -> None:
 def test_a_never_verified_bundle_loads_with_one_warning(
     bundle_copy: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.bundle"):
+    with caplog.at_level(logging.WARNING, logger="contract.bundle"):
         load_bundle(bundle_copy)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "parity never verified for fp32, fp16" in warnings[0]
     caplog.clear()
     edit_manifest(bundle_copy, lambda m: m.update(parity={"fp32": {"passed": True},
                                                           "fp16": {"passed": True}}))  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="service.bundle"):
+    with caplog.at_level(logging.WARNING, logger="contract.bundle"):
         load_bundle(bundle_copy)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -304,31 +303,6 @@ def test_publish_cli_passes_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(SystemExit):
             export_main(["publish", "b", "--redis-url", "redis://h:1", *argv])
         assert seen["cluster"] is cluster and seen["url"] == "redis://h:1"
-
-
-@pytest.mark.integration
-def test_publish_to_a_redis_cluster(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
-    cluster_node: str,  # noqa: F811
-) -> None:
-    path = tiny_bundle[0]
-    bundle = load_bundle(path)
-    assert bundle.item_ids is not None and bundle.item_embeddings is not None
-    # CROSSSLOT: why --cluster exists
-    with pytest.raises(redis.ResponseError, match="don't hash to the same slot"):
-        publish_bundle(path, cluster_node, prefix="x", chunk=50)
-    report = publish_bundle(path, cluster_node, prefix="cl", chunk=50, cluster=True)
-    assert report.count == len(bundle.item_ids)
-    cluster = redis.RedisCluster.from_url(cluster_node)
-    try:
-        raw = cluster.mget_nonatomic([emb_key("cl", bundle.version, int(i))
-                                      for i in bundle.item_ids])  # fmt: skip
-        got = np.stack([np.frombuffer(v, "<f2") for v in raw])
-        np.testing.assert_array_equal(got, bundle.item_embeddings.astype(np.float16))
-        meta = read_meta(cluster, bundle.version, "cl")
-        assert meta is not None and meta["count"] == len(bundle.item_ids)
-    finally:
-        cluster.close()
 
 
 # ---- 7. checkpoints: the file that cannot be read is named -------------------------------

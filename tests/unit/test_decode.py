@@ -12,7 +12,7 @@ from model.decode import DecodeResult, beam_decode, greedy_decode, rank_scores
 from model.losses import sequence_logprob
 from model.network import GenReranker
 from model.tensors import Inputs
-from tests.unit.test_network import CFG, make_inputs, make_model
+from tests.support.inputs import CFG, make_inputs, make_model
 
 N = CFG.omtp_heads
 

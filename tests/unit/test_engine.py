@@ -1,4 +1,4 @@
-"""service/engine.py and service/bundle.py: the safe loader's refusals, parity of the
+"""service/engine.py and contract/bundle.py: the safe loader's refusals, parity of the
 onnxruntime decode loop with the torch reference (greedy, items per pass, deadline, beam,
 padding), the stage split, and no torch anywhere under service/."""
 
@@ -17,12 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from contract.bundle import BundleError, load_bundle, sha256_file
 from export.verify import ParityConfig, run_parity
 from model.decode import beam_decode, greedy_decode
-from model.features import HashedItems
 from model.network import GenReranker
-from model.tensors import Inputs
-from service.bundle import BundleError, load_bundle, sha256_file
 from service.engine import (
     Engine,
     EngineConfig,
@@ -31,73 +29,28 @@ from service.engine import (
     open_engine,
     valid_lists,
 )
-from tests.unit.test_export import CFG, tiny_bundle  # noqa: F401 - the fixture
+from tests.support.bundle import BUNDLE_CFG as CFG
+from tests.support.inputs import random_inputs, requests_of
 
 ROOT = Path(__file__).resolve().parents[2]
 N = CFG.omtp_heads
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+def engine(tiny_bundle: tuple[Path, GenReranker]) -> Engine:
     return open_engine(str(tiny_bundle[0]), EngineConfig(device="cpu"))
 
 
 @pytest.fixture
-def model(tiny_bundle: tuple[Path, GenReranker]) -> GenReranker:  # noqa: F811
+def model(tiny_bundle: tuple[Path, GenReranker]) -> GenReranker:
     return tiny_bundle[1]
-
-
-def random_inputs(ms: list[int], seed: int = 0) -> Inputs:
-    """Hashed random requests with m[b] real candidates, padded to max(m)."""
-    s, rng = CFG.schema, np.random.default_rng(seed)
-    B, M = len(ms), max(ms)
-    mask = np.arange(M)[None, :] < np.array(ms)[:, None]
-    cat = np.stack([rng.integers(1, b, (B, M)) for b in s.categorical_buckets], axis=-1)
-    dense = rng.standard_normal((B, M, len(s.item_dense))).astype(np.float32)
-    return Inputs(
-        item_id=torch.from_numpy(np.where(mask, rng.integers(1, s.item_id_buckets, (B, M)), 0)),
-        item_cat=torch.from_numpy(np.where(mask[..., None], cat, 0)),
-        item_dense=torch.from_numpy(np.where(mask[..., None], dense, 0).astype(np.float32)),
-        upstream_score=torch.from_numpy(
-            np.where(mask, rng.standard_normal((B, M)), 0).astype(np.float32)
-        ),
-        cand_mask=torch.from_numpy(mask),
-        user_id=torch.from_numpy(rng.integers(1, s.user_id_buckets, B)),
-        user_dense=torch.from_numpy(rng.standard_normal((B, len(s.user_dense)), np.float32)),
-    )
-
-
-def requests_of(
-    model: GenReranker, inp: Inputs, ks: list[int], static: bool = True
-) -> list[RerankRequest]:
-    """One RerankRequest per row, with item features; static embeddings from torch's item
-    tower (the cache's role) unless static=False (the engine embeds every candidate)."""
-    with torch.no_grad():
-        emb = model.embed_items(inp).numpy()  # (B, M, d)
-    out = []
-    for b, k in enumerate(ks):
-        m = int(inp.cand_mask[b].sum())
-        items = HashedItems(
-            inp.item_id[b, :m].numpy(), inp.item_cat[b, :m].numpy(), inp.item_dense[b, :m].numpy()
-        )
-        out.append(
-            RerankRequest(
-                upstream_score=inp.upstream_score[b, :m].numpy(),
-                user_id=int(inp.user_id[b]),
-                user_dense=inp.user_dense[b].numpy(),
-                k=k,
-                static=emb[b, :m] if static else None,
-                items=items,
-            )
-        )
-    return out
 
 
 # ---- load_bundle refusals ----------------------------------------------------------------
 
 
 @pytest.fixture
-def bundle_copy(tiny_bundle: tuple[Path, GenReranker], tmp_path: Path) -> Path:  # noqa: F811
+def bundle_copy(tiny_bundle: tuple[Path, GenReranker], tmp_path: Path) -> Path:
     dst = tmp_path / tiny_bundle[0].name
     shutil.copytree(tiny_bundle[0], dst)
     return dst
@@ -215,7 +168,7 @@ def test_parity_reports_what_differs(engine: Engine) -> None:
     assert "FAILED" in report.summary() and "onnx [" in report.summary()
 
 
-def test_fp16_parity_within_its_tolerance(tiny_bundle: tuple[Path, GenReranker]) -> None:  # noqa: F811
+def test_fp16_parity_within_its_tolerance(tiny_bundle: tuple[Path, GenReranker]) -> None:
     fp16 = open_engine(str(tiny_bundle[0]), EngineConfig(device="cpu", precision="fp16"))
     assert fp16.precision == "fp16"
     report = run_parity(tiny_bundle[1], fp16, ParityConfig.for_precision("fp16", requests=100))
@@ -382,7 +335,7 @@ def test_bad_call_arguments_are_refused(engine: Engine, model: GenReranker) -> N
 
 def test_engine_imports_no_torch() -> None:
     code = (
-        "import sys; import service.engine, service.bundle; "
+        "import sys; import service.engine, contract.bundle; "
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
         "assert not bad, bad"
     )
@@ -404,7 +357,7 @@ def test_no_torch_import_anywhere_under_service() -> None:
 
 
 @pytest.fixture(scope="module")
-def unfolded_engine(tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+def unfolded_engine(tiny_bundle: tuple[Path, GenReranker]) -> Engine:
     """The same checkpoint exported without first_pass: the layout of older bundles."""
     from export.build import build_bundle
     from export.config import ExportConfig
@@ -467,7 +420,7 @@ def test_valid_lists_flags_repeats_padding_and_non_finite_scores() -> None:
 
 
 def test_extreme_user_features_give_an_invalid_result_not_a_repeated_item(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
 ) -> None:
     """float32-range features that overflow the network: NaN scores; greedy and beam both
     say so (RerankResult.valid) instead of handing back one candidate k times."""

@@ -37,8 +37,8 @@ from service.engine import (
     open_engine,
 )
 from service.settings import Settings
-from tests.unit.test_engine import random_inputs, requests_of
-from tests.unit.test_export import CFG, tiny_bundle  # noqa: F401 - the fixture
+from tests.support.bundle import BUNDLE_CFG as CFG
+from tests.support.inputs import random_inputs, requests_of
 
 N = CFG.omtp_heads
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -49,17 +49,17 @@ NO_CUDA = (
 
 
 @pytest.fixture(scope="module")
-def unbound(tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+def unbound(tiny_bundle: tuple[Path, GenReranker]) -> Engine:
     return open_engine(str(tiny_bundle[0]), EngineConfig(device="cpu", io_binding="off"))
 
 
 @pytest.fixture(scope="module")
-def bound(tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+def bound(tiny_bundle: tuple[Path, GenReranker]) -> Engine:
     return open_engine(str(tiny_bundle[0]), EngineConfig(device="cpu", io_binding="on"))
 
 
 @pytest.fixture
-def model(tiny_bundle: tuple[Path, GenReranker]) -> GenReranker:  # noqa: F811
+def model(tiny_bundle: tuple[Path, GenReranker]) -> GenReranker:
     return tiny_bundle[1]
 
 
@@ -97,7 +97,7 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
 
 
 def test_auto_is_off_on_cpu_and_on_forces_it(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     unbound: Engine,
     bound: Engine,
 ) -> None:
@@ -110,7 +110,7 @@ def test_auto_is_off_on_cpu_and_on_forces_it(
 
 
 def test_an_onnxruntime_without_the_binding_internals_runs_unbound(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     bound: Engine,
     model: GenReranker,
     monkeypatch: pytest.MonkeyPatch,
@@ -124,7 +124,7 @@ def test_an_onnxruntime_without_the_binding_internals_runs_unbound(
 
 
 def test_a_listed_cuda_provider_that_does_not_start_is_refused_by_name(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """onnxruntime-gpu lists CUDA even where it cannot start; its sessions then run on the
@@ -141,7 +141,7 @@ def test_a_listed_cuda_provider_that_does_not_start_is_refused_by_name(
 
 
 def test_the_setting(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("RERANK_BUNDLE", str(tiny_bundle[0]))
@@ -266,7 +266,7 @@ def test_the_bound_stages_keep_the_kv_cache_as_ortvalues(bound: Engine, model: G
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_bound_equals_unbound_at_each_precision(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     model: GenReranker,
     precision: str,
 ) -> None:
@@ -314,11 +314,11 @@ def open_cuda(bundle: Path, **config: Any) -> Engine:
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
 class TestCuda:
     @pytest.fixture(scope="class")
-    def cuda32(self, tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+    def cuda32(self, tiny_bundle: tuple[Path, GenReranker]) -> Engine:
         return open_cuda(tiny_bundle[0], precision="fp32")
 
     @pytest.fixture(scope="class")
-    def cuda16(self, tiny_bundle: tuple[Path, GenReranker]) -> Engine:  # noqa: F811
+    def cuda16(self, tiny_bundle: tuple[Path, GenReranker]) -> Engine:
         return open_cuda(tiny_bundle[0])
 
     def test_cuda_sessions_bind_by_default(self, cuda32: Engine, cuda16: Engine) -> None:
@@ -353,7 +353,7 @@ class TestCuda:
     @pytest.mark.parametrize("precision", ["fp32", "fp16"])
     def test_cuda_lists_match_the_cpu_engine(
         self,
-        tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+        tiny_bundle: tuple[Path, GenReranker],
         unbound: Engine,
         model: GenReranker,
         precision: str,
@@ -384,7 +384,7 @@ class TestCuda:
 
     def test_unbound_cuda_path_agrees_with_the_bound_one(
         self,
-        tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+        tiny_bundle: tuple[Path, GenReranker],
         cuda16: Engine,
         model: GenReranker,
     ) -> None:

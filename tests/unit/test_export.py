@@ -1,6 +1,5 @@
 """export/: the bundle (graphs, manifest, item table, fp16 variant), the shape folding,
-and `python -m export build / verify` on a tiny random model. Also the shared fixtures
-(`tiny_bundle`, ...) of tests/unit/test_engine.py and tests/integration/test_publish.py."""
+and `python -m export build / verify` on a tiny random model (tests/support/bundle.py)."""
 
 from __future__ import annotations
 
@@ -15,50 +14,18 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from contract.bundle import GRAPHS, LATEST, SCHEMA_VERSION, graph_file, load_bundle, sha256_file
+from contract.config import ModelConfig
+from contract.features import hash_items
 from export.__main__ import main as export_main
 from export.build import build_bundle, content_hash
 from export.config import ExportConfig
 from export.graphs import example_inputs, export_graph, graph_module
 from export.verify import ParityConfig, verify_bundle
-from model.checkpoint import save_checkpoint, tensors_digest
-from model.config import ModelConfig
-from model.features import hash_items
-from model.logs import write_items
+from model.checkpoint import tensors_digest
 from model.network import GenReranker
-from service.bundle import GRAPHS, LATEST, SCHEMA_VERSION, graph_file, load_bundle, sha256_file
-from tests.support.tiny import TINY_SCHEMA, tiny_config
-
-SCHEMA = TINY_SCHEMA
-# room for m = 200 and k = 50
-CFG = tiny_config(max_candidates=256, max_steps=64)
-N_ITEMS = 300
-
-
-def make_checkpoint(directory: Path, seed: int = 0, cfg: ModelConfig = CFG) -> GenReranker:
-    torch.manual_seed(seed)
-    model = GenReranker(cfg).eval()
-    meta = {"valid": {"ndcg@10": 0.42}, "epoch": 3}
-    save_checkpoint(directory, model, cfg, train_config={"stage": "pretrain"}, meta=meta)
-    return model
-
-
-def make_items(path: Path, n: int = N_ITEMS, seed: int = 0) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(seed)
-    ids = rng.permutation(10_000)[:n].astype(np.int64)
-    cat = np.stack([rng.integers(0, 50, n), rng.integers(0, 500, n)], axis=1).astype(np.int64)
-    dense = rng.standard_normal((n, 3)).astype(np.float32)
-    write_items(path, ids, cat, dense, SCHEMA)
-    return ids, cat, dense
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GenReranker]:
-    """A tiny random model exported with --items and --fp16: (bundle dir, torch model)."""
-    root = tmp_path_factory.mktemp("bundle")
-    model = make_checkpoint(root / "ckpt")
-    make_items(root / "items.parquet")
-    ec = ExportConfig(fp16=True, label="test", items_path=str(root / "items.parquet"))
-    return build_bundle(root / "ckpt", root / "artifacts", ec), model
+from tests.support.bundle import BUNDLE_CFG as CFG
+from tests.support.bundle import N_ITEMS, SCHEMA, make_checkpoint, make_items
 
 
 def test_bundle_files_manifest_and_latest(tiny_bundle: tuple[Path, GenReranker]) -> None:
@@ -162,7 +129,7 @@ def test_dynamic_axes_first_pass_and_later_passes(tmp_path: Path) -> None:
     path = tmp_path / "decoder.onnx"
     export_graph("decoder", model, "fp32", path, 20, {})
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    from tests.unit.test_network import make_inputs
+    from tests.support.inputs import make_inputs
 
     for B, M in ((1, 7), (4, 13)):
         inp = make_inputs(B=B, M=M, seed=B)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from contract.features import FeatureSchema
 from model.data import ListBatch
-from model.features import FeatureSchema
 from model.logs import (
     AVITO_SCHEMA,
     LogSchemaError,

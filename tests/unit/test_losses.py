@@ -18,7 +18,7 @@ from model.losses import (
     sequence_logprob,
     unavailable_mask,
 )
-from tests.unit.test_network import make_inputs, make_model, random_orders
+from tests.support.inputs import make_inputs, make_model, random_orders
 
 
 def logp_over(scores: torch.Tensor, allowed: list[int], target: int) -> float:

@@ -8,52 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.config import ModelConfig
+from contract.config import ModelConfig
 from model.network import GenReranker
 from model.tensors import Inputs
-from tests.support.tiny import TINY_SCHEMA, tiny_config
-
-SCHEMA = TINY_SCHEMA
-CFG = tiny_config()
-
-
-def make_inputs(B: int, M: int, m: torch.Tensor | None = None, seed: int = 0) -> Inputs:
-    """Random hashed inputs; request b has m[b] real candidates (the first ones)."""
-    g = torch.Generator().manual_seed(seed)
-    if m is None:
-        m = torch.randint(1, M + 1, (B,), generator=g)
-    mask = torch.arange(M)[None] < m[:, None]  # (B, M)
-    s = CFG.schema
-    item_id = torch.randint(1, s.item_id_buckets, (B, M), generator=g)
-    item_cat = torch.stack(
-        [torch.randint(1, b, (B, M), generator=g) for b in s.categorical_buckets], dim=-1
-    )
-    # padding as model/tensors.py makes it: bucket 0, zero dense and score
-    return Inputs(
-        item_id=item_id.masked_fill(~mask, 0),
-        item_cat=item_cat.masked_fill(~mask[..., None], 0),
-        item_dense=torch.randn(B, M, len(s.item_dense), generator=g).masked_fill(
-            ~mask[..., None], 0.0
-        ),
-        upstream_score=torch.randn(B, M, generator=g).masked_fill(~mask, 0.0),
-        cand_mask=mask,
-        user_id=torch.randint(1, s.user_id_buckets, (B,), generator=g),
-        user_dense=torch.randn(B, len(s.user_dense), generator=g),
-    )
-
-
-def make_model(seed: int = 0, cfg: ModelConfig = CFG) -> GenReranker:
-    torch.manual_seed(seed)
-    return GenReranker(cfg).eval()
-
-
-def random_orders(inp: Inputs, K: int, seed: int = 0) -> torch.Tensor:
-    """(B, K) distinct real candidates per request, -1 past each request's m."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.rand(inp.cand_mask.shape, generator=g).masked_fill(~inp.cand_mask, 2.0)
-    order = noise.argsort(dim=1)[:, :K]
-    real = inp.cand_mask.gather(1, order)
-    return torch.where(real, order, -1)
+from tests.support.inputs import CFG, make_inputs, make_model, random_orders
 
 
 def incremental(model: GenReranker, inp: Inputs, order: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -157,13 +115,38 @@ def test_padding_candidates_do_not_change_real_scores() -> None:
         torch.testing.assert_close(model(wide, order)[..., :6], model(inp, order))
 
 
+def expected_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """The parameter count of each part, from the config alone (design §1: towers, encoder,
+    decoder with cross-attention, one linear map per OMTP head; no vocabulary-sized layer)."""
+    s, d, f = cfg.schema, cfg.d_model, cfg.ffn_mult
+    linear = lambda i, o: i * o + o  # noqa: E731 - weight + bias
+    norm = 2 * d
+    attention = linear(d, 3 * d) + linear(d, d)
+    cross = linear(d, d) + linear(d, 2 * d) + linear(d, d)
+    mlp = linear(d, f * d) + linear(f * d, d)
+    return {
+        "item_tower": (s.item_id_buckets + sum(s.categorical_buckets)) * d
+        + linear(len(s.item_dense), d) + norm,
+        "user_tower": s.user_id_buckets * d + linear(len(s.user_dense), d) + norm,
+        "list_context": cfg.max_candidates * d + linear(1, d),
+        "encoder": cfg.enc_layers * (2 * norm + attention + mlp) + norm,
+        "decoder": d + cfg.max_steps * d + cfg.dec_layers * (3 * norm + attention + cross + mlp)
+        + norm,
+        "heads": d * cfg.omtp_heads * d,
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("preset", ["fast", "paper"])
 def test_parameter_count(preset: str) -> None:
-    model = GenReranker(ModelConfig.preset(preset))
-    towers = sum(
-        p.numel()
-        for mod in (model.item_tower, model.user_tower, model.list_context)
-        for p in mod.parameters()
-    )
-    total = sum(p.numel() for p in model.parameters())
-    print(f"{preset}: {total:,} parameters ({total - towers:,} outside the embedding towers)")
+    cfg = ModelConfig.preset(preset)
+    model = GenReranker(cfg)
+    want = expected_parameters(cfg)
+    towers = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("item_tower", "user_tower", "list_context")
+    }
+    assert towers == {name: want[name] for name in towers}
+    assert sum(p.numel() for p in model.parameters()) == sum(want.values())
+    # no vocabulary-sized output: the id embeddings hold most of the weights
+    core = sum(want.values()) - sum(towers.values())
+    assert core < towers["item_tower"]

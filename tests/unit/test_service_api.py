@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from model.features import hash_ids, hash_items
+from contract.features import hash_ids, hash_items
 from service.api import ApiError, Limits, Parsed, RequestReader, RerankIn, parse_body
-from tests.e2e.server import make_request
-from tests.unit.test_export import SCHEMA
+from tests.support.bodies import make_request
+from tests.support.tiny import TINY_SCHEMA as SCHEMA
 
 READER = RequestReader(SCHEMA, Limits(max_candidates=64, max_k=20))
 
@@ -43,8 +43,8 @@ def test_a_good_body_becomes_the_arrays_training_would_see() -> None:
          "candidates[0].score"),
         (b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 2}', "k"),
         (b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1, "features": '
-         b'{"creator": 1.0}}], "k": 1}', "candidates[0].features.creator"),
-        (b'{"user": {"id": 1.0}, "candidates": [{"item_id": 1, "score": 1}], "k": 1}',
+         b'{"creator": 1.5}}], "k": 1}', "candidates[0].features.creator"),
+        (b'{"user": {"id": 1.5}, "candidates": [{"item_id": 1, "score": 1}], "k": 1}',
          "user.id"),
         (b"\xff\xfe", None),
     ],
@@ -144,7 +144,7 @@ def test_read_json_takes_the_fast_path_for_good_bodies_and_agrees_with_the_check
 
 
 def test_read_json_sends_every_bad_body_the_checked_way_with_the_same_error() -> None:
-    from tests.e2e.test_service_e2e import BAD, MAX_CANDIDATES, MAX_K
+    from tests.support.bodies import BAD, MAX_CANDIDATES, MAX_K
 
     assert (READER.limits.max_candidates, READER.limits.max_k) == (MAX_CANDIDATES, MAX_K)
     for name, make, field in BAD:
@@ -165,7 +165,7 @@ def test_read_json_sends_every_bad_body_the_checked_way_with_the_same_error() ->
 
 
 def test_hash_id_is_hash_ids_of_one() -> None:
-    from model.features import hash_id
+    from contract.features import hash_id
 
     rng = np.random.default_rng(3)
     ids = [0, 1, -1, -(1 << 63), (1 << 63) - 1, *rng.integers(-(1 << 62), 1 << 62, 200).tolist()]
@@ -189,5 +189,22 @@ def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_500() -> None:
 
     request = Request({"type": "http", "method": "POST", "headers": []}, receive)
     with pytest.raises(ApiError) as caught:
-        asyncio.run(read_body(request, 1 << 20))
+        asyncio.run(read_body(request, 1 << 20, 10.0))
     assert caught.value.status == 499 and caught.value.field == "body"
+
+
+def test_an_integral_json_number_is_an_integer_as_the_schema_says() -> None:
+    """JSON (and JSON Schema's "integer") has one number type: 7.0 is the integer 7, read
+    exactly as 7; 7.5 stays refused."""
+    ints = b'{"user": {"id": 3}, "candidates": [{"item_id": 7, "score": 1, "features": ' \
+           b'{"category": 2}}, {"item_id": 8, "score": 0}], "k": 2}'  # fmt: skip
+    floats = ints.replace(b": 3}", b": 3.0}").replace(b": 7,", b": 7.0,").replace(
+        b'"category": 2', b'"category": 2.0').replace(b'"k": 2', b'"k": 2.0')  # fmt: skip
+    assert floats.count(b".0") == 4
+    a, b = READER.read_json(ints), READER.read_json(floats)
+    for name in ("item_ids", "item_cat", "upstream_score", "item_dense", "user_dense"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert (a.user_id, a.k) == (b.user_id, b.k)
+    with pytest.raises(ApiError) as e:
+        READER.read_json(ints.replace(b": 7,", b": 7.5,"))
+    assert e.value.field == "candidates[0].item_id"

@@ -11,18 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
-from types import SimpleNamespace
 from prometheus_client.parser import text_string_to_metric_families
-from service.app import unlabel_model
+from service.lifecycle import unlabel_model
 from service.metrics import Metrics
 
 metrics = Metrics()
-def engine(version):
-    return SimpleNamespace(version=version, bundle=SimpleNamespace(manifest={"label": "x",
-                           "created": "t"}))
 metrics.model_info.labels(version="v1", label="x", created="t").set(1)
 metrics.model_info.labels(version="v2", label="x", created="t").set(1)  # the swap
-unlabel_model(metrics, engine("v1"))
+unlabel_model(metrics, ("v1", "x", "t"))
 text = metrics.render()[0].decode()
 for family in text_string_to_metric_families(text):
     for s in family.samples:

@@ -10,11 +10,11 @@ from pydantic import ValidationError
 
 from model.network import GenReranker
 from service.settings import Settings
-from tests.unit.test_export import CFG, tiny_bundle  # noqa: F401 - the fixture
+from tests.support.bundle import BUNDLE_CFG as CFG
 
 
 def test_defaults_and_environment(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = tiny_bundle[0]
@@ -27,13 +27,13 @@ def test_defaults_and_environment(
     assert Settings(bundle=path, max_candidates=30).candidate_limit == 30
 
 
-def test_an_artifacts_dir_resolves_to_its_latest(tiny_bundle: tuple[Path, GenReranker]) -> None:  # noqa: F811
+def test_an_artifacts_dir_resolves_to_its_latest(tiny_bundle: tuple[Path, GenReranker]) -> None:
     path = tiny_bundle[0]
     assert Settings(bundle=path.parent).bundle_dir == path
 
 
 def test_the_admin_port_is_on_by_default_and_0_turns_it_off(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
 ) -> None:
     assert Settings(bundle=tiny_bundle[0]).admin_port == 9000
     assert Settings(bundle=tiny_bundle[0], admin_port=0).admin_port == 0
@@ -68,7 +68,7 @@ def test_every_field_is_documented() -> None:
     ],
 )
 def test_nonsense_is_refused(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     overrides: dict[str, object],
     words: str,
 ) -> None:

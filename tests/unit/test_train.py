@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from contract.config import ModelConfig
+from contract.features import FeatureSchema
 from model.checkpoint import (
     build_model,
     load_checkpoint,
@@ -21,10 +23,8 @@ from model.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from model.config import ModelConfig
 from model.data import ListBatch
 from model.evaluate import Reranker, generate_lists, logged_metrics
-from model.features import FeatureSchema
 from model.train import TrainConfig, train
 
 train_module = importlib.import_module("model.train")  # the module (`train` is the function)

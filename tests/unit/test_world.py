@@ -7,8 +7,8 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
+from contract.features import FeatureSchema
 from model.data import ListBatch
-from model.features import FeatureSchema
 from model.world import (
     World,
     WorldConfig,

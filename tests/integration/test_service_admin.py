@@ -21,8 +21,9 @@ from model.network import GenReranker
 from service.admin import AdminServer, start_admin
 from service.app import Runtime, create_app
 from service.settings import Settings
-from tests.e2e.server import ServerThread, wait_ready
-from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
+from tests.support.server import ServerThread, wait_ready
+
+pytestmark = pytest.mark.integration
 
 
 class LoopGate:
@@ -48,7 +49,7 @@ def gate() -> LoopGate:
 
 @pytest.fixture(scope="module")
 def server(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     gate: LoopGate,
 ) -> Iterator[ServerThread]:
     """A real uvicorn with the admin listener, ready."""
@@ -105,7 +106,7 @@ def test_the_admin_port_answers_as_the_main_port(server: ServerThread) -> None:
 
 
 def test_readyz_is_503_with_the_same_body_until_the_bundle_is_loaded(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
 ) -> None:
     runtime, app = not_ready_runtime(tiny_bundle[0])
     admin = AdminServer(runtime, "127.0.0.1", 0, reuse_port=False).start()
@@ -140,13 +141,13 @@ def test_it_answers_while_the_event_loop_is_blocked(server: ServerThread, gate: 
     assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
 
 
-def test_port_0_is_off(tiny_bundle: tuple[Path, GenReranker]) -> None:  # noqa: F811
+def test_port_0_is_off(tiny_bundle: tuple[Path, GenReranker]) -> None:
     runtime, _ = not_ready_runtime(tiny_bundle[0])
     assert start_admin(runtime) is None
 
 
 def test_a_taken_port_is_one_warning_and_the_service_serves(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     srv = ServerThread(Settings(bundle=tiny_bundle[0], max_k=10), admin=True)
@@ -164,7 +165,7 @@ def test_a_taken_port_is_one_warning_and_the_service_serves(
 
 
 def test_workers_share_the_port_with_reuseport(
-    tiny_bundle: tuple[Path, GenReranker],  # noqa: F811
+    tiny_bundle: tuple[Path, GenReranker],
 ) -> None:
     """--workers N: each worker's listener binds the same port; a single worker's does not
     share (a taken port is a taken port)."""

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from model.config import ModelConfig
-from model.features import HASH_NAME
+from contract.config import ModelConfig
+from contract.features import HASH_NAME
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ ITEM_EMBEDDINGS = "item_embeddings.npy"
 ITEM_IDS = "item_ids.npy"
 # file types the service would load: any such file in the bundle must be in the manifest
 LOADABLE_SUFFIXES = (".onnx", ".npy", ".data", ".ort")
-KNOWN_HASHES = (HASH_NAME,)  # id hashes model.features implements: any other is refused
+KNOWN_HASHES = (HASH_NAME,)  # id hashes contract.features implements: any other is refused
 ITEM_DTYPES = ("float32", "float16")  # item_table.dtype: the .npy's dtype
 
 
@@ -78,6 +78,35 @@ def first_names(layers: int) -> list[str]:
 
 
 FIRST_SCORES = "first_scores"  # the BOS pass's head scores (B, n, M), from the encoder
+
+# graph input/output names, fixed: the exporter writes them, the engine feeds and reads them
+ITEM_TOWER_INPUTS = ["item_id", "item_cat", "item_dense"]
+ITEM_TOWER_OUTPUTS = ["static"]
+ENCODER_INPUTS = ["static", "upstream_score", "cand_mask", "user_id", "user_dense"]
+DECODER_FIXED_INPUTS = ["tokens", "start", "z", "bos", "cand_mask"]
+
+
+def encoder_outputs(layers: int, first_pass: bool = True) -> list[str]:
+    first = [FIRST_SCORES, *first_names(layers)] if first_pass else []
+    return ["z", "bos", *cross_names(layers), *first]
+
+
+def decoder_inputs(layers: int) -> list[str]:
+    return [*DECODER_FIXED_INPUTS, *cross_names(layers), *past_names(layers)]
+
+
+def decoder_outputs(layers: int) -> list[str]:
+    return ["head_scores", *present_names(layers)]
+
+
+def io_names(graph: str, layers: int, first_pass: bool = True) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of one graph of a model with `layers` decoder layers; first_pass:
+    the encoder also runs the decoder's BOS pass (FIRST_SCORES, first.{i}.*)."""
+    if graph == "item_tower":
+        return ITEM_TOWER_INPUTS, ITEM_TOWER_OUTPUTS
+    if graph == "encoder":
+        return ENCODER_INPUTS, encoder_outputs(layers, first_pass)
+    return decoder_inputs(layers), decoder_outputs(layers)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -1,6 +1,5 @@
 """A real uvicorn serving `create_app(settings)` on a free loopback port, in a thread of the
-test process (so a test can patch the engine and read the app's state), plus request
-builders shared by the service tests."""
+test process (so a test can patch the engine and read the app's state)."""
 
 from __future__ import annotations
 
@@ -8,14 +7,13 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
 from tests.support.redis_server import free_port
-from tests.unit.test_export import SCHEMA
 
 
 class ServerThread:
@@ -64,29 +62,11 @@ def wait_ready(client: Any, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def make_request(
-    rng: np.random.Generator,
-    m: int = 30,
-    k: int = 10,
-    item_ids: np.ndarray | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A valid rerank body for the test bundle's schema (random raw ids and features)."""
-    ids = item_ids if item_ids is not None else rng.choice(1_000_000, m, replace=False)
-    candidates = [
-        {
-            "item_id": int(i),
-            "score": float(rng.standard_normal()),
-            "features": {
-                "category": int(rng.integers(0, 50)),
-                "creator": int(rng.integers(0, 500)),
-                **{name: float(rng.standard_normal()) for name in SCHEMA.item_dense},
-            },
-        }
-        for i in ids[:m]
-    ]
-    user = {
-        "id": int(rng.integers(0, 1 << 40)),
-        "features": {name: float(rng.standard_normal()) for name in SCHEMA.user_dense},
+def metric_samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the server's /metrics, by (name, sorted labels)."""
+    text = client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
     }
-    return {"user": user, "candidates": candidates, "k": k, **extra}

@@ -1,7 +1,8 @@
 """The operations files checked without a Docker engine: docker-compose.yml against the
 Compose Specification, the Dockerfile with hadolint and by its structure, the Prometheus
 config and alert rules with promtool (when installed) and by their structure, and every
-metric a dashboard panel or an alert names against the series the real app exports.
+metric a dashboard panel or an alert names against the service's metric families
+(tests/integration/test_ops_series.py reads them from a running app).
 
 External tools run when present and skip saying so when not: check-jsonschema and hadolint
 come with the dev extra; promtool (`apt-get install prometheus`) and `docker compose` do
@@ -13,100 +14,42 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
-import numpy as np
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from model.network import GenReranker
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.e2e.server import ServerThread, make_request, wait_ready
-from tests.unit.test_export import tiny_bundle  # noqa: F401 - the fixture
-
-ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
-DOCKERIGNORE = ROOT / ".dockerignore"
-PROMETHEUS = ROOT / "deploy" / "prometheus"
-GRAFANA = ROOT / "deploy" / "grafana"
-DASHBOARD = GRAFANA / "dashboards" / "gref-serve.json"
-CHECK_IMAGE = ROOT / "deploy" / "docker" / "check_image.py"
-RUNBOOK = ROOT / "docs" / "operations.md"
-
-# series Prometheus makes itself, not the service
-PROMETHEUS_OWN = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds"})
-SERVING_STAGES = {"serve": "cpu", "serve-gpu": "gpu"}
-
-
-def tool(name: str) -> str | None:
-    """An executable of this venv (make test runs .venv/bin/pytest unactivated), else PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.is_file() else shutil.which(name)
-
-
-def run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
-
+from tests.support.ops import (
+    CHECK_IMAGE,
+    COMPOSE,
+    DASHBOARD,
+    DOCKERFILE,
+    DOCKERIGNORE,
+    GRAFANA,
+    PROMETHEUS,
+    PROMETHEUS_OWN,
+    ROOT,
+    RUNBOOK,
+    SERVING_STAGES,
+    admin_port,
+    alert_exprs,
+    alert_rules,
+    dashboard_exprs,
+    load_yaml,
+    panel_exprs,
+    parse_series,
+    promql_metric_names,
+    run,
+    series_names,
+    slugs,
+    tool,
+    unknown_names,
+)
 
 # ---- PromQL: the metric names an expression reads -------------------------------------------
-
-_STRINGS = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
-_MATCHERS = re.compile(r"\{[^{}]*\}")
-_RANGES = re.compile(r"\[[^\[\]]*\]")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
-_VARIABLES = re.compile(r"\$\{?\w+\}?")  # Grafana's $budget_ms, ${x}, $__rate_interval
-_DURATIONS = re.compile(r"(?<![\w:.])(?:\d+(?:ms|[smhdwy]))+(?![\w:])")
-_NUMBERS = re.compile(r"(?<![\w:.])(?:0x[0-9a-fA-F]+|\d*\.?\d+(?:[eE][+-]?\d+)?)")
-_IDENTIFIERS = re.compile(r"(?<![\w:])([a-zA-Z_:][\w:]*)(\s*\()?")
-_KEYWORDS = frozenset(
-    {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-     "bool", "offset", "inf", "nan"}
-)  # fmt: skip
-
-
-def promql_metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects: label matchers and values, ranges,
-    grouping labels, Grafana variables, numbers, durations, keywords and functions (a name
-    followed by a parenthesis) are not."""
-    text = _STRINGS.sub(" ", expr)
-    for pattern in (_MATCHERS, _RANGES, _GROUPING, _VARIABLES, _DURATIONS, _NUMBERS):
-        text = pattern.sub(" ", text)
-    return {
-        m.group(1)
-        for m in _IDENTIFIERS.finditer(text)
-        if m.group(2) is None and m.group(1).lower() not in _KEYWORDS
-    }
-
-
-def series_names(families: Iterable[Any]) -> set[str]:
-    """The series names Prometheus stores for these metric families (prometheus_client's
-    collect() or its text parser): counter x -> x_total; histogram x -> x_bucket, x_sum,
-    x_count; gauge x -> x; plus the samples actually present."""
-    suffixes = {
-        "counter": ("_total",),
-        "histogram": ("_bucket", "_sum", "_count"),
-        "summary": ("", "_sum", "_count"),
-    }
-    names: set[str] = set()
-    for family in families:
-        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
-        names.update(sample.name for sample in family.samples)
-    return names
-
-
-def unknown_names(exprs: dict[str, str], known: set[str]) -> dict[str, set[str]]:
-    """{where: names it reads that are neither in `known` nor Prometheus' own}."""
-    found = {where: promql_metric_names(expr) - known - PROMETHEUS_OWN for where, expr in
-             exprs.items()}  # fmt: skip
-    return {where: names for where, names in found.items() if names}
 
 
 @pytest.mark.parametrize(
@@ -145,70 +88,6 @@ def test_a_made_up_or_misspelt_metric_is_caught() -> None:
 
 
 # ---- the files --------------------------------------------------------------------------------
-
-
-def load_yaml(path: Path) -> Any:
-    with path.open() as f:
-        return yaml.safe_load(f)
-
-
-def admin_port() -> int:
-    """The rerankers' admin port in the compose stack (probes and scrapes go there)."""
-    return int(load_yaml(COMPOSE)["x-serve-env"]["RERANK_ADMIN_PORT"])
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    doc = load_yaml(PROMETHEUS / "alerts.yml")
-    return [rule for group in doc["groups"] for rule in group["rules"]]
-
-
-def dashboard_exprs() -> dict[str, str]:
-    """{panel title / refId: expr} of every query of the dashboard (rows included)."""
-
-    def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for item in items:
-            yield item
-            yield from panels(item.get("panels", []))
-
-    board = json.loads(DASHBOARD.read_text())
-    return {
-        f"{p['title']} / {t['refId']}": t["expr"]
-        for p in panels(board["panels"])
-        for t in p.get("targets", [])
-    }
-
-
-def alert_exprs() -> dict[str, str]:
-    return {rule["alert"]: rule["expr"] for rule in alert_rules()}
-
-
-def panel_exprs(title: str) -> list[str]:
-    board = json.loads(DASHBOARD.read_text())
-    (panel,) = [p for p in board["panels"] if p["title"] == title]
-    return [t["expr"] for t in panel["targets"]]
-
-
-_SERIES = re.compile(r"^\s*([a-zA-Z_:][\w:]*)\s*(?:\{(.*)\})?\s*$")
-_LABEL = re.compile(r'\s*(\w+)\s*=\s*"((?:\\.|[^"\\])*)"\s*,?')
-
-
-def parse_series(text: str) -> tuple[str, dict[str, str]]:
-    """'name{a="x", b="y"}' -> (name, {a: x, b: y}): promtool's input series notation."""
-    match = _SERIES.match(text)
-    assert match is not None, text
-    labels, rest = {}, match.group(2) or ""
-    while rest.strip():
-        label = _LABEL.match(rest)
-        assert label is not None, text
-        labels[label.group(1)] = label.group(2)
-        rest = rest[label.end() :]
-    return match.group(1), labels
-
-
-def slugs(markdown: str) -> set[str]:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, flags=re.M)
-    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
 
 
 # ---- (a) docker-compose.yml -----------------------------------------------------------------
@@ -513,38 +392,3 @@ def test_model_version_panel_counts_replicas_per_served_version(tmp_path: Path) 
     )
     out = run(promtool, "test", "rules", str(tmp_path / "test.yml"))
     assert out.returncode == 0, out.stdout + out.stderr
-
-
-# ---- (d) every query against the real app's /metrics --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_bundle: tuple[Path, GenReranker]) -> set[str]:  # noqa: F811
-    """The series names of /metrics after a few served, degraded and refused requests."""
-    settings = Settings(bundle=tiny_bundle[0], max_k=10, default_budget_ms=30_000)
-    rng = np.random.default_rng(0)
-    server = ServerThread(settings).start()
-    try:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            wait_ready(client)
-            for m in (5, 12, 30):
-                assert client.post("/v1/rerank", json=make_request(rng, m, 4)).status_code == 200
-            slow = client.post("/v1/rerank", json=make_request(rng, 9, 3, budget_ms=1e-3))
-            assert slow.json()["degraded"]
-            assert client.post("/v1/rerank", content=b"{}").status_code == 422
-            text = client.get("/metrics").text
-    finally:
-        server.stop()
-    families = list(text_string_to_metric_families(text))
-    return {sample.name for family in families for sample in family.samples}
-
-
-def test_every_dashboard_query_reads_exported_series(exported: set[str]) -> None:
-    exprs = dashboard_exprs()
-    assert len(exprs) >= 10
-    assert unknown_names(exprs, exported) == {}
-
-
-def test_every_alert_reads_exported_series(exported: set[str]) -> None:
-    assert unknown_names(alert_exprs(), exported) == {}
-    assert "rerank_redis_breaker_open" in exported and "rerank_model_info" in exported

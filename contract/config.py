@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from model.features import FeatureSchema
+from contract.features import FeatureSchema
 
 # the sizes every model is built from: each a whole number >= 1
 SIZES = (
@@ -112,7 +112,7 @@ def _names_problem(where: str, names: tuple[str, ...]) -> str | None:
 def schema_problems(s: FeatureSchema) -> list[str]:
     """What makes the schema unusable, one line each, naming the field ([] = none)."""
     problems = []
-    # bucket 0 is padding (model.features.hash_ids): a real id needs at least one more
+    # bucket 0 is padding (contract.features.hash_ids): a real id needs at least one more
     for name in ("item_id_buckets", "user_id_buckets"):
         value = getattr(s, name)
         if not _is_int(value) or value < 2:

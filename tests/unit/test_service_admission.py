@@ -1,0 +1,127 @@
+"""service/admission.py: the door's limit from the measured answer rate and loop lag."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from service.admission import Admission, AdmissionConfig, shed_response
+
+CONFIG = AdmissionConfig(budget_s=0.05, share=0.5, floor=4, retry_after_s=1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _answer(a: Admission, n: int) -> None:
+    for _ in range(n):
+        a.begin()
+        a.end()
+
+
+def test_the_floor_is_admitted_and_the_next_one_shed() -> None:
+    a = Admission(CONFIG, Clock())
+    for _ in range(CONFIG.floor):
+        assert a.admit()
+        a.begin()
+    assert not a.admit()
+    assert a.shed == 1
+    a.end()
+    assert a.admit()
+
+
+def test_a_saturated_window_sets_the_rate_to_what_was_served() -> None:
+    """Sheds in a window: the answers of that window are what the service can do."""
+    clock = Clock()
+    a = Admission(CONFIG, clock)
+    clock.t = 0.05
+    _answer(a, 50)  # 1000 answers/s
+    for _ in range(3):
+        a.working = 10**6  # at the limit: the next one is shed
+        assert not a.admit()
+        a.working = 0
+    a._window()
+    assert a.rate == pytest.approx(1000.0)
+    # limit = rate x (share x budget - lag) = 1000 x 0.025
+    assert a.limit == pytest.approx(25.0)
+    # a slower saturated window pulls it down (smoothed), never below the floor
+    clock.t = 0.10
+    _answer(a, 10)
+    a.working = 10**6
+    a.admit()
+    a.working = 0
+    a._window()
+    assert 200.0 < a.rate < 1000.0
+    assert a.limit >= CONFIG.floor
+
+
+def test_a_window_below_saturation_only_raises_the_rate() -> None:
+    clock = Clock()
+    a = Admission(CONFIG, clock)
+    a.set_measured(rate=2000.0, lag=0.0)
+    clock.t = 0.05
+    _answer(a, 5)  # 100/s, nothing shed: a lower bound of what it can do
+    a._window()
+    assert a.rate == 2000.0
+    clock.t = 0.10
+    _answer(a, 200)  # 4000/s, nothing shed: it can do at least that
+    a._window()
+    assert a.rate == pytest.approx(4000.0)
+
+
+def test_loop_lag_shrinks_the_limit_down_to_the_floor() -> None:
+    a = Admission(CONFIG, Clock())
+    a.set_measured(rate=2000.0, lag=0.0)
+    assert a.limit == pytest.approx(50.0)
+    a.set_measured(rate=2000.0, lag=0.015)
+    assert a.limit == pytest.approx(20.0)
+    a.set_measured(rate=2000.0, lag=1.0)  # a starved loop still feeds the engine a batch
+    assert a.limit == CONFIG.floor
+
+
+def test_the_lag_probe_measures_a_blocked_loop() -> None:
+    async def main() -> float:
+        a = Admission(CONFIG)
+        a.start()
+        await asyncio.sleep(0.05)
+        quiet = a.lag
+        import time
+
+        time.sleep(0.1)  # the loop is blocked: the probe's timer fires 100 ms late
+        for _ in range(3):  # a few loop turns: the overdue timer runs
+            await asyncio.sleep(0)
+        a.stop()
+        assert quiet < 0.05
+        return a.lag
+
+    assert asyncio.run(main()) > 0.03
+
+
+def test_the_shed_answer_is_a_503_with_retry_after_and_a_json_error() -> None:
+    start, body = shed_response(3)
+    assert start["status"] == 503
+    headers = dict(start["headers"])
+    assert headers[b"retry-after"] == b"3"
+    assert headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(body)
+    assert orjson.loads(body)["error"]["type"] == "overloaded"
+
+
+def test_refusals_after_the_body_say_nothing_of_the_rate() -> None:
+    """A flood of fast 422s must not raise the measured rate (and so the limit)."""
+    clock = Clock()
+    a = Admission(CONFIG, clock)
+    clock.t = 0.05
+    for _ in range(1000):
+        a.begin()
+        a.end(served=False)
+    a._window()
+    assert a.rate == 0.0 and a.working == 0
+    assert a.limit == CONFIG.floor
