@@ -16,7 +16,6 @@ written back as float32 (or the reverse) read alike.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from redis.retry import Retry
 
 from service.logs import RateLimit
 from service.metrics import Metrics
+from service.tasks import stop
 
 log = logging.getLogger(__name__)
 # one warning per failed Redis read, with the request id; rate-limited (a dead Redis
@@ -319,10 +319,8 @@ class RedisL2:
 
     async def close(self) -> None:
         for task in (self._writer, self._checker):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            if not await stop(task):
+                log.error("redis: %s did not stop", task.get_name() if task else "")
         await self.client.aclose()
 
     async def mget(

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -53,6 +53,7 @@ from service.metrics import Metrics
 from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
 from service.rerank import BatchConfig, Reranker
 from service.settings import Settings, resolve_bundle_dir, serving_choices
+from service.tasks import stop
 
 log = logging.getLogger("service")
 
@@ -71,6 +72,9 @@ class Runtime:
     draining: bool = False  # shutting down: readiness fails, requests are still served
     warmup_s: float | None = None
     warmup_error: str | None = None
+    # swapped-out rerankers finishing their requests before they close: retired off the
+    # reload watch, so a slow retire never holds up the next swap
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def engine(self) -> Engine | None:
@@ -200,12 +204,28 @@ def unlabel_model(metrics: Metrics, labels: tuple[str, str, str]) -> None:
         metrics.model_info.remove(*labels)
 
 
-async def _retire(old: Reranker, timeout_s: float = 30.0) -> None:
+RETIRE_S = 30.0  # the longest a swapped-out reranker waits for its requests to finish
+
+
+async def _retire(old: Reranker, timeout_s: float = RETIRE_S) -> None:
     """After a swap: let the old reranker finish what it holds, then close it."""
     deadline = time.monotonic() + timeout_s
     while old.active and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await _close(old)
+
+
+def _retire_later(runtime: Runtime, old: Reranker) -> None:
+    """Retire `old` in a task of its own, held by the runtime until it is done."""
+    task = asyncio.create_task(_retire(old), name=f"retire-{old.engine.version}")
+    runtime.retiring.add(task)
+    task.add_done_callback(runtime.retiring.discard)
+    task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
 async def _close(reranker: Reranker) -> None:
@@ -258,14 +278,15 @@ def _served_path(runtime: Runtime) -> Path | None:
 
 
 async def _swap(runtime: Runtime, target: Path) -> None:
-    """Open, check and warm the bundle at `target`, swap it in, retire the old one. Its
-    own function: no local of the watch outlives a swap and keeps an old engine alive."""
+    """Open, check and warm the bundle at `target`, swap it in, and start retiring the
+    old one (it closes once its requests are done; the watch goes on meanwhile). Its own
+    function: no local of the watch outlives a swap and keeps an old engine alive."""
     engine, policy = await _prepare(runtime, target)
     old = _assemble(runtime, engine, policy)
     runtime.metrics.reloads.labels("ok").inc()
     log.info("bundle reload: now serving %s", engine.version)
     if old is not None:
-        await _retire(old)
+        _retire_later(runtime, old)
 
 
 async def _prepare(runtime: Runtime, target: Path) -> tuple[Engine, DecodePolicy]:
@@ -434,7 +455,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if undrain is not None:
             undrain()
         for task in tasks:
-            task.cancel()
+            await stop(task)
+        if runtime.retiring:  # the server drained their requests: they close at once
+            await asyncio.wait(set(runtime.retiring), timeout=5)
+            for task in list(runtime.retiring):
+                await stop(task)
         if admin is not None:  # shutdown() waits for its poll: off the loop
             await anyio.to_thread.run_sync(admin.close)
         if runtime.reranker is not None:

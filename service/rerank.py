@@ -33,6 +33,7 @@ from service.engine import Engine, RerankRequest, RerankResult
 from service.logs import RateLimit
 from service.metrics import Metrics
 from service.policy import DecodePolicy
+from service.tasks import stop
 
 log = logging.getLogger(__name__)
 # one line per request that went wrong, rate-limited (a flood does not flood the log)
@@ -142,9 +143,8 @@ class Reranker:
         once, not left to wait out their budgets on a queue nobody reads."""
         self.closed = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            if not await stop(self._task):
+                log.error("the engine batcher did not stop")
             self._thread.stop()  # it ends after the batch it may be running
         while not self.queue.empty():
             job = self.queue.get_nowait()

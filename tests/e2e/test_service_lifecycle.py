@@ -70,8 +70,8 @@ def artifacts_with_v1(source: Path, tmp_path: Path) -> Path:
 
 
 def swap_to(c: httpx.Client, artifacts: Path, name: str, ok: float) -> None:
-    """Point latest at `name` and wait until the service counted `ok` swaps and retired the
-    old bundle (its reload watch is back to watching)."""
+    """Point latest at `name` and wait until the service counted `ok` swaps (the old
+    bundle retires in the background)."""
     point_latest(artifacts, name)
     wait_for(lambda: reloads(c, "ok") == ok)
 
@@ -178,3 +178,31 @@ def test_a_start_with_a_broken_latest_serves_the_newest_bundle_that_verifies(
     said = [r.getMessage() for r in caplog.records if r.name == "service"]
     assert any("serving" in m and "v2" in m and "newest" in m for m in said), said
     assert any("v3" in m and "refused" in m for m in said), said
+
+
+def test_a_retire_waiting_on_a_request_does_not_hold_up_the_next_swap(
+    tiny_bundle: tuple[Path, GenReranker], tmp_path: Path
+) -> None:
+    """The swapped-out reranker waits (up to RETIRE_S) for its requests before it closes;
+    the reload watch goes on meanwhile: the next version is served within seconds, and the
+    held reranker closes once its request is done."""
+    artifacts = artifacts_with_v1(tiny_bundle[0], tmp_path)
+    srv = serve(artifacts)
+    body = make_request(np.random.default_rng(5), 30, 5)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            wait_ready(c)
+            held = srv.app.state.runtime.reranker
+            held.active += 1  # a request still inside v1's reranker (none is in flight now)
+            copy_version(tiny_bundle[0], artifacts, "v2")
+            swap_to(c, artifacts, "v2", ok=1)
+            copy_version(tiny_bundle[0], artifacts, "v3")
+            t0 = time.monotonic()
+            swap_to(c, artifacts, "v3", ok=2)
+            assert time.monotonic() - t0 < 10, "the watch waited for v1's retire"
+            assert c.post("/v1/rerank", json=body).json()["model_version"] == "v3"
+            assert not held.closed
+            held.active -= 1  # it gets no requests now: no race with the loop
+            wait_for(lambda: held.closed, timeout=10)
+    finally:
+        srv.stop()
