@@ -234,8 +234,9 @@ def logged_vs_gold(
     user: the second row's NDCG says how far the logged metric and the gold disagree.
     Each order also gets the position-based IPS utility (model.estimators.rerank_ips, with
     the slots' examination propensities `exam`, None = harvested from `batch`)."""
+    from model.best_lists import search_best_lists
     from model.estimators import examination_propensities, rerank_ips
-    from model.world import relevance, search_best_lists, true_utility
+    from model.user_model import relevance, true_utility
 
     if exam is None:
         exam = examination_propensities(batch)

@@ -135,8 +135,12 @@ def run_world(
     rc: ResultsConfig, seed: int, strength: str, out: Path, progress: bool
 ) -> dict[str, Any]:
     """Everything for one world: per-row metrics, per-request utilities, side facts."""
-    from model.logs import read_logs, write_dataset
-    from model.world import WorldConfig, generate_logs, headroom, true_utility
+    from model.best_lists import headroom
+    from model.dataset import write_dataset
+    from model.log_io import read_logs
+    from model.simulated_logs import generate_logs
+    from model.user_model import true_utility
+    from model.world import WorldConfig
 
     t0 = time.perf_counter()
     tag = f"seed{seed}" if strength == "default" else f"seed{seed}-{strength}"

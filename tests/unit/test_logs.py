@@ -1,5 +1,6 @@
-"""model/logs.py: the Parquet log contract, streamed reading, validation, time split and
-the Avito converter (on a tiny fixture in Avito's exact TSV layout)."""
+"""The Parquet log contract (model/log_format.py), streamed reading, writing and validation
+(model/log_io.py), the time split (model/dataset.py) and the Avito converter
+(model/avito.py, on a tiny fixture in Avito's exact TSV layout)."""
 
 from __future__ import annotations
 
@@ -14,23 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from contract.features import FeatureSchema
+from model.avito import AVITO_SCHEMA, convert_avito
 from model.data import ListBatch
-from model.logs import (
-    AVITO_SCHEMA,
-    LogSchemaError,
-    convert_avito,
-    dataset_paths,
-    iter_logs,
-    log_arrow_schema,
-    read_items,
-    read_logs,
-    read_schema,
-    split_by_time,
-    split_log_file,
-    write_dataset,
-    write_items,
-    write_logs,
-)
+from model.dataset import dataset_paths, split_by_time, split_log_file, write_dataset
+from model.log_format import LogSchemaError, log_arrow_schema, read_schema
+from model.log_io import iter_logs, read_items, read_logs, write_items, write_logs
 
 SCHEMA = FeatureSchema(
     item_categorical=(("category", 64), ("creator", 128)),

@@ -35,7 +35,8 @@ CFG = ModelConfig(schema=SCHEMA, d_model=16, n_attn_heads=2, omtp_heads=2)
 
 @pytest.fixture(scope="module")
 def splits() -> tuple[ListBatch, ListBatch]:
-    from model.world import WorldConfig, generate_logs
+    from model.simulated_logs import generate_logs
+    from model.world import WorldConfig
 
     cfg = WorldConfig(n_items=2000, n_users=300)
     _, logs = generate_logs(cfg, seed=3, n_requests=1500, progress=False)
@@ -344,7 +345,8 @@ def test_value_stage_trains_and_selects_on_the_debiased_estimate(
     """The value stage warm-starts from pre-training, reports the debiased estimates and
     selects its epoch on the list IPS estimate when the logs carry propensities (on the
     exposed-items IPS when they do not)."""
-    from model.world import WorldConfig, generate_logs
+    from model.simulated_logs import generate_logs
+    from model.world import WorldConfig
 
     cfg = WorldConfig(n_items=2000, n_users=300)
     _, logs = generate_logs(cfg, seed=3, n_requests=900, progress=False, propensity=True)

@@ -1,4 +1,6 @@
-"""The simulated world: determinism, persistence, log conventions and the user model."""
+"""The simulated world (model/world.py): determinism, persistence, the simulated logs'
+conventions (model/simulated_logs.py), the user model (model/user_model.py) and the
+search for best lists (model/best_lists.py)."""
 
 from __future__ import annotations
 
@@ -8,19 +10,11 @@ import numpy as np
 import pytest
 
 from contract.features import FeatureSchema
+from model.best_lists import headroom, search_best_lists
 from model.data import ListBatch
-from model.world import (
-    World,
-    WorldConfig,
-    generate_logs,
-    headroom,
-    list_feedback_probs,
-    relevance,
-    sample_feedback,
-    sample_requests,
-    search_best_lists,
-    true_utility,
-)
+from model.simulated_logs import generate_logs, sample_requests
+from model.user_model import list_feedback_probs, relevance, sample_feedback, true_utility
+from model.world import World, WorldConfig
 
 SMALL = WorldConfig(n_items=2_000, n_users=300, n_creators=200)
 
@@ -370,7 +364,7 @@ def test_logged_propensities_and_their_column(tmp_path) -> None:  # type: ignore
     """The simulator logs the logging policy's exposure propensities from their own random
     stream (the logs are the same without them); they round-trip through the optional
     Parquet column, and a file without it reads as 'not logged'."""
-    from model.logs import read_logs, write_logs
+    from model.log_io import read_logs, write_logs
 
     _, plain = generate_logs(SMALL, seed=5, n_requests=400, chunk=200, progress=False)
     _, logs = generate_logs(
