@@ -45,7 +45,7 @@ from model.data import ListBatch
 from model.evaluate import Reranker, clicks_by_candidate, exposed_only, rerank
 from model.log_format import PathLike
 from model.log_io import RowGroup, empty_batch, read_row_group, row_groups
-from model.metrics import auc, list_metrics, ranked_labels
+from model.ranking_metrics import auc, list_metrics, ranked_labels
 from model.tensors import to_inputs
 
 log = logging.getLogger(__name__)

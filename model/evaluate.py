@@ -20,7 +20,7 @@ from torch import nn
 
 from contract.features import FeatureSchema
 from model.data import ListBatch
-from model.metrics import auc, list_metrics, ranked_labels
+from model.ranking_metrics import auc, list_metrics, ranked_labels
 from model.tensors import Inputs, to_inputs
 
 if TYPE_CHECKING:

@@ -312,7 +312,7 @@ def test_headroom_best_list_is_not_the_pointwise_sort(logs: tuple[World, ListBat
 
 def test_logged_vs_gold_reorders_the_exposed_items(logs: tuple[World, ListBatch]) -> None:
     from model.evaluate import GOLD_ORDERS, logged_vs_gold
-    from model.metrics import ndcg_at
+    from model.ranking_metrics import ndcg_at
 
     world, batch = logs
     part = batch.take(slice(0, 400))
