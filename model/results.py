@@ -34,7 +34,7 @@ from contract.config import ModelConfig
 from model.checkpoint import load_checkpoint
 from model.estimators import examination_propensities, kendall_tau, list_ips
 from model.evaluate import (
-    Reranker,
+    ListPolicy,
     decode_latency_ms,
     generate_lists,
     item_ids_of,
@@ -196,7 +196,7 @@ def run_world(
     for row in rows:
         key = _decode_key(row)
         if key not in metrics_by_key:
-            r = Reranker(
+            r = ListPolicy(
                 row.label,
                 row.kind,
                 models[row.run] if row.run else None,
