@@ -109,7 +109,7 @@ def embed_item_table(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The item table through the exported fp32 item tower (the very graph the service runs
     for cache misses). -> ids (N,) int64 raw, embeddings (N, d) float32."""
-    from model.logs import read_items  # pyarrow: only needed with --items
+    from model.log_io import read_items  # pyarrow: only needed with --items
 
     ids, cat, dense = read_items(items_path, cfg.schema)
     unique, counts = np.unique(ids, return_counts=True)

@@ -14,7 +14,7 @@ class ExportConfig:
     opset: int = 20
     fp16: bool = False  # also write *.fp16.onnx (the GPU path)
     label: str = ""  # human part of the version; "" = today's UTC date, YYYYMMDD
-    items_path: str = ""  # items.parquet (model.logs.write_items); "" = no item table
+    items_path: str = ""  # items.parquet (model.log_io.write_items); "" = no item table
     item_batch: int = 65_536  # item-tower rows per ORT run when embedding the item table
     check_full: bool = True  # onnx.checker full_check (shape inference) on every graph
     simplify: bool = True  # fold static shape arithmetic (export/simplify.py)

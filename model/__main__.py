@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 
 def _generate(args: argparse.Namespace) -> int:
     from contract.config import ModelConfig
-    from model.logs import write_dataset
-    from model.world import WorldConfig, generate_logs, headroom
+    from model.best_lists import headroom
+    from model.dataset import write_dataset
+    from model.simulated_logs import generate_logs
+    from model.world import WorldConfig
 
     world, logs = generate_logs(
         WorldConfig(), args.seed, args.n_requests, progress=True, propensity=not args.no_propensity
@@ -48,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
 def _train_rank(args: argparse.Namespace, world: World) -> int:
     from contract.config import ModelConfig
     from model.distributed import read_shard
-    from model.logs import read_schema
+    from model.log_format import read_schema
     from model.train import TrainConfig, train
 
     data = Path(args.data)
@@ -114,7 +116,7 @@ def _results(args: argparse.Namespace) -> int:
 
 def _logged_vs_gold(args: argparse.Namespace) -> int:
     from model.evaluate import logged_vs_gold
-    from model.logs import read_logs
+    from model.log_io import read_logs
     from model.world import World
 
     data = Path(args.data)
@@ -128,7 +130,7 @@ def _logged_vs_gold(args: argparse.Namespace) -> int:
 
 
 def _convert_avito(args: argparse.Namespace) -> int:
-    from model.logs import convert_avito
+    from model.avito import convert_avito
 
     stats = convert_avito(args.search_stream, args.search_info, args.out, ads_info=args.ads_info)
     print(json.dumps(stats, indent=2, default=str))

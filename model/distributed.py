@@ -42,9 +42,10 @@ from torch import nn
 from contract.features import FeatureSchema
 from model.checkpoint import arrays_digest
 from model.data import ListBatch
-from model.evaluate import Reranker, clicks_by_candidate, exposed_only, rerank
-from model.logs import PathLike, RowGroup, empty_batch, read_row_group, row_groups
-from model.metrics import auc, list_metrics, ranked_labels
+from model.evaluate import ListPolicy, clicks_by_candidate, exposed_only, rerank
+from model.log_format import PathLike
+from model.log_io import RowGroup, empty_batch, read_row_group, row_groups
+from model.ranking_metrics import auc, list_metrics, ranked_labels
 from model.tensors import to_inputs
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def step_fn(model: nn.Module, loss_fn: Any, world: World) -> Any:
 
 
 def logged_metrics(
-    r: Reranker,
+    r: ListPolicy,
     batch: ListBatch,
     schema: FeatureSchema,
     world: World,

@@ -20,7 +20,7 @@ from torch import nn
 
 from contract.features import FeatureSchema
 from model.data import ListBatch
-from model.metrics import auc, list_metrics, ranked_labels
+from model.ranking_metrics import auc, list_metrics, ranked_labels
 from model.tensors import Inputs, to_inputs
 
 if TYPE_CHECKING:
@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Reranker:
-    """A model plus how to decode it. kind: upstream | dnn | prm | nar4rec | gen_reranker."""
+class ListPolicy:
+    """One way to build each request's list, as the evaluation compares them: a model (none
+    for the upstream order) plus how its lists are decoded. kind: upstream | dnn | prm |
+    nar4rec | gen_reranker."""
 
     name: str
     kind: str
@@ -84,7 +86,7 @@ def category_greedy(
 
 
 @torch.no_grad()
-def rerank(r: Reranker, inp: Inputs, k: int) -> Reranked:
+def rerank(r: ListPolicy, inp: Inputs, k: int) -> Reranked:
     from model.decode import beam_decode, greedy_decode, rank_scores
 
     B, M = inp.batch_size, inp.m
@@ -144,7 +146,7 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 
 def logged_metrics(
-    r: Reranker,
+    r: ListPolicy,
     batch: ListBatch,
     schema: FeatureSchema,
     chunk: int = 4096,
@@ -176,7 +178,7 @@ def logged_metrics(
 
 
 def generate_lists(
-    r: Reranker, batch: ListBatch, schema: FeatureSchema, k: int, chunk: int = 4096
+    r: ListPolicy, batch: ListBatch, schema: FeatureSchema, k: int, chunk: int = 4096
 ) -> tuple[np.ndarray, int]:
     """(B, k) candidate indices of the generated lists over ALL candidates, and passes."""
     orders, passes = [], 0
@@ -195,7 +197,7 @@ def item_ids_of(batch: ListBatch, order: np.ndarray) -> np.ndarray:
 
 
 def decode_latency_ms(
-    r: Reranker, batch: ListBatch, schema: FeatureSchema, k: int, reps: int = 200
+    r: ListPolicy, batch: ListBatch, schema: FeatureSchema, k: int, reps: int = 200
 ) -> float:
     """Median wall time of reranking ONE request (batch 1) on one thread, in ms.
     The first few calls are warm-up and discarded."""
@@ -234,8 +236,9 @@ def logged_vs_gold(
     user: the second row's NDCG says how far the logged metric and the gold disagree.
     Each order also gets the position-based IPS utility (model.estimators.rerank_ips, with
     the slots' examination propensities `exam`, None = harvested from `batch`)."""
+    from model.best_lists import search_best_lists
     from model.estimators import examination_propensities, rerank_ips
-    from model.world import relevance, search_best_lists, true_utility
+    from model.user_model import relevance, true_utility
 
     if exam is None:
         exam = examination_propensities(batch)

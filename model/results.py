@@ -34,7 +34,7 @@ from contract.config import ModelConfig
 from model.checkpoint import load_checkpoint
 from model.estimators import examination_propensities, kendall_tau, list_ips
 from model.evaluate import (
-    Reranker,
+    ListPolicy,
     decode_latency_ms,
     generate_lists,
     item_ids_of,
@@ -135,8 +135,12 @@ def run_world(
     rc: ResultsConfig, seed: int, strength: str, out: Path, progress: bool
 ) -> dict[str, Any]:
     """Everything for one world: per-row metrics, per-request utilities, side facts."""
-    from model.logs import read_logs, write_dataset
-    from model.world import WorldConfig, generate_logs, headroom, true_utility
+    from model.best_lists import headroom
+    from model.dataset import write_dataset
+    from model.log_io import read_logs
+    from model.simulated_logs import generate_logs
+    from model.user_model import true_utility
+    from model.world import WorldConfig
 
     t0 = time.perf_counter()
     tag = f"seed{seed}" if strength == "default" else f"seed{seed}-{strength}"
@@ -192,7 +196,7 @@ def run_world(
     for row in rows:
         key = _decode_key(row)
         if key not in metrics_by_key:
-            r = Reranker(
+            r = ListPolicy(
                 row.label,
                 row.kind,
                 models[row.run] if row.run else None,

@@ -59,10 +59,10 @@ class Row:
 
     label: str
     run: str | None
-    kind: str  # evaluate.Reranker kind
+    kind: str  # evaluate.ListPolicy kind
     table: str
     items_per_pass: int | None = None
-    list_rule: str = ""  # evaluate.Reranker.list_rule
+    list_rule: str = ""  # evaluate.ListPolicy.list_rule
 
 
 GREF = "GReF (pre-train + value, n=4)"  # the list-aware recipe

@@ -61,7 +61,7 @@ from model.checkpoint import (
 )
 from model.data import ListBatch, feedback_utility
 from model.distributed import LogShard
-from model.evaluate import Reranker
+from model.evaluate import ListPolicy
 from model.tensors import Inputs, to_inputs
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,8 @@ class StageLoss:
         return model.loss(inp, exposed, click, target), {}  # type: ignore[operator]
 
 
-def _reranker(model: nn.Module, kind: str) -> Reranker:
-    return Reranker(name=kind, kind=kind, model=model)
+def _list_policy(model: nn.Module, kind: str) -> ListPolicy:
+    return ListPolicy(name=kind, kind=kind, model=model)
 
 
 def validate(
@@ -324,7 +324,7 @@ def validate(
             n += len(part)
     total, rows = distributed.sum_over_ranks(world, (total, n))
     out = {"valid_loss": total / max(rows, 1)}
-    r, schema = _reranker(model, kind), model_cfg.schema
+    r, schema = _list_policy(model, kind), model_cfg.schema
     out.update(
         {
             f"valid_{k}": v

@@ -39,8 +39,9 @@ REFERENCE = "1 proc x 1 thread"
 
 def write_log(out: Path, rows: int, valid: int) -> None:
     from contract.config import ModelConfig
-    from model.logs import write_logs
-    from model.world import WorldConfig, generate_logs
+    from model.log_io import write_logs
+    from model.simulated_logs import generate_logs
+    from model.world import WorldConfig
 
     _, logs = generate_logs(WorldConfig(), 0, rows + valid, progress=True)
     schema = ModelConfig().schema

@@ -29,7 +29,7 @@ policy    the shipped settings with RERANK_DECODE_POLICY=adaptive (RERANK_BEAM=3
           The fixed service's closed-loop maximum of model (non-degraded) answers first;
           then open loop at 20% .. 130% of it, the two policies alternating at each rate,
           each run 2 s unrecorded then --duration recorded. Every response's list is kept
-          and scored with the world's TRUE expected utility (model.world.true_utility;
+          and scored with the world's TRUE expected utility (model.user_model.true_utility;
           degraded answers count with the list they returned), beside the upstream top k of
           the same requests; p99 per rate; the share of decoded requests at each level
           (rerank_decode_level_total deltas). Plot: mean true utility and p99 against
@@ -149,8 +149,10 @@ class Requests:
 
 def world_requests(schema: dict[str, Any], n: int, seed: int = 0) -> tuple[Any, Requests]:
     """(the World, n of its requests as bodies for the bundle's FeatureSchema `schema`)."""
-    from model.logs import read_logs, read_schema
-    from model.world import World, WorldConfig, generate_logs
+    from model.log_format import read_schema
+    from model.log_io import read_logs
+    from model.simulated_logs import generate_logs
+    from model.world import World, WorldConfig
 
     data = ROOT / "data" / "default"
     if (data / "world.npz").is_file() and (data / "test.parquet").is_file():
@@ -804,7 +806,7 @@ class PolicyRun:
 def _policy_run(world: Any, reqs: Requests, res: ScheduleResult, upstream_u: np.ndarray,
                 policy: str, fraction: float) -> PolicyRun:  # fmt: skip
     """The recorded segment (the last) of one run: latency, true utility, levels."""
-    from model.world import true_utility
+    from model.user_model import true_utility
 
     seg = len(res.schedule.segments) - 1
     rec = res.segment == seg
@@ -836,7 +838,7 @@ def _policy_run(world: Any, reqs: Requests, res: ScheduleResult, upstream_u: np.
 
 
 def bench_policy(b: Bench, world: Any) -> tuple[str, dict[str, Any]]:
-    from model.world import true_utility
+    from model.user_model import true_utility
 
     cfg, reqs = b.cfg, b.requests
     targets = {"adaptive": {"RERANK_DECODE_POLICY": "adaptive", "RERANK_BEAM": "3"},

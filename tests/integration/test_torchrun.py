@@ -20,8 +20,9 @@ from contract.config import ModelConfig
 from model.__main__ import main
 from model.checkpoint import load_checkpoint, read_train_state
 from model.distributed import World, log_digest, read_own_groups, read_shard, shard_groups
-from model.logs import read_logs, row_groups, write_logs
-from model.world import WorldConfig, generate_logs
+from model.log_io import read_logs, row_groups, write_logs
+from model.simulated_logs import generate_logs
+from model.world import WorldConfig
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from contract.config import ModelConfig
 from export.build import build_bundle
 from export.config import ExportConfig
 from model.checkpoint import save_checkpoint
-from model.logs import write_items
+from model.log_io import write_items
 from model.network import GenReranker
 from tests.support.tiny import TINY_SCHEMA, tiny_config
 

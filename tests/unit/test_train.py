@@ -24,7 +24,7 @@ from model.checkpoint import (
     save_train_state,
 )
 from model.data import ListBatch
-from model.evaluate import Reranker, generate_lists, logged_metrics
+from model.evaluate import ListPolicy, generate_lists, logged_metrics
 from model.train import TrainConfig, train
 
 train_module = importlib.import_module("model.train")  # the module (`train` is the function)
@@ -35,7 +35,8 @@ CFG = ModelConfig(schema=SCHEMA, d_model=16, n_attn_heads=2, omtp_heads=2)
 
 @pytest.fixture(scope="module")
 def splits() -> tuple[ListBatch, ListBatch]:
-    from model.world import WorldConfig, generate_logs
+    from model.simulated_logs import generate_logs
+    from model.world import WorldConfig
 
     cfg = WorldConfig(n_items=2000, n_users=300)
     _, logs = generate_logs(cfg, seed=3, n_requests=1500, progress=False)
@@ -70,7 +71,7 @@ def test_pretrain_then_dpo_checkpoints(tmp_path: Path, splits: tuple[ListBatch, 
     )
     assert moved
     order, passes = generate_lists(
-        Reranker("gref", "gen_reranker", dpo_model, items_per_pass=2), va, SCHEMA, k=10
+        ListPolicy("gref", "gen_reranker", dpo_model, items_per_pass=2), va, SCHEMA, k=10
     )
     assert passes == 5
     assert all(len(set(row.tolist())) == 10 for row in order)
@@ -105,7 +106,7 @@ def test_baseline_stages_train_and_evaluate(
     res = train(cfg, _tc(stage), tr, va, tmp_path / stage, progress=False)
     model, _, config = load_checkpoint(res.best_dir)
     kind = config["kind"]
-    metrics = logged_metrics(Reranker(stage, kind, model), va, SCHEMA)
+    metrics = logged_metrics(ListPolicy(stage, kind, model), va, SCHEMA)
     assert 0.0 <= metrics["ndcg@10"] <= 1.0
     assert 0.0 <= metrics["auc"] <= 1.0
     first, last = res.history[0]["valid_loss"], res.history[-1]["valid_loss"]
@@ -138,8 +139,8 @@ def test_distill_aligns_heads_to_the_teachers_n1_decode(
 
     def agreement(model: torch.nn.Module) -> float:
         """Share of list slots where the n = 2 decode equals the teacher's n = 1 decode."""
-        ref, _ = generate_lists(Reranker("t", "gen_reranker", teacher, 1), va, SCHEMA, k=10)
-        got, _ = generate_lists(Reranker("s", "gen_reranker", model, 2), va, SCHEMA, k=10)
+        ref, _ = generate_lists(ListPolicy("t", "gen_reranker", teacher, 1), va, SCHEMA, k=10)
+        got, _ = generate_lists(ListPolicy("s", "gen_reranker", model, 2), va, SCHEMA, k=10)
         return float((ref == got).mean())
 
     assert agreement(student) > agreement(teacher)
@@ -344,7 +345,8 @@ def test_value_stage_trains_and_selects_on_the_debiased_estimate(
     """The value stage warm-starts from pre-training, reports the debiased estimates and
     selects its epoch on the list IPS estimate when the logs carry propensities (on the
     exposed-items IPS when they do not)."""
-    from model.world import WorldConfig, generate_logs
+    from model.simulated_logs import generate_logs
+    from model.world import WorldConfig
 
     cfg = WorldConfig(n_items=2000, n_users=300)
     _, logs = generate_logs(cfg, seed=3, n_requests=900, progress=False, propensity=True)

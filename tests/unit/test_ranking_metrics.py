@@ -1,4 +1,4 @@
-"""Metrics pinned on hand-computed cases."""
+"""Ranking metrics (model/ranking_metrics.py) pinned on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model.metrics import auc, clicks_at, list_metrics, map_at, ndcg_at, ranked_labels
+from model.ranking_metrics import auc, clicks_at, list_metrics, map_at, ndcg_at, ranked_labels
 
 
 def test_ndcg_hand_case() -> None:
