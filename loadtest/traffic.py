@@ -101,10 +101,12 @@ class RerankCall:
 
 @dataclass(frozen=True)
 class Check:
-    """The verdict on one answer: error (a failure) or None; degraded: its reason."""
+    """The verdict on one answer: error (a failure) or None; degraded: its reason;
+    timings: the answer's own stage times (its body's `timings`), when it has them."""
 
     error: str | None = None
     degraded: str | None = None
+    timings: dict[str, Any] | None = None
 
 
 def _mix(rng: np.random.Generator, mix: tuple[tuple[Any, float], ...], n: int) -> list[Any]:
@@ -256,8 +258,10 @@ def check_response(call: RerankCall, status: int, body: bytes) -> Check:
         degraded, reason, passes = out["degraded"], out["reason"], out["passes"]
     except (ValueError, KeyError, TypeError) as e:
         return Check(f"malformed 200 body ({type(e).__name__}: {e}): {body[:200]!r}")
+    timings = out.get("timings")
     return Check(_list_error(call, got, out, degraded, reason, passes),
-                 reason if degraded else None)  # fmt: skip
+                 reason if degraded else None,
+                 timings if isinstance(timings, dict) else None)  # fmt: skip
 
 
 def _list_error(call: RerankCall, got: list[Any], out: dict[str, Any], degraded: Any,
