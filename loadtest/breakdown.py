@@ -1,5 +1,6 @@
 """Why answers were degraded, and where each list size spends its time: from the `timings`
-of every valid answer (the service's own per-request stage times, in the response body).
+of every valid answer (the service's own per-request stage times, in the response body),
+its list size and the budget it asked for.
 
 The service's /metrics histograms give each stage over all requests; they cannot say which
 stage used up the budget of the requests that ran out of it, nor split the stages by list
@@ -43,11 +44,22 @@ class Breakdown:
         self._times: dict[int, list[tuple[float, ...]]] = {}
         self._answers: Counter[int] = Counter()
         self._degraded: Counter[tuple[int, str, str]] = Counter()  # (m, reason, culprit)
+        # by the budget asked for ("default": none in the body): answers, degraded, totals
+        self._budget: dict[str, list[int]] = {}
+        self._budget_total: dict[str, list[float]] = {}
 
-    def add(self, m: int, reason: str | None, timings: dict[str, Any] | None) -> None:
-        """One answer: its list size, its degraded reason (None: the model's list), and
-        the body's `timings` (None or malformed: counted, no stage times)."""
+    def add(self, m: int, reason: str | None, timings: dict[str, Any] | None,
+            budget_ms: float | None = None) -> None:  # fmt: skip
+        """One answer: its list size, its degraded reason (None: the model's list), the
+        body's `timings` (None or malformed: counted, no stage times) and the budget_ms
+        the request asked for (None: the server's default)."""
         self._answers[m] += 1
+        key = "default" if budget_ms is None else f"{budget_ms:g}"
+        counts = self._budget.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += reason is not None
+        if isinstance(timings, dict) and isinstance(timings.get("total_ms"), int | float):
+            self._budget_total.setdefault(key, []).append(float(timings["total_ms"]))
         t: dict[str, float] = {}
         if isinstance(timings, dict):
             try:
@@ -86,7 +98,18 @@ class Breakdown:
             by_m[str(m)] = {"answers": self._answers[m], "degraded": dict(sorted(reasons.items())),
                             "budget_by_culprit": dict(sorted(culprits.items())),
                             "stages_ms": stages}  # fmt: skip
-        return {"answers": sum(self._answers.values()), "degraded": degraded, "by_m": by_m}
+        by_budget = {}
+        for key, (n, n_deg) in sorted(self._budget.items(), key=lambda kv: _budget_order(kv[0])):
+            totals = np.array(self._budget_total.get(key, []), float)
+            by_budget[key] = {"answers": n, "degraded": n_deg,
+                              "total_ms": {f"p{round(q * 100)}": _quantile(totals, q)
+                                           for q in QUANTILES}}  # fmt: skip
+        return {"answers": sum(self._answers.values()), "degraded": degraded, "by_m": by_m,
+                "by_budget": by_budget}  # fmt: skip
+
+
+def _budget_order(key: str) -> float:
+    return -1.0 if key == "default" else float(key)
 
 
 def _quantile(values: np.ndarray, q: float) -> float | None:
@@ -128,4 +151,15 @@ def markdown(data: dict[str, Any]) -> list[str]:
         share = n_deg / d["answers"] if d["answers"] else 0.0
         row = [m, d["answers"], f"{n_deg} ({share:.1%})", spent, *cells]
         lines.append("| " + " | ".join(map(str, row)) + " |")
+    by_budget = data.get("by_budget", {})
+    if by_budget:
+        lines += ["", "By the budget the request asked for (default: none in the body, the "
+                  "service's default):", "", "| budget_ms | answers | degraded | total p50 / "
+                  "p99, ms |", "|---|---:|---:|---|"]  # fmt: skip
+        for key, d in by_budget.items():
+            share = d["degraded"] / d["answers"] if d["answers"] else 0.0
+            lines.append(
+                f"| {key} | {d['answers']} | {d['degraded']} ({share:.1%}) | "
+                f"{_ms(d['total_ms']['p50'])} / {_ms(d['total_ms']['p99'])} |"
+            )
     return lines

@@ -127,7 +127,8 @@ class RerankUser(FastHttpUser):
                 return
             resp.success()
             if call.expect == 200:
-                _breakdown.add(len(call.item_ids), verdict.degraded, verdict.timings)
+                _breakdown.add(len(call.item_ids), verdict.degraded, verdict.timings,
+                               call.budget_ms)  # fmt: skip
             if verdict.degraded is not None:
                 events.request.fire(
                     request_type="DEGRADED",

@@ -97,6 +97,7 @@ class RerankCall:
     item_ids: tuple[int, ...]  # the candidates in upstream order
     k: int  # items the answer must hold (valid requests: k <= m)
     expect: int  # HTTP status: 200 or 422
+    budget_ms: float | None = None  # the body's budget_ms (None: the server's default)
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class Traffic:
         extra = f',"budget_ms":{budget}' if budget is not None else ""
         body = (f'{{"request_id":"{request_id}","user":{user},"candidates":[{candidates}],'
                 f'"k":{k}{extra}}}')  # fmt: skip
-        return RerankCall(name, body.encode(), request_id, tuple(ids), k, expect)
+        return RerankCall(name, body.encode(), request_id, tuple(ids), k, expect, budget)
 
 
 # ---------------------------------------------------------------- the answers
