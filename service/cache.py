@@ -298,9 +298,14 @@ class RedisL2:
             )
             self._mget = self.client.mget_nonatomic
         else:
+            # no socket_timeout: every call on this client is bounded by an asyncio deadline
+            # around it (an MGET by its budget share, a write-back or meta read by 5 x t),
+            # and a per-socket one would add, per call, a Task to bound each send (an
+            # extra turn of the event loop before the command leaves) and a timeout
+            # context per reply read
             self.client = aioredis.Redis.from_url(
                 config.url,
-                socket_timeout=t,
+                socket_timeout=None,  # explicitly: left out, redis-py sets 5 s
                 socket_connect_timeout=t,
                 retry=Retry(NoBackoff(), 0),  # one try: the breaker, not retries, handles outages
                 retry_on_timeout=False,

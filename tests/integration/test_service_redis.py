@@ -502,3 +502,29 @@ def test_an_exchange_cut_short_leaves_no_reply_behind(redis_process: RedisProces
 
     asyncio.run(run())
     r.close()
+
+
+def test_an_mget_starts_no_task(redis_process: RedisProcess) -> None:
+    """A request's MGET runs in the request's own task: no Task to bound the send or the
+    wait (each is one more turn of a busy event loop before the command even leaves)."""
+
+    async def tasks_per_mget() -> int:
+        l2 = _l2(redis_process.url, "nt", 2)
+        loop = asyncio.get_running_loop()
+        started = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            started.append(coro)
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        try:
+            await l2.mget([1, 2], 1.0)  # connected
+            loop.set_task_factory(factory)
+            for _ in range(5):
+                assert await l2.mget([1, 2], 1.0) == [None, None]
+            return len(started)
+        finally:
+            loop.set_task_factory(None)
+            await l2.client.aclose()
+
+    assert asyncio.run(tasks_per_mget()) == 0
