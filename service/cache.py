@@ -11,6 +11,16 @@ a socket hangs. Every L1 access is on the event loop too, so the LRU needs no lo
 
 The value's length tells its dtype (2d or 4d bytes), so vectors published as float16 and
 written back as float32 (or the reverse) read alike.
+
+The request path's Redis work runs on the event loop, where every microsecond delays every
+other request, so the hot calls skip redis-py's generic command layer (argument
+normalisation and per-argument encoding, a Task per timeout, per-reply parsing callbacks):
+the MGET and the write-backs' SET NX pipelines are packed here as RESP bytes in one pass
+and sent on a connection of redis-py's own pool (its connect, AUTH, TLS, timeouts, error
+types and hiredis parser are kept; a connection whose exchange did not finish is closed,
+never reused); an MGET's values are decoded in one numpy call for the request, not one per
+value. A Redis Cluster goes through redis-py's cluster client (a request's keys span hash
+slots).
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
 from typing import Any
@@ -51,6 +62,62 @@ BREAKER_FLOOR_S = 0.002  # a timeout after a wait this long counts as a Redis fa
 WRITE_DTYPE = "<f2"  # publish's default: half the bytes; the model's inputs are float32
 _WRITE_BATCH = 256  # embeddings per MSET of the write-back task
 META_CHECK_S = 5.0  # how often the version's meta key (published or not) is read again
+
+
+if sys.version_info >= (3, 11):
+    _deadline = asyncio.timeout  # cancels the awaiting task itself: no Task per call
+else:  # pragma: no cover - Python 3.10
+
+    @contextlib.asynccontextmanager
+    async def _deadline(delay: float) -> AsyncIterator[None]:
+        """asyncio.timeout for 3.10: TimeoutError when the block outlasts `delay`."""
+        task = asyncio.current_task()
+        assert task is not None
+        fired = False
+
+        def fire() -> None:
+            nonlocal fired
+            fired = True
+            task.cancel()
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        try:
+            yield
+        except asyncio.CancelledError as e:
+            if fired:
+                raise TimeoutError from e
+            raise
+        finally:
+            handle.cancel()
+
+
+def _bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def pack_mget(base: bytes, ids: Sequence[int]) -> bytes:
+    """MGET base+id for every id, as RESP (what redis-py would send, in one pass)."""
+    keys = [b"%b%d" % (base, i) for i in ids]
+    return b"*%d\r\n$4\r\nMGET\r\n%b" % (len(keys) + 1, b"".join(map(_bulk, keys)))
+
+
+def pack_set_nx(base: bytes, ids: Sequence[int], values: np.ndarray, ttl_s: int | None) -> bytes:
+    """One SET base+id value NX [EX ttl] per row of values (n, w), as a RESP pipeline."""
+    if ttl_s:
+        tail = b"$2\r\nNX\r\n$2\r\nEX\r\n" + _bulk(b"%d" % ttl_s)
+        head = b"*6\r\n$3\r\nSET\r\n"
+    else:
+        tail, head = b"$2\r\nNX\r\n", b"*4\r\n$3\r\nSET\r\n"
+    rows = values.tobytes()
+    width = values.shape[1] * values.itemsize if values.ndim == 2 else 0
+    value_head = b"$%d\r\n" % width
+    out = []
+    for j, i in enumerate(ids):
+        key = b"%b%d" % (base, i)
+        value = rows[j * width : (j + 1) * width]
+        out.append(b"%b$%d\r\n%b\r\n%b%b\r\n%b" % (head, len(key), key, value_head, value, tail))
+    return b"".join(out)
 
 
 class L1Cache:
@@ -231,9 +298,14 @@ class RedisL2:
             )
             self._mget = self.client.mget_nonatomic
         else:
+            # no socket_timeout: every call on this client is bounded by an asyncio deadline
+            # around it (an MGET by its budget share, a write-back or meta read by 5 x t),
+            # and a per-socket one would add, per call, a Task to bound each send (an
+            # extra turn of the event loop before the command leaves) and a timeout
+            # context per reply read
             self.client = aioredis.Redis.from_url(
                 config.url,
-                socket_timeout=t,
+                socket_timeout=None,  # explicitly: left out, redis-py sets 5 s
                 socket_connect_timeout=t,
                 retry=Retry(NoBackoff(), 0),  # one try: the breaker, not retries, handles outages
                 retry_on_timeout=False,
@@ -241,6 +313,7 @@ class RedisL2:
             )
             self._mget = self.client.mget
         self.base = f"{config.prefix}:emb:{version}:"
+        self._base = self.base.encode()  # redis-py encodes str keys as utf-8 too
         self.dim, self.timeout_s, self.ttl_s = dim, t, config.writeback_ttl_s or None
         self.refused = False  # the published embeddings do not fit this model: L2 is off
         self.breaker, self.metrics = breaker, metrics
@@ -311,11 +384,32 @@ class RedisL2:
         """SET NX (with the write-back expiry) per key, pipelined: a key that exists is
         left alone, so a published embedding (the item table's, no expiry) is never
         replaced by one made from a request's features, and concurrent write-backs of
-        one item keep the first."""
+        one item keep the first. (Redis Cluster only: the single-node client sends
+        pack_set_nx's pipeline through _exchange.)"""
         pipe = self.client.pipeline(transaction=False)
         for key, value in mapping.items():
             pipe.set(key, value, nx=True, ex=self.ttl_s)
         await pipe.execute()
+
+    async def _exchange(self, packed: bytes, replies: int) -> list[Any]:
+        """Send RESP bytes on a pooled connection and read `replies` replies (a Redis error
+        reply raises, ResponseError). A connection whose exchange did not complete (an
+        error reply mid-pipeline, a timeout, a cancellation) is closed before it goes back
+        to the pool, so no later call reads its leftover replies."""
+        client = self.client
+        assert isinstance(client, aioredis.Redis)
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        done = False
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            out = [await conn.read_response() for _ in range(replies)]
+            done = True
+            return out
+        finally:
+            if not done:
+                await conn.disconnect(nowait=True)
+            await pool.release(conn)
 
     async def close(self) -> None:
         for task in (self._writer, self._checker):
@@ -333,10 +427,13 @@ class RedisL2:
         below the per-call timeout still open it when Redis hangs."""
         if self.refused or not self.breaker.allow():
             return None
-        keys = [f"{self.base}{i}" for i in ids]
         wait = max(min(budget_left_s * BUDGET_SHARE, self.timeout_s), 1e-4)
         try:
-            got = await asyncio.wait_for(self._mget(keys), timeout=wait)
+            async with _deadline(wait):
+                if isinstance(self.client, RedisCluster):
+                    got = await self._mget([f"{self.base}{i}" for i in ids])
+                else:
+                    got = (await self._exchange(pack_mget(self._base, ids), 1))[0]
         except TimeoutError:
             if wait >= min(self.timeout_s, BREAKER_FLOOR_S):
                 self.breaker.failure()
@@ -360,6 +457,26 @@ class RedisL2:
             return np.frombuffer(value, "<f4")
         return None
 
+    def decode_many(self, values: Sequence[bytes | None]) -> tuple[list[int], np.ndarray]:
+        """An MGET's values -> (positions of the usable ones, their rows (n, d) float32),
+        one numpy conversion per dtype for the whole request: float16 values (2d bytes)
+        first, then float32 (4d bytes); None and values of another size are left out."""
+        d, half = self.dim, 2 * self.dim
+        sizes = [0 if v is None else len(v) for v in values]
+        if sizes.count(half) == len(values):  # the published case: every value float16
+            block = np.frombuffer(b"".join(values), "<f2")  # type: ignore[arg-type]
+            return list(range(len(values))), block.reshape(-1, d).astype(np.float32)
+        at16 = [j for j, n in enumerate(sizes) if n == half]
+        at32 = [j for j, n in enumerate(sizes) if n == 2 * half]
+        block = np.empty((len(at16) + len(at32), d), np.float32)
+        if at16:
+            raw = b"".join([values[j] for j in at16])  # type: ignore[misc]
+            block[: len(at16)] = np.frombuffer(raw, "<f2").reshape(-1, d)
+        if at32:
+            raw = b"".join([values[j] for j in at32])  # type: ignore[misc]
+            block[len(at16) :] = np.frombuffer(raw, "<f4").reshape(-1, d)
+        return at16 + at32, block
+
     def enqueue(self, ids: list[int], rows: np.ndarray) -> None:
         """Queue computed embeddings for Redis; a full queue drops them (counted)."""
         try:
@@ -380,9 +497,14 @@ class RedisL2:
                 self.metrics.writebacks.labels("error").inc(len(ids))
                 continue
             values = np.ascontiguousarray(rows.astype(WRITE_DTYPE))
-            mapping = {f"{self.base}{i}": values[j].tobytes() for j, i in enumerate(ids)}
             try:
-                await asyncio.wait_for(self._set_new(mapping), timeout=self.timeout_s * 5)
+                async with _deadline(self.timeout_s * 5):
+                    if isinstance(self.client, RedisCluster):
+                        await self._set_new({f"{self.base}{i}": values[j].tobytes()
+                                             for j, i in enumerate(ids)})  # fmt: skip
+                    else:
+                        packed = pack_set_nx(self._base, ids, values, self.ttl_s)
+                        await self._exchange(packed, len(ids))
             except (*REDIS_ERRORS, TimeoutError) as e:
                 self.metrics.writebacks.labels("error").inc(len(ids))
                 log.warning("redis write-back of %d embeddings failed: %r", len(ids), e)
@@ -426,16 +548,11 @@ class EmbeddingCache:
         if values is None:
             self._count["l2", "error"].inc(n_miss)
             return Lookup(static, missing, True)
-        found_at, found_ids, found_rows = [], [], []
-        for i, item, value in zip(rows, want, values, strict=True):
-            vec = None if value is None else self.l2.decode(value)
-            if vec is not None:
-                found_at.append(i)
-                found_ids.append(item)
-                found_rows.append(vec)
-        unfit = sum(v is not None for v in values) - len(found_ids)
+        usable, block = self.l2.decode_many(values)  # (found, d) float32
+        found_at = [rows[j] for j in usable]
+        found_ids = [want[j] for j in usable]
+        unfit = len(values) - values.count(None) - len(found_ids)
         if found_ids:
-            block = np.stack(found_rows)  # (found, d) float32
             finite = np.isfinite(block).all(axis=1)  # one check for the request, not per value
             if not finite.all():
                 unfit += int((~finite).sum())

@@ -20,7 +20,8 @@ import pytest
 
 from contract.features import FeatureSchema
 from loadtest import report, scrapes
-from loadtest.run import LoadTestError, check_loopback
+from loadtest.breakdown import Breakdown, culprit, markdown
+from loadtest.run import LoadTestError, check_loopback, placement
 from loadtest.shapes import SHAPES, STEPS
 from loadtest.traffic import (
     RERANK,
@@ -397,3 +398,59 @@ def test_loadtest_run_end_to_end(
     text = (out / "summary.md").read_text()
     assert "| failures (wrong answers, errors) | 0 |" in text
     assert "server p50 / p95 / p99" in text and "| l1 |" in text
+    assert "- placement: " in text and "Why degraded" in text and "By list size m" in text
+    # every checked answer is in the breakdown, with its stage times
+    answers = json.loads((out / "breakdown.json").read_text())
+    assert answers["answers"] == stats[RERANK].requests
+    assert sum(d["count"] for d in answers["degraded"].values()) == degraded
+    assert all(d["stages_ms"]["total"]["p50"] is not None for d in answers["by_m"].values())
+
+
+# ---------------------------------------------------------------- placement, breakdown
+
+
+def test_placement_pins_the_service_to_one_core_and_the_rest_to_the_others() -> None:
+    two = placement(True, [2, 5])
+    assert two.service == {2} and two.load == {5}
+    assert "service on cpu 2" in two.text and "cpu 5" in two.text
+    many = placement(True, [0, 1, 2, 3])
+    assert many.service == {0} and many.load == {1, 2, 3}
+    for unpinned in (placement(False, [0, 1]), placement(True, [0])):
+        assert unpinned.service is None and unpinned.load is None
+        assert unpinned.text.startswith("not pinned")
+
+
+def _timings(queue: float, cache: float, model: float, total: float) -> dict[str, float]:
+    return {"queue_ms": queue, "cache_ms": cache, "encode_ms": model / 2,
+            "decode_ms": model / 2, "total_ms": total}  # fmt: skip
+
+
+def test_a_budget_miss_is_put_down_to_the_stage_that_took_most_of_it() -> None:
+    assert culprit(_timings(8, 1, 1, 12)) == "queue"
+    assert culprit(_timings(1, 8, 1, 12)) == "cache"
+    assert culprit(_timings(1, 1, 8, 12)) == "model"
+    assert culprit(_timings(1, 1, 1, 12)) == "other"  # parsing, the event loop, the answer
+
+
+def test_the_breakdown_counts_reasons_stages_sizes_and_budgets() -> None:
+    b = Breakdown()
+    b.add(30, None, _timings(1, 1, 2, 5))
+    b.add(30, "budget", _timings(1, 9, 1, 12), 10.0)
+    b.add(200, "budget", _timings(1, 1, 9, 12), 10.0)
+    b.add(200, "cache", _timings(1, 3, 0, 4), 20.0)
+    b.add(200, None, {"queue_ms": "?"}, 100.0)  # malformed timings: counted, no times
+    data = json.loads(json.dumps(b.to_json()))  # plain JSON
+    assert data["answers"] == 5
+    assert data["degraded"] == {"budget": {"count": 2, "by_culprit": {"cache": 1, "model": 1}},
+                                "cache": {"count": 1, "by_culprit": {}}}  # fmt: skip
+    assert data["by_m"]["30"]["answers"] == 2 and data["by_m"]["200"]["answers"] == 3
+    assert data["by_m"]["200"]["degraded"] == {"budget": 1, "cache": 1}
+    assert data["by_m"]["30"]["stages_ms"]["cache"]["p50"] == 5.0
+    assert list(data["by_budget"]) == ["default", "10", "20", "100"]
+    assert data["by_budget"]["10"]["degraded"] == 2
+    assert data["by_budget"]["100"]["total_ms"]["p50"] is None
+    text = "\n".join(markdown(data))
+    assert "| budget | 2 | 40.00% | 0 / 1 / 1 / 0 |" in text
+    assert "| 200 | 3 | 2 (66.7%) | 0 / 0 / 1 / 0 |" in text
+    assert "| 10 | 2 | 2 (100.0%) |" in text
+    assert markdown(Breakdown().to_json()) == []

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -382,3 +383,148 @@ def test_the_l2_client_parses_replies_in_c(redis_process: RedisProcess) -> None:
             await l2.client.aclose()
 
     assert asyncio.run(parser_of_a_read()) == "_AsyncHiredisParser"
+
+
+# ---------------------------------------------------------------- the packed commands
+
+
+def _l2(url: str, prefix: str, dim: int, ttl_s: int = 0) -> Any:
+    from service.cache import CircuitBreaker, RedisConfig, RedisL2
+    from service.metrics import Metrics
+
+    config = RedisConfig(url, prefix, 0.5, 64, writeback_ttl_s=ttl_s)
+    return RedisL2(config, "v1", dim, CircuitBreaker(100, 1.0), Metrics())
+
+
+def test_packed_mget_and_set_nx_are_the_commands_redis_py_sends(
+    redis_process: RedisProcess,
+) -> None:
+    """The hand-packed MGET reads what redis-py's mget reads (any int64 id, a non-ASCII
+    prefix, missing keys), and the packed SET NX pipeline writes what redis-py's
+    set(nx=True, ex=ttl) would: new keys with the expiry, existing ones untouched."""
+    from service.cache import pack_mget, pack_set_nx
+
+    assert pack_mget(b"p:", [1, -2]) == b"*3\r\n$4\r\nMGET\r\n$3\r\np:1\r\n$4\r\np:-2\r\n"
+    one = np.array([[1.0, 2.0]], "<f2")
+    assert pack_set_nx(b"p:", [7], one, 60) == (
+        b"*6\r\n$3\r\nSET\r\n$3\r\np:7\r\n$4\r\n" + one.tobytes() + b"\r\n$2\r\nNX\r\n"
+        b"$2\r\nEX\r\n$2\r\n60\r\n"
+    )
+    r = redis.Redis.from_url(redis_process.url)
+    prefix, dim = "pé", 4
+    ids = [0, 1, -5, 2**63 - 1, 123_456_789_012]
+    rows = np.arange(len(ids) * dim, dtype=np.float32).reshape(len(ids), dim)
+    r.set(f"{prefix}:emb:v1:{ids[0]}", b"published")
+
+    async def roundtrip() -> tuple[list[bytes | None] | None, list[bytes | None] | None]:
+        l2 = _l2(redis_process.url, prefix, dim, ttl_s=60)
+        l2.start()
+        try:
+            before = await l2.mget(ids, 1.0)
+            l2.enqueue(ids, rows)
+            deadline = time.monotonic() + 10
+            while r.get(f"{prefix}:emb:v1:{ids[-1]}") is None:
+                assert time.monotonic() < deadline, "no write-back"
+                await asyncio.sleep(0.02)
+            return before, await l2.mget([*ids, 999], 1.0)
+        finally:
+            await l2.close()
+
+    before, after = asyncio.run(roundtrip())
+    assert before == [b"published", None, None, None, None]
+    assert after == r.mget([f"{prefix}:emb:v1:{i}" for i in [*ids, 999]])
+    assert after is not None and after[0] == b"published" and after[-1] is None
+    assert r.ttl(f"{prefix}:emb:v1:{ids[0]}") == -1  # NX: the published key is untouched
+    for i, row in zip(ids[1:], rows[1:], strict=True):
+        assert np.array_equal(np.frombuffer(r.get(f"{prefix}:emb:v1:{i}") or b"", "<f2"), row)
+        assert 0 < r.ttl(f"{prefix}:emb:v1:{i}") <= 60
+    r.close()
+
+
+def test_decode_many_reads_float16_and_float32_and_skips_the_rest(
+    redis_process: RedisProcess,
+) -> None:
+    dim = 3
+    l2 = _l2(redis_process.url, "dm", dim)
+    a, b, c = (np.array([1.5, -2.0, 3.25], "<f4") * k for k in (1, 2, 3))
+    values = [a.astype("<f2").tobytes(), None, b.tobytes(), b"\x00" * 5,
+              c.astype("<f2").tobytes()]  # fmt: skip
+    at, block = l2.decode_many(values)
+    assert at == [0, 4, 2] and block.dtype == np.float32
+    assert np.array_equal(block, np.stack([a, c, b]))
+    at, block = l2.decode_many([a.astype("<f2").tobytes()] * 2)  # all float16: one join
+    assert at == [0, 1] and np.array_equal(block, np.stack([a, a]))
+    at, block = l2.decode_many([None, None])
+    assert at == [] and block.shape == (0, dim)
+
+
+def test_an_exchange_cut_short_leaves_no_reply_behind(redis_process: RedisProcess) -> None:
+    """A pipeline answered with an error halfway (Redis out of memory) and an MGET that
+    timed out (Redis hung) close their connection: the next call on the pool reads its
+    own replies, not the ones left on the wire."""
+    from service.cache import pack_set_nx
+
+    r = redis.Redis.from_url(redis_process.url)
+    dim = 2
+    for i in range(10):
+        r.set(f"cs:emb:v1:{i}", np.full(dim, i, "<f2").tobytes())
+    rows = np.ones((40, dim), np.float32)
+
+    async def run() -> None:
+        l2 = _l2(redis_process.url, "cs", dim)
+        l2.start()
+        try:
+            r.config_set("maxmemory", 1)  # every SET: an OOM error reply
+            l2.enqueue(list(range(100, 140)), rows)
+            deadline = time.monotonic() + 10
+            while l2.metrics.writebacks.labels("error")._value.get() < 40:
+                assert time.monotonic() < deadline, "the write-back did not fail"
+                await asyncio.sleep(0.02)
+            # the connection of an exchange cut short is closed before it is pooled again
+            # (redis-py's pool also drops one with data waiting, but not one whose
+            # replies are still on the way)
+            with pytest.raises(redis.exceptions.ResponseError):
+                await l2._exchange(pack_set_nx(l2._base, [200, 201], rows[:2], None), 2)
+            assert not l2.client.connection_pool._available_connections[-1].is_connected
+            r.config_set("maxmemory", 0)
+            got = await l2.mget([3, 4], 1.0)
+            assert got == [np.full(dim, 3, "<f2").tobytes(), np.full(dim, 4, "<f2").tobytes()]
+            assert redis_process.proc is not None
+            redis_process.proc.send_signal(signal.SIGSTOP)
+            try:
+                assert await l2.mget([1], 0.01) is None  # timed out, its reply still due
+            finally:
+                redis_process.proc.send_signal(signal.SIGCONT)
+            for i in (7, 8, 9):
+                assert await l2.mget([i], 1.0) == [np.full(dim, i, "<f2").tobytes()]
+        finally:
+            await l2.close()
+
+    asyncio.run(run())
+    r.close()
+
+
+def test_an_mget_starts_no_task(redis_process: RedisProcess) -> None:
+    """A request's MGET runs in the request's own task: no Task to bound the send or the
+    wait (each is one more turn of a busy event loop before the command even leaves)."""
+
+    async def tasks_per_mget() -> int:
+        l2 = _l2(redis_process.url, "nt", 2)
+        loop = asyncio.get_running_loop()
+        started = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            started.append(coro)
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        try:
+            await l2.mget([1, 2], 1.0)  # connected
+            loop.set_task_factory(factory)
+            for _ in range(5):
+                assert await l2.mget([1, 2], 1.0) == [None, None]
+            return len(started)
+        finally:
+            loop.set_task_factory(None)
+            await l2.client.aclose()
+
+    assert asyncio.run(tasks_per_mget()) == 0
