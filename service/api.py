@@ -3,22 +3,27 @@ for OpenAPI), the parse of a raw body, the request checks that need the bundle's
 schema, and the one error type the handler maps to a stable JSON body.
 
 The models are the schema of record. On the hot path a body goes through
-`RequestReader.read_json`: orjson, then plain type checks straight into numpy arrays. It
-accepts only what the models (strict, NaN/Infinity refused, no extra keys) and the bundle
-checks (feature names, duplicates, k against m, ranges) accept too, and builds the same
-arrays; anything it is not sure of goes the checked way (`model_validate_json` on the raw
-bytes, then `read`), whose error names the field.
+`RequestReader.read_json`: msgspec decodes it, typed and checked in C, into structs made
+for the served bundle (its feature names are struct fields: an unknown name, a wrong type
+or a missing field fails the decode), and a few range checks take it into numpy arrays.
+It accepts only what the models (strict, NaN/Infinity refused, no extra keys) and the
+bundle checks (feature names, duplicates, k against m, ranges) accept too, and builds the
+same arrays; anything it is not sure of goes the checked way (`model_validate_json` on the
+raw bytes, then `read`), whose error names the field.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
-import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from contract.features import FeatureSchema, hash_id, hash_ids, hash_items
@@ -236,18 +241,62 @@ class Parsed:
 
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
-_TOP_KEYS = frozenset(RerankIn.model_fields)
-_USER_KEYS = frozenset(User.model_fields)
-_CAND_KEYS = frozenset(Candidate.model_fields)
 _MAX_ID_LEN = 128  # RerankIn.request_id's max_length
-_NO_FEATURES: dict[str, Any] = {}
-_INT = {int}
-_DICT = {dict}
-_NUMBER_TYPES = {int, float}  # not bool: type(True) is bool
 # (m,) int64 raw ids, (m,) float64 scores, (m, Fc) int64 raw categoricals, (m, Fd) float64
 _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _F32_MAX = float(np.finfo(np.float32).max)
 _RANGE = "out of the float32 range"
+
+
+_ITEM_ID, _SCORE, _FEATURES = attrgetter("item_id"), attrgetter("score"), attrgetter("features")
+
+
+def _getter(fields: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
+    """obj -> (obj.f for f in fields), a tuple for any number of fields (attrgetter gives
+    a bare value for one)."""
+    if not fields:
+        return lambda _: ()
+    if len(fields) == 1:
+        one = attrgetter(fields[0])
+        return lambda obj: (one(obj),)
+    return attrgetter(*fields)
+
+
+def _feature_struct(name: str, ints: Sequence[str], floats: Sequence[str]) -> type:
+    """A struct whose fields are the bundle's feature names (any string: the fields are
+    f0, f1, ... renamed to them), ints then floats, each 0 when left out, no other name."""
+    names = [*ints, *floats]
+    fields = [(f"f{i}", int, 0) if i < len(ints) else (f"f{i}", float, 0.0)
+              for i in range(len(names))]  # fmt: skip
+    rename = {f"f{i}": n for i, n in enumerate(names)}
+    return msgspec.defstruct(name, fields, rename=rename, forbid_unknown_fields=True, gc=False)
+
+
+class _Wire:
+    """The request as msgspec structs for one feature schema, and the getters of their
+    feature values in the schema's order. msgspec in its default strict mode: a JSON
+    integer for an int field, any number for a float field (not a bool, not a string),
+    no NaN or Infinity (not JSON), no unknown key, no missing required key."""
+
+    def __init__(self, cat: Sequence[str], dense: Sequence[str], user: Sequence[str]) -> None:
+        item_features = _feature_struct("ItemFeatures", cat, dense)
+        user_features = _feature_struct("UserFeatures", (), user)
+        candidate = msgspec.defstruct("Candidate", [
+            ("item_id", int), ("score", float),
+            ("features", item_features, msgspec.field(default_factory=item_features)),
+        ], forbid_unknown_fields=True, gc=False)  # fmt: skip
+        user_struct = msgspec.defstruct("User", [
+            ("id", int), ("features", user_features, msgspec.field(default_factory=user_features)),
+        ], forbid_unknown_fields=True, gc=False)  # fmt: skip
+        request = msgspec.defstruct("RerankIn", [
+            ("user", user_struct), ("candidates", list[candidate]), ("k", int),  # type: ignore[valid-type]
+            ("request_id", str | None, None), ("budget_ms", float | None, None),
+        ], forbid_unknown_fields=True)  # fmt: skip
+        self.decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(request)
+        fields = [f"f{i}" for i in range(len(cat) + len(dense))]
+        self.cat_of = _getter(fields[: len(cat)])
+        self.dense_of = _getter(fields[len(cat) :])
+        self.user_of = _getter([f"f{i}" for i in range(len(user))])
 
 
 class RequestReader:
@@ -261,6 +310,7 @@ class RequestReader:
         self.known = frozenset([*self.cat_index, *self.dense_index])
         self.user_known = frozenset(self.user_index)
         self.cat_names, self.dense_names = tuple(self.cat_index), tuple(self.dense_index)
+        self._wire = _Wire(self.cat_names, self.dense_names, tuple(self.user_index))
 
     def read_json(self, body: bytes) -> Parsed:
         """Raw body -> Parsed (the fast path), or the checked path's Parsed or ApiError."""
@@ -269,77 +319,46 @@ class RequestReader:
 
     def _fast(self, body: bytes) -> Parsed | None:
         """The body as arrays when it is certainly valid; None sends it the checked way."""
+        wire = self._wire
         try:
-            d = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            req = wire.decoder.decode(body)
+        except msgspec.DecodeError:  # invalid JSON, a wrong type, an unknown or missing key
             return None
-        if type(d) is not dict or not d.keys() <= _TOP_KEYS:
-            return None
-        user, cands, k = d.get("user"), d.get("candidates"), d.get("k")
-        rid, budget = d.get("request_id"), d.get("budget_ms")
-        if type(k) is not int or type(user) is not dict or type(cands) is not list:
-            return None
+        cands, k, rid, budget = req.candidates, req.k, req.request_id, req.budget_ms
         m, lim = len(cands), self.limits
         if not 1 <= m <= lim.max_candidates or not 1 <= k <= min(m, lim.max_k):
             return None
-        if rid is not None and (
-            type(rid) is not str or len(rid) > _MAX_ID_LEN or not _REQUEST_ID_OK(rid)
-        ):
+        if rid is not None and (len(rid) > _MAX_ID_LEN or not _REQUEST_ID_OK(rid)):
             return None
-        uid, ufeats = user.get("id"), user.get("features", _NO_FEATURES)
-        if (
-            not user.keys() <= _USER_KEYS
-            or type(uid) is not int
-            or not _INT64[0] <= uid <= _INT64[1]
-        ):
+        uid = req.user.id
+        if not _INT64[0] <= uid <= _INT64[1]:
             return None
-        if type(ufeats) is not dict or not ufeats.keys() <= self.user_known:
+        if budget is not None and not 0 <= budget <= MAX_BUDGET_MS:  # NaN fails this too
             return None
-        # type checks in bulk (set(map(type, ...)) runs in C), ranges checked by numpy
-        user_values = [ufeats.get(n, 0.0) for n in self.user_index]
-        if not set(map(type, user_values)) <= _NUMBER_TYPES:
+        ids = list(map(_ITEM_ID, cands))
+        if len(set(ids)) != m:
             return None
-        if not set(map(type, cands)) <= _DICT or not all(c.keys() <= _CAND_KEYS for c in cands):
-            return None
-        try:
-            ids = [c["item_id"] for c in cands]
-            scores = [c["score"] for c in cands]
-        except KeyError:
-            return None
-        feats = [c.get("features", _NO_FEATURES) for c in cands]
-        if set(map(type, ids)) != _INT or len(set(ids)) != m:
-            return None
-        if not set(map(type, scores)) <= _NUMBER_TYPES or not set(map(type, feats)) <= _DICT:
-            return None
-        if not all(f.keys() <= self.known for f in feats):
-            return None
-        cat_names, dense_names = self.cat_names, self.dense_names
-        cat = [f.get(n, 0) for f in feats for n in cat_names]
-        dense = [f.get(n, 0.0) for f in feats for n in dense_names]
-        if (cat and set(map(type, cat)) != _INT) or not set(map(type, dense)) <= _NUMBER_TYPES:
-            return None
-        try:  # beyond int64 / float64: OverflowError
+        feats = list(map(_FEATURES, cands))
+        try:  # beyond int64 (msgspec reads up to uint64): OverflowError
             ids_a = np.array(ids, np.int64)
-            cat_a = np.array(cat, np.int64).reshape(m, len(cat_names))
-            numbers = np.array([*scores, *dense, *user_values], np.float64)
+            cat_a = np.array(list(chain.from_iterable(map(wire.cat_of, feats))), np.int64)
         except OverflowError:
             return None
-        if ids_a.min() < 0 or not (np.abs(numbers) <= _F32_MAX).all():
+        # one float64 array of every number: the range check (beyond float32, inf) at once
+        numbers = np.array([*map(_SCORE, cands), *chain.from_iterable(map(wire.dense_of, feats)),
+                            *wire.user_of(req.user.features)])  # fmt: skip
+        if (m and ids_a.min() < 0) or not (np.abs(numbers) <= _F32_MAX).all():
             return None  # negative ids, NaN, inf or beyond float32: the checked way says which
-        if budget is not None and (
-            type(budget) not in _NUMBER_TYPES or not 0 <= budget <= MAX_BUDGET_MS
-        ):
-            return None
         numbers32 = numbers.astype(np.float32)
-        n_dense = m * len(dense_names)
+        n_cat, n_dense = len(self.cat_names), len(self.dense_names)
         return Parsed(
             request_id=rid,
             item_ids=ids_a,
             upstream_score=numbers32[:m],
-            item_cat=cat_a,
-            item_dense=numbers32[m : m + n_dense].reshape(m, len(dense_names)),
+            item_cat=cat_a.reshape(m, n_cat),
+            item_dense=numbers32[m : m + m * n_dense].reshape(m, n_dense),
             user_id=hash_id(uid, self.schema.user_id_buckets, self.schema.hash_salt),
-            user_dense=numbers32[m + n_dense :],
+            user_dense=numbers32[m + m * n_dense :],
             k=k,
             budget_ms=None if budget is None else float(budget),
         )

@@ -1,4 +1,4 @@
-"""HTTP throughput and latency: the service vs an echo endpoint (the framework's floor).
+"""HTTP throughput and latency: the service against two floors, in one run.
 
     python tests/bench/bench_http.py [--bundle DIR] [--duration S] [--concurrency N]
     pytest -m bench -s tests/bench/test_bench_http.py      (a short run, checks correctness)
@@ -7,9 +7,13 @@ Targets, each its own uvicorn process on loopback, ONE worker, started and stopp
   service  python -m service (L1 cache + item tower, no Redis), the bundle of --bundle
            (default: artifacts/ if artifacts/latest exists, else a tiny random bundle built
            into a temporary directory the way the e2e tests build theirs)
+  plain    tests/bench/plain_app.py: the least a Python HTTP service does per request, the
+           reference of the goals: stock FastAPI, json.loads, the first k candidates back
+           (no model, no validation, no metrics)
   echo     tests/bench/echo_app.py: the service's own parse of the raw body (the same
            RequestReader.read_json, same bundle schema and limits) and a response of the
-           same shape, nothing else (uvicorn + FastAPI + the parse + orjson)
+           same shape, nothing else (uvicorn + FastAPI as the service sets it up + the
+           parse + orjson)
 
 Load comes from a second process (spawned, loopback only), an asyncio client over HTTP/1.1
 keep-alive connections: by default raw asyncio streams on uvloop with pre-built request
@@ -19,20 +23,24 @@ requests: m = 30 candidates, k = 10, user and item features named by the bundle'
 FeatureSchema, 64 distinct bodies sent in turn (their items are in L1 after the warm-up).
 
 Phase 1, closed loop: C connections each send the next request when the last one is
-answered, warm-up discarded; targets alternate in rounds so drifting machine load hits both.
+answered, warm-up discarded; targets alternate in rounds so drifting machine load hits all.
 Phase 2, open loop: a constant rate of 50% of the service's phase-1 maximum, each request
 sent at its scheduled time on a free connection (opened as needed); latency is from the
-scheduled time (no coordinated omission). The echo gets the same rate as the reference.
+scheduled time (no coordinated omission). The floors get the same rate as the reference.
 The service's /metrics is scraped by the load process at the start and end of its phase-2
 window: the server-side p50/p99 of rerank_request_duration_seconds over exactly that window
 are estimated from the histogram's buckets (as Prometheus' histogram_quantile does).
+Phase 3, latency-bound throughput (MLPerf's server scenario): Poisson arrivals; the
+highest rate whose p99 time to a model answer stays <= 10 ms, found by bisection, for the
+service and the plain floor.
 
 On a machine with >= 2 cores the servers are pinned to one core and the load generator to
 another (taskset / sched_setaffinity), so each target gets one core: "one process per core".
 CPU used by the server and the client in each measured window is read from /proc.
 
-Goals: service throughput >= 50% of the echo's; service p99 <= 5 ms at half its
-maximum throughput. Printed as ratios, never asserted.
+Goals: service throughput >= 50% of the plain floor's; service latency-bound throughput
+>= 40% of the plain floor's; service p99 <= 5 ms at half its maximum throughput. Printed
+as ratios, never asserted.
 """
 
 from __future__ import annotations
@@ -118,6 +126,8 @@ class Phase:
     client: str = "raw"  # "raw" | "httpx"
     max_requests: int = 2_000_000
     scrape: bool = False  # GET /metrics at the window's start and end
+    poisson: bool = False  # open loop: exponential gaps (a Poisson process) of mean 1 / rate
+    seed: int = 0  # of the Poisson gaps
 
 
 @dataclass
@@ -125,6 +135,7 @@ class PhaseResult:
     phase: Phase
     latencies: np.ndarray  # (n,) seconds, the requests answered in the measured window
     window_s: float
+    model_latencies: np.ndarray = field(default_factory=lambda: np.zeros(0))  # model answers
     ok: int = 0
     degraded: int = 0
     errors: int = 0
@@ -154,6 +165,15 @@ class PhaseResult:
 
     def pct_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) * 1e3 if len(self.latencies) else np.nan
+
+    def served_pct_ms(self, q: float) -> float:
+        """The q-th percentile of the time to a MODEL answer over every request of the
+        window: a degraded answer, an error or no answer counts as never served (inf)."""
+        failed = len(self.latencies) - len(self.model_latencies) + self.errors
+        every = np.concatenate([self.model_latencies, np.full(failed, np.inf)])
+        if not len(every):
+            return np.nan
+        return float(np.percentile(every, q, method="higher")) * 1e3
 
 
 def process_cpu_s(pid: int) -> float:
@@ -245,6 +265,7 @@ class Recorder:
     def __init__(self, start: float, end: float, by_schedule: bool = False) -> None:
         self.start, self.end, self.by_schedule = start, end, by_schedule
         self.latencies: list[float] = []
+        self.model_latencies: list[float] = []
         self.ok = self.degraded = self.errors = 0
         self.error_sample = ""
 
@@ -259,9 +280,10 @@ class Recorder:
             self.degraded += 1
         else:
             self.ok += 1
+            self.model_latencies.append(done - sent)
 
-    def error(self, what: str) -> None:
-        self.errors += 1
+    def error(self, what: str, count: int = 1) -> None:
+        self.errors += count
         self.error_sample = self.error_sample or what
 
 
@@ -315,6 +337,11 @@ async def _open(ph: Phase, send: Callable[[int], Awaitable[tuple[int, bytes]]],
     """Requests at their scheduled times t0 + i / rate; returns how many started late."""
     t0 = now()
     n = min(ph.max_requests, int(ph.rate * (ph.warmup_s + ph.duration_s)))
+    if ph.poisson:  # exponential gaps: the arrivals of a Poisson process (MLPerf's server)
+        gaps = np.random.default_rng(ph.seed).exponential(1 / ph.rate, n)
+        times = (t0 + np.concatenate([[0.0], np.cumsum(gaps[:-1])])).tolist()
+    else:
+        times = [t0 + i / ph.rate for i in range(n)]
     late = 0
 
     async def one(i: int, scheduled: float) -> None:
@@ -327,8 +354,7 @@ async def _open(ph: Phase, send: Callable[[int], Awaitable[tuple[int, bytes]]],
         rec.answered(scheduled, now(), status, body)
 
     tasks = []
-    for i in range(n):
-        scheduled = t0 + i / ph.rate
+    for i, scheduled in enumerate(times):
         await wait_until(scheduled)
         if now() - scheduled > 1e-3:  # after the wait: an overslept send counts too
             late += 1
@@ -359,8 +385,9 @@ async def _bounded(aws: list[Any], rec: Recorder) -> None:
     _, pending = await asyncio.wait(tasks, timeout=max(0.0, rec.end + GRACE_S - now()))
     for t in pending:
         t.cancel()
-    if pending:
-        rec.error(f"{len(pending)} request loops still waiting {GRACE_S} s after the end")
+    if pending:  # open loop: each a request (counted); closed loop: a connection's loop
+        rec.error(f"{len(pending)} request loops still waiting {GRACE_S} s after the end",
+                  len(pending) if rec.by_schedule else 1)  # fmt: skip
         await asyncio.wait(pending)
 
 
@@ -392,6 +419,7 @@ async def run_phase_async(ph: Phase, bodies: list[bytes]) -> PhaseResult:
         await pool.close()
     return PhaseResult(
         phase=ph, latencies=np.array(rec.latencies), window_s=ph.duration_s, ok=rec.ok,
+        model_latencies=np.array(rec.model_latencies),
         degraded=rec.degraded, errors=rec.errors, error_sample=rec.error_sample,
         client_cpu_s=cpu.get("client", np.nan), server_cpu_s=cpu.get("server", np.nan),
         late_starts=late, metrics=cpu.get("metrics", ("", "")),
@@ -560,6 +588,13 @@ def start_echo(logdir: Path, cpus: set[int] | None, bundle: Path) -> ServerProce
     return ServerProcess("echo", argv, env, logdir, cpus)
 
 
+def start_plain(logdir: Path, cpus: set[int] | None) -> ServerProcess:
+    """The plain floor: stock FastAPI, json.loads, the first k candidates back."""
+    argv = [sys.executable, "-m", "uvicorn", "tests.bench.plain_app:app", "--workers", "1",
+            "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    return ServerProcess("plain", argv, _server_env(), logdir, cpus)
+
+
 # ---------------------------------------------------------------- bundle, metrics
 
 
@@ -605,6 +640,23 @@ def batch_totals(before: str, after: str) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- the run
 
+TARGETS = ("plain", "echo", "service")
+BOUND_TARGETS = ("plain", "service")  # the latency-bound search (phase 3)
+
+
+@dataclass
+class Bound:
+    """Phase 3 for one target: every trial (rate, served p99 in ms, passed), and the
+    highest rate that passed (0 when none did)."""
+
+    target: str
+    trials: list[tuple[float, float, bool]] = field(default_factory=list)
+    best: PhaseResult | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.best.phase.rate if self.best is not None else 0.0
+
 
 @dataclass
 class Report:
@@ -612,6 +664,8 @@ class Report:
     closed: dict[str, PhaseResult] = field(default_factory=dict)
     client_check: PhaseResult | None = None
     open: dict[str, PhaseResult] = field(default_factory=dict)
+    bound: dict[str, Bound] = field(default_factory=dict)
+    bound_p99_ms: float = 10.0
     server_p99_s: float = np.nan
     server_p50_s: float = np.nan
     setup: str = ""
@@ -628,6 +682,7 @@ def _merge(parts: list[PhaseResult]) -> PhaseResult:
         phase=first.phase,
         latencies=np.concatenate([p.latencies for p in parts]),
         window_s=sum(p.window_s for p in parts),
+        model_latencies=np.concatenate([p.model_latencies for p in parts]),
         ok=sum(p.ok for p in parts),
         degraded=sum(p.degraded for p in parts),
         errors=sum(p.errors for p in parts),
@@ -648,6 +703,26 @@ def _placement(pin: bool) -> tuple[set[int] | None, set[int] | None, str]:
                             f"{cpus[1]} (one core each)")  # fmt: skip
 
 
+def latency_bound(trial: Callable[[float, int], PhaseResult], ceiling: float, trials: int,
+                  p99_ms: float, target: str) -> Bound:  # fmt: skip
+    """The highest Poisson arrival rate whose served p99 stays <= p99_ms (MLPerf's server
+    scenario), by bisection over (0, ceiling]: `trial(rate, seed)` runs one open-loop
+    window; each trial halves the interval, so the answer is within ceiling / 2^trials
+    below the true bound (on this run's noise)."""
+    bound, lo, hi = Bound(target), 0.0, ceiling
+    for i in range(trials):
+        rate = (lo + hi) / 2
+        r = trial(rate, i)
+        p99 = r.served_pct_ms(99)
+        passed = bool(p99 <= p99_ms)
+        bound.trials.append((rate, p99, passed))
+        if passed:
+            lo, bound.best = rate, r
+        else:
+            hi = rate
+    return bound
+
+
 def run(
     bundle: Path | None = None,
     duration_s: float = 10.0,
@@ -661,8 +736,11 @@ def run(
     m: int = 30,
     k: int = 10,
     service_env: dict[str, str] | None = None,
+    bound_trials: int = 6,
+    bound_duration_s: float = 3.0,
+    bound_p99_ms: float = 10.0,
 ) -> tuple[str, Report]:
-    """Both phases against both targets; (the printed table, the numbers).
+    """The three phases against the targets; (the printed table, the numbers).
     service_env: RERANK_* settings of the service (default: its defaults)."""
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gref-bench-")))
@@ -670,7 +748,8 @@ def run(
         manifest = json.loads((path / "manifest.json").read_text())
         bodies = build_bodies(manifest, m, k)
         server_cpus, client_cpus, placement = _placement(pin)
-        report = Report(bundle=f"{manifest['version']} ({how}: {path})")
+        report = Report(bundle=f"{manifest['version']} ({how}: {path})",
+                        bound_p99_ms=bound_p99_ms)  # fmt: skip
         size = np.mean([len(b) for b in bodies]) / 1024
         report.setup = (f"m = {m}, k = {k}, {len(bodies)} distinct bodies of ~{size:.1f} KiB; "
                         f"client: {client} on {client_loop_name()}; nproc {os.cpu_count()}; "
@@ -683,6 +762,7 @@ def run(
             for s in servers.values():
                 s.stop()
 
+        servers["plain"] = start_plain(workdir, server_cpus)
         servers["echo"] = start_echo(workdir, server_cpus, path)
         servers["service"] = start_service(path, workdir, server_cpus, service_env)
         for s in servers.values():
@@ -700,7 +780,7 @@ def run(
             return Phase(target, s.port, s.proc.pid, mode, seconds, warm, concurrency, **kw)
 
         # phase 1: closed loop, targets alternating in rounds
-        parts: dict[str, list[PhaseResult]] = {"echo": [], "service": []}
+        parts: dict[str, list[PhaseResult]] = {t: [] for t in TARGETS}
         block = duration_s / rounds
         for r in range(rounds):
             for target in parts:
@@ -712,16 +792,29 @@ def run(
             report.client_check = load.run(phase("echo", "closed", block, min(warmup_s, 1.0),
                                                  client=other))  # fmt: skip
 
-        # phase 2: open loop at a fraction of the service's maximum, both targets
+        # phase 2: open loop at a fraction of the service's maximum, every target
         rate = max(1.0, load_fraction * report.closed["service"].throughput)
-        svc = load.run(phase("service", "open", duration_s, 1.0, rate=rate, client=client))
-        report.open["service"] = svc
-        report.server_p99_s = window_quantile(0.99, *svc.metrics)
-        report.server_p50_s = window_quantile(0.50, *svc.metrics)
-        report.open["echo"] = load.run(phase("echo", "open", duration_s, 1.0, rate=rate,
-                                             client=client))  # fmt: skip
-        phase("echo", "closed", 0, 0)  # both servers still up at the end
-        return table(report, duration_s, warmup_s, concurrency, rounds, load_fraction), report
+        for target in TARGETS:
+            r = load.run(phase(target, "open", duration_s, 1.0, rate=rate, client=client))
+            report.open[target] = r
+            if target == "service":
+                report.server_p99_s = window_quantile(0.99, *r.metrics)
+                report.server_p50_s = window_quantile(0.50, *r.metrics)
+
+        # phase 3: the latency-bound throughput, Poisson arrivals, bisection per target
+        for target in BOUND_TARGETS:
+
+            def trial(rate: float, seed: int, target: str = target) -> PhaseResult:
+                ph = phase(target, "open", bound_duration_s, 0.5, rate=rate, client=client,
+                           poisson=True, seed=seed, scrape=False)  # fmt: skip
+                return load.run(ph)
+
+            ceiling = 1.1 * report.closed[target].throughput
+            report.bound[target] = latency_bound(trial, ceiling, bound_trials, bound_p99_ms,
+                                                 target)  # fmt: skip
+        phase("echo", "closed", 0, 0)  # every server still up at the end
+        return table(report, duration_s, warmup_s, concurrency, rounds, load_fraction,
+                     bound_duration_s), report  # fmt: skip
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
 
@@ -735,9 +828,13 @@ def _server(r: PhaseResult) -> str:
     return f"{r.server_cpu_s / r.window_s:4.0%} | {_us(r.server_cpu_s, r):6.0f} | {batch:>5}"
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else np.nan
+
+
 def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rounds: int,
-          load_fraction: float) -> str:  # fmt: skip
-    svc, echo = rep.closed["service"], rep.closed["echo"]
+          load_fraction: float, bound_duration_s: float = 3.0) -> str:  # fmt: skip
+    svc, echo, plain = rep.closed["service"], rep.closed["echo"], rep.closed["plain"]
     lines = [
         f"HTTP benchmark: bundle {rep.bundle}",
         f"  {rep.setup}",
@@ -750,7 +847,7 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
         "|:--------|:-------|--------------:|-------:|-------:|---------:|-------:"
         "|-----:|-------:|------:|-----:|-------:|",
     ]
-    closed = [echo, svc] + ([rep.client_check] if rep.client_check else [])
+    closed = [plain, echo, svc] + ([rep.client_check] if rep.client_check else [])
     for r in closed:
         label = r.phase.target + (" *" if r is rep.client_check else "")
         lines.append(
@@ -769,7 +866,7 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
         "|:--------|----------:|-------:|-------:|-------:|----------------------------------:"
         "|---------:|-------:|-----------:|-----:|-------:|------:|",
     ]
-    for name in ("echo", "service"):
+    for name in TARGETS:
         r = rep.open[name]
         server = (f"{rep.server_p50_s * 1e3:.2f} / {rep.server_p99_s * 1e3:.2f}"
                   if name == "service" else "-")  # fmt: skip
@@ -778,8 +875,22 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
             f"| {r.pct_ms(99):6.2f} | {server:>33} | {r.degraded:8d} | {r.errors:6d} "
             f"| {r.late_starts:10d} | {_server(r)} |"
         )
-    ratio = svc.throughput / echo.throughput
+    lines += [
+        "",
+        f"phase 3: latency-bound throughput: Poisson arrivals, {bound_duration_s:g} s per trial "
+        f"after 0.5 s unrecorded, the rate bisected over (0, 1.1x the closed-loop maximum]; "
+        f"a trial passes when the p99 of the time to a model answer (degraded, error or none: "
+        f"never) is <= {rep.bound_p99_ms:g} ms",
+        "",
+        "| target  | latency-bound req/s | trials: rate req/s -> served p99 ms |",
+        "|:--------|--------------------:|:------------------------------------|",
+    ]
+    for name, b in rep.bound.items():
+        trials = ", ".join(f"{r:.0f} -> {p:.2f}{'' if ok else ' x'}" for r, p, ok in b.trials)
+        lines.append(f"| {name:<7} | {b.rate:19.0f} | {trials} |")
+    ratio = _ratio(svc.throughput, plain.throughput)
     p99 = rep.open["service"].pct_ms(99)
+    bound = _ratio(rep.bound["service"].rate, rep.bound["plain"].rate) if rep.bound else np.nan
     lines += [
         "",
         "answers/s: model answers (200, not degraded) per second; degraded: answers in "
@@ -788,24 +899,34 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
         "server p50 / p99: estimated from rerank_request_duration_seconds' buckets (x1.5 "
         "apart, linear inside one: within about a quarter of the true value), handler time "
         "(not uvicorn or socket queueing)",
-        "server CPU: its share of its one core in the window; us/req: CPU per answered request "
+        "server CPU: its share of its one core in the window; us/req: CPU per answer "
         "(server, then client); batch: requests per engine call (the service's micro-batches)",
+        "plain: stock FastAPI + json.loads, the first k back (no model, no checks); echo: the "
+        "service's framework setup and request reader, the first k back (no model)",
         "",
         "goals:",
-        f"  service / echo throughput: {ratio:.2f} (goal >= 0.50): "
-        f"{'met' if ratio >= 0.5 else 'MISSED'}",
+        f"  service / plain throughput: {ratio:.2f} (goal >= 0.50): "
+        f"{'met' if ratio >= 0.5 else 'MISSED'}; server CPU per answer: service "
+        f"{_us(svc.server_cpu_s, svc):.0f} us, plain {_us(plain.server_cpu_s, plain):.0f} us, "
+        f"echo {_us(echo.server_cpu_s, echo):.0f} us; service / echo throughput "
+        f"{_ratio(svc.throughput, echo.throughput):.2f}",
+        f"  latency-bound throughput (p99 <= {rep.bound_p99_ms:g} ms), service / plain: "
+        f"{bound:.2f} (goal >= 0.40): {'met' if bound >= 0.4 else 'MISSED'}",
         f"  service p99 at {load_fraction:.0%} of its maximum: {p99:.2f} ms, "
-        f"{p99 / rep.open['echo'].pct_ms(99):.1f}x the echo's at the same rate "
+        f"{p99 / rep.open['echo'].pct_ms(99):.1f}x the echo's, "
+        f"{p99 / rep.open['plain'].pct_ms(99):.1f}x the plain floor's at the same rate "
         f"(goal <= 5 ms): {'met' if p99 <= 5 else 'MISSED'}",
     ]
-    echo_us = _us(echo.client_cpu_s, echo)
-    if echo_us > 0:
-        ceiling = 1e6 / echo_us
-        bound = " -- the CLIENT may be the bottleneck" if ceiling < 1.5 * echo.throughput else ""
+    plain_us = _us(plain.client_cpu_s, plain)
+    if plain_us > 0:
+        ceiling = 1e6 / plain_us
+        bound_by = ""
+        if ceiling < 1.5 * plain.throughput:
+            bound_by = " -- the CLIENT may be the bottleneck"
         lines.append(
-            f"  client ceiling ({echo.phase.client}): ~{ceiling:.0f} req/s on one core "
-            f"(its CPU per request against the echo) = {ceiling / echo.throughput:.1f}x the "
-            f"echo's throughput{bound}"
+            f"  client ceiling ({plain.phase.client}): ~{ceiling:.0f} req/s on one core "
+            f"(its CPU per request against the plain floor) = "
+            f"{ceiling / plain.throughput:.1f}x the plain floor's throughput{bound_by}"
         )
     if rep.client_check is not None:
         cc = rep.client_check
@@ -837,10 +958,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pin", action="store_true", help="do not pin servers and client")
     p.add_argument("--set", action="append", default=[], metavar="RERANK_X=V",
                    help="a service setting (repeatable): RERANK_DECODE_POLICY=fixed")  # fmt: skip
+    p.add_argument("--bound-trials", type=int, default=6,
+                   help="latency-bound search: bisection trials per target")  # fmt: skip
+    p.add_argument("--bound-duration", type=float, default=3.0,
+                   help="latency-bound search: seconds per trial")  # fmt: skip
+    p.add_argument("--bound-p99", type=float, default=10.0,
+                   help="latency-bound search: the p99 bound, ms")  # fmt: skip
     args = p.parse_args(argv)
     text, _ = run(args.bundle, args.duration, args.warmup, args.concurrency, args.rounds,
                   args.load, args.client, not args.no_client_check, not args.no_pin,
-                  service_env=dict(kv.split("=", 1) for kv in args.set))  # fmt: skip
+                  service_env=dict(kv.split("=", 1) for kv in args.set),
+                  bound_trials=args.bound_trials, bound_duration_s=args.bound_duration,
+                  bound_p99_ms=args.bound_p99)  # fmt: skip
     print(text)
     return 0
 

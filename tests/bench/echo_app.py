@@ -53,11 +53,9 @@ async def rerank(request: Request) -> Response:
     body = {
         "request_id": p.request_id or request_id,
         "model_version": "echo",
-        "items": [
+        "items": [  # float32 scores, as the service writes them
             {"item_id": i, "score": s}
-            for i, s in zip(
-                p.item_ids[: p.k].tolist(), p.upstream_score[: p.k].tolist(), strict=True
-            )
+            for i, s in zip(p.item_ids[: p.k].tolist(), p.upstream_score[: p.k], strict=True)
         ],
         "degraded": False,
         "reason": None,
@@ -66,7 +64,8 @@ async def rerank(request: Request) -> Response:
     }
     headers = {"X-Request-ID": p.request_id or request_id,
                "Server-Timing": SERVER_TIMING % (0.0, 0.0, 0.0, 0.0, 0.0)}  # fmt: skip
-    return Response(orjson.dumps(body), media_type=_JSON, headers=headers)
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type=_JSON,
+                    headers=headers)  # fmt: skip
 
 
 app.router.add_api_route("/v1/rerank", rerank, methods=["POST"], route_class_override=DirectRoute)

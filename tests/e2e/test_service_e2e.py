@@ -99,6 +99,20 @@ def test_every_list_has_k_distinct_ids_of_the_request(client: httpx.Client) -> N
         assert all(np.isfinite(scores))
 
 
+def test_numbers_are_sent_as_a_person_reads_them(client: httpx.Client) -> None:
+    """Scores are float32 values in their shortest form (0.1234567, not the float64
+    widening 0.12345670163631439); timings are milliseconds to the microsecond."""
+    rng = np.random.default_rng(3)
+    for degraded in (False, True):
+        body = make_request(rng, 30, 10, budget_ms=0.0 if degraded else None)
+        out = client.post("/v1/rerank", json=body).json()
+        assert out["degraded"] is degraded, out
+        for score in (it["score"] for it in out["items"]):
+            assert float(str(np.float32(score))) == score, out["items"]
+        for name, ms in out["timings"].items():
+            assert ms == round(ms, 3), (name, ms)
+
+
 @pytest.mark.parametrize(("case", "make", "field"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_422_naming_the_field(
     client: httpx.Client, case: str, make: Any, field: str | None

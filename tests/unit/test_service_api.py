@@ -164,6 +164,42 @@ def test_read_json_sends_every_bad_body_the_checked_way_with_the_same_error() ->
         _same(_read_json(raw), _slow(raw))
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [  # where a typed decoder could differ from the models: each read as the models read it
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 9223372036854775808, "score": 1}], '
+        b'"k": 1}',  # beyond int64, within uint64
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 18446744073709551616, "score": 1}], '
+        b'"k": 1}',  # beyond uint64
+        b'{"user": {"id": 9223372036854775808}, "candidates": [{"item_id": 1, "score": 1}], '
+        b'"k": 1}',
+        b'{"user": {"id": -9223372036854775809}, "candidates": [{"item_id": 1, "score": 1}], '
+        b'"k": 1}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1e39}], "k": 1}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1e400}], "k": 1}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1, "features": '
+        b'{"category": 9223372036854775808}}], "k": 1}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1, "features": '
+        b'{"qualit\\u0079": 0.5, "category": -3}}], "k": 1}',  # an escaped key, a negative id
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 1, "k": 2}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 2, "k": 1}',
+        b'{"user": {"id": 1, "features": {"pref_0": 1e38}}, "candidates": [{"item_id": 1, '
+        b'"score": -0.0}], "k": 1, "budget_ms": 60000}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 1, '
+        b'"budget_ms": 60000.5}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 1, '
+        b'"budget_ms": -0.0}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1, "features": null}], '
+        b'"k": 1}',
+        b'{"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 1, '
+        b'"request_id": ""}',
+        b' {"user": {"id": 1}, "candidates": [{"item_id": 1, "score": 1}], "k": 1} ',
+    ],
+)
+def test_the_typed_decode_agrees_with_the_models_at_the_edges(raw: bytes) -> None:
+    _same(_read_json(raw), _slow(raw))
+
+
 def test_hash_id_is_hash_ids_of_one() -> None:
     from contract.features import hash_id
 
