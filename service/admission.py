@@ -31,6 +31,15 @@ bursts at low load are never shed, and a loop that lags (a starved core) still f
 engine the requests it can batch, rather than shedding everything and serving nothing.
 
 The budget judged is the service's default: the body (and its `budget_ms`) is not read.
+
+Where the door stands: below the ASGI cycle. `DoorProtocol`, uvicorn's httptools HTTP
+protocol with one more step, decides on a request's parsed headers, in the parser's own
+callback, and writes the pre-encoded 503 to the socket: no request task, no ASGI
+messages, no framework (a shed costs the event loop the HTTP parse and one write). The
+body that follows is parsed and dropped on the connection, which stays open (keep-alive)
+unless the client sent `Expect: 100-continue` (its body may never come: closed). A
+pipelined request behind one still running is left to the ASGI gate in the app (its
+answer must not overtake the earlier one's), as is any server without this protocol.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -184,3 +194,106 @@ def shed_response(retry_after_s: int) -> tuple[Message, bytes]:
         ],
     }
     return start, body
+
+
+class Door:
+    """The door's decision and answer, shared by the HTTP protocol and the ASGI gate: the
+    503 pre-encoded once (status line, headers and body), the request's X-Request-ID
+    added per shed; `count(seconds)` updates the metrics of one shed that took that long."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        path: str,
+        request_id: Callable[[bytes | None], bytes],
+        count: Callable[[float], None],
+    ) -> None:
+        self.admission, self.path, self.request_id, self.count = admission, path, request_id, count
+        self.raw_path = path.encode("ascii")
+        start, self.body = shed_response(admission.config.retry_after_s)
+        self.status, self.headers = start["status"], list(start["headers"])
+        self._head = b"HTTP/1.1 503 Service Unavailable\r\n" + b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.headers
+        )
+
+    def encoded(self, request_id: bytes, keep_alive: bool, default: bytes = b"") -> bytes:
+        """The whole 503 as bytes on the wire (`default`: the server's own header lines)."""
+        return b"".join((self._head, default, b"x-request-id: ", request_id, b"\r\n",
+                         b"" if keep_alive else b"connection: close\r\n", b"\r\n",
+                         self.body))  # fmt: skip
+
+
+def find_door(app: Any) -> Door | None:
+    """The Door of the app under uvicorn's middleware (each wraps the next as `.app`)."""
+    for _ in range(16):
+        if app is None:
+            return None
+        door = getattr(app, "door", None)
+        if isinstance(door, Door):
+            return door
+        app = getattr(app, "app", None)
+    return None
+
+
+class _Answered:
+    """The cycle of a request shed by the protocol: complete, so that its body's bytes
+    are dropped as they are parsed (uvicorn's callbacks look at these attributes)."""
+
+    response_complete = True
+    disconnected = False
+    keep_alive = True
+
+    class message_event:  # noqa: N801 - the attribute uvicorn's callbacks set()
+        @staticmethod
+        def set() -> None:
+            pass
+
+
+_ANSWERED: Any = _Answered()
+ASKED = "gref.door_asked"  # a scope key: the protocol's door has admitted this request
+
+
+class DoorProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol whose headers-complete step asks the door first: a
+    rerank request shed there is answered from the parser's callback (module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.door = find_door(self.app)
+
+    def on_headers_complete(self) -> None:
+        t0 = time.perf_counter()
+        door = self.door
+        if (
+            door is None
+            or self.url != door.raw_path
+            or (self.cycle is not None and not self.cycle.response_complete)  # pipelined
+        ):
+            super().on_headers_complete()
+            return
+        if door.admission.admit():
+            scope: Any = self.scope  # uvicorn's TypedDict has no key of ours
+            scope[ASKED] = True  # the ASGI gate does not ask again
+            super().on_headers_complete()
+            return
+        request_id = None
+        for name, value in self.headers:
+            if name == b"x-request-id":
+                request_id = value
+                break
+        parser = self.parser
+        keep_alive = (
+            not self.expect_100_continue  # its body may never come: no framing left
+            and parser.get_http_version() != "1.0"
+            and parser.should_keep_alive()
+        )
+        default = b"".join(name + b": " + value + b"\r\n"
+                           for name, value in self.server_state.default_headers)  # fmt: skip
+        self.transport.write(door.encoded(door.request_id(request_id), keep_alive, default))
+        self.cycle = _ANSWERED
+        door.count(time.perf_counter() - t0)
+        if keep_alive:
+            self.on_response_complete()  # the keep-alive timer, as after any answer
+        else:
+            self.server_state.total_requests += 1
+            self.transport.close()
