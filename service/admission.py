@@ -14,9 +14,12 @@ request and one pre-built response.
 What "can start within its budget" means, measured rather than configured:
 
 - `working`: requests whose body has arrived and which are not answered yet;
-- `rate`: answers per second the service completes when it is saturated (a window with
-  sheds, or with `working` at the limit), smoothed; windows that were not saturated can
-  only raise it (their rate is a lower bound of what the service can do);
+- `rate`: model answers per second the service completes when it is saturated (a window
+  with sheds, or with `working` at the limit), smoothed; windows that were not saturated
+  can only raise it (their rate is a lower bound of what the service can do). Degraded
+  answers are not counted: an upstream order for a request that ran out of time is cheap
+  and fast, and counting it would raise the limit exactly when the service falls behind
+  (more admitted, more of them late: the collapse the door is there to prevent);
 - `lag`: how late the event loop runs a timer (a request waits about that long before
   the loop even looks at it).
 
@@ -107,11 +110,11 @@ class Admission:
         if self.working >= self.limit:
             self._at_limit = True
 
-    def end(self, served: bool = True) -> None:
-        """A working request is answered: `served` with a list (the model's or degraded),
-        or refused after its body (a 422 costs little: it says nothing of the rate)."""
+    def end(self, modelled: bool = True) -> None:
+        """A working request is answered: `modelled` with the model's list, or not (a
+        degraded answer, or refused after its body): only the first counts in the rate."""
         self.working -= 1
-        if served:
+        if modelled:
             self._answered += 1
 
     # ---------------------------------------------------------------- measurement

@@ -323,7 +323,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             request_id = new_request_id()  # a refused header is not echoed back
         request.state.headers = {"X-Request-ID": request_id}
         metrics.inflight.inc()
-        working = served = False
+        working = modelled = False
         try:
             try:
                 if refused is not None:
@@ -354,7 +354,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
             if out is None:  # the client went away before the engine ran it: nobody to answer
                 return Response(status_code=499)
-            served = True
+            modelled = not out.degraded  # what the door's measured rate counts
             return _respond(
                 runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
             )
@@ -368,7 +368,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             metrics.inflight.dec()
             if working:
-                admission.end(served)  # type: ignore[union-attr]
+                admission.end(modelled)  # type: ignore[union-attr]
 
     app.router.add_api_route(
         "/v1/rerank",

@@ -271,3 +271,19 @@ def test_a_shed_without_keep_alive_closes_the_connection(
         assert status == 503 and headers["retry-after"] == "2", answer
         assert headers["connection"] == "close"
         assert sock.recv(1) == b""  # closed by the server
+
+
+def test_only_model_answers_count_in_the_measured_rate(
+    server: ServerThread, client: httpx.Client
+) -> None:
+    """A request out of time (budget_ms 0) gets the upstream order, degraded: it is no
+    measure of what the service can serve, so the door's rate does not count it."""
+    admission = server.app.state.runtime.admission
+    rng = np.random.default_rng(6)
+    counted = admission._answered
+    late = client.post("/v1/rerank", content=orjson.dumps(make_request(rng, 20, 5, budget_ms=0)))
+    assert late.status_code == 200 and late.json()["degraded"], late.text
+    assert admission._answered == counted and admission.working == 0
+    served = client.post("/v1/rerank", content=orjson.dumps(make_request(rng, 20, 5)))
+    assert served.status_code == 200 and not served.json()["degraded"], served.text
+    assert admission._answered == counted + 1

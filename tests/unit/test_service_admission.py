@@ -114,14 +114,15 @@ def test_the_shed_answer_is_a_503_with_retry_after_and_a_json_error() -> None:
     assert orjson.loads(body)["error"]["type"] == "overloaded"
 
 
-def test_refusals_after_the_body_say_nothing_of_the_rate() -> None:
-    """A flood of fast 422s must not raise the measured rate (and so the limit)."""
+def test_refusals_and_degraded_answers_say_nothing_of_the_rate() -> None:
+    """A flood of fast 422s, or of upstream orders for requests that ran out of time,
+    must not raise the measured rate (and so the limit)."""
     clock = Clock()
     a = Admission(CONFIG, clock)
     clock.t = 0.05
     for _ in range(1000):
         a.begin()
-        a.end(served=False)
+        a.end(modelled=False)
     a._window()
     assert a.rate == 0.0 and a.working == 0
     assert a.limit == CONFIG.floor
