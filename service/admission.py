@@ -7,9 +7,9 @@ Why at the door: past saturation every request costs the event loop its body rea
 JSON parse, the framework's routing and a response before anything can decide to shed
 it; when that work alone exceeds the core, requests wait on the loop until their budgets
 are spent and the engine, fed only with expired requests, idles (congestion collapse).
-The check here runs in the app's own ASGI `__call__`, before FastAPI's middleware and
-routing, on the request's headers only: a shed costs the HTTP server's parse of the
-request and one pre-built response.
+The check runs on the request's headers only, in the HTTP protocol (below), or in the
+app's own ASGI `__call__` where the protocol leaves it: a shed costs the HTTP parse of
+the request and one pre-built response.
 
 What "can start within its budget" means, measured rather than configured:
 
