@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from service.admission import Admission, AdmissionConfig, shed_response
+from service.admission import Admission, AdmissionConfig, Door, find_door, shed_response
 
 CONFIG = AdmissionConfig(budget_s=0.05, share=0.5, floor=4, retry_after_s=1)
 
@@ -126,3 +126,32 @@ def test_refusals_and_degraded_answers_say_nothing_of_the_rate() -> None:
     a._window()
     assert a.rate == 0.0 and a.working == 0
     assert a.limit == CONFIG.floor
+
+
+def test_the_door_encodes_the_whole_503_and_is_found_under_middleware() -> None:
+    """The bytes the HTTP protocol writes: status line, the 503's headers, the server's
+    own header lines, the request's id, `connection: close` only without keep-alive."""
+    counted: list[float] = []
+    door = Door(Admission(CONFIG, Clock()), "/v1/rerank", lambda v: v or b"new", counted.append)
+    wire = door.encoded(b"r-1", keep_alive=True, default=b"server: t\r\n")
+    head, body = wire.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    assert headers[b"retry-after"] == b"1" and headers[b"x-request-id"] == b"r-1"
+    assert headers[b"server"] == b"t" and b"connection" not in headers
+    assert int(headers[b"content-length"]) == len(body) and body == door.body
+    closing = door.encoded(b"r-2", keep_alive=False)
+    assert b"\r\nconnection: close\r\n" in closing.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+    class App:
+        pass
+
+    class Middleware:
+        def __init__(self, app: object) -> None:
+            self.app = app
+
+    app = App()
+    assert find_door(Middleware(Middleware(app))) is None
+    app.door = door  # type: ignore[attr-defined]
+    assert find_door(Middleware(Middleware(app))) is door
