@@ -23,7 +23,8 @@ What "can start within its budget" means, measured rather than configured:
 - `lag`: how late the event loop runs a timer (a request waits about that long before
   the loop even looks at it).
 
-A new request is admitted while `working < max(floor, rate x (share x budget - lag))`
+A new request is admitted while `working` (with those admitted whose bodies are still
+coming) `< max(floor, rate x (share x budget - lag))`
 (Little's law: at `rate` answers per second, that many requests in the service wait at
 most `share x budget - lag` before they start, after the lag they waited to be seen).
 `share` leaves the rest of the budget to the request's own cache lookup and decode. The
@@ -81,6 +82,7 @@ class Admission:
         self.config, self.clock = config, clock
         self.wait_s = config.share * config.budget_s  # a request may wait this long
         self.working = 0  # admitted, body arrived, not yet answered
+        self.arriving = 0  # admitted, body not arrived yet (forgotten at each tick)
         self.rate = 0.0  # answers per second when saturated (0: not measured yet)
         self.lag = 0.0  # the event loop's lag, s (smoothed)
         self.limit = float(config.floor)
@@ -98,8 +100,12 @@ class Admission:
     # ---------------------------------------------------------------- the request path
 
     def admit(self) -> bool:
-        """May one more request come in? (Called once per request, before its body.)"""
-        if self.working < self.limit:
+        """May one more request come in? (Called once per request, before its body.)
+        An admitted request holds a place until its body arrives (`begin`) or the next
+        tick: a loop that comes back from a stall reads hundreds of queued requests in
+        one turn, before any of them has begun, and must not admit them all."""
+        if self.working + self.arriving < self.limit:
+            self.arriving += 1
             return True
         self.shed += 1
         return False
@@ -107,6 +113,8 @@ class Admission:
     def begin(self) -> None:
         """A request's body has arrived: it is working from now on."""
         self.working += 1
+        if self.arriving:
+            self.arriving -= 1
         if self.working >= self.limit:
             self._at_limit = True
 
@@ -135,6 +143,7 @@ class Admission:
         loop = asyncio.get_running_loop()
         late = max(0.0, loop.time() - self._due)
         self.lag += LAG_WEIGHT * (late - self.lag)
+        self.arriving = 0  # a body still not here after a tick: no longer held for
         self._ticks += 1
         if self._ticks % WINDOW_TICKS == 0:
             self._window()

@@ -155,3 +155,24 @@ def test_the_door_encodes_the_whole_503_and_is_found_under_middleware() -> None:
     assert find_door(Middleware(Middleware(app))) is None
     app.door = door  # type: ignore[attr-defined]
     assert find_door(Middleware(Middleware(app))) is door
+
+
+def test_a_burst_of_headers_is_admitted_only_up_to_the_limit() -> None:
+    """A loop back from a stall reads many queued requests' headers in one turn, before
+    any body is read: admitted ones hold their places until their bodies arrive (or the
+    next tick), so the burst cannot overrun the limit."""
+    a = Admission(CONFIG, Clock())
+    assert [a.admit() for _ in range(CONFIG.floor + 3)] == [True] * CONFIG.floor + [False] * 3
+    a.begin()  # one body arrived: its place moves from arriving to working
+    assert (a.working, a.arriving) == (1, CONFIG.floor - 1)
+    assert not a.admit()
+    a.end()
+    assert a.admit()  # the place it freed
+
+    async def main() -> bool:
+        a.start()
+        await asyncio.sleep(0.05)  # a few ticks: bodies that never came hold no place
+        a.stop()
+        return a.admit()
+
+    assert asyncio.run(main()) and a.arriving == 1
