@@ -2,6 +2,7 @@
 
     python tests/bench/bench_admission.py [--bundle DIR] [--step-s S] [--step X]
                                           [--off] [--tight-s S] [--out PNG] [--json PATH]
+                                          [--env RERANK_X=V ...] [--raw NPZ]
     pytest -m bench -s tests/bench/test_bench_admission.py      (a short run)
 
 The machinery is tests/bench/bench_load.py's: `python -m service` in its own uvicorn
