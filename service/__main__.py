@@ -4,6 +4,7 @@ lines on stderr. /healthz, /readyz and /metrics are also on the admin port (9000
 answered off the event loop (service/admin.py). SIGTERM drains first: /readyz fails for
 RERANK_DRAIN_S seconds while requests are still served, then uvicorn shuts down gracefully
 (service/lifecycle.py). Idle keep-alive connections close after RERANK_KEEP_ALIVE_S.
+Requests shed by admission are answered by the HTTP protocol itself (service/admission.py).
 
 With --workers > 1 every worker builds its own app from the environment, and metrics go
 through Prometheus' multiprocess mode: PROMETHEUS_MULTIPROC_DIR (a fresh temporary
@@ -25,6 +26,10 @@ from pydantic import ValidationError
 
 from service.logs import log_config
 from service.settings import Settings
+
+# uvicorn's httptools protocol with the admission door in its headers step (service/
+# admission.py); named, not imported: each worker imports it after the environment is set
+HTTP_PROTOCOL = "service.admission:DoorProtocol"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_config=log_config(settings.log_level),
             access_log=False,
             timeout_keep_alive=settings.keep_alive_s,
+            http=HTTP_PROTOCOL,
         )
     finally:
         if own_dir is not None:

@@ -7,20 +7,24 @@ Why at the door: past saturation every request costs the event loop its body rea
 JSON parse, the framework's routing and a response before anything can decide to shed
 it; when that work alone exceeds the core, requests wait on the loop until their budgets
 are spent and the engine, fed only with expired requests, idles (congestion collapse).
-The check here runs in the app's own ASGI `__call__`, before FastAPI's middleware and
-routing, on the request's headers only: a shed costs the HTTP server's parse of the
-request and one pre-built response.
+The check runs on the request's headers only, in the HTTP protocol (below), or in the
+app's own ASGI `__call__` where the protocol leaves it: a shed costs the HTTP parse of
+the request and one pre-built response.
 
 What "can start within its budget" means, measured rather than configured:
 
 - `working`: requests whose body has arrived and which are not answered yet;
-- `rate`: answers per second the service completes when it is saturated (a window with
-  sheds, or with `working` at the limit), smoothed; windows that were not saturated can
-  only raise it (their rate is a lower bound of what the service can do);
+- `rate`: model answers per second the service completes when it is saturated (a window
+  with sheds, or with `working` at the limit), smoothed; windows that were not saturated
+  can only raise it (their rate is a lower bound of what the service can do). Degraded
+  answers are not counted: an upstream order for a request that ran out of time is cheap
+  and fast, and counting it would raise the limit exactly when the service falls behind
+  (more admitted, more of them late: the collapse the door is there to prevent);
 - `lag`: how late the event loop runs a timer (a request waits about that long before
   the loop even looks at it).
 
-A new request is admitted while `working < max(floor, rate x (share x budget - lag))`
+A new request is admitted while `working` (with those admitted whose bodies are still
+coming) `< max(floor, rate x (share x budget - lag))`
 (Little's law: at `rate` answers per second, that many requests in the service wait at
 most `share x budget - lag` before they start, after the lag they waited to be seen).
 `share` leaves the rest of the budget to the request's own cache lookup and decode. The
@@ -31,6 +35,15 @@ bursts at low load are never shed, and a loop that lags (a starved core) still f
 engine the requests it can batch, rather than shedding everything and serving nothing.
 
 The budget judged is the service's default: the body (and its `budget_ms`) is not read.
+
+Where the door stands: below the ASGI cycle. `DoorProtocol`, uvicorn's httptools HTTP
+protocol with one more step, decides on a request's parsed headers, in the parser's own
+callback, and writes the pre-encoded 503 to the socket: no request task, no ASGI
+messages, no framework (a shed costs the event loop the HTTP parse and one write). The
+body that follows is parsed and dropped on the connection, which stays open (keep-alive)
+unless the client sent `Expect: 100-continue` (its body may never come: closed). A
+pipelined request behind one still running is left to the ASGI gate in the app (its
+answer must not overtake the earlier one's), as is any server without this protocol.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -68,6 +82,7 @@ class Admission:
         self.config, self.clock = config, clock
         self.wait_s = config.share * config.budget_s  # a request may wait this long
         self.working = 0  # admitted, body arrived, not yet answered
+        self.arriving = 0  # admitted, body not arrived yet (forgotten at each tick)
         self.rate = 0.0  # answers per second when saturated (0: not measured yet)
         self.lag = 0.0  # the event loop's lag, s (smoothed)
         self.limit = float(config.floor)
@@ -85,8 +100,12 @@ class Admission:
     # ---------------------------------------------------------------- the request path
 
     def admit(self) -> bool:
-        """May one more request come in? (Called once per request, before its body.)"""
-        if self.working < self.limit:
+        """May one more request come in? (Called once per request, before its body.)
+        An admitted request holds a place until its body arrives (`begin`) or the next
+        tick: a loop that comes back from a stall reads hundreds of queued requests in
+        one turn, before any of them has begun, and must not admit them all."""
+        if self.working + self.arriving < self.limit:
+            self.arriving += 1
             return True
         self.shed += 1
         return False
@@ -94,14 +113,16 @@ class Admission:
     def begin(self) -> None:
         """A request's body has arrived: it is working from now on."""
         self.working += 1
+        if self.arriving:
+            self.arriving -= 1
         if self.working >= self.limit:
             self._at_limit = True
 
-    def end(self, served: bool = True) -> None:
-        """A working request is answered: `served` with a list (the model's or degraded),
-        or refused after its body (a 422 costs little: it says nothing of the rate)."""
+    def end(self, modelled: bool = True) -> None:
+        """A working request is answered: `modelled` with the model's list, or not (a
+        degraded answer, or refused after its body): only the first counts in the rate."""
         self.working -= 1
-        if served:
+        if modelled:
             self._answered += 1
 
     # ---------------------------------------------------------------- measurement
@@ -122,6 +143,7 @@ class Admission:
         loop = asyncio.get_running_loop()
         late = max(0.0, loop.time() - self._due)
         self.lag += LAG_WEIGHT * (late - self.lag)
+        self.arriving = 0  # a body still not here after a tick: no longer held for
         self._ticks += 1
         if self._ticks % WINDOW_TICKS == 0:
             self._window()
@@ -184,3 +206,106 @@ def shed_response(retry_after_s: int) -> tuple[Message, bytes]:
         ],
     }
     return start, body
+
+
+class Door:
+    """The door's decision and answer, shared by the HTTP protocol and the ASGI gate: the
+    503 pre-encoded once (status line, headers and body), the request's X-Request-ID
+    added per shed; `count(seconds)` updates the metrics of one shed that took that long."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        path: str,
+        request_id: Callable[[bytes | None], bytes],
+        count: Callable[[float], None],
+    ) -> None:
+        self.admission, self.path, self.request_id, self.count = admission, path, request_id, count
+        self.raw_path = path.encode("ascii")
+        start, self.body = shed_response(admission.config.retry_after_s)
+        self.status, self.headers = start["status"], list(start["headers"])
+        self._head = b"HTTP/1.1 503 Service Unavailable\r\n" + b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.headers
+        )
+
+    def encoded(self, request_id: bytes, keep_alive: bool, default: bytes = b"") -> bytes:
+        """The whole 503 as bytes on the wire (`default`: the server's own header lines)."""
+        return b"".join((self._head, default, b"x-request-id: ", request_id, b"\r\n",
+                         b"" if keep_alive else b"connection: close\r\n", b"\r\n",
+                         self.body))  # fmt: skip
+
+
+def find_door(app: Any) -> Door | None:
+    """The Door of the app under uvicorn's middleware (each wraps the next as `.app`)."""
+    for _ in range(16):
+        if app is None:
+            return None
+        door = getattr(app, "door", None)
+        if isinstance(door, Door):
+            return door
+        app = getattr(app, "app", None)
+    return None
+
+
+class _Answered:
+    """The cycle of a request shed by the protocol: complete, so that its body's bytes
+    are dropped as they are parsed (uvicorn's callbacks look at these attributes)."""
+
+    response_complete = True
+    disconnected = False
+    keep_alive = True
+
+    class message_event:  # noqa: N801 - the attribute uvicorn's callbacks set()
+        @staticmethod
+        def set() -> None:
+            pass
+
+
+_ANSWERED: Any = _Answered()
+ASKED = "gref.door_asked"  # a scope key: the protocol's door has admitted this request
+
+
+class DoorProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol whose headers-complete step asks the door first: a
+    rerank request shed there is answered from the parser's callback (module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.door = find_door(self.app)
+
+    def on_headers_complete(self) -> None:
+        t0 = time.perf_counter()
+        door = self.door
+        if (
+            door is None
+            or self.url != door.raw_path
+            or (self.cycle is not None and not self.cycle.response_complete)  # pipelined
+        ):
+            super().on_headers_complete()
+            return
+        if door.admission.admit():
+            scope: Any = self.scope  # uvicorn's TypedDict has no key of ours
+            scope[ASKED] = True  # the ASGI gate does not ask again
+            super().on_headers_complete()
+            return
+        request_id = None
+        for name, value in self.headers:
+            if name == b"x-request-id":
+                request_id = value
+                break
+        parser = self.parser
+        keep_alive = (
+            not self.expect_100_continue  # its body may never come: no framing left
+            and parser.get_http_version() != "1.0"
+            and parser.should_keep_alive()
+        )
+        default = b"".join(name + b": " + value + b"\r\n"
+                           for name, value in self.server_state.default_headers)  # fmt: skip
+        self.transport.write(door.encoded(door.request_id(request_id), keep_alive, default))
+        self.cycle = _ANSWERED
+        door.count(time.perf_counter() - t0)
+        if keep_alive:
+            self.on_response_complete()  # the keep-alive timer, as after any answer
+        else:
+            self.server_state.total_requests += 1
+            self.transport.close()

@@ -24,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from service.admission import Admission, AdmissionConfig, Message, Scope, Send, shed_response
+from service.admission import ASKED, Admission, AdmissionConfig, Door, Message, Scope, Send
 from service.api import (
     ApiError,
     ErrorOut,
@@ -237,55 +237,63 @@ RERANK_PATH = "/v1/rerank"
 
 
 class RerankApp(FastAPI):
-    """FastAPI whose own ASGI entry asks the admission gate first: a rerank request shed
-    there is answered before FastAPI's middleware, routing and body read (service/
-    admission.py)."""
+    """FastAPI whose own ASGI entry asks the door first: a rerank request shed there is
+    answered before FastAPI's middleware, routing and body read (service/admission.py).
+    Under uvicorn with DoorProtocol the door has decided before the ASGI cycle began;
+    this gate is the door for pipelined requests and for other servers."""
 
-    gate: _Gate | None = None
+    door: Door | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
-        gate = self.gate
+        door = self.door
         if (
-            gate is not None
+            door is not None
             and scope["type"] == "http"
             and scope["path"] == RERANK_PATH
-            and not gate.admission.admit()
+            and ASKED not in scope
+            and not door.admission.admit()
         ):
-            await gate.shed(scope, send)
+            await _shed(door, scope, send)
             return
         await super().__call__(scope, receive, send)
 
 
-class _Gate:
-    """The shed answer: a pre-built 503 (Retry-After, JSON error body), the request's
-    X-Request-ID (the client's when valid, else a new one), counted in the metrics."""
+async def _shed(door: Door, scope: Scope, send: Send) -> None:
+    """The door's 503 through the ASGI cycle."""
+    t0 = time.perf_counter()
+    request_id = None
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            request_id = value
+            break
+    start: Message = {
+        "type": "http.response.start",
+        "status": door.status,
+        "headers": [*door.headers, (b"x-request-id", door.request_id(request_id))],
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": door.body})
+    door.count(time.perf_counter() - t0)
 
-    def __init__(self, runtime: Runtime) -> None:
-        assert runtime.admission is not None
-        self.admission, self.metrics = runtime.admission, runtime.metrics
-        start, self.body = shed_response(runtime.settings.retry_after_s)
-        self.status, self.headers = start["status"], list(start["headers"])
-        self.rejected = self.metrics.duration_of["rejected"]
-        self.shed_count = self.metrics.shed
 
-    async def shed(self, scope: Scope, send: Send) -> None:
-        t0 = time.perf_counter()
-        request_id = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                request_id = value.decode("latin-1")
-                break
-        if request_id is None or bad_request_id(request_id) is not None:
-            request_id = new_request_id()
-        start: Message = {
-            "type": "http.response.start",
-            "status": self.status,
-            "headers": [*self.headers, (b"x-request-id", request_id.encode("latin-1"))],
-        }
-        await send(start)
-        await send({"type": "http.response.body", "body": self.body})
-        self.shed_count.inc()
-        self.rejected.observe(time.perf_counter() - t0)
+def _echoed_id(value: bytes | None) -> bytes:
+    """The X-Request-ID a shed answer carries: the client's when valid, else a new one."""
+    if value is not None:
+        request_id = value.decode("latin-1")
+        if bad_request_id(request_id) is None:
+            return value
+    return new_request_id().encode("latin-1")
+
+
+def _door(runtime: Runtime) -> Door:
+    assert runtime.admission is not None
+    shed, rejected = runtime.metrics.shed, runtime.metrics.duration_of["rejected"]
+
+    def count(seconds: float) -> None:
+        shed.inc()
+        rejected.observe(seconds)
+
+    return Door(runtime.admission, RERANK_PATH, _echoed_id, count)
 
 
 def _admission(s: Settings, metrics: Metrics) -> Admission:
@@ -316,7 +324,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    app.gate = _Gate(runtime) if runtime.admission is not None else None
+    app.door = _door(runtime) if runtime.admission is not None else None
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
@@ -334,7 +342,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             request_id = new_request_id()  # a refused header is not echoed back
         request.state.headers = {"X-Request-ID": request_id}
         metrics.inflight.inc()
-        working = served = False
+        working = modelled = False
         try:
             try:
                 if refused is not None:
@@ -365,7 +373,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
             if out is None:  # the client went away before the engine ran it: nobody to answer
                 return Response(status_code=499)
-            served = True
+            modelled = not out.degraded  # what the door's measured rate counts
             return _respond(
                 runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
             )
@@ -379,7 +387,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             metrics.inflight.dec()
             if working:
-                admission.end(served)  # type: ignore[union-attr]
+                admission.end(modelled)  # type: ignore[union-attr]
 
     app.router.add_api_route(
         "/v1/rerank",

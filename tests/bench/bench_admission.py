@@ -2,6 +2,7 @@
 
     python tests/bench/bench_admission.py [--bundle DIR] [--step-s S] [--step X]
                                           [--off] [--tight-s S] [--out PNG] [--json PATH]
+                                          [--env RERANK_X=V ...] [--raw NPZ]
     pytest -m bench -s tests/bench/test_bench_admission.py      (a short run)
 
 The machinery is tests/bench/bench_load.py's: `python -m service` in its own uvicorn
@@ -103,6 +104,8 @@ class AdmissionBench:
     connections: int = 1024
     out: Path | None = DEFAULT_PNG
     pin: bool = True
+    env: tuple[tuple[str, str], ...] = ()  # RERANK_* settings of the measured service
+    raw: Path | None = None  # every request's figures of the step runs (npz), for study
 
 
 def _metric(text: str, name: str) -> float:
@@ -224,6 +227,10 @@ def run_step(b: Bench, name: str, env: dict[str, str], cfg: AdmissionBench,
     since = b.mark()
     cpu0 = process_cpu_s(server.proc.pid)
     res = run_schedule(b.load, job, sample)
+    if cfg.raw is not None:
+        np.savez(cfg.raw.with_name(f"{cfg.raw.stem}-{name}.npz"), offset=res.offset,
+                 latency=res.latency, status=res.status, reason=res.reason, done=res.done,
+                 segment=res.segment, waited=res.waited, late=res.late)  # fmt: skip
     server_cpu = process_cpu_s(server.proc.pid) - cpu0
     others = b.others_text(since)
     # "after": 5 s into the last phase (the step's own allocations are done by then)
@@ -371,12 +378,15 @@ def run(cfg: AdmissionBench) -> tuple[str, dict[str, Any]]:
             f"  client {client_loop_name()}; nproc {os.cpu_count()}; {placement}; load average "
             f"{os.getloadavg()[0]:.2f} at the start; shipped settings (budget "
             f"{shipped('default_budget_ms'):g} ms, admission share "
-            f"{shipped('admission_share')}, floor {shipped('admission_floor')})",
+            f"{shipped('admission_share')}, floor {shipped('admission_floor')})"
+            + "".join(f", {k}={v}" for k, v in cfg.env),
         ]
         figures: dict[str, Any] = {"setup": {"bundle": manifest["version"],
                                              "placement": placement}}  # fmt: skip
         runs = {}
-        for name, env in (("admission on", {}), ("admission off", {"RERANK_ADMISSION": "false"})):
+        base = dict(cfg.env)
+        for name, env in (("admission on", base),
+                          ("admission off", {**base, "RERANK_ADMISSION": "false"})):  # fmt: skip
             if name == "admission off" and not cfg.off:
                 continue
             t0 = time.monotonic()
@@ -417,10 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_PNG, help="the plot (PNG)")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and client")
+    p.add_argument("--env", action="append", default=[], metavar="RERANK_X=V",
+                   help="a setting of the measured service (repeatable)")  # fmt: skip
+    p.add_argument("--raw", type=Path, help="every request's figures (npz, one per step run)")
     args = p.parse_args(argv)
+    env = tuple(tuple(e.split("=", 1)) for e in args.env)
     cfg = AdmissionBench(bundle=args.bundle, step=args.step, step_s=args.step_s, off=args.off,
                          tight_s=args.tight_s, n_requests=args.requests, out=args.out,
-                         pin=not args.no_pin)  # fmt: skip
+                         pin=not args.no_pin, env=env, raw=args.raw)  # type: ignore[arg-type]  # fmt: skip
     text, figures = run(cfg)
     print(text)
     if args.json is not None:

@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from model.network import GenReranker
+from service.app import RerankApp
 from service.settings import Settings
 from tests.support.bodies import make_request
 from tests.support.server import ServerThread, metric_samples, wait_ready
@@ -76,6 +78,16 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
             raise ConnectionError("closed mid-body")
         rest += chunk
     return status, headers, rest
+
+
+def _read_buffered(answers: Any) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length framed) from a socket's buffered reader."""
+    status = int(answers.readline().split()[1])
+    headers = {}
+    while (line := answers.readline()) not in (b"\r\n", b""):
+        name, value = line.decode("latin-1").split(":", 1)
+        headers[name.lower()] = value.strip()
+    return status, headers, answers.read(int(headers["content-length"]))
 
 
 def _connect(server: ServerThread) -> socket.socket:
@@ -180,3 +192,98 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closes(
         assert headers.get("connection") == "close"
         assert BODY_TIMEOUT_S * 0.9 <= took < 10.0
         assert sock.recv(1) == b""  # closed by the server
+
+
+def test_a_shed_is_answered_by_the_http_protocol_without_the_asgi_app(
+    server: ServerThread, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The door in uvicorn's protocol: the shed request never reaches the app (no ASGI
+    task, no framework); it is counted all the same, and the connection serves the next."""
+    calls: list[str] = []
+    call = RerankApp.__call__
+
+    async def counted(self: RerankApp, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("path") == "/v1/rerank":
+            calls.append(scope["path"])
+        await call(self, scope, receive, send)
+
+    monkeypatch.setattr(RerankApp, "__call__", counted)
+    admission = server.app.state.runtime.admission
+    body = orjson.dumps(make_request(np.random.default_rng(4), 20, 5))
+    before = metric_samples(client)
+    with _connect(server) as sock:
+        admission.working += HELD
+        try:
+            sock.sendall(_head(len(body), "below-asgi") + body)
+            status, headers, _ = _read_response(sock)
+        finally:
+            admission.working -= HELD
+        assert status == 503 and headers["x-request-id"] == "below-asgi"
+        assert "date" in headers and "connection" not in headers  # the server's, keep-alive
+        assert calls == []
+        sock.sendall(_head(len(body)) + body)
+        assert _read_response(sock)[0] == 200
+    assert calls == ["/v1/rerank"]
+    after = metric_samples(client)
+    shed = ("rerank_shed_requests_total", ())
+    assert after[shed] - before.get(shed, 0.0) == 1
+
+
+def test_a_pipelined_request_is_answered_in_order(server: ServerThread) -> None:
+    """A rerank request pipelined behind one not answered yet is left to the ASGI gate:
+    its 503 comes after the earlier answer, never before it."""
+    admission = server.app.state.runtime.admission
+    body = orjson.dumps(make_request(np.random.default_rng(5), 20, 5))
+    with _connect(server) as sock:
+        admission.working += HELD
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + _head(len(body)) + body)
+            answers = sock.makefile("rb")  # buffered: both answers may come in one read
+            first, second = _read_buffered(answers), _read_buffered(answers)
+        finally:
+            admission.working -= HELD
+    assert first[0] == 200 and orjson.loads(first[2]) == {"status": "alive"}
+    assert second[0] == 503 and orjson.loads(second[2])["error"]["type"] == "overloaded"
+
+
+@pytest.mark.parametrize(
+    ("version", "extra"),
+    [
+        ("HTTP/1.1", "Expect: 100-continue\r\n"),
+        ("HTTP/1.0", ""),
+        ("HTTP/1.1", "Connection: close\r\n"),
+    ],
+)
+def test_a_shed_without_keep_alive_closes_the_connection(
+    server: ServerThread, version: str, extra: str
+) -> None:
+    """Expect: 100-continue (the body may never come: nothing left to frame the next
+    request by), HTTP/1.0 or Connection: close: the 503 says so and the connection closes."""
+    admission = server.app.state.runtime.admission
+    with _connect(server) as sock:
+        admission.working += HELD
+        try:
+            sock.sendall(f"POST /v1/rerank {version}\r\nHost: t\r\nContent-Length: 500\r\n"
+                         f"{extra}\r\n".encode())  # fmt: skip
+            status, headers, answer = _read_response(sock)
+        finally:
+            admission.working -= HELD
+        assert status == 503 and headers["retry-after"] == "2", answer
+        assert headers["connection"] == "close"
+        assert sock.recv(1) == b""  # closed by the server
+
+
+def test_only_model_answers_count_in_the_measured_rate(
+    server: ServerThread, client: httpx.Client
+) -> None:
+    """A request out of time (budget_ms 0) gets the upstream order, degraded: it is no
+    measure of what the service can serve, so the door's rate does not count it."""
+    admission = server.app.state.runtime.admission
+    rng = np.random.default_rng(6)
+    counted = admission._answered
+    late = client.post("/v1/rerank", content=orjson.dumps(make_request(rng, 20, 5, budget_ms=0)))
+    assert late.status_code == 200 and late.json()["degraded"], late.text
+    assert admission._answered == counted and admission.working == 0
+    served = client.post("/v1/rerank", content=orjson.dumps(make_request(rng, 20, 5)))
+    assert served.status_code == 200 and not served.json()["degraded"], served.text
+    assert admission._answered == counted + 1

@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.__main__ import HTTP_PROTOCOL
 from service.app import create_app
 from service.settings import Settings
 from tests.support.redis_server import free_port
@@ -25,7 +26,12 @@ class ServerThread:
         self.app: FastAPI = create_app(settings.model_copy(update={"admin_port": self.admin_port}))
         self.port = free_port()
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            http=HTTP_PROTOCOL,  # as `python -m service` runs it: the door below ASGI
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from service.admission import Admission, AdmissionConfig, shed_response
+from service.admission import Admission, AdmissionConfig, Door, find_door, shed_response
 
 CONFIG = AdmissionConfig(budget_s=0.05, share=0.5, floor=4, retry_after_s=1)
 
@@ -114,14 +114,65 @@ def test_the_shed_answer_is_a_503_with_retry_after_and_a_json_error() -> None:
     assert orjson.loads(body)["error"]["type"] == "overloaded"
 
 
-def test_refusals_after_the_body_say_nothing_of_the_rate() -> None:
-    """A flood of fast 422s must not raise the measured rate (and so the limit)."""
+def test_refusals_and_degraded_answers_say_nothing_of_the_rate() -> None:
+    """A flood of fast 422s, or of upstream orders for requests that ran out of time,
+    must not raise the measured rate (and so the limit)."""
     clock = Clock()
     a = Admission(CONFIG, clock)
     clock.t = 0.05
     for _ in range(1000):
         a.begin()
-        a.end(served=False)
+        a.end(modelled=False)
     a._window()
     assert a.rate == 0.0 and a.working == 0
     assert a.limit == CONFIG.floor
+
+
+def test_the_door_encodes_the_whole_503_and_is_found_under_middleware() -> None:
+    """The bytes the HTTP protocol writes: status line, the 503's headers, the server's
+    own header lines, the request's id, `connection: close` only without keep-alive."""
+    counted: list[float] = []
+    door = Door(Admission(CONFIG, Clock()), "/v1/rerank", lambda v: v or b"new", counted.append)
+    wire = door.encoded(b"r-1", keep_alive=True, default=b"server: t\r\n")
+    head, body = wire.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    assert headers[b"retry-after"] == b"1" and headers[b"x-request-id"] == b"r-1"
+    assert headers[b"server"] == b"t" and b"connection" not in headers
+    assert int(headers[b"content-length"]) == len(body) and body == door.body
+    closing = door.encoded(b"r-2", keep_alive=False)
+    assert b"\r\nconnection: close\r\n" in closing.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+    class App:
+        pass
+
+    class Middleware:
+        def __init__(self, app: object) -> None:
+            self.app = app
+
+    app = App()
+    assert find_door(Middleware(Middleware(app))) is None
+    app.door = door  # type: ignore[attr-defined]
+    assert find_door(Middleware(Middleware(app))) is door
+
+
+def test_a_burst_of_headers_is_admitted_only_up_to_the_limit() -> None:
+    """A loop back from a stall reads many queued requests' headers in one turn, before
+    any body is read: admitted ones hold their places until their bodies arrive (or the
+    next tick), so the burst cannot overrun the limit."""
+    a = Admission(CONFIG, Clock())
+    assert [a.admit() for _ in range(CONFIG.floor + 3)] == [True] * CONFIG.floor + [False] * 3
+    a.begin()  # one body arrived: its place moves from arriving to working
+    assert (a.working, a.arriving) == (1, CONFIG.floor - 1)
+    assert not a.admit()
+    a.end()
+    assert a.admit()  # the place it freed
+
+    async def main() -> bool:
+        a.start()
+        await asyncio.sleep(0.05)  # a few ticks: bodies that never came hold no place
+        a.stop()
+        return a.admit()
+
+    assert asyncio.run(main()) and a.arriving == 1
