@@ -26,6 +26,7 @@ slots).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys

@@ -214,6 +214,13 @@ async def _retire(old: Reranker, timeout_s: float = RETIRE_S) -> None:
     while old.active and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await _close(old)
+    del old
+    if gc.get_freeze_count():  # the warm-up froze the first bundle's objects: a cycle
+        # among them (the retired engine's, perhaps) would never be collected. One full
+        # collection per swap, on the loop (finalizers of loop-bound objects run here)
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
 
 def _retire_later(runtime: Runtime, old: Reranker) -> None:
