@@ -13,11 +13,18 @@ full, or its budget spent waiting) is pressure too. Past the fastest level
 the batcher sheds to the upstream order (reason `overload`) before the queue grows
 without bound; that part lives in service/rerank.py.
 
+Each call also fits the tightest budget it carries: the policy keeps the recent cost of
+one engine call at each level (per size of the largest candidate list in the call), and a
+call whose tightest request could not finish at the load's level takes the first faster
+level that fits, for that call only. A request with a 10 ms budget then gets a full list
+from a faster level, not a slow level's list completed early at its deadline.
+
 `fixed` mode always decodes at one level (the settings' items per pass and beam width).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -51,6 +58,7 @@ class PolicyConfig:
     calm_batches: int = 50  # ... for this many engine calls in a row
     alpha: float = 0.2  # EWMA weight of the newest engine call
     queue_limit: int = 64  # step faster at once when this many requests are waiting
+    fit: float = 0.8  # a level fits a call when its recent cost is <= fit * the budget left
 
 
 class DecodePolicy:
@@ -64,6 +72,8 @@ class DecodePolicy:
         self._index = min(max(start, 0), len(levels) - 1)
         self._ewma = 0.0
         self._calm = 0
+        # (level, size class of the call's longest list) -> EWMA seconds of one engine call
+        self._cost: dict[tuple[DecodeLevel, int], float] = {}
         self._lock = threading.Lock()
 
     @property
@@ -78,13 +88,23 @@ class DecodePolicy:
     def smoothed_s(self) -> float:
         return self._ewma
 
-    def choose(self, waiting: int) -> DecodeLevel:
-        """The level for the next engine call; `waiting` = requests queued behind it."""
+    def choose(self, waiting: int, budget_left_s: float = math.inf, m: int = 0) -> DecodeLevel:
+        """The level for the next engine call; `waiting` = requests queued behind it,
+        `budget_left_s` the tightest budget left among its requests, `m` its longest
+        candidate list. The load's level, or the first faster one whose recent cost at
+        this size fits the budget (a level not yet seen at this size is taken to fit)."""
         with self._lock:
             if waiting >= self.config.queue_limit and self._index < len(self.levels) - 1:
                 self._index += 1
                 self._calm = 0
-            return self.levels[self._index]
+            i, size, room = self._index, _size_class(m), self.config.fit * budget_left_s
+            while i < len(self.levels) - 1 and self._cost.get((self.levels[i], size), 0.0) > room:
+                i += 1
+            return self.levels[i]
+
+    def cost(self, level: DecodeLevel, m: int) -> float | None:
+        """The recent cost of one engine call at `level` with lists of up to m candidates."""
+        return self._cost.get((level, _size_class(m)))
 
     def pressure(self) -> None:
         """A request was shed (overload, or its budget ran out while it queued): the
@@ -105,10 +125,19 @@ class DecodePolicy:
         if waited_s >= self.config.low * self.config.budget_s:
             self.pressure()
 
-    def observe(self, queue_s: float, engine_s: float) -> None:
-        """After an engine call: the longest queue wait of its requests and its duration."""
+    def observe(
+        self, queue_s: float, engine_s: float, level: DecodeLevel | None = None, m: int = 0
+    ) -> None:
+        """After an engine call: the longest queue wait of its requests and its duration;
+        `level` and `m` (its longest list), when given, update that level's cost."""
         c = self.config
         with self._lock:
+            if level is not None:
+                key = (level, _size_class(m))
+                old = self._cost.get(key)
+                self._cost[key] = (
+                    engine_s if old is None else (1 - c.alpha) * old + c.alpha * engine_s
+                )
             self._ewma = (1 - c.alpha) * self._ewma + c.alpha * (queue_s + engine_s)
             if self._ewma > c.high * c.budget_s:
                 if self._index < len(self.levels) - 1:
@@ -123,6 +152,11 @@ class DecodePolicy:
                     self._calm = 0
             else:
                 self._calm = 0
+
+
+def _size_class(m: int) -> int:
+    """Lists of similar length cost alike: 1..32, 33..64, 65..128, ... one class each."""
+    return max(m - 1, 31).bit_length()
 
 
 def fixed(level: DecodeLevel, budget_s: float) -> DecodePolicy:

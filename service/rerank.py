@@ -289,7 +289,8 @@ class Reranker:
 
     def _run(self, jobs: list[_Job], waiting: int) -> list[_Done]:
         """In the engine thread: one item-tower run for every miss, then the engine at
-        the level the decode policy picks for the current load."""
+        the level the decode policy picks for the current load and the call's tightest
+        budget."""
         start = time.perf_counter()
         queue_s = [start - j.submitted for j in jobs]
         out: list[_Done | None] = [None] * len(jobs)
@@ -315,7 +316,9 @@ class Reranker:
                 )
                 for i in run
             ]
-            level = self.policy.choose(waiting)
+            tightest = min(jobs[i].deadline for i in run) - time.perf_counter()
+            longest = max(len(jobs[i].parsed.upstream_score) for i in run)
+            level = self.policy.choose(waiting, tightest, longest)
             t0 = time.perf_counter()
             try:
                 results: list[RerankResult | None] = list(
@@ -325,7 +328,8 @@ class Reranker:
                 )
                 reason = None
                 self.metrics.batch_size.observe(len(run))
-                self.policy.observe(max(queue_s[i] for i in run), time.perf_counter() - t0)
+                self.policy.observe(max(queue_s[i] for i in run), time.perf_counter() - t0,
+                                    level, longest)  # fmt: skip
                 self.metrics.decode_level.labels(level.name).inc(len(run))
             except Exception:  # an engine failure degrades these requests, never a 500
                 ids = [jobs[i].request_id for i in run]

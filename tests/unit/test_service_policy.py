@@ -106,3 +106,26 @@ def test_a_tiny_client_budget_running_out_is_not_pressure() -> None:
     assert p.level.name == "beam3"
     p.late(waited_s=0.2 * BUDGET)
     assert p.level.name == "n1"
+
+
+def test_a_call_with_a_tight_budget_takes_the_first_level_that_fits_it_for_that_call() -> None:
+    """Costs learnt per level: beam3 6 ms, n1 3 ms, n4 1 ms (m = 30). A call whose tightest
+    request has 5 ms left cannot finish beam3 (6 > 0.8 * 5 ms); n1 fits (3 <= 4)."""
+    p = policy()
+    levels = {lv.name: lv for lv in p.levels}
+    for name, cost in (("beam3", 0.006), ("n1", 0.003), ("n4", 0.001)):
+        p.observe(queue_s=0.0, engine_s=cost, level=levels[name], m=30)
+    assert p.choose(0, budget_left_s=0.050, m=30).name == "beam3"  # room for it
+    assert p.choose(0, budget_left_s=0.005, m=30).name == "n1"
+    assert p.choose(0, budget_left_s=0.002, m=30).name == "n2"  # not seen yet: taken to fit
+    assert p.index == 0  # for that call only: the load's level is unchanged
+    assert p.choose(0, budget_left_s=0.005, m=200).name == "beam3"  # another size: unknown
+    assert p.cost(levels["beam3"], 30) == pytest.approx(0.006)
+    assert p.cost(levels["beam3"], 200) is None
+
+
+def test_the_fastest_level_is_the_floor_of_a_tight_budget() -> None:
+    p = policy()
+    for lv in p.levels:
+        p.observe(queue_s=0.0, engine_s=0.004, level=lv, m=30)
+    assert p.choose(0, budget_left_s=0.001, m=30).name == "n4"
