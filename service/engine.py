@@ -17,6 +17,9 @@ pass there, so plain session.run stays the CPU default. Beam search always takes
 path: its KV cache is re-gathered by surviving beam after every pass.
 
 No torch here (a test imports this module in a fresh interpreter and checks sys.modules).
+One idea, kept in one module at its size: the engine's stages and the batch types they
+pass along; the decode loops (decoding.py) and the session plumbing (ort_sessions.py) live
+apart.
 """
 
 from __future__ import annotations
