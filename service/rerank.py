@@ -288,9 +288,8 @@ class Reranker:
                     job.done.set_result(done)
 
     def _run(self, jobs: list[_Job], waiting: int) -> list[_Done]:
-        """In the engine thread: one item-tower run for every miss, then the engine at
-        the level the decode policy picks for the current load and the call's tightest
-        budget."""
+        """In the engine thread: one item-tower run for every miss, then one engine call
+        per candidate bucket (`_groups`, `_decode`)."""
         start = time.perf_counter()
         queue_s = [start - j.submitted for j in jobs]
         out: list[_Done | None] = [None] * len(jobs)
@@ -304,38 +303,9 @@ class Reranker:
             if out[i] is None and j.missing.any() and id(j) not in embedded:
                 out[i] = _Done(None, "cache", queue_s[i], embed_s, None)
         run = [i for i in range(len(jobs)) if out[i] is None]
-        if run:
-            requests = [
-                RerankRequest(
-                    upstream_score=jobs[i].parsed.upstream_score,
-                    user_id=jobs[i].parsed.user_id,
-                    user_dense=jobs[i].parsed.user_dense,
-                    k=jobs[i].parsed.k,
-                    static=jobs[i].static,
-                    deadline=jobs[i].deadline,
-                )
-                for i in run
-            ]
-            tightest = min(jobs[i].deadline for i in run) - time.perf_counter()
-            longest = max(len(jobs[i].parsed.upstream_score) for i in run)
-            level = self.policy.choose(waiting, tightest, longest)
-            t0 = time.perf_counter()
-            try:
-                results: list[RerankResult | None] = list(
-                    self.engine.rerank(
-                        requests, items_per_pass=level.items_per_pass, beam=level.beam
-                    )
-                )
-                reason = None
-                self.metrics.batch_size.observe(len(run))
-                self.policy.observe(max(queue_s[i] for i in run), time.perf_counter() - t0,
-                                    level, longest)  # fmt: skip
-                self.metrics.decode_level.labels(level.name).inc(len(run))
-            except Exception:  # an engine failure degrades these requests, never a 500
-                ids = [jobs[i].request_id for i in run]
-                log.exception("engine failed: requests %s", ids)
-                results, reason = [None] * len(run), "model"
-            for i, result in zip(run, results, strict=True):
+        for group in self._groups(jobs, run):
+            results, reason = self._decode(jobs, group, waiting, queue_s)
+            for i, result in zip(group, results, strict=True):
                 if result is not None and not result.valid:
                     problem_log.warning(
                         "request %s: the model's scores were not finite (extreme feature "
@@ -346,6 +316,54 @@ class Reranker:
                     continue
                 out[i] = _Done(result, reason, queue_s[i], embed_s, embedded.get(id(jobs[i])))
         return [o if o is not None else _Done(None, "model", 0.0, 0.0, None) for o in out]
+
+    def _groups(self, jobs: list[_Job], run: list[int]) -> list[list[int]]:
+        """The jobs `run` as engine calls, one per candidate bucket, earliest deadline
+        first: a batch pads every list to its longest one's bucket, and the encoder's cost
+        grows with B x M (its attention with M^2), so three lists of 30 riding with one of
+        200 would each cost as much as that one."""
+        groups: dict[int, list[int]] = {}
+        for i in run:
+            try:
+                bucket = self.engine.bucket(len(jobs[i].parsed.upstream_score))
+            except ValueError:  # more than the model takes: its call fails alone
+                bucket = -1
+            groups.setdefault(bucket, []).append(i)
+        return sorted(groups.values(), key=lambda g: min(jobs[i].deadline for i in g))
+
+    def _decode(
+        self, jobs: list[_Job], group: list[int], waiting: int, queue_s: list[float]
+    ) -> tuple[list[RerankResult | None], str | None]:
+        """One engine call over `group`, at the level the policy picks for the load, the
+        call's tightest budget and its list size; None results and reason `model` when the
+        engine fails (a degraded answer, never a 500)."""
+        requests = [
+            RerankRequest(
+                upstream_score=jobs[i].parsed.upstream_score,
+                user_id=jobs[i].parsed.user_id,
+                user_dense=jobs[i].parsed.user_dense,
+                k=jobs[i].parsed.k,
+                static=jobs[i].static,
+                deadline=jobs[i].deadline,
+            )
+            for i in group
+        ]
+        tightest = min(r.deadline for r in requests if r.deadline is not None)
+        longest = max(r.m for r in requests)
+        level = self.policy.choose(waiting, tightest - time.perf_counter(), longest)
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.rerank(
+                requests, items_per_pass=level.items_per_pass, beam=level.beam
+            )
+        except Exception:
+            log.exception("engine failed: requests %s", [jobs[i].request_id for i in group])
+            return [None] * len(group), "model"
+        self.metrics.batch_size.observe(len(group))
+        self.policy.observe(max(queue_s[i] for i in group), time.perf_counter() - t0, level,
+                            longest)  # fmt: skip
+        self.metrics.decode_level.labels(level.name).inc(len(group))
+        return list(results), None
 
     def _embed(self, jobs: list[_Job]) -> dict[int, np.ndarray]:
         """L3: the item tower over every job's missing rows in one run; fills job.static.

@@ -58,6 +58,10 @@ class FakeEngine:
     def embed_items(self, item_id: np.ndarray, *_: np.ndarray) -> np.ndarray:
         return np.ones((len(item_id), D), np.float32)
 
+    def bucket(self, m: int) -> int:
+        """The engine's candidate buckets: 8, 16, 32."""
+        return max(8, 1 << (m - 1).bit_length())
+
 
 def parsed(seed: int, m: int = 6, k: int = 3) -> Parsed:
     rng = np.random.default_rng(seed)
@@ -81,7 +85,7 @@ def best_first(p: Parsed) -> list[int]:
 def make_reranker(engine: FakeEngine, max_batch: int = 8, max_queue: int = 16) -> Reranker:
     metrics = Metrics()
     return Reranker(
-        engine,  # type: ignore[arg-type]  # the fake has the two methods the batcher calls
+        engine,  # type: ignore[arg-type]  # the fake has the methods the batcher calls
         RequestReader(TINY_SCHEMA, Limits(max_candidates=32, max_k=8)),
         EmbeddingCache(L1Cache(1 << 20, D), None, metrics),
         metrics,
@@ -141,6 +145,39 @@ def test_requests_that_queue_while_the_engine_is_busy_run_as_one_batch() -> None
     for i, out in enumerate(outs):  # batched, yet each list is its own request's
         assert out is not None and not out.degraded and out.item_ids == best_first(parsed(i))
         assert out.queued and out.passes == 1
+
+
+def test_a_batch_runs_one_engine_call_per_candidate_bucket_earliest_deadline_first() -> None:
+    """Lists of 6 and of 20 candidates queued together: not one call padded to 32 for all,
+    but one call per bucket (8 and 32), the bucket holding the earliest deadline first."""
+    engine = FakeEngine()
+    sizes = {0: 6, 1: 20, 2: 6, 3: 20, 4: 5}
+
+    async def main() -> list[Outcome | None]:
+        reranker = make_reranker(engine, max_batch=8)
+        reranker.start()
+        try:
+            far = time.perf_counter() + 30
+            engine.hold = True
+            first = asyncio.ensure_future(reranker.rerank(parsed(0, m=sizes[0]), far))
+            await until(engine.entered.is_set)
+            engine.hold = False
+            deadline = {1: far, 2: far, 3: far - 1, 4: far}  # request 3's is the earliest
+            rest = [
+                asyncio.ensure_future(reranker.rerank(parsed(i, m=sizes[i]), deadline[i]))
+                for i in (1, 2, 3, 4)
+            ]
+            await until(lambda: reranker.queue.qsize() == 4)
+            engine.release.set()
+            return list(await asyncio.gather(first, *rest))
+        finally:
+            await reranker.close()
+
+    outs = run(main())
+    assert engine.sizes == [1, 2, 2]  # the 20s (one has the earliest deadline), then 6 and 5
+    for i, out in enumerate(outs):
+        assert out is not None and not out.degraded
+        assert out.item_ids == best_first(parsed(i, m=sizes[i]))
 
 
 def test_past_max_queue_a_request_is_answered_at_once_in_upstream_order() -> None:
