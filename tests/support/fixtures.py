@@ -1,5 +1,6 @@
 """Fixtures every test folder may use, registered in tests/conftest.py: the tiny exported
-bundle (built once per run) and a one-node Redis Cluster."""
+bundle (built once per run), a one-node Redis Cluster, and the simulator tests' small
+world and its logs (generated once per run)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import redis
 from tests.support.redis_server import find_redis_server, free_cluster_port
 
 if TYPE_CHECKING:
+    from model.data import ListBatch
     from model.network import GenReranker
+    from model.world import World
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +63,21 @@ def cluster_node(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def world() -> World:
+    """tests.support.simulated.SMALL generated with seed 7."""
+    from model.world import World
+    from tests.support.simulated import SMALL
+
+    return World.generate(SMALL, seed=7)
+
+
+@pytest.fixture(scope="session")
+def logs() -> tuple[World, ListBatch]:
+    """1,500 simulated requests of SMALL, seed 7, and their world."""
+    from model.simulated_logs import generate_logs
+    from tests.support.simulated import SMALL
+
+    return generate_logs(SMALL, seed=7, n_requests=1_500, chunk=600, progress=False)

@@ -8,15 +8,8 @@ import pytest
 
 from model.best_lists import headroom, search_best_lists
 from model.data import ListBatch
-from model.simulated_logs import generate_logs
 from model.user_model import true_utility
 from model.world import World
-from tests.support.simulated import SMALL
-
-
-@pytest.fixture(scope="module")
-def logs() -> tuple[World, ListBatch]:
-    return generate_logs(SMALL, seed=7, n_requests=1_500, chunk=600, progress=False)
 
 
 def test_search_respects_candidates_and_padding(logs: tuple[World, ListBatch]) -> None:

@@ -121,26 +121,36 @@ def test_an_idle_engine_takes_a_request_alone_and_each_gets_its_own_list() -> No
         assert out is not None and not out.degraded and out.item_ids == best_first(parsed(i))
 
 
-def test_requests_that_queue_while_the_engine_is_busy_run_as_one_batch() -> None:
-    engine = FakeEngine()
+def queued_behind_a_busy_engine(
+    engine: FakeEngine, requests: list[Parsed], deadlines: list[float] | None = None
+) -> list[Outcome | None]:
+    """requests[0] runs alone while the engine holds it; the rest queue meanwhile, then
+    the engine is released. deadlines: seconds from now per request (default 30)."""
 
     async def main() -> list[Outcome | None]:
         reranker = make_reranker(engine, max_batch=8)
         reranker.start()
         try:
-            far = time.perf_counter() + 30
+            now = time.perf_counter()
+            due = [now + d for d in (deadlines or [30.0] * len(requests))]
             engine.hold = True
-            first = asyncio.ensure_future(reranker.rerank(parsed(0), far))
+            first = asyncio.ensure_future(reranker.rerank(requests[0], due[0]))
             await until(engine.entered.is_set)  # the engine is busy with the first
             engine.hold = False
-            rest = [asyncio.ensure_future(reranker.rerank(parsed(i), far)) for i in (1, 2, 3)]
-            await until(lambda: reranker.queue.qsize() == 3)
+            rest = [asyncio.ensure_future(reranker.rerank(p, d))
+                    for p, d in zip(requests[1:], due[1:], strict=True)]  # fmt: skip
+            await until(lambda: reranker.queue.qsize() == len(rest))
             engine.release.set()
             return list(await asyncio.gather(first, *rest))
         finally:
             await reranker.close()
 
-    outs = run(main())
+    return run(main())
+
+
+def test_requests_that_queue_while_the_engine_is_busy_run_as_one_batch() -> None:
+    engine = FakeEngine()
+    outs = queued_behind_a_busy_engine(engine, [parsed(i) for i in range(4)])
     assert engine.sizes == [1, 3]
     for i, out in enumerate(outs):  # batched, yet each list is its own request's
         assert out is not None and not out.degraded and out.item_ids == best_first(parsed(i))
@@ -151,29 +161,9 @@ def test_a_batch_runs_one_engine_call_per_candidate_bucket_earliest_deadline_fir
     """Lists of 6 and of 20 candidates queued together: not one call padded to 32 for all,
     but one call per bucket (8 and 32), the bucket holding the earliest deadline first."""
     engine = FakeEngine()
-    sizes = {0: 6, 1: 20, 2: 6, 3: 20, 4: 5}
-
-    async def main() -> list[Outcome | None]:
-        reranker = make_reranker(engine, max_batch=8)
-        reranker.start()
-        try:
-            far = time.perf_counter() + 30
-            engine.hold = True
-            first = asyncio.ensure_future(reranker.rerank(parsed(0, m=sizes[0]), far))
-            await until(engine.entered.is_set)
-            engine.hold = False
-            deadline = {1: far, 2: far, 3: far - 1, 4: far}  # request 3's is the earliest
-            rest = [
-                asyncio.ensure_future(reranker.rerank(parsed(i, m=sizes[i]), deadline[i]))
-                for i in (1, 2, 3, 4)
-            ]
-            await until(lambda: reranker.queue.qsize() == 4)
-            engine.release.set()
-            return list(await asyncio.gather(first, *rest))
-        finally:
-            await reranker.close()
-
-    outs = run(main())
+    sizes = [6, 20, 6, 20, 5]
+    requests = [parsed(i, m=m) for i, m in enumerate(sizes)]
+    outs = queued_behind_a_busy_engine(engine, requests, [30, 30, 30, 29, 30])  # 3: earliest
     assert engine.sizes == [1, 2, 2]  # the 20s (one has the earliest deadline), then 6 and 5
     for i, out in enumerate(outs):
         assert out is not None and not out.degraded

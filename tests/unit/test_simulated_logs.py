@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
 from contract.features import FeatureSchema
 from model.data import ListBatch
@@ -14,16 +13,6 @@ from model.simulated_logs import generate_logs, sample_requests
 from model.user_model import relevance
 from model.world import World
 from tests.support.simulated import SMALL, array_fields
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World.generate(SMALL, seed=7)
-
-
-@pytest.fixture(scope="module")
-def logs() -> tuple[World, ListBatch]:
-    return generate_logs(SMALL, seed=7, n_requests=1_500, chunk=600, progress=False)
 
 
 def test_generate_logs_is_deterministic(logs: tuple[World, ListBatch]) -> None:

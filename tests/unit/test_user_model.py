@@ -6,23 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
 from model.data import ListBatch
-from model.simulated_logs import generate_logs
 from model.user_model import list_feedback_probs, relevance, sample_feedback, true_utility
 from model.world import World
-from tests.support.simulated import SMALL
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World.generate(SMALL, seed=7)
-
-
-@pytest.fixture(scope="module")
-def logs() -> tuple[World, ListBatch]:
-    return generate_logs(SMALL, seed=7, n_requests=1_500, chunk=600, progress=False)
 
 
 def test_sampled_feedback_agrees_with_expected_probs(logs: tuple[World, ListBatch]) -> None:

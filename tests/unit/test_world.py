@@ -13,11 +13,6 @@ from model.world import World, WorldConfig
 from tests.support.simulated import SMALL, array_fields
 
 
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World.generate(SMALL, seed=7)
-
-
 def test_config_round_trip_and_validation() -> None:
     cfg = replace(SMALL, satiation=0.3)
     assert WorldConfig.from_dict(cfg.to_dict()) == cfg
