@@ -26,16 +26,13 @@ from loadtest.scrapes import (
     parse_metrics,
     select,
 )
+from loadtest.scrapes import total as _total
 
 STAGE = "rerank_stage_duration_seconds"
 LOOKUPS = "rerank_embedding_lookups_total"
 FALLBACK = "rerank_fallback_total"
 WRITEBACKS = "rerank_embedding_writebacks_total"
 QUANTILES = (0.50, 0.95, 0.99)
-
-
-def _total(samples: Samples, name: str, where: LabelTest | None = None) -> float:
-    return sum(v for _, v in select(samples, name, where))
 
 
 def _latency_ms(window: Samples, name: str, where: LabelTest) -> dict[str, float]:

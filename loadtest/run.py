@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
@@ -47,14 +46,22 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from loadtest import breakdown, report
-from loadtest.redis_server import RedisProcess, find_redis_server, free_port, pin_to
+from loadtest.redis_server import RedisProcess, find_redis_server, free_port
+from loadtest.servers import (
+    HOST,
+    ROOT,
+    Child,
+    LoadTestError,
+    Placement,
+    placement,
+    python_env,
+    wait_ready,
+)
 from loadtest.shapes import SHAPES
 from loadtest.traffic import RERANK
 
 log = logging.getLogger("loadtest")
-ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-HOST = "127.0.0.1"
 STOP_TIMEOUT_S = 5  # locust waits this long at the end for requests in flight
 
 
@@ -72,71 +79,7 @@ class RunConfig:
     pin: bool = True  # the service on one core, locust and redis-server on the others
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Which cores each process started here may use (None: any)."""
-
-    service: set[int] | None
-    load: set[int] | None  # locust and redis-server
-    text: str  # for the report
-
-
-def placement(pin: bool, cpus: list[int] | None = None) -> Placement:
-    """The service on the first of `cpus` (default: this process's affinity), locust and
-    redis-server on the rest; unpinned when asked, on one core, or where the platform
-    cannot set an affinity."""
-    if cpus is None:
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if not pin:
-        return Placement(None, None, "not pinned (--no-pin): the scheduler's choice")
-    if len(cpus) < 2 or not hasattr(os, "sched_setaffinity"):
-        return Placement(None, None, f"not pinned: one core or no affinity control (cpus "
-                         f"{cpus or 'unknown'}); load generator and service share")  # fmt: skip
-    rest = ",".join(map(str, cpus[1:]))
-    return Placement({cpus[0]}, set(cpus[1:]), f"service on cpu {cpus[0]}; locust and "
-                     f"redis-server on cpu {rest}")  # fmt: skip
-
-
-class LoadTestError(Exception):
-    """The run cannot go on (a process did not start, a bad --url, ...)."""
-
-
 # ---------------------------------------------------------------- processes
-
-
-class Child:
-    """A process started here: its own session (Ctrl-C reaches us, and we stop it in
-    order), output to a log file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
-                 cpus: set[int] | None = None) -> None:  # fmt: skip
-        """cpus: its affinity, set before exec (every thread it starts inherits it)."""
-        self.name, self.log_path = name, log_path
-        with log_path.open("wb") as out:
-            self.proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=pin_to(cpus),
-            )  # fmt: skip
-
-    def tail(self, n: int = 20) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
-
-    def stop(self, sig: int = signal.SIGINT, grace_s: float = 15.0) -> None:
-        """`sig` (SIGINT: uvicorn's graceful stop), then SIGKILL after grace_s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
 
 
 def start_redis(stack: ExitStack, cpus: set[int] | None = None) -> str:
@@ -160,8 +103,8 @@ def publish(bundle: Path, redis_url: str, out: Path) -> None:
         return
     argv = [sys.executable, "-m", "export", "publish", str(bundle), "--redis-url", redis_url]
     with (out / "publish.log").open("wb") as f:
-        done = subprocess.run(argv, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
-                              timeout=300, check=False)  # fmt: skip
+        done = subprocess.run(argv, cwd=ROOT, env=python_env(), stdout=f,
+                              stderr=subprocess.STDOUT, timeout=300, check=False)  # fmt: skip
     if done.returncode != 0:
         text = (out / "publish.log").read_text(errors="replace")[-2000:]
         raise LoadTestError(f"publish failed ({done.returncode}):\n{text}")
@@ -171,7 +114,7 @@ def publish(bundle: Path, redis_url: str, out: Path) -> None:
 def start_service(stack: ExitStack, bundle: Path, redis_url: str, out: Path,
                   cpus: set[int] | None = None) -> str:  # fmt: skip
     port = free_port()
-    env = _env()
+    env = python_env()
     env["RERANK_REDIS_URL"] = redis_url
     env.setdefault("RERANK_ADMIN_PORT", str(free_port()))  # not 9000: a `make serve` may run
     env.setdefault("RERANK_LOG_LEVEL", "warning")  # a warning per degraded answer still
@@ -183,23 +126,6 @@ def start_service(stack: ExitStack, bundle: Path, redis_url: str, out: Path,
     wait_ready(url, service)
     log.info("service ready on %s", url)
     return url
-
-
-def wait_ready(url: str, service: Child, timeout_s: float = 300.0) -> None:
-    """/readyz 200: the bundle loaded and every bucket warmed."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if service.proc.poll() is not None:
-            raise LoadTestError(f"the service exited ({service.proc.returncode}):\n"
-                                f"{service.tail()}")  # fmt: skip
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass  # not listening yet, or 503 while warming up
-        time.sleep(0.2)
-    raise LoadTestError(f"the service was not ready in {timeout_s:.0f} s:\n{service.tail()}")
 
 
 def check_loopback(url: str) -> str:
@@ -228,7 +154,7 @@ def get(url: str, timeout_s: float = 30.0) -> bytes:
 def run_locust(cfg: RunConfig, url: str, stack: ExitStack, cpus: set[int] | None = None
                ) -> int:  # fmt: skip
     """Locust headless for cfg.duration_s; its exit status (1: some request failed)."""
-    env = _env()
+    env = python_env()
     env.update(LOADTEST_SHAPE=cfg.shape, LOADTEST_USER_RPS=str(cfg.user_rps),
                LOADTEST_DURATION=str(cfg.duration_s),
                LOADTEST_BREAKDOWN=str(cfg.out / "breakdown.json"))  # fmt: skip

@@ -71,6 +71,17 @@ def histogram_quantile(q: float, cumulative: dict[float, float]) -> float:
     return lower
 
 
+def total(samples: Samples, name: str, where: LabelTest | None = None) -> float:
+    """The sum of sample `name` over the label sets that pass `where`."""
+    return sum(v for _, v in select(samples, name, where))
+
+
+def increase(before_text: str, after_text: str, name: str, label: str) -> dict[str, float]:
+    """Label value -> how much sample `name` (one label) grew between two scrapes."""
+    window = delta(parse_metrics(before_text), parse_metrics(after_text))
+    return {labels[label]: value for labels, value in select(window, name) if label in labels}
+
+
 def window_quantile(
     q: float,
     before_text: str,
