@@ -5,11 +5,11 @@
                                           [--env RERANK_X=V ...] [--raw NPZ]
     pytest -m bench -s tests/bench/test_bench_admission.py      (a short run)
 
-The machinery is tests/bench/bench_load.py's: `python -m service` in its own uvicorn
-process (one worker, shipped settings, no Redis: L1 + item tower) pinned to one core, the
-load from a spawned process pinned to another (raw asyncio streams, keep-alive), the
-simulated world's requests (m = 30, k = 10), every body answered once with the model's
-list before anything is measured (its items in L1).
+The machinery is bench_load.py's (loadtest/ and tests/support/load.py): `python -m
+service` in its own uvicorn process (one worker, shipped settings, no Redis: L1 + item
+tower) pinned to one core, the load from a spawned process pinned to another (raw asyncio
+streams, keep-alive), the simulated world's requests (m = 30, k = 10), every body
+answered once with the model's list before anything is measured (its items in L1).
 
 1. saturation: closed loop at 32 connections; model (non-degraded) answers per second
    is the reference of every rate below, measured in this run.
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -58,24 +57,23 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from tests.bench.bench_http import (  # noqa: E402
-    LoadProcess,
-    _placement,
-    client_loop_name,
-    process_cpu_s,
-    resolve_bundle,
-)
-from tests.bench.bench_load import (  # noqa: E402
-    Bench,
-    LoadConfig,
+from loadtest.driver import LoadProcess, client_loop_name  # noqa: E402
+from loadtest.schedules import (  # noqa: E402
     ScheduleResult,
     Segment,
-    _jsonable,
-    model_max,
     pct_ms,
-    rss_mib,
     run_job_async,
     run_schedule,
+)
+from loadtest.scrapes import DURATION, LabelTest, parse_metrics, select  # noqa: E402
+from loadtest.servers import process_cpu_s, rss_mib  # noqa: E402
+from tests.support.load import (  # noqa: E402
+    Bench,
+    LoadSettings,
+    bench_placement,
+    jsonable,
+    model_max,
+    resolve_bundle,
     shipped,
     verdict,
     world_requests,
@@ -84,7 +82,6 @@ from tests.support.redis_server import free_port  # noqa: E402
 
 DEFAULT_PNG = ROOT / "tests" / "bench" / "results" / "admission.png"
 SHED = 503
-_COUNTER = r"^{}(?:\{{[^}}]*\}})? (\S+)$"
 
 
 @dataclass(frozen=True)
@@ -108,15 +105,14 @@ class AdmissionBench:
     raw: Path | None = None  # every request's figures of the step runs (npz), for study
 
 
-def _metric(text: str, name: str) -> float:
-    found = re.findall(_COUNTER.format(re.escape(name)), text, re.M)
-    return float(sum(float(v) for v in found)) if found else float("nan")
+def _metric(text: str, name: str, where: LabelTest | None = None) -> float:
+    """The sum of sample `name` over its label sets (those passing `where`); NaN: none."""
+    found = select(parse_metrics(text), name, where)
+    return float(sum(v for _, v in found)) if found else float("nan")
 
 
 def _rejected_count(text: str) -> float:
-    m = re.search(r'^rerank_request_duration_seconds_count\{outcome="rejected"\} (\S+)$', text,
-                  re.M)  # fmt: skip
-    return float(m.group(1)) if m else float("nan")
+    return _metric(text, f"{DURATION}_count", lambda lab: lab.get("outcome") == "rejected")
 
 
 def step_figures(res: ScheduleResult, reference: float, budget_ms: float,
@@ -202,7 +198,7 @@ def step_figures(res: ScheduleResult, reference: float, budget_ms: float,
     }  # fmt: skip
 
 
-def run_step(b: Bench, name: str, env: dict[str, str], cfg: AdmissionBench,
+def run_step(b: Bench[LoadSettings], name: str, env: dict[str, str], cfg: AdmissionBench,
              ) -> tuple[dict[str, Any], float]:  # fmt: skip
     """Start a service, measure its saturation reference, run the step; stop it."""
     admin = free_port()
@@ -251,13 +247,13 @@ def run_step(b: Bench, name: str, env: dict[str, str], cfg: AdmissionBench,
     return figs, reference
 
 
-def tight_run(b: Bench, cfg: AdmissionBench) -> dict[str, Any]:
+def tight_run(b: Bench[LoadSettings], cfg: AdmissionBench) -> dict[str, Any]:
     """Open loop at cfg.tight_rate with budget_ms = cfg.tight_budget_ms in every body."""
     name = "tight"
     b.start({name: {}})
     bodies = [orjson.dumps({**orjson.loads(body), "budget_ms": cfg.tight_budget_ms})
               for body in b.requests.bodies]  # fmt: skip
-    _, client_cpus, _ = _placement(cfg.pin)
+    client_cpus = bench_placement(cfg.pin).load
     load = LoadProcess(bodies, client_cpus, runner=run_job_async)
     try:
         seg = (Segment("tight", cfg.tight_rate, cfg.tight_s),)
@@ -361,12 +357,12 @@ def run(cfg: AdmissionBench) -> tuple[str, dict[str, Any]]:
         path, how = resolve_bundle(cfg.bundle, workdir)
         manifest = json.loads((path / "manifest.json").read_text())
         _, reqs = world_requests(manifest["model_config"]["schema"], cfg.n_requests)
-        server_cpus, client_cpus, placement = _placement(cfg.pin)
+        place = bench_placement(cfg.pin)
+        server_cpus, client_cpus, placement = place.service, place.load, place.text
         load = LoadProcess(reqs.bodies, client_cpus, runner=run_job_async)
         stack.callback(load.stop)
-        lc = LoadConfig(bundle=cfg.bundle, n_requests=cfg.n_requests, connections=cfg.connections,
-                        pin=cfg.pin)  # fmt: skip
-        b = Bench(lc, workdir, path, reqs, load, server_cpus)
+        b = Bench(LoadSettings(connections=cfg.connections), workdir, path, reqs, load,
+                  server_cpus)  # fmt: skip
 
         @stack.callback
         def _stop() -> None:
@@ -439,12 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_jsonable(figures), indent=1))
+        args.json.write_text(json.dumps(jsonable(figures), indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    # by its package name: the spawned load process must find the runners in tests.bench
-    from tests.bench.bench_admission import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -4,10 +4,12 @@
                                      [--out PNG] [--json PATH]
     pytest -m bench -s tests/bench/test_bench_load.py      (a short run, checks it runs)
 
-The machinery is tests/bench/bench_http.py's: every service is `python -m service` in its
-own uvicorn process (one worker, no Redis: L1 + item tower; RERANK_* settings per target),
-pinned to one core, the load from a spawned process pinned to another, raw asyncio streams
-over keep-alive connections, /metrics scraped around each measured window.
+The machinery is the load generator of loadtest/ (driver, schedules, servers) with
+tests/support/load.py, as tests/bench/bench_http.py uses it: every service is `python -m
+service` in its own uvicorn process (one worker, no Redis: L1 + item tower; RERANK_*
+settings per target), pinned to one core, the load from a spawned process pinned to
+another, raw asyncio streams over keep-alive connections, /metrics scraped around each
+measured window.
 
 The requests are the simulated world's the bundle was trained on (design §3): a sample of
 data/default/test.parquet with its world.npz when present, else fresh requests of
@@ -57,18 +59,15 @@ Figures are printed against the goals as ratios and met / MISSED, never asserted
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import re
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,38 +78,35 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from loadtest.scrapes import window_quantile  # noqa: E402
-from tests.bench.bench_http import (  # noqa: E402
-    LoadProcess,
-    Phase,
-    PhaseResult,
-    RawPool,
-    ServerProcess,
-    _merge,
-    _placement,
-    batch_totals,
-    client_loop_name,
-    http_request,
-    now,
-    process_cpu_s,
+from loadtest.driver import LoadProcess, PhaseResult, batch_totals, client_loop_name, merge_results  # noqa: E402
+from loadtest.schedules import (  # noqa: E402
+    REASONS,
+    ScheduleResult,
+    Segment,
+    pct_ms,
+    percentile,
+    run_job_async,
+    run_schedule,
+)
+from loadtest.scrapes import increase, window_quantile  # noqa: E402
+from loadtest.servers import process_cpu_s, rss_mib  # noqa: E402
+from tests.support.load import (  # noqa: E402
+    Bench,
+    Requests,
+    bench_placement,
+    jsonable,
+    model_max,
     resolve_bundle,
-    run_phase_async,
-    scrape_metrics,
-    start_service,
-    wait_until,
+    shipped,
+    verdict,
+    world_requests,
 )
 from tests.support.redis_server import free_port  # noqa: E402
 
-# Like bench_http, this module is imported by the spawned load process: the world and the
-# plotting are imported inside the functions that need them, never at module level.
+# The world and the plotting are imported inside the functions that need them.
 
 SECTIONS = ("batching", "policy", "overload")
 DEFAULT_PNG = ROOT / "tests" / "bench" / "results" / "policy.png"
-REASONS = ("budget", "overload", "cache", "model")  # RerankOut.reason
-_REASON = re.compile(rb'"reason":"(\w+)"')
-_TOTAL_MS = re.compile(rb'"total_ms":([-+.eE0-9]+)')  # the response's own timings
-_LEVELS = re.compile(r'^rerank_decode_level_total\{level="([^"]+)"\} (\S+)$', re.M)
-_FALLBACKS = re.compile(r'^rerank_fallback_total\{reason="([^"]+)"\} (\S+)$', re.M)
 
 
 @dataclass(frozen=True)
@@ -133,362 +129,7 @@ class LoadConfig:
     extra_env: tuple[tuple[str, str], ...] = ()  # RERANK_* settings on every service
 
 
-# ---------------------------------------------------------------- the world's requests
-
-
-@dataclass(frozen=True)
-class Requests:
-    """Requests of the simulated world and their HTTP bodies (row r = body r)."""
-
-    users: np.ndarray  # (n,) world user ids (raw ids = world indices)
-    items: np.ndarray  # (n, m) world item ids in upstream order, -1 = padding
-    k: int
-    bodies: list[bytes]
-    source: str
-
-
-def world_requests(schema: dict[str, Any], n: int, seed: int = 0) -> tuple[Any, Requests]:
-    """(the World, n of its requests as bodies for the bundle's FeatureSchema `schema`)."""
-    from model.log_format import read_schema
-    from model.log_io import read_logs
-    from model.simulated_logs import generate_logs
-    from model.world import World, WorldConfig
-
-    data = ROOT / "data" / "default"
-    if (data / "world.npz").is_file() and (data / "test.parquet").is_file():
-        world = World.load(data / "world.npz")
-        logs = read_logs(data / "test.parquet")
-        log_schema = read_schema(data / "test.parquet")
-        rows = np.sort(np.random.default_rng(seed).choice(len(logs), min(n, len(logs)), False))
-        logs = logs.take(rows)
-        source = (f"{len(logs)} requests sampled from data/default/test.parquet, world.npz "
-                  f"(seed {world.seed}, default config: {world.cfg == WorldConfig()})")  # fmt: skip
-    else:
-        from contract.features import FeatureSchema
-
-        world, logs = generate_logs(WorldConfig(), 0, n, progress=False)
-        log_schema = FeatureSchema()
-        source = f"{n} fresh requests of generate_logs(WorldConfig(), seed 0) (no data/default)"
-    cat_col = {name: i for i, name in enumerate(log_schema.categorical_names)}
-    dense_col = {name: i for i, name in enumerate(log_schema.item_dense)}
-    user_col = {name: i for i, name in enumerate(log_schema.user_dense)}
-    cats = [str(name) for name, _ in schema["item_categorical"]]
-    missing = ({*cats} - cat_col.keys()) | (set(schema["item_dense"]) - dense_col.keys())
-    missing |= set(schema["user_dense"]) - user_col.keys()
-    if missing:
-        raise ValueError(f"the bundle's features {sorted(missing)} are not in the world's logs")
-    k = logs.k
-    bodies = []
-    for r in range(len(logs)):
-        m = int(logs.cand_mask[r].sum())  # candidates are a prefix (padding at the end)
-        cat, dense = logs.item_cat[r], logs.item_dense[r]
-        candidates = [
-            {
-                "item_id": int(logs.item_id[r, j]),
-                "score": float(logs.upstream_score[r, j]),
-                "features": {
-                    **{name: int(cat[j, cat_col[name]]) for name in cats},
-                    **{name: float(dense[j, dense_col[name]]) for name in schema["item_dense"]},
-                },
-            }
-            for j in range(m)
-        ]
-        user = {
-            "id": int(logs.user_id[r]),
-            "features": {n: float(logs.user_dense[r, user_col[n]]) for n in schema["user_dense"]},
-        }
-        bodies.append(orjson.dumps({"user": user, "candidates": candidates, "k": k}))
-    items = np.where(logs.cand_mask, logs.item_id, -1)
-    return world, Requests(logs.user_id.copy(), items, k, bodies, source)
-
-
-# ---------------------------------------------------------------- open-loop schedules
-
-
-@dataclass(frozen=True)
-class Segment:
-    name: str
-    rate: float  # requests per second
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """An open-loop load: segments back to back, request i sent at its scheduled time with
-    body i mod n_bodies, on a free connection (at most `connections`; beyond, it waits for
-    one). Every request is accounted for; none is dropped by the sender."""
-
-    port: int
-    segments: tuple[Segment, ...]
-    connections: int = 512
-    keep_bodies: bool = False  # return every response body (request number -> body)
-    scrape: bool = True  # GET /metrics at every segment boundary ...
-    scrape_every_s: float = 0.0  # ... and every this many seconds (0: only there)
-    grace_s: float = 30.0  # after the last send, wait this long for the last answers
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.segments)
-
-    def boundaries(self) -> np.ndarray:
-        """(segments + 1,) start of every segment and the end, s from the start."""
-        return np.concatenate([[0.0], np.cumsum([s.seconds for s in self.segments])])
-
-    def scrape_times(self) -> np.ndarray:
-        """When /metrics is read, s from the start (sorted): boundaries and the grid."""
-        grid = np.arange(0.0, self.seconds, self.scrape_every_s) if self.scrape_every_s else []
-        return np.unique(np.round(np.concatenate([self.boundaries(), grid]), 6))
-
-    def times(self) -> tuple[np.ndarray, np.ndarray]:
-        """(n,) scheduled send times from the start and (n,) segment of every request."""
-        offsets, segments, t = [], [], 0.0
-        for j, s in enumerate(self.segments):
-            count = round(s.rate * s.seconds)
-            offsets.append(t + np.arange(count) / s.rate)
-            segments.append(np.full(count, j))
-            t += s.seconds
-        return np.concatenate(offsets), np.concatenate(segments)
-
-
-@dataclass
-class ScheduleResult:
-    """Per request (n,) arrays, by request number."""
-
-    schedule: Schedule
-    offset: np.ndarray  # scheduled send time from the start, s
-    segment: np.ndarray  # its segment
-    latency: np.ndarray  # scheduled send -> answer, s; nan: none
-    status: np.ndarray  # HTTP status; 0: transport error; -1: no answer within the grace
-    reason: np.ndarray  # 0: the model's list, 1 + REASONS index, -1: no 200 answer
-    marked: np.ndarray  # bool: "degraded":true in the body
-    n_items: np.ndarray  # items in the answer
-    # the answer's timings.total_ms: from the rerank handler's entry to the response body
-    # (not the time in the socket / uvicorn queue before it, nor the response's write)
-    handler_ms: np.ndarray
-    late: np.ndarray  # bool: sent > 1 ms after its time (the sender fell behind)
-    waited: np.ndarray  # bool: every connection was busy, it queued in the sender
-    n_bodies: int
-    bodies: dict[int, bytes] = field(default_factory=dict)  # keep_bodies
-    # (when it was answered, s from the start; /metrics), one per scrape time, by time
-    metrics: list[tuple[float, str]] = field(default_factory=list)
-    peak_connections: int = 0
-    reconnects: int = 0  # sends retried because the server had closed an idle connection
-    client_cpu_s: float = 0.0
-    error_sample: str = ""
-
-    @property
-    def body(self) -> np.ndarray:
-        """(n,) the body (world request) of every request."""
-        return np.arange(len(self.offset)) % self.n_bodies
-
-    @property
-    def answered(self) -> np.ndarray:
-        return self.status == 200
-
-    @property
-    def done(self) -> np.ndarray:
-        """(n,) when each request was answered (any status), s from the start; nan: none."""
-        return self.offset + self.latency
-
-    def answers_per_s(self, start: float, end: float) -> float:
-        """200 answers COMPLETED in [start, end) s from the start, per second, whenever
-        their requests were scheduled: the throughput served in that window (counting the
-        requests scheduled in it instead gives offered rate x answered share)."""
-        with np.errstate(invalid="ignore"):
-            served = self.answered & (self.done >= start) & (self.done < end)
-        return float(served.sum()) / (end - start)
-
-    def scraped(self, at: float) -> str:
-        """/metrics as read nearest to `at` s from the start (by when it was answered: a
-        saturated server answers late)."""
-        read = [(abs(t - at), text) for t, text in self.metrics if text]
-        return min(read, key=lambda x: x[0])[1] if read else ""
-
-    def window(self, segment: int) -> tuple[str, str]:
-        """/metrics at the start and the end of a segment."""
-        b = self.schedule.boundaries()
-        return self.scraped(b[segment]), self.scraped(b[segment + 1])
-
-
-async def run_schedule_async(job: Schedule, bodies: list[bytes]) -> ScheduleResult:
-    """In the load process: the whole schedule, then every answer (or the grace) awaited."""
-    offsets, segment = job.times()
-    n = len(offsets)
-    payloads = [http_request(job.port, b) for b in bodies]
-    pool = RawPool(job.port, job.connections)
-
-    async def send(payload: bytes) -> tuple[int, bytes]:
-        """pool.send, again on another connection when the one it took had been closed by
-        the server while idle (uvicorn closes keep-alive connections idle for 5 s; an HTTP
-        client reconnects then). Not retried: refused connections, partial answers."""
-        for _ in range(pool.most):  # each failure drops a connection: bounded
-            try:
-                return await pool.send(payload)
-            except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as e:
-                if isinstance(e, asyncio.IncompleteReadError) and e.partial:
-                    raise
-                res.reconnects += 1
-        return await pool.send(payload)
-
-    res = ScheduleResult(
-        schedule=job, offset=offsets, segment=segment, latency=np.full(n, np.nan),
-        status=np.full(n, -1, np.int32), reason=np.full(n, -1, np.int8),
-        marked=np.zeros(n, bool), n_items=np.zeros(n, np.int16),
-        handler_ms=np.full(n, np.nan, np.float32), late=np.zeros(n, bool),
-        waited=np.zeros(n, bool), n_bodies=len(bodies),
-    )  # fmt: skip
-    code = {name.encode(): 1 + i for i, name in enumerate(REASONS)}
-    t0 = now() + 0.05
-    end = t0 + job.seconds
-
-    async def one(i: int) -> None:
-        res.waited[i] = pool.idle.empty() and pool.opened >= pool.most
-        try:
-            status, body = await send(payloads[i % len(payloads)])
-        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-            res.status[i] = 0
-            res.error_sample = res.error_sample or f"{type(e).__name__}: {e}"
-            return
-        finally:
-            res.peak_connections = max(res.peak_connections, pool.opened)
-        res.latency[i] = now() - (t0 + offsets[i])
-        res.status[i] = status
-        if status != 200:
-            res.error_sample = res.error_sample or f"HTTP {status}: {body[:200]!r}"
-        else:
-            found = _REASON.search(body)
-            res.reason[i] = code.get(found.group(1), len(REASONS) + 1) if found else 0
-            res.marked[i] = b'"degraded":true' in body
-            res.n_items[i] = body.count(b'"item_id":')
-            if total := _TOTAL_MS.search(body):
-                res.handler_ms[i] = float(total.group(1))
-        if job.keep_bodies:
-            res.bodies[i] = body
-
-    async def scrape(at: float) -> None:  # each on its own: a late one delays no other
-        await asyncio.sleep(max(0.0, at - now()))
-        try:  # bounded: a server that stopped answering must not hang the sender
-            text = await asyncio.wait_for(scrape_metrics(job.port), 10.0)
-        except (OSError, asyncio.TimeoutError) as e:
-            text = ""
-            res.error_sample = res.error_sample or f"/metrics: {type(e).__name__}: {e}"
-        res.metrics.append((now() - t0, text))
-
-    cpu0 = time.process_time()
-    times = job.scrape_times() if job.scrape else []
-    scrapes = [asyncio.ensure_future(scrape(t0 + at)) for at in times]
-    pending: set[asyncio.Future[None]] = set()
-    for i in range(n):
-        # to the microsecond (uvloop's timers work in whole ms: slop charged to the server)
-        await wait_until(t0 + offsets[i])
-        res.late[i] = now() - (t0 + offsets[i]) > 1e-3  # after the wait: oversleeping too
-        task = asyncio.ensure_future(one(i))
-        pending.add(task)
-        task.add_done_callback(pending.discard)  # the finished ones are not kept
-    if pending:
-        _, left = await asyncio.wait(set(pending), timeout=max(0.0, end + job.grace_s - now()))
-        for t in left:
-            t.cancel()
-        if left:
-            await asyncio.wait(left)
-    if scrapes:
-        await asyncio.wait(scrapes)
-        res.metrics.sort()
-    res.client_cpu_s = time.process_time() - cpu0
-    await pool.close()
-    return res
-
-
-@dataclass(frozen=True)
-class Warm:
-    """The pass before a target is measured: closed loop, `concurrency` connections, until
-    EVERY body was answered once with the model's list (its items then are in the L1: an
-    answer degraded before the engine ran may not have computed them, so that body is sent
-    again), or `cap_s` passed."""
-
-    port: int
-    concurrency: int
-    cap_s: float
-
-
-@dataclass
-class WarmResult:
-    bodies: int  # distinct bodies
-    warmed: int  # of them answered with the model's list
-    sends: int  # requests sent (the others: degraded or failed answers, sent again)
-    seconds: float
-
-    @property
-    def cut(self) -> bool:
-        """The cap ended the pass before every body was warmed."""
-        return self.warmed < self.bodies
-
-
-async def run_warm_async(job: Warm, bodies: list[bytes]) -> WarmResult:
-    """In the load process: the warm pass (Warm)."""
-    payloads = [http_request(job.port, b) for b in bodies]
-    pool = RawPool(job.port, job.concurrency)
-    todo = deque(range(len(bodies)))
-    res = WarmResult(len(bodies), 0, 0, 0.0)
-    start = now()
-    end = start + job.cap_s
-
-    async def worker() -> None:
-        while todo and now() < end:
-            i = todo.popleft()
-            res.sends += 1
-            try:
-                status, body = await pool.send(payloads[i])
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                todo.append(i)
-                await asyncio.sleep(0.01)  # no hot loop against a dead server
-                continue
-            if status == 200 and not _REASON.search(body):  # the model's list
-                res.warmed += 1
-            else:
-                todo.append(i)
-
-    workers = [asyncio.ensure_future(worker()) for _ in range(job.concurrency)]
-    _, left = await asyncio.wait(workers, timeout=job.cap_s + 10.0)  # a hung request too
-    for t in left:
-        t.cancel()
-    if left:
-        await asyncio.wait(left)
-    res.seconds = now() - start
-    await pool.close()
-    return res
-
-
-async def run_job_async(job: Phase | Schedule | Warm, bodies: list[bytes]) -> Any:
-    """The load process's runner (bench_http's, serving Schedules and Warms as well as
-    Phases)."""
-    if isinstance(job, Schedule):
-        return await run_schedule_async(job, bodies)
-    if isinstance(job, Warm):
-        return await run_warm_async(job, bodies)
-    return await run_phase_async(job, bodies)
-
-
-def run_warm(load: LoadProcess, job: Warm) -> WarmResult:
-    """Send `job` to the load process and wait for its result."""
-    result: WarmResult = load.request(job, job.cap_s + 60)
-    return result
-
-
-def run_schedule(load: LoadProcess, job: Schedule, tick: Callable[[], None] | None = None,
-                 ) -> ScheduleResult:  # fmt: skip
-    """Send `job` to the load process and wait for its result, calling `tick` every second."""
-    result: ScheduleResult = load.request(job, job.seconds + job.grace_s + 60, tick)
-    return result
-
-
 # ---------------------------------------------------------------- figures
-
-
-def counter_deltas(pattern: re.Pattern[str], before: str, after: str) -> dict[str, float]:
-    """label value -> increase of a one-label counter between two scrapes."""
-    b = {label: float(v) for label, v in pattern.findall(before)}
-    return {label: float(v) - b.get(label, 0.0) for label, v in pattern.findall(after)}
 
 
 def server_quantile(q: float, before: str, after: str) -> float:
@@ -498,64 +139,9 @@ def server_quantile(q: float, before: str, after: str) -> float:
     return window_quantile(q, before, after) * 1e3
 
 
-def pct_ms(latency: np.ndarray, q: float) -> float:
-    """Percentile of latencies in seconds, ms."""
-    return _pct(latency, q) * 1e3
-
-
-def _pct(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else np.nan
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return np.nan
-
-
-def shipped(name: str) -> Any:
-    """The default of a service setting (RERANK_<NAME>)."""
-    from service.settings import Settings
-
-    return Settings.model_fields[name].default
-
-
 def _shipped_text() -> str:
     return (f"max batch {shipped('max_batch')}, max queue {shipped('max_queue')}, "
             f"budget {shipped('default_budget_ms'):g} ms")  # fmt: skip
-
-
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
-    user, nice, system, _, _, irq, softirq, steal = (
-        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / tick, steal / tick
-
-
-@dataclass(frozen=True)
-class Mark:
-    wall: float
-    busy_s: float
-    steal_s: float
-    own_s: float
-
-
-def model_max(top: PhaseResult) -> tuple[float, str]:
-    """A closed-loop run's maximum counting the model's answers only (non-degraded 200s:
-    a degraded answer is the upstream order, almost no work), and a text with the degraded
-    share of that run beside it."""
-    answered = len(top.latencies)
-    text = (f"{top.throughput:.0f} model answers/s (non-degraded; all 200 answers "
-            f"{top.answered:.0f}/s, degraded {top.degraded / max(1, answered):.1%} of them, "
-            f"errors {top.errors})")  # fmt: skip
-    return top.throughput, text
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
 
 
 def reason_shares(reason: np.ndarray) -> dict[str, float]:
@@ -573,108 +159,7 @@ def _shares_text(shares: dict[str, float]) -> str:
 # ---------------------------------------------------------------- the run
 
 
-@dataclass
-class Bench:
-    """The servers, the load process and the requests of one run."""
-
-    cfg: LoadConfig
-    workdir: Path
-    bundle: Path
-    requests: Requests
-    load: LoadProcess
-    server_cpus: set[int] | None
-    servers: dict[str, ServerProcess] = field(default_factory=dict)
-    retired_cpu_s: float = 0.0  # CPU of the servers already stopped
-    warmed: dict[str, WarmResult] = field(default_factory=dict)  # each target's warm pass
-
-    def own_cpu_s(self) -> float:
-        """CPU used so far by this benchmark's processes: servers, load process, this one."""
-        live = sum(process_cpu_s(s.proc.pid) for s in self.servers.values()
-                   if s.proc.poll() is None)  # fmt: skip
-        return self.retired_cpu_s + live + process_cpu_s(self.load.proc.pid) + time.process_time()
-
-    def mark(self) -> Mark:
-        busy, steal = machine_cpu_s()
-        return Mark(time.monotonic(), busy, steal, self.own_cpu_s())
-
-    def others(self, since: Mark) -> tuple[float, float]:
-        """(cores used by OTHER processes on the machine, steal in cores) since `since`:
-        what else competed with the measurement."""
-        now_ = self.mark()
-        wall = max(1e-9, now_.wall - since.wall)
-        other = (now_.busy_s - since.busy_s) - (now_.own_s - since.own_s)
-        return max(0.0, other) / wall, (now_.steal_s - since.steal_s) / wall
-
-    def others_text(self, since: Mark) -> str:
-        other, steal = self.others(since)
-        return (f"other processes on the machine used {other:.2f} cores meanwhile (steal "
-                f"{steal:.2f}); load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-
-    @property
-    def warm_cap_s(self) -> float:
-        return max(60.0, 0.05 * len(self.requests.bodies))
-
-    def start(self, targets: dict[str, dict[str, str]]) -> None:
-        """Start the services {name: RERANK_* env} together, wait until each is ready,
-        then warm each: every body answered once with the model's list (their items into
-        its L1 cache; Warm), at most warm_cap_s."""
-        for name, env in targets.items():
-            env = {**env, **dict(self.cfg.extra_env)}
-            self.servers[name] = start_service(self.bundle, self.workdir, self.server_cpus,
-                                               env, name)  # fmt: skip
-        for name in targets:
-            self.servers[name].wait_ready()
-        for name in targets:
-            self.alive()
-            job = Warm(self.servers[name].port, self.cfg.concurrency, self.warm_cap_s)
-            self.warmed[name] = run_warm(self.load, job)
-
-    def warm_text(self, *names: str) -> str:
-        """The warm passes of these targets, for a section's setup lines."""
-        w = {name: self.warmed[name] for name in names}
-        parts = ", ".join(f"{name} {r.seconds:.1f} s, {r.sends} sends" for name, r in w.items())
-        head = (f"L1 warm pass before measuring: every one of the {len(self.requests.bodies)} "
-                "bodies answered once with the model's list")  # fmt: skip
-        cut = {name: r for name, r in w.items() if r.cut}
-        if not cut:
-            return f"{head}: {parts}"
-        short = ", ".join(f"{name} only {r.warmed}" for name, r in cut.items())
-        return (f"{head} -- CUT SHORT by its {self.warm_cap_s:.0f} s cap: {short} (item-tower "
-                f"work leaks into the measured windows); {parts}")  # fmt: skip
-
-    def warm_figures(self, *names: str) -> dict[str, Any]:
-        return {name: {**vars(self.warmed[name]), "cut": self.warmed[name].cut}
-                for name in names}  # fmt: skip
-
-    def stop(self, *names: str) -> None:
-        for name in names:
-            server = self.servers.pop(name)
-            if server.proc.poll() is None:
-                self.retired_cpu_s += process_cpu_s(server.proc.pid)
-            server.stop()
-
-    def alive(self) -> None:
-        for s in self.servers.values():
-            if s.proc.poll() is not None:
-                raise RuntimeError(f"{s.name} exited ({s.proc.returncode}):\n{s.log_tail()}")
-
-    def phase(self, name: str, mode: str, seconds: float, warm: float, **kw: Any) -> Phase:
-        self.alive()
-        s = self.servers[name]
-        kw.setdefault("scrape", True)
-        return Phase(name, s.port, s.proc.pid, mode, seconds, warm, self.cfg.concurrency, **kw)
-
-    def closed_max(self, name: str) -> PhaseResult:
-        """Closed loop at the configured concurrency: the target's maximum throughput."""
-        return self.load.run(self.phase(name, "closed", self.cfg.duration_s, self.cfg.warmup_s))
-
-    def schedule(self, name: str, segments: tuple[Segment, ...], **kw: Any) -> Schedule:
-        self.alive()
-        kw.setdefault("connections", self.cfg.connections)
-        return Schedule(self.servers[name].port, segments, **kw)
-
-
-def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
+def bench_batching(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
     cfg = b.cfg
     common = {"RERANK_DECODE_POLICY": "fixed", "RERANK_DEFAULT_BUDGET_MS": "1000"}
     targets = {"batched": {**common, "RERANK_MAX_BATCH": str(cfg.max_batch)},
@@ -687,7 +172,7 @@ def bench_batching(b: Bench) -> tuple[str, dict[str, Any]]:
         for name in parts:
             warm = cfg.warmup_s if r == 0 else min(cfg.warmup_s, 0.5)
             parts[name].append(b.load.run(b.phase(name, "closed", cfg.duration_s / rounds, warm)))
-    closed = {name: _merge(p) for name, p in parts.items()}
+    closed = {name: merge_results(p) for name, p in parts.items()}
     rate = cfg.open_fraction * closed["batched"].throughput
     closed_others = b.others_text(since)
     b.stop("one_per_call")  # the open loop's core to itself
@@ -822,12 +307,12 @@ def _policy_run(world: Any, reqs: Requests, res: ScheduleResult, upstream_u: np.
     utility = true_utility(world, reqs.users[body], np.where(lists >= 0, lists, -1))
     bounds = res.schedule.boundaries()
     served = res.answers_per_s(bounds[seg], bounds[seg + 1])  # by answer time
-    levels = counter_deltas(_LEVELS, *res.window(seg))
+    levels = increase(*res.window(seg), "rerank_decode_level_total", "level")
     decoded = sum(levels.values())
     return PolicyRun(
         policy=policy, fraction=fraction, rate=res.schedule.segments[seg].rate,
         achieved=served, p50_ms=pct_ms(res.latency[ok], 50),
-        p99_ms=pct_ms(res.latency[ok], 99), handler_p99_ms=_pct(res.handler_ms[ok], 99),
+        p99_ms=pct_ms(res.latency[ok], 99), handler_p99_ms=percentile(res.handler_ms[ok], 99),
         utility=float(utility.mean()) if len(idx) else np.nan,
         upstream=float(upstream_u[body].mean()) if len(idx) else np.nan,
         degraded=reason_shares(res.reason[rec]),
@@ -837,7 +322,7 @@ def _policy_run(world: Any, reqs: Requests, res: ScheduleResult, upstream_u: np.
     )  # fmt: skip
 
 
-def bench_policy(b: Bench, world: Any) -> tuple[str, dict[str, Any]]:
+def bench_policy(b: Bench[LoadConfig], world: Any) -> tuple[str, dict[str, Any]]:
     from model.user_model import true_utility
 
     cfg, reqs = b.cfg, b.requests
@@ -1005,7 +490,7 @@ def _verdict_or_unknown(value: float, ok: bool) -> str:
     return "unknown (no figure)" if not np.isfinite(value) else verdict(ok)
 
 
-def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
+def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
     cfg = b.cfg
     admin_port = free_port()
     b.start({"overload": {"RERANK_ADMIN_PORT": str(admin_port)}})
@@ -1063,8 +548,8 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
                             + (ok & (res.reason == 0) & res.marked).sum()),
             "short_lists": int((ok & (res.n_items < b.requests.k)).sum()),
             "p50_ms": pct_ms(lat, 50), "p99_ms": pct_ms(lat, 99),
-            "handler_p99_ms": _pct(res.handler_ms[ok], 99),
-            "server_fallbacks": counter_deltas(_FALLBACKS, *res.window(j)),
+            "handler_p99_ms": percentile(res.handler_ms[ok], 99),
+            "server_fallbacks": increase(*res.window(j), "rerank_fallback_total", "reason"),
             "late": int(res.late[mine].sum()), "waited": int(res.waited[mine].sum()),
         }  # fmt: skip
         per_phase.append(phase)
@@ -1085,7 +570,7 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
     first_p99, first_srv = per_phase[0]["p99_ms"], per_phase[0]["handler_p99_ms"]
     bound, bound_srv = (max(2 * x, x + 5.0) for x in (first_p99, first_srv))
     last_half_p99 = pct_ms(res.latency[half], 99)
-    last_half_srv = _pct(res.handler_ms[half], 99)
+    last_half_srv = percentile(res.handler_ms[half], 99)
     recovered = bool(last_half_p99 <= bound)
     recovered_srv = bool(last_half_srv <= bound_srv)
     done = res.done  # answer times, s from the start (nan: none)
@@ -1115,7 +600,7 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         ms = np.array([took for took in probes if took is not None]) * 1e3
         failed = sum(took is None for took in probes)
         return (f"{len(probes)} probes, {failed} failed or over 5 s, answered ones p50 "
-                f"{_pct(ms, 50):.0f} ms, max {_pct(ms, 100):.0f} ms")  # fmt: skip
+                f"{percentile(ms, 50):.0f} ms, max {percentile(ms, 100):.0f} ms")  # fmt: skip
 
     # a 503 shed at the door (admission) is an answer: the client keeps its upstream order
     sent, answered = len(res.status), int((res.answered | (res.status == 503)).sum())
@@ -1158,7 +643,7 @@ def bench_overload(b: Bench) -> tuple[str, dict[str, Any]]:
         row = {
             "t": sec, "scheduled": int(inbin.sum()), "served_rps": float(served),
             "p99_ms": pct_ms(res.latency[inbin & res.answered], 99),
-            "handler_p99_ms": _pct(res.handler_ms[inbin & res.answered], 99),
+            "handler_p99_ms": percentile(res.handler_ms[inbin & res.answered], 99),
             "overload": float((res.reason[inbin] == overload).mean()) if inbin.any() else 0.0,
             "rss_mib": max(near) if near else np.nan,
         }  # fmt: skip
@@ -1217,7 +702,8 @@ def run(cfg: LoadConfig) -> tuple[str, dict[str, Any]]:
         path, how = resolve_bundle(cfg.bundle, workdir)
         manifest = json.loads((path / "manifest.json").read_text())
         world, reqs = world_requests(manifest["model_config"]["schema"], cfg.n_requests)
-        server_cpus, client_cpus, placement = _placement(cfg.pin)
+        place = bench_placement(cfg.pin)
+        server_cpus, client_cpus, placement = place.service, place.load, place.text
         load = LoadProcess(reqs.bodies, client_cpus, runner=run_job_async)
         stack.callback(load.stop)
         bench = Bench(cfg, workdir, path, reqs, load, server_cpus)
@@ -1255,18 +741,6 @@ def run(cfg: LoadConfig) -> tuple[str, dict[str, Any]]:
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path,
@@ -1294,13 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         figures["config"] = {f.name: str(getattr(cfg, f.name)) for f in fields(cfg)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_jsonable(figures), indent=1))
+        args.json.write_text(json.dumps(jsonable(figures), indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    # run by its package name: the spawned load process must find run_job_async and Schedule
-    # in tests.bench.bench_load, not in a __main__ the parent cannot import
-    from tests.bench.bench_load import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -29,10 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from tests.bench.bench_http import (  # noqa: E402
-    LoadProcess,
-    Phase,
-    _placement,
+from loadtest.driver import LoadProcess, Phase  # noqa: E402
+from tests.support.load import (  # noqa: E402
+    bench_placement,
     build_bodies,
     resolve_bundle,
     start_service,
@@ -54,7 +53,7 @@ STAGES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("response: build, serialise, Response", (), ("_respond", "json_response")),
     ("body read", (), ("read_body",)),
     ("handler and reranker glue", ("service/app.py",),
-     ("create_app.<locals>.rerank", "Reranker.")),
+     ("rerank (service/app.py", "Reranker.")),
     ("FastAPI / Starlette", ("fastapi/", "starlette/", "contextlib.py"), ()),
     ("uvicorn + asyncio (HTTP parsing, transport, loop)", ("",), ()),
 ]  # fmt: skip
@@ -97,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         path, _ = resolve_bundle(args.bundle, workdir)
         bodies = build_bodies(json.loads((path / "manifest.json").read_text()), 30, 10)
-        server_cpus, client_cpus, placement = _placement(True)
+        place = bench_placement(True)
+        server_cpus, client_cpus, placement = place.service, place.load, place.text
         env = dict(kv.split("=", 1) for kv in args.set)
         server = start_service(path, workdir, server_cpus, env)
         load = None
@@ -131,7 +131,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # by its package name, as bench_http: the spawned load process imports this module
-    from tests.bench.profile_http import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

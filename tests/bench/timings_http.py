@@ -27,7 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from tests.bench.bench_http import _placement, build_bodies, resolve_bundle, start_service  # noqa: E402
+from tests.support.load import (  # noqa: E402
+    bench_placement,
+    build_bodies,
+    resolve_bundle,
+    start_service,
+)
 
 STAGES = ("total_ms", "queue_ms", "cache_ms", "encode_ms", "decode_ms")
 
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gref-timings-") as tmp:
         path, _ = resolve_bundle(args.bundle, Path(tmp))
         bodies = build_bodies(json.loads((path / "manifest.json").read_text()), 30, 10)
-        server_cpus, client_cpus, placement = _placement(True)
+        place = bench_placement(True)
+        server_cpus, client_cpus, placement = place.service, place.load, place.text
         env = dict(kv.split("=", 1) for kv in args.set)
         server = start_service(path, Path(tmp), server_cpus, env)
         try:
