@@ -32,7 +32,9 @@ from service.settings import Settings
 HTTP_PROTOCOL = "service.admission:DoorProtocol"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _flags_to_env(argv: Sequence[str] | None) -> None:
+    """The command line's flags into RERANK_* variables: every worker reads the
+    environment, so the flags go there (over what it held)."""
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", help="bind address (RERANK_HOST)")
     parser.add_argument("--port", type=int, help="port (RERANK_PORT)")
@@ -44,8 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for name in ("host", "port", "admin_port", "workers", "bundle"):
         value = getattr(args, name)
-        if value is not None:  # the workers read the environment: flags go there
+        if value is not None:
             os.environ[f"RERANK_{name.upper()}"] = str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _flags_to_env(argv)
     try:
         settings = Settings()
     except ValidationError as e:

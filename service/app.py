@@ -90,47 +90,58 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     length = header(request, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "body_too_large", f"{length} bytes, at most {limit}", "body")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
     # a timer that cancels this task (asyncio.timeout's way, which Python 3.10 lacks;
     # wait_for would cost a task per request)
     task = asyncio.current_task()
     assert task is not None
     timer = _BodyTimer(task)
     handle = asyncio.get_running_loop().call_later(timeout_s, timer.expire)
-    # the ASGI messages themselves: starlette's request.stream() (an async generator)
-    # costs several times the CPU of this loop for a body that came in one piece
-    receive = request.receive
     try:
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # http.disconnect: gone before its body
-                raise ClientDisconnect()  # arrived: nobody reads the answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "body_too_large", f"more than {limit} bytes", "body")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        await _receive_body(request.receive, chunks, limit)
     except ClientDisconnect:
         raise ApiError(499, "client_closed_request", "the client closed the connection "
                        "before its body arrived", "body") from None  # fmt: skip
     except asyncio.CancelledError:
         if not timer.expired:
             raise
-        uncancel = getattr(task, "uncancel", None)  # Python >= 3.11: this cancel is handled
-        if uncancel is not None:
-            uncancel()
-        # the rest may still come: the connection is closed after the 408
-        headers = getattr(request.state, "headers", None)
-        if headers is None:
-            request.state.headers = headers = {}
-        headers["Connection"] = "close"
-        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s "
-                       f"of the headers ({size} bytes came)", "body") from None  # fmt: skip
+        raise _body_timeout(request, task, timeout_s, sum(map(len, chunks))) from None
     finally:
         handle.cancel()
     return b"".join(chunks)
+
+
+async def _receive_body(receive: Any, chunks: list[bytes], limit: int) -> None:
+    """The body's chunks into `chunks`, from the ASGI messages themselves: starlette's
+    request.stream() (an async generator) costs several times the CPU of this loop for a
+    body that came in one piece."""
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect: gone before its body
+            raise ClientDisconnect()  # arrived: nobody reads the answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"more than {limit} bytes", "body")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return
+
+
+def _body_timeout(request: Request, task: asyncio.Task[Any], timeout_s: float,
+                  size: int) -> ApiError:  # fmt: skip
+    """The 408 of a body that did not arrive in time; this task's cancel is handled, and
+    the connection is closed after the answer (the rest of the body may still come)."""
+    uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+    if uncancel is not None:
+        uncancel()
+    headers = getattr(request.state, "headers", None)
+    if headers is None:
+        request.state.headers = headers = {}
+    headers["Connection"] = "close"
+    return ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s of "
+                    f"the headers ({size} bytes came)", "body")  # fmt: skip
 
 
 class _BodyTimer:
@@ -326,74 +337,99 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.door = _door(runtime) if runtime.admission is not None else None
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    _add_rerank_route(app)
+    _add_probe_routes(app)
+    return app
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> Response:
-        return json_response(exc.body(), exc.status, getattr(request.state, "headers", None))
 
-    async def rerank(request: Request) -> Response:
-        """Rerank the candidates: the top k, best first."""
-        entry = time.perf_counter()
-        runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
-        metrics, s, admission = runtime.metrics, runtime.settings, runtime.admission
-        request_id = header(request, b"x-request-id")
-        refused = None if request_id is None else bad_request_id(request_id)
-        if request_id is None or refused is not None:
-            request_id = new_request_id()  # a refused header is not echoed back
-        request.state.headers = {"X-Request-ID": request_id}
-        metrics.inflight.inc()
-        working = modelled = False
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return json_response(exc.body(), exc.status, getattr(request.state, "headers", None))
+
+
+def _request_id(request: Request) -> tuple[str, str | None]:
+    """(the request's id, why its X-Request-ID header is refused or None): the client's
+    header when valid, else a new id (a refused header is not echoed back)."""
+    request_id = header(request, b"x-request-id")
+    refused = None if request_id is None else bad_request_id(request_id)
+    if request_id is None or refused is not None:
+        request_id = new_request_id()
+    return request_id, refused
+
+
+def _rejected(metrics: Metrics, entry: float, request_id: str, e: ApiError) -> None:
+    """A request refused before the engine: counted, and logged at debug level only (a
+    client's mistake, not the service's problem)."""
+    metrics.duration_of["rejected"].observe(time.perf_counter() - entry)
+    line = {"request_id": request_id, "status": e.status, "field": e.field, "error": e.message}
+    access_log.debug("%s", orjson.dumps(line).decode())
+
+
+def _failed(request: Request, metrics: Metrics, entry: float, request_id: str) -> Response:
+    """The service's own failure (a bug): counted, logged, a JSON 500."""
+    metrics.duration_of["error"].observe(time.perf_counter() - entry)
+    log.exception("request %s failed", request_id)
+    error = ApiError(500, "internal_error", f"the service failed (request {request_id})")
+    return json_response(error.body(), error.status, request.state.headers)
+
+
+async def rerank(request: Request) -> Response:
+    """Rerank the candidates: the top k, best first."""
+    # one function (about 45 lines) on purpose: the in-flight gauge and the admission's
+    # begin / end bracket the whole request, from the body read to the answer
+    entry = time.perf_counter()
+    runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
+    metrics, s, admission = runtime.metrics, runtime.settings, runtime.admission
+    request_id, refused = _request_id(request)
+    request.state.headers = {"X-Request-ID": request_id}
+    metrics.inflight.inc()
+    working = modelled = False
+    try:
         try:
-            try:
-                if refused is not None:
-                    raise invalid("X-Request-ID", refused)
-                if not runtime.ready or runtime.reranker is None:
-                    raise ApiError(503, "not_ready", "model is loading or warming up")
-                body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
-                # the budget runs from here: a slow upload does not spend it
-                arrival = time.perf_counter()
-                if admission is not None:
-                    admission.begin()
-                    working = True
-                # once, and after the last await before reranker.rerank() counts the
-                # request as active: a swap's retire of the old one then waits for it
-                reranker = runtime.reranker
-                parsed = reranker.reader.read_json(body)
-            except ApiError as e:
-                metrics.duration_of["rejected"].observe(time.perf_counter() - entry)
-                access_log.debug(  # a client's mistake, not the service's problem
-                    "%s", orjson.dumps({"request_id": request_id, "status": e.status,
-                                        "field": e.field, "error": e.message}).decode()
-                )  # fmt: skip
-                raise
-            if parsed.request_id is not None:
-                request_id = parsed.request_id
-            budget_ms = parsed.budget_ms if parsed.budget_ms is not None else s.default_budget_ms
-            budget_s = budget_ms / 1000
-            out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
-            if out is None:  # the client went away before the engine ran it: nobody to answer
-                return Response(status_code=499)
-            modelled = not out.degraded  # what the door's measured rate counts
-            return _respond(
-                runtime, reranker.engine.version, parsed, out, request_id, arrival, budget_s
-            )
-        except ApiError:
+            if refused is not None:
+                raise invalid("X-Request-ID", refused)
+            if not runtime.ready or runtime.reranker is None:
+                raise ApiError(503, "not_ready", "model is loading or warming up")
+            body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
+            arrival = time.perf_counter()  # the budget runs from here: not a slow upload
+            if admission is not None:
+                admission.begin()
+                working = True
+            # once, and after the last await before reranker.rerank() counts the request
+            # as active: a swap's retire of the old one then waits for it
+            reranker = runtime.reranker
+            parsed = reranker.reader.read_json(body)
+        except ApiError as e:
+            _rejected(metrics, entry, request_id, e)
             raise
-        except Exception:  # the service's own failure (a bug): counted, logged, a JSON 500
-            metrics.duration_of["error"].observe(time.perf_counter() - entry)
-            log.exception("request %s failed", request_id)
-            error = ApiError(500, "internal_error", f"the service failed (request {request_id})")
-            return json_response(error.body(), error.status, request.state.headers)
-        finally:
-            metrics.inflight.dec()
-            if working:
-                admission.end(modelled)  # type: ignore[union-attr]
+        if parsed.request_id is not None:
+            request_id = parsed.request_id
+        budget_ms = parsed.budget_ms if parsed.budget_ms is not None else s.default_budget_ms
+        budget_s = budget_ms / 1000
+        out = await reranker.rerank(parsed, arrival + budget_s, request_id, request.receive)
+        if out is None:  # the client went away before the engine ran it: nobody to answer
+            return Response(status_code=499)
+        modelled = not out.degraded  # what the door's measured rate counts
+        return _respond(runtime, reranker.engine.version, parsed, out, request_id, arrival,
+                        budget_s)  # fmt: skip
+    except ApiError:
+        raise
+    except Exception:
+        return _failed(request, metrics, entry, request_id)
+    finally:
+        metrics.inflight.dec()
+        if working:
+            admission.end(modelled)  # type: ignore[union-attr]
 
+
+def _add_rerank_route(app: FastAPI) -> None:
+    """POST /v1/rerank: `rerank` reads its own body (no DI, no FastAPI validation); the
+    OpenAPI schema still shows RerankIn, RerankOut and every error answer."""
     app.router.add_api_route(
         "/v1/rerank",
         rerank,
         methods=["POST"],
-        route_class_override=DirectRoute,  # reads its own body: no DI, no FastAPI validation
+        route_class_override=DirectRoute,
         response_model=RerankOut,
         responses={
             408: {"model": ErrorOut, "description": "the body did not arrive in time"},
@@ -412,6 +448,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         },
     )
+
+
+def _add_probe_routes(app: FastAPI) -> None:
+    """/healthz, /readyz, /v1/model and /metrics."""
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -436,8 +476,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Prometheus exposition (every worker's, in multiprocess mode)."""
         data, content_type = runtime.exposition()
         return Response(data, media_type=content_type)
-
-    return app
 
 
 def factory() -> FastAPI:
