@@ -245,6 +245,7 @@ def _custom_openapi(app: FastAPI) -> dict[str, Any]:
 
 
 RERANK_PATH = "/v1/rerank"
+RERANK_DESCRIPTION = "Rerank the candidates: the top k, best first."
 
 
 class RerankApp(FastAPI):
@@ -374,9 +375,10 @@ def _failed(request: Request, metrics: Metrics, entry: float, request_id: str) -
 
 
 async def rerank(request: Request) -> Response:
-    """Rerank the candidates: the top k, best first."""
-    # one function (about 45 lines) on purpose: the in-flight gauge and the admission's
-    # begin / end bracket the whole request, from the body read to the answer
+    """POST /v1/rerank: the top k of the candidates, best first (RERANK_DESCRIPTION is
+    its OpenAPI text). One function of about 45 lines on purpose: the in-flight gauge and
+    the admission's begin / end bracket the whole request, from the body read to the
+    answer, and every stage in between is a call of its own."""
     entry = time.perf_counter()
     runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
     metrics, s, admission = runtime.metrics, runtime.settings, runtime.admission
@@ -426,9 +428,10 @@ def _add_rerank_route(app: FastAPI) -> None:
     """POST /v1/rerank: `rerank` reads its own body (no DI, no FastAPI validation); the
     OpenAPI schema still shows RerankIn, RerankOut and every error answer."""
     app.router.add_api_route(
-        "/v1/rerank",
+        RERANK_PATH,
         rerank,
         methods=["POST"],
+        description=RERANK_DESCRIPTION,
         route_class_override=DirectRoute,
         response_model=RerankOut,
         responses={
