@@ -90,43 +90,38 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     length = header(request, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "body_too_large", f"{length} bytes, at most {limit}", "body")
-    chunks: list[bytes] = []
+    chunks, size = [], 0
     # a timer that cancels this task (asyncio.timeout's way, which Python 3.10 lacks;
     # wait_for would cost a task per request)
     task = asyncio.current_task()
     assert task is not None
     timer = _BodyTimer(task)
     handle = asyncio.get_running_loop().call_later(timeout_s, timer.expire)
+    # the ASGI messages themselves: starlette's request.stream() (an async generator)
+    # costs several times the CPU of this loop for a body that came in one piece
+    receive = request.receive
     try:
-        await _receive_body(request.receive, chunks, limit)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: gone before its body
+                raise ClientDisconnect()  # arrived: nobody reads the answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"more than {limit} bytes", "body")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
     except ClientDisconnect:
         raise ApiError(499, "client_closed_request", "the client closed the connection "
                        "before its body arrived", "body") from None  # fmt: skip
     except asyncio.CancelledError:
         if not timer.expired:
             raise
-        raise _body_timeout(request, task, timeout_s, sum(map(len, chunks))) from None
+        raise _body_timeout(request, task, timeout_s, size) from None
     finally:
         handle.cancel()
     return b"".join(chunks)
-
-
-async def _receive_body(receive: Any, chunks: list[bytes], limit: int) -> None:
-    """The body's chunks into `chunks`, from the ASGI messages themselves: starlette's
-    request.stream() (an async generator) costs several times the CPU of this loop for a
-    body that came in one piece."""
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # http.disconnect: gone before its body
-            raise ClientDisconnect()  # arrived: nobody reads the answer
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"more than {limit} bytes", "body")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return
 
 
 def _body_timeout(request: Request, task: asyncio.Task[Any], timeout_s: float,
