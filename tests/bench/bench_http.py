@@ -35,8 +35,9 @@ highest rate whose p99 time to a model answer stays <= 10 ms, found by bisection
 service and the plain floor.
 
 On a machine with >= 2 cores the servers are pinned to one core and the load generator to
-another (taskset / sched_setaffinity), so each target gets one core: "one process per core".
-CPU used by the server and the client in each measured window is read from /proc.
+another (their affinity set before exec: loadtest/servers.py), so each target gets one
+core: "one process per core". CPU used by the server and the client in each measured
+window is read from /proc.
 
 Goals: service throughput >= 50% of the plain floor's; service latency-bound throughput
 >= 40% of the plain floor's; service p99 <= 5 ms at half its maximum throughput. Printed

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from loadtest.driver import LoadProcess, Phase  # noqa: E402
+from loadtest.redis_server import pin_to  # noqa: E402
 from tests.support.load import (  # noqa: E402
     bench_placement,
     build_bodies,
@@ -107,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bundle {path.name}; {placement}; service settings: {env or 'defaults'}")
             for mode, rate in (("closed", 0.0), ("open", args.rate)):
                 raw = workdir / f"{mode}.txt"
-                pin = ["taskset", "-c", ",".join(map(str, client_cpus))] if client_cpus else []
                 sampler = subprocess.Popen(
-                    [*pin, spy, "record", "--pid", str(server.proc.pid), "--format", "raw",
+                    [spy, "record", "--pid", str(server.proc.pid), "--format", "raw",
                      "--rate", "200", "--duration", f"{args.seconds:g}", "--nonblocking",
                      "--output", str(raw)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    preexec_fn=pin_to(client_cpus),  # beside the load, off the server's core
                 )  # fmt: skip
                 # the load's 1 s warm-up, then the window py-spy samples (started with it)
                 r = load.run(Phase("service", server.port, server.proc.pid, mode,
