@@ -7,7 +7,9 @@
 - `export/` imports `service` only in its parity module (export/verify.py).
 - `model/` has no import circle (imports inside functions count: a circle broken only by
   a late import is still one).
-- No test module imports another: what tests share lives in tests/support/.
+- No test module imports another: what tests share lives in tests/support/; no benchmark
+  script imports another, and `loadtest/` (the load generator they share) needs neither
+  the tests nor the offline code.
 """
 
 from __future__ import annotations
@@ -158,3 +160,25 @@ def test_no_test_module_imports_another() -> None:
         if any(part.startswith("test_") or part == "conftest" for part in m.split("."))
     }
     assert not bad, f"test modules imported as a library: {sorted(bad)}"
+
+
+def test_loadtest_needs_neither_the_tests_nor_the_offline_code() -> None:
+    """loadtest/ is the load generator the benchmarks share: it runs from the package alone."""
+    bad = {
+        (module_name(path), m)
+        for path in sources("loadtest")
+        for m in imports(path)
+        if m.split(".")[0] in ("tests", "model", "export", "torch")
+    }
+    assert not bad, f"loadtest/ imports tests or offline code: {sorted(bad)}"
+
+
+def test_benchmarks_share_their_machinery_through_loadtest_and_support() -> None:
+    """A benchmark script imports no other one (what they share is in loadtest/ and
+    tests/support/load.py); test_bench_x.py imports only bench_x.py."""
+    bad = set()
+    for path in sorted((ROOT / "tests" / "bench").glob("*.py")):
+        own = f"tests.bench.{path.stem.removeprefix('test_')}"
+        bad |= {(module_name(path), m) for m in project_imports(path, "tests.bench")
+                if m != own and not m.startswith(own + ".")}  # fmt: skip
+    assert not bad, f"benchmarks importing one another: {sorted(bad)}"
