@@ -454,3 +454,44 @@ def test_the_breakdown_counts_reasons_stages_sizes_and_budgets() -> None:
     assert "| 200 | 3 | 2 (66.7%) | 0 / 0 / 1 / 0 |" in text
     assert "| 10 | 2 | 2 (100.0%) |" in text
     assert markdown(Breakdown().to_json()) == []
+
+
+# ---------------------------------------------------------------- what the benchmarks share
+
+
+def test_counter_increases_and_batch_totals_read_the_services_own_exposition() -> None:
+    from loadtest.driver import batch_totals
+
+    metrics = Metrics()
+    before, _ = metrics.render()
+    metrics.decode_level.labels("n4").inc(3)
+    metrics.decode_level.labels("beam3").inc()
+    metrics.fallback_of["overload"].inc(2)
+    for size in (4, 8):
+        metrics.batch_size.observe(size)
+    after, _ = metrics.render()
+    b, a = before.decode(), after.decode()
+    assert scrapes.increase(b, a, "rerank_decode_level_total", "level") == {"n4": 3, "beam3": 1}
+    fallbacks = scrapes.increase(b, a, "rerank_fallback_total", "reason")
+    assert fallbacks == {"budget": 0, "overload": 2, "cache": 0, "model": 0}
+    assert batch_totals(b, a) == (12.0, 2.0)  # (requests, engine calls)
+    assert batch_totals("", "") == (0.0, 0.0)
+
+
+def test_placement_can_keep_the_load_to_some_of_the_other_cores() -> None:
+    one = placement(True, [0, 1, 2, 3], load_cores=1, service="servers", load="load generator")
+    assert one.service == {0} and one.load == {1}
+    assert one.text == "servers on cpu 0; load generator on cpu 1"
+
+
+def test_a_child_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:
+    from loadtest.servers import Child, python_env, wait_ready
+
+    argv = [sys.executable, "-c", "print('no bundle here'); raise SystemExit(3)"]
+    child = Child("service", argv, python_env(), tmp_path / "service.log")
+    child.proc.wait(30)
+    with pytest.raises(LoadTestError, match=r"service exited \(3\):\nno bundle here"):
+        child.check_alive()
+    with pytest.raises(LoadTestError, match="no bundle here"):  # not a wait for the timeout
+        wait_ready("http://127.0.0.1:9", child, timeout_s=60)
+    child.stop()  # already gone: nothing to do
