@@ -78,7 +78,13 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from loadtest.driver import LoadProcess, PhaseResult, batch_totals, client_loop_name, merge_results  # noqa: E402
+from loadtest.driver import (  # noqa: E402
+    LoadProcess,
+    PhaseResult,
+    batch_totals,
+    client_loop_name,
+    merge_results,
+)
 from loadtest.schedules import (  # noqa: E402
     REASONS,
     ScheduleResult,
