@@ -496,6 +496,66 @@ def _verdict_or_unknown(value: float, ok: bool) -> str:
     return "unknown (no figure)" if not np.isfinite(value) else verdict(ok)
 
 
+def _overload_phase(res: ScheduleResult, j: int, seg: Segment, k: int) -> dict[str, Any]:
+    """The figures of one segment of the overload schedule (requests scheduled in it)."""
+    mine = res.segment == j
+    ok = mine & res.answered
+    lat = res.latency[ok]
+    return {
+        "name": seg.name, "rate": seg.rate, "seconds": seg.seconds, "sent": int(mine.sum()),
+        "answered": int(ok.sum()), "shed": int((mine & (res.status == 503)).sum()),
+        "http_errors": int((mine & (res.status > 0) & (res.status != 503)
+                            & ~res.answered).sum()),
+        "transport_errors": int((mine & (res.status == 0)).sum()),
+        "no_answer": int((mine & (res.status == -1)).sum()),
+        "degraded": reason_shares(res.reason[mine]),
+        "unmarked": int((ok & (res.reason > 0) & ~res.marked).sum()
+                        + (ok & (res.reason == 0) & res.marked).sum()),
+        "short_lists": int((ok & (res.n_items < k)).sum()),
+        "p50_ms": pct_ms(lat, 50), "p99_ms": pct_ms(lat, 99),
+        "handler_p99_ms": percentile(res.handler_ms[ok], 99),
+        "server_fallbacks": increase(*res.window(j), "rerank_fallback_total", "reason"),
+        "late": int(res.late[mine].sum()), "waited": int(res.waited[mine].sum()),
+    }  # fmt: skip
+
+
+def _overload_row(phase: dict[str, Any]) -> str:
+    errors = phase["http_errors"] + phase["transport_errors"] + phase["no_answer"]
+    return (
+        f"| {phase['name']:<10} | {phase['rate']:6.0f} | {phase['seconds']:4.0f} "
+        f"| {phase['sent']:6d} | {phase['answered'] / max(1, phase['sent']):8.4f} "
+        f"| {errors:6d} | {_shares_text(phase['degraded']):<28} | {phase['p50_ms']:8.1f} "
+        f"| {phase['p99_ms']:8.1f} | {phase['handler_p99_ms']:11.1f} "
+        f"| {phase['late']:5d} | {phase['waited']:6d} |"
+    )
+
+
+def _overload_timeline(res: ScheduleResult, rss: list[tuple[float, float]], seconds: float
+                       ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """2 s bins of the schedule: (their figures, their lines of the printed timeline)."""
+    overload = 1 + REASONS.index("overload")
+    bins = np.floor(res.offset).astype(int)
+    timeline, lines = [], []
+    for sec in range(0, int(np.ceil(seconds)), 2):
+        inbin = (bins >= sec) & (bins < sec + 2)
+        served = res.answers_per_s(sec, sec + 2)  # 200s only: the rest are errors
+        near = [m for t, m in rss if sec <= t < sec + 2]
+        row = {
+            "t": sec, "scheduled": int(inbin.sum()), "served_rps": float(served),
+            "p99_ms": pct_ms(res.latency[inbin & res.answered], 99),
+            "handler_p99_ms": percentile(res.handler_ms[inbin & res.answered], 99),
+            "overload": float((res.reason[inbin] == overload).mean()) if inbin.any() else 0.0,
+            "rss_mib": max(near) if near else np.nan,
+        }  # fmt: skip
+        timeline.append(row)
+        lines.append(
+            f"  {sec:3d}-{sec + 2:<3d} s | {row['scheduled']:6d} | {served:6.0f}/s "
+            f"| {row['p99_ms']:8.1f} | {row['handler_p99_ms']:7.1f} | {row['overload']:6.1%} "
+            f"| {row['rss_mib']:5.0f}"
+        )
+    return timeline, lines
+
+
 def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
     cfg = b.cfg
     admin_port = free_port()
@@ -537,36 +597,8 @@ def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
             healthy = client.get("/healthz").status_code == 200
     b.stop("overload")
 
-    rows, per_phase = [], []
-    for j, s in enumerate(segments):
-        mine = res.segment == j
-        ok = mine & res.answered
-        lat = res.latency[ok]
-        phase = {
-            "name": s.name, "rate": s.rate, "seconds": s.seconds, "sent": int(mine.sum()),
-            "answered": int(ok.sum()), "shed": int((mine & (res.status == 503)).sum()),
-            "http_errors": int((mine & (res.status > 0) & (res.status != 503)
-                                & ~res.answered).sum()),
-            "transport_errors": int((mine & (res.status == 0)).sum()),
-            "no_answer": int((mine & (res.status == -1)).sum()),
-            "degraded": reason_shares(res.reason[mine]),
-            "unmarked": int((ok & (res.reason > 0) & ~res.marked).sum()
-                            + (ok & (res.reason == 0) & res.marked).sum()),
-            "short_lists": int((ok & (res.n_items < b.requests.k)).sum()),
-            "p50_ms": pct_ms(lat, 50), "p99_ms": pct_ms(lat, 99),
-            "handler_p99_ms": percentile(res.handler_ms[ok], 99),
-            "server_fallbacks": increase(*res.window(j), "rerank_fallback_total", "reason"),
-            "late": int(res.late[mine].sum()), "waited": int(res.waited[mine].sum()),
-        }  # fmt: skip
-        per_phase.append(phase)
-        errors = phase["http_errors"] + phase["transport_errors"] + phase["no_answer"]
-        rows.append(
-            f"| {s.name:<10} | {s.rate:6.0f} | {s.seconds:4.0f} | {phase['sent']:6d} "
-            f"| {phase['answered'] / max(1, phase['sent']):8.4f} | {errors:6d} "
-            f"| {_shares_text(phase['degraded']):<28} | {phase['p50_ms']:8.1f} "
-            f"| {phase['p99_ms']:8.1f} | {phase['handler_p99_ms']:11.1f} "
-            f"| {phase['late']:5d} | {phase['waited']:6d} |"
-        )
+    per_phase = [_overload_phase(res, j, seg, b.requests.k) for j, seg in enumerate(segments)]
+    rows = [_overload_row(phase) for phase in per_phase]
 
     # recovery, against the phase before the step: end to end (client, by scheduled send:
     # it includes the backlog the step left in the sender) and in the handler (timings)
@@ -640,25 +672,8 @@ def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
         "per second (by answer time) | of the requests scheduled in the bin: p99 ms (client), "
         "handler p99 ms, share degraded 'overload' | server RSS MiB (max in the bin)",
     ]
-    overload = 1 + REASONS.index("overload")
-    timeline = []
-    for sec in range(0, int(np.ceil(job.seconds)), 2):
-        inbin = (bins >= sec) & (bins < sec + 2)
-        served = res.answers_per_s(sec, sec + 2)  # 200s only: the rest are errors
-        near = [m for t, m in rss if sec <= t < sec + 2]
-        row = {
-            "t": sec, "scheduled": int(inbin.sum()), "served_rps": float(served),
-            "p99_ms": pct_ms(res.latency[inbin & res.answered], 99),
-            "handler_p99_ms": percentile(res.handler_ms[inbin & res.answered], 99),
-            "overload": float((res.reason[inbin] == overload).mean()) if inbin.any() else 0.0,
-            "rss_mib": max(near) if near else np.nan,
-        }  # fmt: skip
-        timeline.append(row)
-        lines.append(
-            f"  {sec:3d}-{sec + 2:<3d} s | {row['scheduled']:6d} | {served:6.0f}/s "
-            f"| {row['p99_ms']:8.1f} | {row['handler_p99_ms']:7.1f} | {row['overload']:6.1%} "
-            f"| {row['rss_mib']:5.0f}"
-        )
+    timeline, timeline_lines = _overload_timeline(res, rss, job.seconds)
+    lines += timeline_lines
     rec_text = f"{recovered_at:.0f} s after the drop" if recovered_at is not None else "never"
     lines += [
         "",
