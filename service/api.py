@@ -293,23 +293,19 @@ _ITEM_ID, _SCORE, _FEATURES = attrgetter("item_id"), attrgetter("score"), attrge
 
 
 @lru_cache(maxsize=1 << 16)
-def _string_item_key(text: str) -> int | None:
-    """The key of a string item id, None when it cannot be one (the checked path says
-    why). Memoised with its check: a catalog's ids repeat from request to request."""
-    return None if item_problem(text) is not None else string_key(text)
+def _item_key(value: int | str) -> int | None:
+    """An item id's key on the fast path of a request with string ids, None when it cannot
+    be one (the checked path says why). Memoised with its check, in C: a catalog's ids
+    repeat from request to request."""
+    if item_problem(value) is not None:
+        return None
+    return string_key(value) if type(value) is str else value  # type: ignore[return-value]
 
 
 @lru_cache(maxsize=1 << 12)
 def _string_user_key(text: str) -> int | None:
     """The key of a string user id, None when it cannot be one."""
     return None if string_problem(text) is not None else string_key(text)
-
-
-def _item_key(value: int | str) -> int | None:
-    """An item id's key on the fast path (None: the checked path says why)."""
-    if type(value) is int:
-        return value if 0 <= value <= _INT64[1] else None
-    return _string_item_key(value)
 
 
 def _getter(fields: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:

@@ -16,16 +16,27 @@ load process: servers pinned to one core, the load generator to another):
 Closed loop, C keep-alive connections, the targets alternating in rounds so drifting
 machine load hits all alike. Prints answers/s, client-side p50 / p99, the server's CPU per
 answer, and the ratios: string / int on the service, service / ref on integer ids.
+
+Then the request reader alone, in this process (the only code on the request path that
+ids change): `RequestReader.read_json` of the same bodies, this checkout's on integer and
+on string ids and, with --ref-root, the other checkout's service/api.py on integer ids,
+in alternating blocks; the median block's microseconds per body. On a shared machine this
+is the sharper figure: HTTP rounds carry the noise of everything else running.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import statistics
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -56,6 +67,44 @@ def start_ref(ref_root: Path, bundle: Path, logdir: Path, cpus: set[int] | None)
     argv = [sys.executable, "-c", boot, "--bundle", str(bundle), "--workers", "1"]
     env = {**_server_env(), "PYTHONPATH": str(ref_root)}
     return ServerProcess("ref", argv, env, logdir, cpus)
+
+
+def _api_of(root: Path) -> ModuleType:
+    """service/api.py of the checkout at `root`, as a module of its own (its imports of
+    contract/ resolve to this checkout's: read_json uses only the feature schema's names)."""
+    spec = importlib.util.spec_from_file_location(f"api_{abs(hash(root))}", root / "service/api.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def reader_costs(manifest: dict[str, Any], bodies: dict[str, list[bytes]],
+                 ref_root: Path | None, blocks: int = 21, reps: int = 5,
+                 ) -> dict[str, float]:  # fmt: skip
+    """Microseconds per read_json (median of alternating blocks) by row: "service/int",
+    "service/string", and with ref_root "ref/int"."""
+    from contract.config import ModelConfig
+
+    schema = ModelConfig.from_dict(manifest["model_config"]).schema
+    readers = {}
+    for name, root in [("service", ROOT)] + ([("ref", ref_root)] if ref_root else []):
+        api = _api_of(root)
+        limits = api.Limits(max_candidates=int(manifest["model_config"]["max_candidates"]),
+                            max_k=10)  # fmt: skip
+        readers[name] = api.RequestReader(schema, limits)
+    rows = [("service", "int"), ("service", "string")] + ([("ref", "int")] if ref_root else [])
+    times: dict[str, list[float]] = {f"{t}/{i}": [] for t, i in rows}
+    for _ in range(blocks):
+        for target, ids in rows:
+            read, batch = readers[target].read_json, bodies[ids]
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for body in batch:
+                    read(body)
+            times[f"{target}/{ids}"].append((time.perf_counter() - t0) / (reps * len(batch)))
+    return {row: statistics.median(t) * 1e6 for row, t in times.items()}
 
 
 def run(bundle: Path | None = None, ref_root: Path | None = None, duration_s: float = 12.0,
@@ -97,12 +146,15 @@ def run(bundle: Path | None = None, ref_root: Path | None = None, duration_s: fl
         setup = (f"bundle {manifest['version']} ({how}); m = 30, k = 10, 64 bodies of "
                  f"~{size['int']:.1f} KiB (int) / ~{size['string']:.1f} KiB (string); "
                  f"{placement}; ref: {ref_root or 'none'}")  # fmt: skip
-        return table(merged, setup, duration_s, rounds, concurrency), merged
+        for s in servers.values():
+            s.stop()  # the reader's timing below has the core to itself
+        costs = reader_costs(manifest, {"int": ints, "string": strings}, ref_root)
+        return table(merged, setup, duration_s, rounds, concurrency, costs), merged
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
 
 def table(rows: dict[str, PhaseResult], setup: str, duration_s: float, rounds: int,
-          concurrency: int) -> str:  # fmt: skip
+          concurrency: int, costs: dict[str, float]) -> str:  # fmt: skip
     lines = [
         "String ids on the HTTP path",
         f"  {setup}",
@@ -125,6 +177,12 @@ def table(rows: dict[str, PhaseResult], setup: str, duration_s: float, rounds: i
     lines += ["", f"string / int on the service: {ratios(ss, si)}"]
     if "ref/int" in rows:
         lines.append(f"service / ref on integer ids: {ratios(si, rows['ref/int'])}")
+    lines += ["", "the request reader alone (read_json, in one process, alternating blocks): "
+              + ", ".join(f"{row} {us:.1f} us" for row, us in costs.items())]  # fmt: skip
+    ci = costs["service/int"]
+    lines.append(f"string / int: {costs['service/string'] / ci:.3f}" + (
+        f"; service / ref on integer ids: {ci / costs['ref/int']:.3f}" if "ref/int" in costs
+        else ""))  # fmt: skip
     return "\n".join(lines)
 
 
