@@ -338,12 +338,15 @@ class _Wire:
     def __init__(self, cat: Sequence[str], dense: Sequence[str], user: Sequence[str]) -> None:
         item_features = _feature_struct("ItemFeatures", cat, dense)
         user_features = _feature_struct("UserFeatures", (), user)
+        # an id: an integer or a string of a bounded length (so that no longer one reaches
+        # the memoised key functions, whose cache holds each string it was asked about)
+        wire_id = int | Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
         candidate = msgspec.defstruct("Candidate", [
-            ("item_id", int | str), ("score", float),
+            ("item_id", wire_id), ("score", float),
             ("features", item_features, msgspec.field(default_factory=item_features)),
         ], forbid_unknown_fields=True, gc=False)  # fmt: skip
         user_struct = msgspec.defstruct("User", [
-            ("id", int | str),
+            ("id", wire_id),
             ("features", user_features, msgspec.field(default_factory=user_features)),
         ], forbid_unknown_fields=True, gc=False)  # fmt: skip
         request = msgspec.defstruct("RerankIn", [

@@ -258,3 +258,21 @@ def test_an_integral_json_number_is_an_integer_as_the_schema_says() -> None:
     with pytest.raises(ApiError) as e:
         READER.read_json(ints.replace(b": 7,", b": 7.5,"))
     assert e.value.field == "candidates[0].item_id"
+
+
+def test_a_long_string_id_is_refused_before_the_memoised_keys_see_it() -> None:
+    """The key functions keep each id they were asked about: only bounded ones reach them,
+    so bodies of long junk ids cannot fill memory."""
+    from service import api
+
+    long_id = "x" * 100_000
+    for body in (
+        {"user": {"id": 1}, "candidates": [{"item_id": long_id, "score": 1}], "k": 1},
+        {"user": {"id": long_id}, "candidates": [{"item_id": 1, "score": 1}], "k": 1},
+    ):
+        before = api._item_key.cache_info().currsize + api._string_user_key.cache_info().currsize
+        with pytest.raises(ApiError) as e:
+            READER.read_json(json.dumps(body).encode())
+        assert e.value.message == "100000 characters, at most 128"
+        after = api._item_key.cache_info().currsize + api._string_user_key.cache_info().currsize
+        assert after == before
