@@ -11,7 +11,8 @@ A bundle is a directory `artifacts/<version>/` written by `python -m export buil
     decoder.onnx            one decode pass -> head_scores (B, n, M) at the last position,
                             present.{i}.key / present.{i}.value
     *.fp16.onnx             the same graphs in float16 (GPU path), when exported with --fp16
-    item_embeddings.npy     (N, d) float32, item_ids.npy (N,) int64: the item table, if given
+    item_embeddings.npy     (N, d) float32, item_ids.npy (N,) int64 id keys (contract.ids):
+                            the item table, if given
 
 `load_bundle` reads every file listed in the manifest, checks its size and sha256 BEFORE
 anything is parsed or any session created, and keeps the verified bytes: sessions are
@@ -36,6 +37,7 @@ import numpy as np
 
 from contract.config import ModelConfig
 from contract.features import HASH_NAME
+from contract.ids import ID_KEY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ class Bundle:
     model_config: ModelConfig
     graphs: dict[str, dict[str, GraphSpec]]  # precision -> graph name -> spec
     files: dict[str, bytes] = field(repr=False)  # verified bytes of every graph file
-    item_ids: np.ndarray | None = field(default=None, repr=False)  # (N,) int64 raw ids
+    item_ids: np.ndarray | None = field(default=None, repr=False)  # (N,) int64 id keys
     # (N, d) float32 or float16 (item_table.dtype), every value finite
     item_embeddings: np.ndarray | None = field(default=None, repr=False)
 
@@ -237,6 +239,11 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> ModelConfig:
         if hashing.get("name") != schema.hash_name or hashing.get("salt") != schema.hash_salt:
             raise _fail(path, f"hashing {_show(hashing)} disagrees with model_config.schema "
                               f"({schema.hash_name!r}, salt {schema.hash_salt})")  # fmt: skip
+        # the id -> key rule (contract.ids) its item table and caches were keyed by; a
+        # bundle from before string ids names none (its integer ids are their own keys)
+        if hashing.get("id_keys", ID_KEY_NAME) != ID_KEY_NAME:
+            raise _fail(path, f"hashing.id_keys {_show(hashing['id_keys'])}: unknown id key "
+                              f"rule (this service keys ids by {ID_KEY_NAME!r})")  # fmt: skip
     _graph_specs(path, manifest)
     for name, entry in _object(path, "files", manifest["files"]).items():
         entry = _object(path, f"files.{name}", entry)

@@ -1,7 +1,8 @@
 """The feature schema shared by training, export and serving (numpy only, no torch).
 
 Ids of any size are hashed into a fixed number of buckets, so any item or user id
-works at serving time without a vocabulary. The hash is splitmix64 on uint64,
+works at serving time without a vocabulary (a string id is first mapped to its 64-bit key
+by contract.ids, then hashed like an integer). The hash is splitmix64 on uint64,
 vectorized in numpy; the same function runs offline and online, and its name and
 salt travel in every checkpoint and bundle manifest.
 """
@@ -12,6 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from contract.ids import PAD_KEY
 
 HASH_NAME = "splitmix64-v1"
 
@@ -97,9 +100,10 @@ class HashedItems:
 def hash_items(
     schema: FeatureSchema, item_id: np.ndarray, item_cat: np.ndarray, item_dense: np.ndarray
 ) -> HashedItems:
-    """Raw ids/categoricals -> buckets. item_cat has the schema's categorical order on its
-    last axis. Padding (id < 0) maps to bucket 0 everywhere."""
-    pad = np.asarray(item_id) < 0
+    """Id keys (contract.ids) and raw categoricals -> buckets. item_cat has the schema's
+    categorical order on its last axis. Padding (key -1, PAD_KEY) maps to bucket 0
+    everywhere; any other key, a string id's negative one included, is hashed."""
+    pad = np.asarray(item_id) == PAD_KEY
     hid = hash_ids(item_id, schema.item_id_buckets, schema.hash_salt)
     hcat = np.stack(
         [

@@ -46,6 +46,7 @@ from contract.bundle import (
 )
 from contract.config import ModelConfig
 from contract.features import hash_items
+from contract.ids import ID_KEY_NAME
 from export.config import ExportConfig
 from export.graphs import describe, export_graph, metadata_props
 from model.checkpoint import load_checkpoint, tensors_digest
@@ -108,15 +109,14 @@ def embed_item_table(
     item_tower_onnx: Path, cfg: ModelConfig, items_path: str, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The item table through the exported fp32 item tower (the very graph the service runs
-    for cache misses). -> ids (N,) int64 raw, embeddings (N, d) float32."""
+    for cache misses). -> ids (N,) int64 keys (contract.ids: an integer id is itself, a
+    string one its key; read_items refuses negative integers), embeddings (N, d) float32."""
     from model.log_io import read_items  # pyarrow: only needed with --items
 
     ids, cat, dense = read_items(items_path, cfg.schema)
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise ValueError(f"{items_path}: duplicate item ids, e.g. {unique[counts > 1][:5]}")
-    if (ids < 0).any():
-        raise ValueError(f"{items_path}: negative item ids (reserved for padding)")
+        raise ValueError(f"{items_path}: duplicate item ids, e.g. keys {unique[counts > 1][:5]}")
     hashed = hash_items(cfg.schema, ids, cat, dense)
     session = ort.InferenceSession(str(item_tower_onnx), providers=["CPUExecutionProvider"])
     out = np.empty((len(ids), cfg.d_model), np.float32)
@@ -215,7 +215,11 @@ def build_bundle(
                 "max_candidates": cfg.max_candidates,
                 "max_steps": cfg.max_steps,
             },
-            "hashing": {"name": cfg.schema.hash_name, "salt": cfg.schema.hash_salt},
+            "hashing": {
+                "name": cfg.schema.hash_name,
+                "salt": cfg.schema.hash_salt,
+                "id_keys": ID_KEY_NAME,
+            },
             "opset": ec.opset,
             "exporter": {
                 "name": "torch.onnx.export (TorchScript tracer, dynamo=False)",

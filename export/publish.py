@@ -1,8 +1,11 @@
 """`python -m export publish artifacts/<version> --redis-url URL`: the bundle's item table
 into Redis, the L2 of the embedding cache (design §7).
 
-    {prefix}:emb:{version}:{item_id}    raw little-endian float16 (default) or float32 bytes
+    {prefix}:emb:{version}:{key}        raw little-endian float16 (default) or float32 bytes
     {prefix}:emb:{version}:__meta__     JSON {dim, dtype, count, version, created}, written LAST
+
+key: the item id's 64-bit key in decimal, as the bundle's item_ids.npy holds it
+(contract/ids.py: an integer id is itself, a string id its hashed, negative key).
 
 Keys carry the bundle version, so two bundles coexist and a reader of version v never sees
 another model's vectors. The meta key is written only after every data chunk is

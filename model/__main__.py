@@ -28,7 +28,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     items = (world.item_id, world.item_cat, world.item_dense)
-    write_dataset(out, logs, ModelConfig().schema, items=items)
+    write_dataset(out, logs, ModelConfig().schema, items=items, string_ids=args.string_ids)
     world.save(out / "world.npz")
     room = headroom(world, logs.take(slice(0, 5000)))
     print(json.dumps({"out": str(out), "requests": len(logs), "headroom": room}, indent=2))
@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-propensity",
         action="store_true",
         help="do not log the logging policy's exposure propensities (their column is optional)",
+    )
+    g.add_argument(
+        "--string-ids",
+        action="store_true",
+        help="write user and item ids as strings (u-<n>, sku-<n>), as many catalogs have "
+        "them; the gold metrics (world.npz) need the integer ids",
     )
     g.set_defaults(fn=_generate)
 

@@ -90,16 +90,18 @@ def write_dataset(
     schema: FeatureSchema,
     items: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    string_ids: bool = False,
 ) -> DatasetPaths:
     """Split an in-memory batch by time and write a dataset directory.
 
-    items = (item_id, item_cat, item_dense) as for write_items, or None."""
+    items = (item_id, item_cat, item_dense) as for write_items, or None. string_ids=True
+    writes every id as a string ("u-<n>", "sku-<n>"; write_logs)."""
     paths = dataset_paths(out_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
     for name, part in zip(SPLITS, split_by_time(batch, fractions), strict=True):
-        write_logs(part, getattr(paths, name), schema)
+        write_logs(part, getattr(paths, name), schema, string_ids=string_ids)
     if items is not None:
-        write_items(paths.items, *items, schema)
+        write_items(paths.items, *items, schema, string_ids=string_ids)
     _write_schema_json(paths, schema)
     return paths
 

@@ -8,9 +8,10 @@ For a FeatureSchema ``schema`` a log file (one row per request) has exactly thes
 | ----------------- | ------------- | ------- | ------------------------------------------- |
 | request_id        | int64         | scalar  | request id                                  |
 | ts                | int64         | scalar  | request time (logs are split by it)         |
-| user_id           | int64         | scalar  | raw user id (hashed later, features.py)     |
+| user_id           | int64/string  | scalar  | raw user id (hashed later, features.py)     |
 | user_<name>       | float32       | scalar  | one per name in schema.user_dense           |
 | item_ids          | list<int64>   | m       | candidates, upstream order (j = position j) |
+|                   | list<string>  |         | (or string ids: see below)                  |
 | upstream_scores   | list<float32> | m       | upstream ranker score; NaN/inf rejected     |
 | cand_<name>       | list<int64>   | m       | one per schema.categorical_names            |
 | cand_<name>       | list<float32> | m       | one per schema.item_dense                   |
@@ -25,13 +26,22 @@ Optional column (written when the batch carries it, read when the file has it):
 | ------------------ | ------------- | ------- | ------------------------------------------ |
 | logging_propensity | list<float32> | m       | P(the logging policy exposes candidate j)  |
 
+Ids (``user_id``, ``item_ids``, the item table's ``item_id``) are integers or strings, each
+column one or the other: an integer item id is >= 0; a string id is 1..128 printable ASCII
+characters without spaces. The reader maps every id to its 64-bit key (contract/ids.py: an
+integer, or a string that spells one canonically, is itself; any other string is hashed to
+a negative key), the key the model hashes and the service serves by, so ``"sku-12"`` in a
+log and in a request are the same item. ``write_logs(..., string_ids=True)`` writes the ids
+of a batch as ``u-<n>`` and ``sku-<n>`` strings (the simulator's ``--string-ids``).
+
 m and K vary per row. No nulls anywhere. File key-value metadata:
 ``b"gref.schema"`` = JSON of ``schema.to_dict()``, ``b"gref.log_version"`` = ``b"1"``.
 The reader accepts any integer width for integer columns, any float width for float
 columns and large_list for list (it casts); anything else is a ``LogSchemaError``.
 
-Item table (``items.parquet``): ``item_id`` int64, one int64 column per categorical name,
-one float32 column per dense name (bare names, no ``cand_`` prefix); same metadata.
+Item table (``items.parquet``): ``item_id`` int64 (or string), one int64 column per
+categorical name, one float32 column per dense name (bare names, no ``cand_`` prefix);
+same metadata.
 
 Reading and writing: model/log_io.py. Dataset directories and the time split:
 model/dataset.py. The Avito converter: model/avito.py. In memory a log is a ``ListBatch``
@@ -55,6 +65,10 @@ SCHEMA_KEY = b"gref.schema"
 VERSION_KEY = b"gref.log_version"
 FEEDBACK = ("click", "like", "long_view")
 PROPENSITY = "logging_propensity"  # the optional column (ListBatch.propensity)
+# id columns: integers or strings (the schemas below give the integer form)
+ID_COLUMNS = frozenset({"user_id", "item_ids", "item_id"})
+# the string ids write_logs / write_items write for integer ids n (string_ids=True)
+USER_ID_PREFIX, ITEM_ID_PREFIX = "u-", "sku-"
 
 PathLike = str | os.PathLike[str]
 
@@ -93,17 +107,29 @@ def _metadata(schema: FeatureSchema) -> dict[bytes, bytes]:
     }
 
 
-def log_arrow_schema(schema: FeatureSchema, propensity: bool = False) -> pa.Schema:
+def _string_ids(cols: list[tuple[str, pa.DataType]]) -> list[tuple[str, pa.DataType]]:
+    """The id columns as strings (list<string> for a list column)."""
+
+    def as_string(t: pa.DataType) -> pa.DataType:
+        return pa.list_(pa.string()) if pa.types.is_list(t) else pa.string()
+
+    return [(n, as_string(t) if n in ID_COLUMNS else t) for n, t in cols]
+
+
+def log_arrow_schema(
+    schema: FeatureSchema, propensity: bool = False, string_ids: bool = False
+) -> pa.Schema:
     """The Arrow schema of a log file for ``schema`` (with its metadata); propensity=True
-    adds the optional logging_propensity column."""
+    adds the optional logging_propensity column, string_ids=True makes the ids strings."""
     cols = log_columns(schema) + ([(PROPENSITY, pa.list_(pa.float32()))] if propensity else [])
+    cols = _string_ids(cols) if string_ids else cols
     fields = [pa.field(n, t, nullable=False) for n, t in cols]
     return pa.schema(fields, metadata=_metadata(schema))
 
 
-def item_arrow_schema(schema: FeatureSchema) -> pa.Schema:
+def item_arrow_schema(schema: FeatureSchema, string_ids: bool = False) -> pa.Schema:
     """The Arrow schema of an item table for ``schema`` (with its metadata)."""
-    cols = [("item_id", pa.int64())]
+    cols = [("item_id", pa.string() if string_ids else pa.int64())]
     cols += [(n, pa.int64()) for n in schema.categorical_names]
     cols += [(n, pa.float32()) for n in schema.item_dense]
     return pa.schema([pa.field(n, t, nullable=False) for n, t in cols], metadata=_metadata(schema))
@@ -130,12 +156,15 @@ def read_schema(path: PathLike) -> FeatureSchema:
     return schema_from_metadata(pq.read_schema(path).metadata, path)
 
 
-def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:
-    """Same shape (scalar / list) and same kind (integer / float) of values."""
+def _type_ok(actual: pa.DataType, expected: pa.DataType, is_id: bool = False) -> bool:
+    """Same shape (scalar / list) and same kind (integer / float) of values; an id column
+    (is_id) may hold strings instead of integers."""
     if pa.types.is_list(expected):
         if not (pa.types.is_list(actual) or pa.types.is_large_list(actual)):
             return False
         actual, expected = actual.value_type, expected.value_type
+    if is_id and (pa.types.is_string(actual) or pa.types.is_large_string(actual)):
+        return True
     if pa.types.is_integer(expected):
         return pa.types.is_integer(actual)
     return pa.types.is_floating(actual)
@@ -149,8 +178,11 @@ def check_columns(
         if name not in present:
             raise LogSchemaError(f"{path}: column {name!r}: missing")
         actual = file_schema.field(name).type
-        if not _type_ok(actual, typ):
-            raise LogSchemaError(f"{path}: column {name!r}: wrong type {actual}, expected {typ}")
+        if not _type_ok(actual, typ, name in ID_COLUMNS):
+            also = " (or strings)" if name in ID_COLUMNS else ""
+            raise LogSchemaError(
+                f"{path}: column {name!r}: wrong type {actual}, expected {typ}{also}"
+            )
 
 
 # ---------------------------------------------------------------------------------------

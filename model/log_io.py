@@ -8,7 +8,7 @@ and validates as it reads (numpy + pyarrow only, no torch).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from contract.features import FeatureSchema
+from contract.ids import item_problem, string_key, string_problem
 from model.data import ListBatch
 from model.log_format import (
     FEEDBACK,
+    ITEM_ID_PREFIX,
     LOG_VERSION,
     PROPENSITY,
+    USER_ID_PREFIX,
     VERSION_KEY,
     LogSchemaError,
     PathLike,
@@ -81,6 +84,13 @@ def _check_batch(batch: ListBatch, schema: FeatureSchema) -> None:
         raise ValueError("upstream_score: NaN or inf on a candidate")
 
 
+def _ids(ids: np.ndarray, prefix: str, typ: pa.DataType) -> pa.Array:
+    """Integer ids as `typ`: themselves, or (a string type) the strings prefix + id."""
+    if pa.types.is_integer(typ):
+        return pa.array(ids, typ)
+    return pa.array(np.char.add(prefix, ids.astype(str)), typ)
+
+
 def _log_record_batch(batch: ListBatch, schema: FeatureSchema, arrow: pa.Schema) -> pa.RecordBatch:
     """Unpad a ListBatch into one Arrow record batch: flat values + offsets, no row loop."""
     cand = batch.cand_mask.astype(bool)  # (B, M)
@@ -90,12 +100,17 @@ def _log_record_batch(batch: ListBatch, schema: FeatureSchema, arrow: pa.Schema)
     cols: dict[str, pa.Array] = {
         "request_id": pa.array(batch.request_id, pa.int64()),
         "ts": pa.array(batch.ts, pa.int64()),
-        "user_id": pa.array(batch.user_id, pa.int64()),
+        "user_id": _ids(batch.user_id, USER_ID_PREFIX, arrow.field("user_id").type),
     }
     for f, name in enumerate(schema.user_dense):
         cols[f"user_{name}"] = pa.array(batch.user_dense[:, f], pa.float32())
     lint, lfloat = pa.list_(pa.int64()), pa.list_(pa.float32())
-    cols["item_ids"] = list_array(c_off, batch.item_id[cand], lint)
+    item_type = arrow.field("item_ids").type
+    cols["item_ids"] = pa.ListArray.from_arrays(
+        pa.array(c_off, pa.int32()),
+        _ids(batch.item_id[cand], ITEM_ID_PREFIX, item_type.value_type),
+        type=item_type,
+    )
     cols["upstream_scores"] = list_array(c_off, batch.upstream_score[cand], lfloat)
     for f, name in enumerate(schema.categorical_names):
         cols[f"cand_{name}"] = list_array(c_off, batch.item_cat[..., f][cand], lint)
@@ -110,16 +125,21 @@ def _log_record_batch(batch: ListBatch, schema: FeatureSchema, arrow: pa.Schema)
 
 
 def write_logs(
-    batch: ListBatch, path: PathLike, schema: FeatureSchema, row_group_size: int = 16_384
+    batch: ListBatch,
+    path: PathLike,
+    schema: FeatureSchema,
+    row_group_size: int = 16_384,
+    string_ids: bool = False,
 ) -> None:
     """Write a padded ListBatch as a log file (one row per request, padding dropped).
 
     Padding must sit at the tail of each row (cand_mask / exposed >= 0 are prefixes);
     feedback on padded exposure slots is dropped. The logging_propensity column is written
-    when every real candidate carries one (ListBatch.has_propensity). Raises ValueError on a
-    batch that breaks the contract (so a bad batch never reaches disk)."""
+    when every real candidate carries one (ListBatch.has_propensity). string_ids=True
+    writes user id n as "u-<n>" and item id n as "sku-<n>" (string id columns). Raises
+    ValueError on a batch that breaks the contract (so a bad batch never reaches disk)."""
     _check_batch(batch, schema)
-    arrow = log_arrow_schema(schema, propensity=batch.has_propensity)
+    arrow = log_arrow_schema(schema, propensity=batch.has_propensity, string_ids=string_ids)
     with pq.ParquetWriter(path, arrow) as writer:
         for start in range(0, len(batch), row_group_size):
             part = batch.take(slice(start, start + row_group_size))
@@ -130,6 +150,29 @@ def write_logs(
 
 # ---------------------------------------------------------------------------------------
 # Reading (streamed)
+
+
+def id_keys(
+    values: pa.Array, items: bool, fail: Callable[[str, int], LogSchemaError]
+) -> np.ndarray:
+    """An id column's values (integers or strings) -> (N,) int64 keys (contract.ids);
+    fail(problem, index of the value) for the first id that cannot be one (items: item ids,
+    >= 0 when integers)."""
+    if pa.types.is_integer(values.type):
+        keys = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        bad = np.flatnonzero(keys < 0) if items else np.zeros(0, np.int64)
+        if bad.size:
+            raise fail("negative item id (negative ids are padding)", int(bad[0]))
+        return keys
+    encoded = values.dictionary_encode()  # each distinct string keyed once
+    words = encoded.dictionary.to_pylist()
+    index = encoded.indices.to_numpy(zero_copy_only=False)
+    check = item_problem if items else string_problem
+    for at, word in enumerate(words):
+        if (problem := check(word)) is not None:
+            raise fail(f"id {word[:40]!r}: {problem}", int(np.flatnonzero(index == at)[0]))
+    table = np.array([string_key(w) for w in words], np.int64)
+    return table[index]
 
 
 @dataclass(frozen=True)
@@ -173,8 +216,15 @@ class _BatchReader:
             raise LogSchemaError(f"{self.path}: column {name!r}: null values")
         return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
+    def user_ids(self) -> np.ndarray:
+        """(B,) int64 keys of the user_id column (integers or strings)."""
+        arr = self.rb.column("user_id")
+        if arr.null_count:
+            raise LogSchemaError(f"{self.path}: column 'user_id': null values")
+        return self.keys("user_id", arr, None)
+
     def lists(self, name: str, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-        """-> lengths (B,), flat values (N,) of a list column."""
+        """-> lengths (B,), flat values (N,) of a list column (dtype None: id keys)."""
         arr = self.rb.column(name)
         if arr.null_count:
             raise self.fail(name, "null list", int(np.flatnonzero(arr.is_null())[0]))
@@ -183,8 +233,19 @@ class _BatchReader:
         if values.null_count:
             row = np.searchsorted(off, off[0] + np.flatnonzero(values.is_null())[0], "right") - 1
             raise self.fail(name, "null value in a list", int(row))
-        flat = values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-        return np.diff(off), flat
+        lengths = np.diff(off)
+        if dtype is None:
+            return lengths, self.keys(name, values, np.repeat(np.arange(len(lengths)), lengths))
+        return lengths, values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+    def keys(self, name: str, values: pa.Array, rows: np.ndarray | None) -> np.ndarray:
+        """An id column's values -> (N,) int64 keys (id_keys); rows: each value's row (a
+        list column), None for a scalar column (value i is row i)."""
+
+        def fail(problem: str, at: int) -> LogSchemaError:
+            return self.fail(name, problem, at if rows is None else int(rows[at]))
+
+        return id_keys(values, name != "user_id", fail)
 
     def same_length(self, name: str, lengths: np.ndarray, ref: np.ndarray, ref_name: str) -> None:
         bad = np.flatnonzero(lengths != ref)
@@ -193,7 +254,7 @@ class _BatchReader:
 
     def read(self, schema: FeatureSchema) -> ListBatch:
         B = self.rb.num_rows
-        m, item_id = self.lists("item_ids", np.int64)
+        m, item_id = self.lists("item_ids", None)
         cand = _Lists.of(m)
         s_len, score = self.lists("upstream_scores", np.float32)
         self.same_length("upstream_scores", s_len, m, "item_ids")
@@ -241,7 +302,7 @@ class _BatchReader:
         return ListBatch(
             request_id=self.request_id,
             ts=self.scalar("ts", np.int64),
-            user_id=self.scalar("user_id", np.int64),
+            user_id=self.user_ids(),
             user_dense=user_dense,
             item_id=cand.pad(item_id, -1, np.int64),
             item_cat=item_cat,
@@ -372,8 +433,10 @@ def write_items(
     item_cat: np.ndarray,
     item_dense: np.ndarray,
     schema: FeatureSchema,
+    string_ids: bool = False,
 ) -> None:
-    """Write the item table: item_id (N,), item_cat (N, Fc), item_dense (N, Fd)."""
+    """Write the item table: item_id (N,), item_cat (N, Fc), item_dense (N, Fd);
+    string_ids=True writes item id n as "sku-<n>" (as write_logs does)."""
     n = item_id.shape[0]
     fc, fd = len(schema.categorical_names), len(schema.item_dense)
     if item_cat.shape != (n, fc) or item_dense.shape != (n, fd):
@@ -381,15 +444,16 @@ def write_items(
             f"item_cat {item_cat.shape} / item_dense {item_dense.shape}, "
             f"expected ({n}, {fc}) / ({n}, {fd})"
         )
-    arrow = item_arrow_schema(schema)
-    arrays = [pa.array(item_id, pa.int64())]
+    arrow = item_arrow_schema(schema, string_ids)
+    arrays = [_ids(item_id, ITEM_ID_PREFIX, arrow.field("item_id").type)]
     arrays += [pa.array(item_cat[:, f], pa.int64()) for f in range(fc)]
     arrays += [pa.array(item_dense[:, f], pa.float32()) for f in range(fd)]
     pq.write_table(pa.Table.from_arrays(arrays, schema=arrow), path)
 
 
 def read_items(path: PathLike, schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> item_id (N,) int64, item_cat (N, Fc) int64, item_dense (N, Fd) float32."""
+    """-> item_id (N,) int64 keys (contract.ids: an integer id is itself, a string one
+    its key), item_cat (N, Fc) int64, item_dense (N, Fd) float32."""
     arrow = item_arrow_schema(schema)
     pf = pq.ParquetFile(path)
     check_columns(pf.schema_arrow, [(f.name, f.type) for f in arrow], path)
@@ -404,8 +468,15 @@ def read_items(path: PathLike, schema: FeatureSchema) -> tuple[np.ndarray, np.nd
     n = table.num_rows
     cat = [col(name, np.int64) for name in schema.categorical_names]
     dense = [col(name, np.float32) for name in schema.item_dense]
+    ids = table.column("item_id")
+    if ids.null_count:
+        raise LogSchemaError(f"{path}: column 'item_id': null values")
+
+    def fail(problem: str, row: int) -> LogSchemaError:
+        return LogSchemaError(f"{path}: column 'item_id': {problem} (row {row})")
+
     return (
-        col("item_id", np.int64),
+        id_keys(ids.combine_chunks(), True, fail),
         np.stack(cat, axis=1) if cat else np.zeros((n, 0), np.int64),
         np.stack(dense, axis=1) if dense else np.zeros((n, 0), np.float32),
     )

@@ -14,19 +14,28 @@ raw bytes, then `read`), whose error names the field.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain
 from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from contract.features import FeatureSchema, hash_id, hash_ids, hash_items
+from contract.ids import (
+    ID_PATTERN,
+    MAX_ID_LENGTH,
+    item_problem,
+    string_key,
+    string_problem,
+)
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
@@ -47,6 +56,29 @@ JsonInt = Annotated[int, BeforeValidator(_integral)]
 # themselves stay in the reader, whose messages name the field and the reason
 _F32 = float(np.finfo(np.float32).max)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_STRING_ID: dict[str, Any] = {
+    "type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN,
+    "description": "A string id: printable ASCII without spaces. One that spells an int64 "
+    "in canonical decimal form (\"123\", not \"0123\") is that integer; any other is "
+    "hashed to a 64-bit key (contract/ids.py), the same way in training.",
+}  # fmt: skip
+
+
+def _id_schema(minimum: int, description: str) -> WithJsonSchema:
+    """An id field's schema: an integer (an integral JSON number is one) or a string id.
+    The reader checks both (its messages name the field); the schema states the limits."""
+    integer = {"type": "integer", "minimum": minimum, "maximum": _INT64_MAX}
+    return WithJsonSchema({"anyOf": [integer, _STRING_ID], "description": description})
+
+
+UserId = Annotated[int | str, BeforeValidator(_integral), _id_schema(
+    _INT64_MIN, "Raw user id: an int64 or a string id (hashed by the service as in training).",
+)]  # fmt: skip
+ItemId = Annotated[int | str, BeforeValidator(_integral), _id_schema(
+    0, "Raw item id, unique within the request: an int64 >= 0 (negative integers are "
+    "padding) or a string id. Duplicates are found after normalisation: \"123\" and 123 "
+    "are the same item. Echoed as sent.",
+)]  # fmt: skip
 _F32_RANGE: dict[str, Any] = {"minimum": -_F32, "maximum": _F32}
 MAX_BUDGET_MS = 60_000.0  # a minute: past it an answer no longer serves an online request
 # what an HTTP header value can carry as is (no CR/LF, no non-Latin-1): the id is echoed
@@ -58,10 +90,7 @@ class User(BaseModel):
     """The user the list is for."""
 
     model_config = _STRICT
-    id: JsonInt = Field(
-        description="Raw user id (hashed by the service as in training), an int64.",
-        json_schema_extra={"minimum": _INT64_MIN, "maximum": _INT64_MAX},
-    )
+    id: UserId
     features: dict[str, FeatureValue] = Field(
         default_factory=dict,
         description="User dense features by name (the bundle's user_dense names, see "
@@ -73,11 +102,7 @@ class Candidate(BaseModel):
     """One candidate, in upstream order."""
 
     model_config = _STRICT
-    item_id: JsonInt = Field(
-        description="Raw item id, unique within the request: an int64 >= 0 (negative ids "
-        "are padding).",
-        json_schema_extra={"minimum": 0, "maximum": _INT64_MAX},
-    )
+    item_id: ItemId
     score: FeatureValue = Field(
         description="Upstream ranker's score (within the float32 range).",
         json_schema_extra=_F32_RANGE,
@@ -118,7 +143,7 @@ class RerankIn(BaseModel):
 
 
 class Item(BaseModel):
-    item_id: int
+    item_id: int | str = Field(description="The candidate's item_id, exactly as sent.")
     score: float = Field(description="Score of the head that chose it (upstream score when "
                          "degraded to upstream order).")  # fmt: skip
 
@@ -185,6 +210,9 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 # pydantic names the member of a union that failed after the field: an item feature
 # (int | float) refused reads `candidates[0].features.category.int`; the field is the feature
 _UNION_TAGS = frozenset({"int", "float"})
+# an id (int | str) refused reads `user.id.int`: the field is the id
+_ID_FIELDS, _ID_TAGS = frozenset({"id", "item_id"}), frozenset({"int", "str"})
+_ID_TYPE_MESSAGE = "Input should be an integer or a string id"
 _FEATURE_MESSAGE = "Input should be a number (an integer for a categorical feature)"
 _REQUEST_ID_MESSAGE = (
     "printable ASCII without spaces only (it is echoed in the X-Request-ID header)"
@@ -204,6 +232,8 @@ def parse_body(body: bytes) -> RerankIn:
             message = _REQUEST_ID_MESSAGE
         elif len(loc) >= 3 and loc[-3] == "features" and loc[-1] in _UNION_TAGS:
             loc, message = loc[:-1], _FEATURE_MESSAGE
+        elif len(loc) >= 2 and loc[-2] in _ID_FIELDS and loc[-1] in _ID_TAGS:
+            loc, message = loc[:-1], _ID_TYPE_MESSAGE
         raise invalid(_loc(loc) or None, message) from None
 
 
@@ -223,10 +253,10 @@ class Limits:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A checked request as arrays (raw ids; hashed ones for the model)."""
+    """A checked request as arrays (id keys; hashed ones for the model)."""
 
     request_id: str | None
-    item_ids: np.ndarray  # (m,) int64 raw ids (cache keys)
+    item_ids: np.ndarray  # (m,) int64 id keys (contract.ids; the cache keys)
     upstream_score: np.ndarray  # (m,) float32
     item_cat: np.ndarray  # (m, Fc) int64 raw categorical ids
     item_dense: np.ndarray  # (m, Fd) float32
@@ -234,10 +264,21 @@ class Parsed:
     user_dense: np.ndarray  # (Fu,) float32
     k: int
     budget_ms: float | None
+    # the item ids as sent, when some are strings (None: all integers, item_ids are them)
+    sent_ids: list[int | str] | None = None
 
     @property
     def m(self) -> int:
         return int(self.item_ids.shape[0])
+
+    def answer_ids(self, order: slice | np.ndarray) -> list[int | str]:
+        """The item ids at `order` (candidate indices), each as the caller sent it."""
+        sent = self.sent_ids
+        if sent is None:
+            return self.item_ids[order].tolist()
+        if isinstance(order, slice):
+            return sent[order]
+        return [sent[i] for i in order.tolist()]
 
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -249,6 +290,22 @@ _RANGE = "out of the float32 range"
 
 
 _ITEM_ID, _SCORE, _FEATURES = attrgetter("item_id"), attrgetter("score"), attrgetter("features")
+
+
+@lru_cache(maxsize=1 << 16)
+def _item_key(value: int | str) -> int | None:
+    """An item id's key on the fast path of a request with string ids, None when it cannot
+    be one (the checked path says why). Memoised with its check, in C: a catalog's ids
+    repeat from request to request."""
+    if item_problem(value) is not None:
+        return None
+    return string_key(value) if type(value) is str else value  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=1 << 12)
+def _string_user_key(text: str) -> int | None:
+    """The key of a string user id, None when it cannot be one."""
+    return None if string_problem(text) is not None else string_key(text)
 
 
 def _getter(fields: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
@@ -281,12 +338,16 @@ class _Wire:
     def __init__(self, cat: Sequence[str], dense: Sequence[str], user: Sequence[str]) -> None:
         item_features = _feature_struct("ItemFeatures", cat, dense)
         user_features = _feature_struct("UserFeatures", (), user)
+        # an id: an integer or a string of a bounded length (so that no longer one reaches
+        # the memoised key functions, whose cache holds each string it was asked about)
+        wire_id = int | Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
         candidate = msgspec.defstruct("Candidate", [
-            ("item_id", int), ("score", float),
+            ("item_id", wire_id), ("score", float),
             ("features", item_features, msgspec.field(default_factory=item_features)),
         ], forbid_unknown_fields=True, gc=False)  # fmt: skip
         user_struct = msgspec.defstruct("User", [
-            ("id", int), ("features", user_features, msgspec.field(default_factory=user_features)),
+            ("id", wire_id),
+            ("features", user_features, msgspec.field(default_factory=user_features)),
         ], forbid_unknown_fields=True, gc=False)  # fmt: skip
         request = msgspec.defstruct("RerankIn", [
             ("user", user_struct), ("candidates", list[candidate]), ("k", int),  # type: ignore[valid-type]
@@ -331,12 +392,21 @@ class RequestReader:
         if rid is not None and (len(rid) > _MAX_ID_LEN or not _REQUEST_ID_OK(rid)):
             return None
         uid = req.user.id
-        if not _INT64[0] <= uid <= _INT64[1]:
+        if type(uid) is str:
+            uid = _string_user_key(uid)
+            if uid is None:
+                return None
+        elif not _INT64[0] <= uid <= _INT64[1]:
             return None
         if budget is not None and not 0 <= budget <= MAX_BUDGET_MS:  # NaN fails this too
             return None
-        ids = list(map(_ITEM_ID, cands))
-        if len(set(ids)) != m:
+        ids: list[Any] = list(map(_ITEM_ID, cands))
+        sent: list[int | str] | None = None  # integers: their own keys (negatives: below)
+        if str in set(map(type, ids)):  # string ids: their keys (negative ones among them)
+            sent, ids = ids, list(map(_item_key, ids))
+            if None in ids:
+                return None
+        if len(set(ids)) != m:  # duplicates after normalisation ("12" is 12)
             return None
         feats = list(map(_FEATURES, cands))
         try:  # beyond int64 (msgspec reads up to uint64): OverflowError
@@ -347,7 +417,8 @@ class RequestReader:
         # one float64 array of every number: the range check (beyond float32, inf) at once
         numbers = np.array([*map(_SCORE, cands), *chain.from_iterable(map(wire.dense_of, feats)),
                             *wire.user_of(req.user.features)])  # fmt: skip
-        if (m and ids_a.min() < 0) or not (np.abs(numbers) <= _F32_MAX).all():
+        negative = sent is None and m and ids_a.min() < 0
+        if negative or not (np.abs(numbers) <= _F32_MAX).all():
             return None  # negative ids, NaN, inf or beyond float32: the checked way says which
         numbers32 = numbers.astype(np.float32)
         n_cat, n_dense = len(self.cat_names), len(self.dense_names)
@@ -361,6 +432,7 @@ class RequestReader:
             user_dense=numbers32[m + m * n_dense :],
             k=k,
             budget_ms=None if budget is None else float(budget),
+            sent_ids=sent,
         )
 
     def read(self, req: RerankIn) -> Parsed:
@@ -379,7 +451,7 @@ class RequestReader:
             if isinstance(value, int) and abs(value) > _F32_MAX:
                 raise invalid(f"user.features.{name}", _RANGE)
             user_dense[at] = value
-        _check_int64("user.id", req.user.id)
+        user_key = _user_key(req.user.id)
         # only bodies the fast path (read_json) was unsure of come here: one candidate at
         # a time, so the first problem is named
         ids, scores, cat, dense = self._candidates_checked(req.candidates)
@@ -392,8 +464,9 @@ class RequestReader:
         if (np.abs(user_dense) > _F32_MAX).any():
             at = int(np.flatnonzero(np.abs(user_dense) > _F32_MAX)[0])
             raise invalid(f"user.features.{self.schema.user_dense[at]}", _RANGE)
-        user_bucket = hash_ids(np.array([req.user.id]), self.schema.user_id_buckets,
+        user_bucket = hash_ids(np.array([user_key]), self.schema.user_id_buckets,
                                self.schema.hash_salt)  # fmt: skip
+        sent = [c.item_id for c in req.candidates]
         return Parsed(
             request_id=req.request_id,
             item_ids=ids,
@@ -404,6 +477,7 @@ class RequestReader:
             user_dense=user_dense.astype(np.float32),
             k=req.k,
             budget_ms=req.budget_ms,
+            sent_ids=sent if str in set(map(type, sent)) else None,
         )
 
     def _candidates_checked(self, cands: list[Candidate]) -> _Arrays:
@@ -415,12 +489,11 @@ class RequestReader:
         dense = np.zeros((m, len(self.dense_index)))
         seen: dict[int, int] = {}
         for i, c in enumerate(cands):
-            _check_int64(f"candidates[{i}].item_id", c.item_id)
-            if c.item_id in seen:
-                raise invalid(f"candidates[{i}].item_id",
-                              f"duplicate of candidates[{seen[c.item_id]}]")  # fmt: skip
-            seen[c.item_id] = i
-            ids[i], scores[i] = c.item_id, c.score
+            key = _checked_item_key(i, c.item_id)
+            if key in seen:
+                raise invalid(f"candidates[{i}].item_id", _duplicate(cands, seen[key], i))
+            seen[key] = i
+            ids[i], scores[i] = key, c.score
             for name, value in c.features.items():
                 if (at := self.dense_index.get(name)) is not None:
                     if isinstance(value, int) and abs(value) > _F32_MAX:  # no float64 either
@@ -466,11 +539,30 @@ def request_schema(reader: RequestReader | None) -> dict[str, Any]:
     return body
 
 
-def _check_int64(field: str, value: int) -> None:
+def _user_key(value: int | str) -> int:
+    """user.id's key, or the 422 that says why it cannot be an id."""
+    if isinstance(value, str):
+        if (problem := string_problem(value)) is not None:
+            raise invalid("user.id", problem)
+        return string_key(value)
     if not _INT64[0] <= value <= _INT64[1]:
-        raise invalid(field, "out of the int64 range")
-    if value < 0 and field != "user.id":
-        raise invalid(field, "must be >= 0 (negative ids are padding)")
+        raise invalid("user.id", "out of the int64 range")
+    return value
+
+
+def _checked_item_key(i: int, value: int | str) -> int:
+    """candidates[i].item_id's key, or the 422 that says why it cannot be an item id."""
+    if (problem := item_problem(value)) is not None:
+        raise invalid(f"candidates[{i}].item_id", problem)
+    return string_key(value) if isinstance(value, str) else value
+
+
+def _duplicate(cands: list[Candidate], first: int, i: int) -> str:
+    """The message of candidates[i], the same item as candidates[first]."""
+    a, b = cands[first].item_id, cands[i].item_id
+    if a == b and type(a) is type(b):
+        return f"duplicate of candidates[{first}]"
+    return f"duplicate of candidates[{first}] ({json.dumps(b)} is {json.dumps(a)})"
 
 
 def finite(x: float) -> float:

@@ -7,7 +7,10 @@ Redis is used through the asyncio client, on the event loop: a request waiting o
 holds no thread and no engine slot, and `asyncio.wait_for` bounds the whole call even when
 a socket hangs. Every L1 access is on the event loop too, so the LRU needs no lock.
 
-    {prefix}:emb:{version}:{item_id} -> raw little-endian float16 or float32 bytes (d,)
+    {prefix}:emb:{version}:{key} -> raw little-endian float16 or float32 bytes (d,)
+
+where key is the item id's 64-bit key in decimal (contract/ids.py: an integer id is
+itself, a string id its hashed key); the L1 holds the same keys.
 
 The value's length tells its dtype (2d or 4d bytes), so vectors published as float16 and
 written back as float32 (or the reverse) read alike.

@@ -58,7 +58,7 @@ class BatchConfig:
 class Outcome:
     """What the handler sends back (before JSON)."""
 
-    item_ids: list[int]
+    item_ids: list[int | str]  # as the caller sent them
     scores: list[float]
     passes: int
     reason: str | None  # None: the model's list
@@ -78,7 +78,7 @@ class Outcome:
 def upstream(p: Parsed, reason: str) -> Outcome:
     """The candidates' given order, top k: what a request gets when the model cannot run."""
     return Outcome(
-        item_ids=p.item_ids[: p.k].tolist(),
+        item_ids=p.answer_ids(slice(0, p.k)),
         scores=p.upstream_score[: p.k].tolist(),
         passes=0,
         reason=reason,
@@ -240,7 +240,7 @@ class Reranker:
         else:
             r = done.result
             out = Outcome(
-                item_ids=p.item_ids[r.order].tolist(),
+                item_ids=p.answer_ids(r.order),
                 scores=[finite(s) for s in r.scores.tolist()],
                 passes=r.passes,
                 reason="budget" if r.completed_early else None,

@@ -1,6 +1,7 @@
 """HTTP throughput and latency: the service against two floors, in one run.
 
     python tests/bench/bench_http.py [--bundle DIR] [--duration S] [--concurrency N]
+                                     [--string-ids]
     pytest -m bench -s tests/bench/test_bench_http.py      (a short run, checks correctness)
 
 Targets, each its own uvicorn process on loopback, ONE worker, started and stopped here:
@@ -20,7 +21,8 @@ keep-alive connections: by default raw asyncio streams on uvloop with pre-built 
 bytes (httpx costs the client several times more CPU per request, enough to cap the echo;
 `--client httpx` uses it, and the client-check row measures it against the echo). The
 requests: m = 30 candidates, k = 10, user and item features named by the bundle's
-FeatureSchema, 64 distinct bodies sent in turn (their items are in L1 after the warm-up).
+FeatureSchema, 64 distinct bodies sent in turn (their items are in L1 after the warm-up);
+with --string-ids every id in them is a string ("sku-<n>", "u-<n>").
 
 Phase 1, closed loop: C connections each send the next request when the last one is
 answered, warm-up discarded; targets alternate in rounds so drifting machine load hits all.
@@ -78,6 +80,7 @@ from tests.support.load import (  # noqa: E402
     resolve_bundle,
     server_env,
     start_service,
+    string_bodies,
 )
 
 # ---------------------------------------------------------------- the servers
@@ -171,20 +174,24 @@ def run(
     bound_trials: int = 6,
     bound_duration_s: float = 3.0,
     bound_p99_ms: float = 10.0,
+    string_ids: bool = False,
 ) -> tuple[str, Report]:
     """The three phases against the targets; (the printed table, the numbers).
-    service_env: RERANK_* settings of the service (default: its defaults)."""
+    service_env: RERANK_* settings of the service (default: its defaults); string_ids:
+    every id of the bodies a string (string_bodies)."""
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gref-bench-")))
         path, how = resolve_bundle(bundle, workdir)
         manifest = json.loads((path / "manifest.json").read_text())
         bodies = build_bodies(manifest, m, k)
+        bodies = string_bodies(bodies) if string_ids else bodies
         place = bench_placement(pin)
         server_cpus, client_cpus = place.service, place.load
         report = Report(bundle=f"{manifest['version']} ({how}: {path})",
                         bound_p99_ms=bound_p99_ms)  # fmt: skip
         size = np.mean([len(b) for b in bodies]) / 1024
-        report.setup = (f"m = {m}, k = {k}, {len(bodies)} distinct bodies of ~{size:.1f} KiB; "
+        report.setup = (f"m = {m}, k = {k}, {len(bodies)} distinct bodies of ~{size:.1f} KiB "
+                        f"({'string' if string_ids else 'integer'} ids); "
                         f"client: {client} on {client_loop_name()}; nproc {os.cpu_count()}; "
                         f"{place.text}; service settings: {service_env or 'defaults'}")  # fmt: skip
 
@@ -395,12 +402,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="latency-bound search: seconds per trial")  # fmt: skip
     p.add_argument("--bound-p99", type=float, default=10.0,
                    help="latency-bound search: the p99 bound, ms")  # fmt: skip
+    p.add_argument("--string-ids", action="store_true",
+                   help='every id a string: item n "sku-<n>", user n "u-<n>"')  # fmt: skip
     args = p.parse_args(argv)
     text, _ = run(args.bundle, args.duration, args.warmup, args.concurrency, args.rounds,
                   args.load, args.client, not args.no_client_check, not args.no_pin,
                   service_env=dict(kv.split("=", 1) for kv in args.set),
                   bound_trials=args.bound_trials, bound_duration_s=args.bound_duration,
-                  bound_p99_ms=args.bound_p99)  # fmt: skip
+                  bound_p99_ms=args.bound_p99, string_ids=args.string_ids)  # fmt: skip
     print(text)
     return 0
 

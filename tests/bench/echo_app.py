@@ -55,7 +55,7 @@ async def rerank(request: Request) -> Response:
         "model_version": "echo",
         "items": [  # float32 scores, as the service writes them
             {"item_id": i, "score": s}
-            for i, s in zip(p.item_ids[: p.k].tolist(), p.upstream_score[: p.k], strict=True)
+            for i, s in zip(p.answer_ids(slice(0, p.k)), p.upstream_score[: p.k], strict=True)
         ],
         "degraded": False,
         "reason": None,

@@ -83,6 +83,52 @@ def test_served_lists_equal_the_torch_reference(
         assert "decode;dur=" in r.headers["Server-Timing"]
 
 
+def _as_sent(item_id: int, how: int) -> int | str:
+    """One integer id in the forms a request may mix: itself, its decimal string (the same
+    id), or a catalog's string id (another one)."""
+    return [item_id, str(item_id), f"sku-{item_id}"][how % 3]
+
+
+def test_string_and_mixed_ids_serve_the_torch_reference_and_echo_as_sent(
+    client: httpx.Client, tiny_bundle: tuple[Path, GenReranker]
+) -> None:
+    model = tiny_bundle[1]
+    rng = np.random.default_rng(6)
+    torch.set_num_threads(1)
+    for i in range(12):
+        m = int(rng.integers(1, MAX_CANDIDATES + 1))
+        body = make_request(rng, m, int(rng.integers(1, min(m, MAX_K) + 1)))
+        for j, c in enumerate(body["candidates"]):
+            c["item_id"] = _as_sent(c["item_id"], j + i)
+        body["user"]["id"] = [f"u-{i}", body["user"]["id"], str(i)][i % 3]
+        out = client.post("/v1/rerank", json=body)
+        assert out.status_code == 200, out.text
+        served = [it["item_id"] for it in out.json()["items"]]
+        assert served == reference(model, body), i  # the very values sent: "12" stays "12"
+        assert not out.json()["degraded"]
+        # the same items as integers where they spell one: the same cache entries, same list
+        for c in body["candidates"]:
+            if isinstance(c["item_id"], str) and c["item_id"].isdigit():
+                c["item_id"] = int(c["item_id"])
+        again = client.post("/v1/rerank", json=body).json()["items"]
+        assert [str(it["item_id"]) for it in again] == [str(x) for x in served]
+
+
+def test_a_string_id_and_its_integer_are_one_item(client: httpx.Client) -> None:
+    body = good_body()
+    body["candidates"][2]["item_id"] = 12
+    body["candidates"][7]["item_id"] = "12"
+    r = client.post("/v1/rerank", json=body)
+    assert r.status_code == 422
+    assert r.json()["error"] == {"type": "invalid_request", "field": "candidates[7].item_id",
+                                 "message": 'duplicate of candidates[2] ("12" is 12)'}  # fmt: skip
+    body["candidates"][7]["item_id"] = "sku-12"
+    body["budget_ms"] = 0.001  # degraded to the upstream order: the ids as sent too
+    out = client.post("/v1/rerank", json=body).json()
+    assert out["reason"] == "budget"
+    assert [it["item_id"] for it in out["items"]] == [c["item_id"] for c in body["candidates"][:10]]
+
+
 def test_every_list_has_k_distinct_ids_of_the_request(client: httpx.Client) -> None:
     rng = np.random.default_rng(2)
     for m, k in [(1, 1), (2, 2), (8, 8), (9, 3), (30, 10), (33, 20), (64, 20), (64, 1)]:

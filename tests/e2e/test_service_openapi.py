@@ -38,8 +38,12 @@ def test_the_body_schema_states_the_served_limits(server: ServerThread) -> None:
     assert body["properties"]["k"]["minimum"] == 1 and body["properties"]["k"]["maximum"] == 10
     budget = body["properties"]["budget_ms"]["anyOf"][0]
     assert budget["minimum"] == 0 and budget["maximum"] == MAX_BUDGET_MS
-    assert cand["properties"]["item_id"]["minimum"] == 0
-    assert cand["properties"]["item_id"]["maximum"] == (1 << 63) - 1
+    item_int, item_str = cand["properties"]["item_id"]["anyOf"]
+    assert item_int == {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1}
+    assert item_str["type"] == "string" and item_str["minLength"] == 1
+    assert item_str["maxLength"] == 128 and item_str["pattern"] == r"^[\x21-\x7e]+$"
+    user_int, user_str = user["properties"]["id"]["anyOf"]
+    assert user_int["minimum"] == -(1 << 63) and user_str == item_str
     features = cand["properties"]["features"]
     assert features["additionalProperties"] is False
     assert set(features["properties"]) == {*reader.cat_names, *reader.dense_names}
@@ -52,9 +56,14 @@ def test_the_body_schema_states_the_served_limits(server: ServerThread) -> None:
 def test_schema_driven_requests_are_answered_within_the_schema(server: ServerThread) -> None:
     """Bodies schemathesis generates from the schema (positive mode). Some are refused
     rightly (duplicate item ids, k > len(candidates): no JSON schema can say either), none
-    with a 5xx or an answer the schema does not describe."""
+    otherwise, none with a 5xx or an answer the schema does not describe."""
     result = fuzz_rerank(server.url, examples=150)
     assert result.sent == 150
     assert result.server_errors == 0, result.statuses
     assert result.violations == []
-    assert result.statuses[200] >= result.sent / 2, (result.statuses, result.refusals)
+    # every refusal is one of the two no JSON schema can state (ids, string ones among them,
+    # make more duplicates: "0" twice, or "0" and 0); enough bodies reach the model
+    unstated = [r for r in result.refusals if ": duplicate of candidates[" not in r
+                and not r.startswith("k: k=")]  # fmt: skip
+    assert unstated == [], result.refusals
+    assert result.statuses[200] >= result.sent / 3, (result.statuses, result.refusals)

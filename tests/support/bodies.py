@@ -77,6 +77,19 @@ def _dup() -> bytes:
     return json.dumps(body).encode()
 
 
+def _dup_as_string() -> bytes:
+    """candidates[7] is candidates[2]'s integer id written as a string ("12" is 12)."""
+    body = good_body()
+    body["candidates"][7]["item_id"] = str(body["candidates"][2]["item_id"])
+    return json.dumps(body).encode()
+
+
+def _dup_strings() -> bytes:
+    body = good_body()
+    body["candidates"][2]["item_id"] = body["candidates"][7]["item_id"] = "sku-7"
+    return json.dumps(body).encode()
+
+
 def _first_score() -> str:
     return json.dumps(good_body()["candidates"][0]["score"])
 
@@ -92,7 +105,28 @@ BAD: list[tuple[str, Any, str | None]] = [
      "user.features.pref_0"),
     ("string score", lambda: _with("candidates.3.score", "1.0"), "candidates[3].score"),
     ("float item id", lambda: _with("candidates.4.item_id", 1.5), "candidates[4].item_id"),
-    ("string item id", lambda: _with("candidates.4.item_id", "12"), "candidates[4].item_id"),
+    ("bool item id", lambda: _with("candidates.4.item_id", True), "candidates[4].item_id"),
+    ("item id an object", lambda: _with("candidates.4.item_id", {"a": 1}),
+     "candidates[4].item_id"),
+    # string ids: 1..128 printable ASCII characters without spaces
+    ("empty string item id", lambda: _with("candidates.3.item_id", ""), "candidates[3].item_id"),
+    ("string item id too long", lambda: _with("candidates.3.item_id", "s" * 129),
+     "candidates[3].item_id"),
+    ("string item id with a space", lambda: _with("candidates.3.item_id", "sku 1"),
+     "candidates[3].item_id"),
+    ("string item id with a newline", lambda: _with("candidates.3.item_id", "sku-1\n"),
+     "candidates[3].item_id"),
+    ("string item id not ASCII", lambda: _with("candidates.3.item_id", "sku-\u00e9"),
+     "candidates[3].item_id"),
+    ("string item id with a NUL", lambda: _with("candidates.3.item_id", "sku\u0000"),
+     "candidates[3].item_id"),
+    ("string item id spelling a negative integer", lambda: _with("candidates.6.item_id", "-3"),
+     "candidates[6].item_id"),
+    ("duplicate after normalisation", _dup_as_string, "candidates[7].item_id"),
+    ("duplicate string ids", _dup_strings, "candidates[7].item_id"),
+    ("string user id too long", lambda: _with("user.id", "u" * 129), "user.id"),
+    ("string user id with a tab", lambda: _with("user.id", "u\t1"), "user.id"),
+    ("float user id", lambda: _with("user.id", 2.5), "user.id"),
     ("bool k", lambda: _with("k", True), "k"),
     ("string k", lambda: _with("k", "10"), "k"),
     ("missing user", lambda: _with("user", _DROP), "user"),

@@ -80,6 +80,28 @@ def build_bodies(manifest: dict[str, Any], m: int, k: int, n: int = N_BODIES, se
     return [traffic.next().body for _ in range(n)]
 
 
+def string_bodies(bodies: list[bytes]) -> list[bytes]:
+    """The same bodies with every id a string: item n -> "sku-<n>", user n -> "u-<n>"."""
+    out = []
+    for raw in bodies:
+        body = orjson.loads(raw)
+        body["user"]["id"] = f"u-{body['user']['id']}"
+        for c in body["candidates"]:
+            c["item_id"] = f"sku-{c['item_id']}"
+        out.append(orjson.dumps(body))
+    return out
+
+
+def us_per_answer(cpu_s: float, r: PhaseResult) -> float:
+    """CPU microseconds per answer of a phase (cpu_s: a process's CPU over its window)."""
+    return cpu_s / max(1, len(r.latencies)) * 1e6
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0."""
+    return a / b if b else float("nan")
+
+
 def resolve_bundle(bundle: Path | None, workdir: Path) -> tuple[Path, str]:
     """(bundle dir, how it was found): --bundle, artifacts/ with a `latest`, or a tiny
     random bundle built as tests/unit/test_export.py's tiny_bundle fixture builds it."""

@@ -20,6 +20,7 @@ import torch
 
 from contract.bundle import LATEST, BundleError, load_bundle, read_manifest, sha256_file
 from contract.config import ModelConfig
+from contract.ids import ID_KEY_NAME
 from export.__main__ import main as export_main
 from export.publish import PublishError, publish_arrays, publish_bundle
 from export.verify import ParityReport, verify_bundle
@@ -262,6 +263,15 @@ def test_an_unknown_id_hash_is_refused(bundle_copy: Path) -> None:
 def test_a_hashing_block_that_disagrees_with_the_schema_is_refused(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, lambda m: m["hashing"].update(salt=1))
     with pytest.raises(BundleError, match=r"hashing .* disagrees with model_config\.schema"):
+        load_bundle(bundle_copy)
+
+
+def test_an_unknown_id_key_rule_is_refused(bundle_copy: Path) -> None:
+    assert load_bundle(bundle_copy).manifest["hashing"]["id_keys"] == ID_KEY_NAME
+    edit_manifest(bundle_copy, lambda m: m["hashing"].pop("id_keys"))
+    load_bundle(bundle_copy)  # a bundle from before string ids: integer ids, their own keys
+    edit_manifest(bundle_copy, lambda m: m["hashing"].update(id_keys="crc32-v0"))
+    with pytest.raises(BundleError, match=r"hashing\.id_keys 'crc32-v0': unknown id key rule"):
         load_bundle(bundle_copy)
 
 

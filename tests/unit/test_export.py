@@ -17,6 +17,7 @@ import torch
 from contract.bundle import GRAPHS, LATEST, SCHEMA_VERSION, graph_file, load_bundle, sha256_file
 from contract.config import ModelConfig
 from contract.features import hash_items
+from contract.ids import ID_KEY_NAME
 from export.__main__ import main as export_main
 from export.build import build_bundle, content_hash
 from export.config import ExportConfig
@@ -40,7 +41,8 @@ def test_bundle_files_manifest_and_latest(tiny_bundle: tuple[Path, GenReranker])
     assert ModelConfig.from_dict(manifest["model_config"]) == CFG
     assert manifest["model"]["heads"] == 3 and manifest["model"]["dec_layers"] == 2
     assert manifest["model"]["max_candidates"] == 256
-    assert manifest["hashing"] == {"name": SCHEMA.hash_name, "salt": SCHEMA.hash_salt}
+    assert manifest["hashing"] == {"name": SCHEMA.hash_name, "salt": SCHEMA.hash_salt,
+                                   "id_keys": ID_KEY_NAME}  # fmt: skip
     assert manifest["opset"] >= 17
     assert manifest["training"]["meta"]["valid"]["ndcg@10"] == 0.42
     assert manifest["parity"] is None  # until `verify`

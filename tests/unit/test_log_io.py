@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from contract.features import FeatureSchema
+from contract.ids import id_key
 from model.data import ListBatch
 from model.log_format import LogSchemaError, log_arrow_schema, read_schema
 from model.log_io import iter_logs, read_items, read_logs, write_items, write_logs
@@ -32,6 +33,40 @@ def test_round_trip_variable_m_and_k(tmp_path: Path) -> None:
     assert meta[b"gref.log_version"] == b"1"
     assert FeatureSchema.from_dict(json.loads(meta[b"gref.schema"])) == SCHEMA
     assert pq.read_schema(path).remove_metadata() == log_arrow_schema(SCHEMA).remove_metadata()
+
+
+def test_string_ids_round_trip_as_their_keys(tmp_path: Path) -> None:
+    batch = random_batch()
+    path = tmp_path / "logs.parquet"
+    write_logs(batch, path, SCHEMA, string_ids=True)
+    table = pq.read_table(path)
+    assert table.schema.field("item_ids").type == pa.list_(pa.string())
+    assert table.column("user_id").to_pylist()[0] == f"u-{batch.user_id[0]}"
+    assert table.column("item_ids").to_pylist()[0][0] == f"sku-{batch.item_id[0, 0]}"
+    cand = batch.cand_mask
+    item_keys = np.where(cand, 0, -1)
+    item_keys[cand] = [id_key(f"sku-{i}") for i in batch.item_id[cand]]
+    user_keys = np.array([id_key(f"u-{i}") for i in batch.user_id])
+    assert (item_keys[cand] < -1).all()  # hashed strings: negative keys, never padding
+    assert_batches_equal(read_logs(path), batch.with_(item_id=item_keys, user_id=user_keys))
+    items = tmp_path / "items.parquet"
+    ids = np.array([5, 123, 7])
+    write_items(items, ids, np.zeros((3, 2), np.int64), np.zeros((3, 2)), SCHEMA, string_ids=True)
+    assert read_items(items, SCHEMA)[0].tolist() == [id_key(f"sku-{i}") for i in ids]
+
+
+def test_integer_ids_written_as_strings_are_the_same_ids(tmp_path: Path) -> None:
+    """A log whose ids are the integers' canonical strings reads as the integer log."""
+    batch = random_batch()
+    path = tmp_path / "logs.parquet"
+    write_logs(batch, path, SCHEMA)
+    table = pq.read_table(path)
+    for name in ("user_id", "item_ids"):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, table.column(name).cast(
+            pa.list_(pa.string()) if name == "item_ids" else pa.string()))  # fmt: skip
+    pq.write_table(table, path)
+    assert_batches_equal(read_logs(path), batch)
 
 
 def test_stored_lists_are_unpadded(tmp_path: Path) -> None:
@@ -105,8 +140,10 @@ BAD_ROW = 3
     ("column", "edit", "problem"),
     [
         ("cand_creator", "drop", "missing"),
-        ("user_id", pa.string(), "wrong type"),
-        ("item_ids", pa.list_(pa.string()), "wrong type"),
+        ("user_id", pa.float64(), "wrong type"),
+        ("item_ids", pa.list_(pa.float64()), "wrong type"),
+        ("item_ids", "negative", "negative item id"),
+        ("item_ids", "string_with_space", "'sku 1': a string id is"),
         ("exposed", pa.list_(pa.float64()), "wrong type"),
         ("cand_quality", "short", "differs from item_ids"),
         ("cand_category", "short", "differs from item_ids"),
@@ -138,7 +175,13 @@ def test_schema_errors_name_file_column_and_problem(
     elif edit == "out_of_range":
         _rewrite(path, column, BAD_ROW, [m])
     elif edit == "negative":
-        _rewrite(path, column, BAD_ROW, [-1])
+        _rewrite(path, column, BAD_ROW, [-1] if column == "exposed" else [*row[:-1], -1])
+    elif edit == "string_with_space":
+        table = pq.read_table(path)
+        values = [[f"sku-{i}" for i in r] for r in table.column(column).to_pylist()]
+        values[BAD_ROW][-1] = "sku 1"
+        i = table.schema.get_field_index(column)
+        pq.write_table(table.set_column(i, column, pa.array(values)), path)
     elif edit == "repeated":
         _rewrite(path, column, BAD_ROW, [0, 0])
     elif edit == "nan":

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from contract.features import hash_ids, hash_items
+from contract.ids import id_key
 from service.api import ApiError, Limits, Parsed, RequestReader, RerankIn, parse_body
 from tests.support.bodies import make_request
 from tests.support.tiny import TINY_SCHEMA as SCHEMA
@@ -111,7 +112,7 @@ def _same(a: Parsed | ApiError, b: Parsed | ApiError) -> None:
         assert isinstance(a, ApiError) and isinstance(b, ApiError), (a, b)
         assert (a.status, a.field, a.message) == (b.status, b.field, b.message)
         return
-    for name in ("request_id", "user_id", "k", "budget_ms"):
+    for name in ("request_id", "user_id", "k", "budget_ms", "sent_ids"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("item_ids", "upstream_score", "item_cat", "item_dense", "user_dense"):
         x, y = getattr(a, name), getattr(b, name)
@@ -137,10 +138,23 @@ def test_read_json_takes_the_fast_path_for_good_bodies_and_agrees_with_the_check
         body["candidates"][-1].pop("features")  # no features at all
         bodies.append(body)
     bodies.append({"user": {"id": -5}, "candidates": [{"item_id": 0, "score": 1}], "k": 1})
+    mixed = make_request(rng, 30, 10)  # string ids: a catalog's, integers as strings, mixed
+    for j, c in enumerate(mixed["candidates"]):
+        c["item_id"] = [f"sku-{c['item_id']}", str(c["item_id"]), c["item_id"]][j % 3]
+    bodies += [mixed, {**mixed, "user": {"id": "u-7"}}, {**mixed, "user": {"id": "-7"}}]
+    bodies.append({"user": {"id": "~" * 128}, "candidates": [{"item_id": "!", "score": 1},
+                   {"item_id": "9223372036854775808", "score": 2}], "k": 2})  # fmt: skip
     for body in bodies:
         raw = json.dumps(body).encode()
         assert READER._fast(raw) is not None, body  # taken fast ...
         _same(_read_json(raw), _slow(raw))  # ... and the same arrays as the checked way
+        sent = [c["item_id"] for c in body["candidates"]]
+        got = READER.read_json(raw)
+        assert got.answer_ids(np.arange(len(sent))[::-1]) == sent[::-1]  # echoed as sent
+        assert got.answer_ids(slice(0, 2)) == sent[:2]
+    keys = READER.read_json(json.dumps(mixed).encode()).item_ids
+    assert keys.tolist() == [id_key(c["item_id"]) for c in mixed["candidates"]]
+    assert (keys[::3] < -1).all() and (keys[1::3] >= 0).all()  # "sku-": negative, "12": 12
 
 
 def test_read_json_sends_every_bad_body_the_checked_way_with_the_same_error() -> None:
@@ -244,3 +258,21 @@ def test_an_integral_json_number_is_an_integer_as_the_schema_says() -> None:
     with pytest.raises(ApiError) as e:
         READER.read_json(ints.replace(b": 7,", b": 7.5,"))
     assert e.value.field == "candidates[0].item_id"
+
+
+def test_a_long_string_id_is_refused_before_the_memoised_keys_see_it() -> None:
+    """The key functions keep each id they were asked about: only bounded ones reach them,
+    so bodies of long junk ids cannot fill memory."""
+    from service import api
+
+    long_id = "x" * 100_000
+    for body in (
+        {"user": {"id": 1}, "candidates": [{"item_id": long_id, "score": 1}], "k": 1},
+        {"user": {"id": long_id}, "candidates": [{"item_id": 1, "score": 1}], "k": 1},
+    ):
+        before = api._item_key.cache_info().currsize + api._string_user_key.cache_info().currsize
+        with pytest.raises(ApiError) as e:
+            READER.read_json(json.dumps(body).encode())
+        assert e.value.message == "100000 characters, at most 128"
+        after = api._item_key.cache_info().currsize + api._string_user_key.cache_info().currsize
+        assert after == before
