@@ -261,6 +261,20 @@ class _Beams:
     hist_scores: np.ndarray  # (B*W, K) head 0's raw score of each item
     W: int
 
+    @staticmethod
+    def start(cand_mask: np.ndarray, K: int, W: int) -> _Beams:
+        """B requests' beams before the first pass: only beam 0 of each is live."""
+        BW = cand_mask.shape[0]
+        total = np.full((BW // W, W), -np.inf, np.float32)
+        total[:, 0] = 0.0
+        return _Beams(
+            total=total.reshape(BW),
+            blocked=np.where(cand_mask, np.float32(0), np.float32(-np.inf)),
+            hist=np.full((BW, K), -1, np.int64),
+            hist_scores=np.full((BW, K), -np.inf, np.float32),
+            W=W,
+        )
+
     def best(self, rows: np.ndarray) -> np.ndarray:
         """The B*W row of each request's best beam."""
         return rows * self.W + self.total.reshape(-1, self.W)[rows].argmax(axis=1)
@@ -312,15 +326,7 @@ def _beam_group(
     deadline rides along until all stop; its batch-mates keep their beams."""
     BW = cand_mask.shape[0]
     B = BW // W
-    total = np.full((B, W), -np.inf, np.float32)
-    total[:, 0] = 0.0  # only beam 0 is live at the start
-    beams = _Beams(
-        total=total.reshape(BW),
-        blocked=np.where(cand_mask, np.float32(0), np.float32(-np.inf)),
-        hist=np.full((BW, K), -1, np.int64),
-        hist_scores=np.full((BW, K), -np.inf, np.float32),
-        W=W,
-    )
+    beams = _Beams.start(cand_mask, K, W)
     out_order = np.full((B, K), -1, np.int64)
     out_scores = np.full((B, K), -np.inf, np.float32)
     early_at = np.full(B, -1, np.int64)
