@@ -88,6 +88,9 @@ def complete(
     scores[:, at:] = np.take_along_axis(s, top, axis=1)
 
 
+_SCALAR_WRITES = 16  # picks per pass up to which Python item writes beat fancy indexing
+
+
 def _take(
     head: np.ndarray,
     blocked: np.ndarray,
@@ -105,33 +108,37 @@ def _take(
     A few numpy calls per pass, not per head: every head's favourite at once; where no
     two heads of a row share one, no head's pick was taken by an earlier head, so these
     are the picks in turn. Rows whose heads do share one (or that ran out) take turns in
-    Python over each head's c best (_in_turn: c <= n list steps)."""
+    Python over each head's c best (_in_turn: c <= n list steps). A small batch's picks
+    are written item by item (a numpy item write costs a fraction of a fancy index)."""
     s = head[:, :c] + blocked[:, None, :]  # (B, c, M)
-    picks = s.argmax(axis=2)  # (B, c)
-    if c > 1:
-        favourites = picks.tolist()
-        clash = [b for b, row in enumerate(favourites) if len(set(row)) < c]
-        if clash:
-            picks = _in_turn(s, clash, favourites)
-    order[:, at : at + c] = picks
-    scores[:, at : at + c] = s[rows, np.arange(c), picks]
-    blocked[rows, picks] = -np.inf
-    return picks
-
-
-def _in_turn(s: np.ndarray, clash: list[int], favourites: list[list[int]]) -> np.ndarray:
-    """The picks of rows whose heads share a favourite: head j takes its best candidate
-    not taken by heads 0..j-1 (a stable sort: ties to the lowest index, as argmax). A head
-    with nothing left takes a blocked candidate, at -inf (the slot becomes -1). s (B, c, M)
-    -> picks (B, c)."""
-    c = s.shape[1]
-    ranked = np.argsort(-s[clash], axis=2, kind="stable")[:, :, :c].tolist()  # (R, c, c)
-    for r, b in enumerate(clash):
-        taken: list[int] = []
-        for j in range(c):
-            taken.append(next(i for i in ranked[r][j] if i not in taken))
-        favourites[b] = taken
+    favourites = s.argmax(axis=2).tolist()  # (B, c)
+    for b, row in enumerate(favourites):
+        if len(set(row)) < c:  # a shared favourite (or a row that ran out)
+            favourites[b] = _in_turn(s[b])
+    if len(favourites) * c > _SCALAR_WRITES:
+        picks = np.array(favourites, np.int64)
+        order[:, at : at + c] = picks
+        scores[:, at : at + c] = s[rows, np.arange(c), picks]
+        blocked[rows, picks] = -np.inf
+        return picks
+    for b, row in enumerate(favourites):
+        for j, i in enumerate(row):
+            order[b, at + j] = i
+            scores[b, at + j] = s[b, j, i]
+            blocked[b, i] = -np.inf
     return np.array(favourites, np.int64)
+
+
+def _in_turn(s: np.ndarray) -> list[int]:
+    """One row's picks when its heads share a favourite: head j takes its best candidate
+    not taken by heads 0..j-1 (a stable sort: ties to the lowest index, as argmax). A head
+    with nothing left takes a blocked candidate, at -inf (the slot becomes -1). s (c, M)."""
+    c = s.shape[0]
+    ranked = np.argsort(-s, axis=1, kind="stable")[:, :c].tolist()  # (c, c)
+    taken: list[int] = []
+    for best in ranked:
+        taken.append(next(i for i in best if i not in taken))
+    return taken
 
 
 class _Lists:
