@@ -223,6 +223,8 @@ def build_bundle(
                 "name": "torch.onnx.export (TorchScript tracer, dynamo=False)",
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
+                # fp32 encoder/decoder on onnxruntime's com.microsoft contrib kernels
+                "fused_ops": ec.fused_ops,
             },
             "notes": NOTES,
             "graphs": graphs,

@@ -54,6 +54,7 @@ def test_bundle_files_manifest_and_latest(tiny_bundle: tuple[Path, GenReranker])
     dec = manifest["graphs"]["fp32"]["decoder"]
     outputs = {o["name"]: o for o in dec["outputs"]}
     assert outputs["head_scores"]["shape"] == ["batch", 3, "candidates"]
+    assert manifest["exporter"]["fused_ops"] is True  # the default: com.microsoft kernels
     assert outputs["present.1.value"]["shape"] == ["batch", 2, "past_plus_steps", 8]
     inputs = {i["name"]: i for i in dec["inputs"]}
     assert inputs["past_key_values.0.key"]["shape"] == ["batch", 2, "past", 8]
