@@ -20,6 +20,7 @@ def _build(args: argparse.Namespace) -> int:
         items_path=args.items,
         simplify=not args.no_simplify,
         first_pass=not args.no_first_pass,
+        fused_ops=not args.no_fused_ops,
     )
     # --verify: `latest` names the new bundle only once its parity has passed
     path = build_bundle(args.checkpoint, args.out, ec, point_latest=not args.verify)
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-first-pass",
         action="store_true",
         help="the encoder stops at the cross keys/values (no folded BOS pass)",
+    )
+    b.add_argument(
+        "--no-fused-ops",
+        action="store_true",
+        help="fp32 graphs with plain attention/LayerNorm ops (no com.microsoft kernels)",
     )
     b.add_argument("--verify", action="store_true", help="run `verify` right after")
     b.set_defaults(fn=_build)

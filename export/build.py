@@ -71,6 +71,7 @@ def content_hash(weights: bytes, cfg: ModelConfig, export: ExportConfig) -> str:
         "fp16": export.fp16,
         "simplify": export.simplify,
         "first_pass": export.first_pass,
+        "fused_ops": export.fused_ops,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:8]
@@ -142,8 +143,9 @@ def _graphs_manifest(
             path = tmp / graph_file(name, precision)
             meta = metadata_props(config_json, name, precision, version)
             proto = export_graph(
-                name, model, precision, path, ec.opset, meta, ec.simplify, ec.first_pass
-            )
+                name, model, precision, path, ec.opset, meta, ec.simplify, ec.first_pass,
+                ec.fused_ops,
+            )  # fmt: skip
             onnx.checker.check_model(str(path), full_check=ec.check_full)
             graphs[precision][name] = {"file": path.name, **describe(proto)}
             log.info("exported %s (%s): %d bytes", path.name, precision, path.stat().st_size)
@@ -225,6 +227,8 @@ def build_bundle(
                 "name": "torch.onnx.export (TorchScript tracer, dynamo=False)",
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
+                # fp32 encoder/decoder on onnxruntime's com.microsoft contrib kernels
+                "fused_ops": ec.fused_ops,
             },
             "notes": NOTES,
             "graphs": graphs,

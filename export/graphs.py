@@ -36,6 +36,7 @@ from contract.bundle import (
     past_names,
     present_names,
 )
+from export import fused
 from export.simplify import simplify
 from model.network import GenReranker
 from model.tensors import Inputs
@@ -78,11 +79,14 @@ class EncoderGraph(nn.Module):
     (B, nh, 1, hd). The service then starts decoding at the second pass: one onnxruntime
     call per batch less, the same numbers as the decoder graph's BOS pass."""
 
-    def __init__(self, model: GenReranker, precision: str, first_pass: bool = True) -> None:
+    def __init__(
+        self, model: GenReranker, precision: str, first_pass: bool = True, fused_ops: bool = False
+    ) -> None:
         super().__init__()
         self.model = _cast(model, precision)
         self.dtype = _DTYPES[precision]
         self.first_pass = first_pass
+        self.fused_ops = fused_ops
 
     def forward(
         self,
@@ -102,19 +106,39 @@ class EncoderGraph(nn.Module):
             user_id=user_id,
             user_dense=_to(user_dense, self.dtype),
         )
-        enc = self.model.encode(_to(static, self.dtype), inp)
-        outs = (enc.z, enc.bos, *(t for kv in enc.cross_kv for t in kv))
+        if self.fused_ops:
+            z, bos, *kv = fused.encode(self.model, _to(static, self.dtype), inp)
+            cross_kv = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+        else:
+            enc = self.model.encode(_to(static, self.dtype), inp)
+            z, bos, cross_kv = enc.z, enc.bos, list(enc.cross_kv)
+        outs = (z, bos, *(t for kv in cross_kv for t in kv))
         if not self.first_pass:
             return outs
+        if self.fused_ops:
+            scores, present = fused.first_pass(self.model, bos, z, cand_mask, cross_kv)
+            return (*outs, _to(scores, torch.float32), *present)
         cfg, B = self.model.cfg, static.shape[0]
         hd = cfg.d_model // cfg.n_attn_heads
-        empty = enc.z.new_zeros((B, cfg.n_attn_heads, 0, hd))
+        empty = z.new_zeros((B, cfg.n_attn_heads, 0, hd))
         bos_tokens = user_id.new_full((B, 1), -1)  # (B, 1) int64: BOS
         scores, present = decode_pass(
-            self.model, bos_tokens, user_id.new_zeros(1), enc.z, enc.bos, cand_mask,
-            list(enc.cross_kv), [(empty, empty)] * cfg.dec_layers,
+            self.model, bos_tokens, user_id.new_zeros(1), z, bos, cand_mask,
+            cross_kv, [(empty, empty)] * cfg.dec_layers, self.fused_ops,
         )  # fmt: skip
         return (*outs, scores, *present)
+
+
+def embed_steps(
+    m: GenReranker, tokens: torch.Tensor, start: torch.Tensor, z: torch.Tensor, bos: torch.Tensor
+) -> torch.Tensor:
+    """The decoder's input steps, as GenReranker.decode embeds them: tokens (B, T) at
+    absolute positions start + t (BOS = -1 at position 0) -> x (B, T, d)."""
+    T = tokens.shape[1]
+    pos = start + torch.arange(T, device=tokens.device)  # (T,) absolute step positions
+    items = z.gather(1, tokens.clamp(min=0).unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+    x = torch.where((pos == 0)[:, None], bos[:, None, :], items)  # (B, T, d)
+    return x + m.step_emb(pos)
 
 
 def decode_pass(
@@ -126,20 +150,21 @@ def decode_pass(
     cand_mask: torch.Tensor,
     cross: list[tuple[torch.Tensor, torch.Tensor]],
     past: list[tuple[torch.Tensor, torch.Tensor]],
+    fused_ops: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """GenReranker.decode, step for step, with explicit KV tensors and the OMTP heads read
     at the LAST position only (decoding consumes nothing else, and it saves the
     (B, T*n, d) x (B, d, M) product of the other steps) -> head scores (B, n, M) float32,
-    present keys/values per layer (B, nh, P + T, hd)."""
+    present keys/values per layer (B, nh, P + T, hd). fused_ops: the blocks as
+    export/fused.py writes them (onnxruntime's fused attention and LayerNorm kernels)."""
     B, T = tokens.shape
     P = past[0][0].shape[2]
-    steps = torch.arange(T, device=tokens.device)
-    pos = start + steps  # (T,) absolute step positions
-    items = z.gather(1, tokens.clamp(min=0).unsqueeze(-1).expand(-1, -1, z.shape[-1]))
-    x = torch.where((pos == 0)[None, :, None], bos[:, None, :], items)  # (B, T, d)
-    x = x + m.step_emb(pos)[None]
+    x = embed_steps(m, tokens, start, z, bos)
+    if fused_ops:
+        scores, kv = fused.decode_blocks(m, x, z, cand_mask, cross, past)
+        return _to(scores, torch.float32), kv
     keys = torch.arange(P + T, device=tokens.device)
-    causal = keys[None, :] <= (P + steps)[:, None]  # (T, P + T)
+    causal = keys[None, :] <= (P + torch.arange(T, device=tokens.device))[:, None]  # (T, P + T)
     cand_visible = cand_mask[:, None, None, :]  # (B, 1, 1, M)
     present: list[torch.Tensor] = []
     for i, block in enumerate(m.dec_blocks):
@@ -160,10 +185,11 @@ class DecoderGraph(nn.Module):
     and past_key_values.{i}.key/value (B, nh, P, hd) for every layer
     -> head_scores (B, n, M) float32, present.{i}.key/value (B, nh, P + T, hd)."""
 
-    def __init__(self, model: GenReranker, precision: str) -> None:
+    def __init__(self, model: GenReranker, precision: str, fused_ops: bool = False) -> None:
         super().__init__()
         self.model = _cast(model, precision)
         self.layers = model.cfg.dec_layers
+        self.fused_ops = fused_ops
 
     def forward(
         self,
@@ -177,7 +203,9 @@ class DecoderGraph(nn.Module):
         L = self.layers
         cross = [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
         past = [(kv[2 * L + 2 * i], kv[2 * L + 2 * i + 1]) for i in range(L)]
-        scores, present = decode_pass(self.model, tokens, start, z, bos, cand_mask, cross, past)
+        scores, present = decode_pass(
+            self.model, tokens, start, z, bos, cand_mask, cross, past, self.fused_ops
+        )
         return scores, *present
 
 
@@ -237,12 +265,16 @@ def _dynamic_axes(graph: str, layers: int) -> dict[str, dict[int, str]]:
 
 
 def graph_module(
-    graph: str, model: GenReranker, precision: str, first_pass: bool = True
+    graph: str, model: GenReranker, precision: str, first_pass: bool = True, fused_ops: bool = False
 ) -> nn.Module:
+    """fused_ops: the encoder and decoder with onnxruntime's fused kernels (export/fused.py),
+    fp32 only: the fp16 (GPU) graphs keep the plain ops."""
+    fused_ops = fused_ops and precision == "fp32"
     if graph == "encoder":
-        return EncoderGraph(model, precision, first_pass).eval()
-    cls = {"item_tower": ItemTowerGraph, "decoder": DecoderGraph}
-    return cls[graph](model, precision).eval()
+        return EncoderGraph(model, precision, first_pass, fused_ops).eval()
+    if graph == "decoder":
+        return DecoderGraph(model, precision, fused_ops).eval()
+    return ItemTowerGraph(model, precision).eval()
 
 
 def export_graph(
@@ -254,10 +286,12 @@ def export_graph(
     metadata: dict[str, str],
     simplify_shapes: bool = True,
     first_pass: bool = True,
+    fused_ops: bool = False,
 ) -> onnx.ModelProto:
     """Trace one graph to `path`, add the metadata (model config, ...), check it.
-    first_pass: the encoder folds in the decoder's BOS pass (EncoderGraph)."""
-    module = graph_module(graph, model, precision, first_pass)
+    first_pass: the encoder folds in the decoder's BOS pass (EncoderGraph); fused_ops:
+    see graph_module."""
+    module = graph_module(graph, model, precision, first_pass, fused_ops)
     args = example_inputs(model, precision)[graph]
     inputs, outputs = io_names(graph, model.cfg.dec_layers, first_pass)
     with warnings.catch_warnings(), torch.no_grad():
@@ -274,6 +308,7 @@ def export_graph(
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
+            custom_opsets={fused.MS_DOMAIN: 1},
         )
     proto = onnx.load(str(path))
     if simplify_shapes:

@@ -9,7 +9,8 @@ symbolic shape inference), this pass
   initializer (e.g. the Slice bounds of qkv.chunk(3), d // nh);
 - rewrites Reshape targets with ONNX's own conventions: 0 = copy the input's dim at the
   same index (B, T kept), -1 = infer (at most one);
-- drops the nodes nothing reads any more.
+- drops the nodes nothing reads any more;
+- gives a graph output the static sizes inference found for it.
 The math is untouched; the parity tests (varying B, M, T, P, including P = 0) check it.
 If shape inference fails, the graph is returned as is (correct, only slower).
 """
@@ -171,9 +172,24 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(keep)
     g.initializer.extend(new_inits)
     removed = _prune(g)
+    _static_output_dims(g, dims)
     log.info("simplify: %d shape nodes folded, %d reshapes rewritten, %d dead nodes dropped",
              folded, reshaped, removed)  # fmt: skip
     return out
+
+
+def _static_output_dims(g: onnx.GraphProto, dims: dict[str, list[Elem]]) -> None:
+    """An output axis the exporter left symbolic but inference knows (after a contrib op,
+    whose shapes torch's exporter cannot infer: the heads axis of head_scores) gets its
+    size, so the manifest states it."""
+    for out in g.output:
+        known = dims.get(out.name)
+        shape = out.type.tensor_type.shape
+        if known is None or len(known) != len(shape.dim):
+            continue
+        for dim, size in zip(shape.dim, known, strict=True):
+            if isinstance(size, int) and dim.HasField("dim_param"):
+                dim.dim_value = size
 
 
 def _reshape_target(

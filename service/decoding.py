@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -68,6 +68,10 @@ class Deadlines:
         self._earliest = float(self.deadlines[rest].min()) if rest.any() else math.inf
         return np.flatnonzero(late) if late.any() else None
 
+    def near(self) -> bool:
+        """Could the next pass overrun a deadline? (One clock read: due() only then.)"""
+        return time.perf_counter() + self.pass_s > self._earliest
+
     def timed(self, since: float) -> None:
         """A pass that started at `since` just ended: the next one is expected as long."""
         self.pass_s = time.perf_counter() - since
@@ -84,22 +88,57 @@ def complete(
     scores[:, at:] = np.take_along_axis(s, top, axis=1)
 
 
+_SCALAR_WRITES = 16  # picks per pass up to which Python item writes beat fancy indexing
+
+
 def _take(
-    head: np.ndarray, blocked: np.ndarray, order: np.ndarray, scores: np.ndarray, at: int, c: int
-) -> None:
+    head: np.ndarray,
+    blocked: np.ndarray,
+    order: np.ndarray,
+    scores: np.ndarray,
+    at: int,
+    c: int,
+    rows: np.ndarray,
+) -> np.ndarray:
     """Slots at..at+c from heads 0..c-1: head j takes the best candidate not yet chosen
-    (ties: the lowest index, as torch). blocked (B, M): 0 = available, -inf = chosen or
-    padding; updated in place."""
-    B, M = blocked.shape
-    row_start = np.arange(B) * M  # (B,): flat offset of each row, for put/take
-    s = np.empty_like(blocked)
-    for j in range(c):
-        np.add(head[:, j], blocked, out=s)
-        idx = s.argmax(axis=1)  # (B,)
-        flat = row_start + idx  # (B,) into the (B * M) buffers: one C call each
-        order[:, at + j] = idx
-        scores[:, at + j] = s.take(flat)
-        blocked.put(flat, -np.inf)
+    (ties: the lowest index, as torch's argmax). blocked (B, M): 0 = available, -inf =
+    chosen or padding; updated in place. rows: arange(B)[:, None]. Returns the picks
+    (B, c) int64, the next pass's tokens.
+
+    A few numpy calls per pass, not per head: every head's favourite at once; where no
+    two heads of a row share one, no head's pick was taken by an earlier head, so these
+    are the picks in turn. Rows whose heads do share one (or that ran out) take turns in
+    Python over each head's c best (_in_turn: c <= n list steps). A small batch's picks
+    are written item by item (a numpy item write costs a fraction of a fancy index)."""
+    s = head[:, :c] + blocked[:, None, :]  # (B, c, M)
+    favourites = s.argmax(axis=2).tolist()  # (B, c)
+    for b, row in enumerate(favourites):
+        if len(set(row)) < c:  # a shared favourite (or a row that ran out)
+            favourites[b] = _in_turn(s[b])
+    if len(favourites) * c > _SCALAR_WRITES:
+        picks = np.array(favourites, np.int64)
+        order[:, at : at + c] = picks
+        scores[:, at : at + c] = s[rows, np.arange(c), picks]
+        blocked[rows, picks] = -np.inf
+        return picks
+    for b, row in enumerate(favourites):
+        for j, i in enumerate(row):
+            order[b, at + j] = i
+            scores[b, at + j] = s[b, j, i]
+            blocked[b, i] = -np.inf
+    return np.array(favourites, np.int64)
+
+
+def _in_turn(s: np.ndarray) -> list[int]:
+    """One row's picks when its heads share a favourite: head j takes its best candidate
+    not taken by heads 0..j-1 (a stable sort: ties to the lowest index, as argmax). A head
+    with nothing left takes a blocked candidate, at -inf (the slot becomes -1). s (c, M)."""
+    c = s.shape[0]
+    ranked = np.argsort(-s, axis=1, kind="stable")[:, :c].tolist()  # (c, c)
+    taken: list[int] = []
+    for best in ranked:
+        taken.append(next(i for i in best if i not in taken))
+    return taken
 
 
 class _Lists:
@@ -111,27 +150,47 @@ class _Lists:
         self.blocked = np.where(cand_mask, np.float32(0), np.float32(-np.inf))
         self.order = np.empty((B, K), np.int64)
         self.scores = np.empty((B, K), np.float32)
-        self.early_at = np.full(B, -1, np.int64)  # list length when the deadline step ran
-        self.early_passes = np.zeros(B, np.int64)  # passes a row that left took part in
+        self.rows = np.arange(B)[:, None]  # (B, 1)
+        # the deadline step's bookkeeping, made when a deadline is first near
+        self.live: np.ndarray | None = None  # (B,) rows still decoding
+        self.early_at: np.ndarray | None = None  # (B,) list length at the deadline step
+        self.early_passes: np.ndarray | None = None  # (B,) passes a row that left ran
         self.finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.live = np.ones(B, bool)  # rows still decoding
 
-    def leave(self, rows: np.ndarray, head: np.ndarray, chosen: int, run: int) -> None:
-        """The deadline step for `rows`: their tails from head 0's last scores."""
-        o, sc = self.order[rows], self.scores[rows]  # copies
-        complete(head[rows, 0], self.blocked[rows], o, sc, chosen)
-        self.finished.append((rows, o, sc))
-        self.early_at[rows], self.early_passes[rows], self.live[rows] = chosen, run, False
+    def deadline_step(
+        self, clock: Deadlines, head: np.ndarray, k: np.ndarray, chosen: int, run: int
+    ) -> bool:
+        """The deadline rule before a pass: the rows it would make late leave, their tails
+        from head 0's last scores. True when no row is left to decode."""
+        if not clock.near():
+            return False
+        if self.live is None:
+            B = len(k)
+            self.live = np.ones(B, bool)
+            self.early_at, self.early_passes = np.full(B, -1, np.int64), np.zeros(B, np.int64)
+        late = clock.due(self.live & (k > chosen))
+        if late is None:
+            return False
+        o, sc = self.order[late], self.scores[late]  # copies
+        complete(head[late, 0], self.blocked[late], o, sc, chosen)
+        self.finished.append((late, o, sc))
+        self.live[late] = False
+        self.early_at[late], self.early_passes[late] = chosen, run  # type: ignore[index]
+        return not (self.live & (k > chosen)).any()
 
     def result(self, chosen: int, run: int, k: np.ndarray, items_per_pass: int) -> Decoded:
-        order, scores, early_at = self.order, self.scores, self.early_at
+        order, scores = self.order, self.scores
+        full: np.ndarray = np.minimum(run, -(-k // items_per_pass))  # ceil(k / p) passes
+        if self.early_at is None:  # no deadline step: every list ran to K
+            order[scores == -np.inf] = -1  # a request with fewer than K candidates ran out
+            return Decoded(order, scores, run, np.full(len(k), -1, np.int64), full)
+        early_at = self.early_at
         for rows, o, sc in self.finished:  # the rows that left keep their completed lists
             order[rows], scores[rows] = o, sc
         order[:, chosen:][early_at < 0] = -1  # rows that never needed these slots
         scores[:, chosen:][early_at < 0] = -np.inf
-        order[scores == -np.inf] = -1  # a request with fewer than K candidates ran out
-        full = np.minimum(run, -(-k // items_per_pass))  # ceil(k / p): the passes k needed
-        row_passes = np.where(early_at >= 0, self.early_passes, full)
+        order[scores == -np.inf] = -1
+        row_passes = np.where(early_at >= 0, cast(np.ndarray, self.early_passes), full)
         return Decoded(order, scores, run, early_at, row_passes)
 
 
@@ -150,20 +209,16 @@ def greedy(
     tokens, head, folded = np.full((len(k), 1), -1, np.int64), None, first
     chosen = run = 0
     while chosen < K:
-        if head is not None:
-            late = clock.due(lists.live & (k > chosen))
-            if late is not None:
-                lists.leave(late, head, chosen, run)
-                if not (lists.live & (k > chosen)).any():
-                    break
+        if head is not None and lists.deadline_step(clock, head, k, chosen, run):
+            break
         t0 = time.perf_counter()
         timed = folded is None  # the folded BOS pass keeps the encoder's time as estimate
         head = passes.step(tokens) if folded is None else folded  # (B, n, M)
         folded = None
         run += 1
         c = min(items_per_pass, K - chosen)
-        _take(head, lists.blocked, lists.order, lists.scores, chosen, c)
-        tokens = lists.order[:, chosen : chosen + c].copy()  # (B, c): raw argmax, as torch
+        # the picks are the next pass's tokens (B, c): raw argmax, as torch
+        tokens = _take(head, lists.blocked, lists.order, lists.scores, chosen, c, lists.rows)
         chosen += c
         if timed:
             clock.timed(t0)
@@ -212,6 +267,20 @@ class _Beams:
     hist: np.ndarray  # (B*W, K) items so far, -1 after an exhausted beam
     hist_scores: np.ndarray  # (B*W, K) head 0's raw score of each item
     W: int
+
+    @staticmethod
+    def start(cand_mask: np.ndarray, K: int, W: int) -> _Beams:
+        """B requests' beams before the first pass: only beam 0 of each is live."""
+        BW = cand_mask.shape[0]
+        total = np.full((BW // W, W), -np.inf, np.float32)
+        total[:, 0] = 0.0
+        return _Beams(
+            total=total.reshape(BW),
+            blocked=np.where(cand_mask, np.float32(0), np.float32(-np.inf)),
+            hist=np.full((BW, K), -1, np.int64),
+            hist_scores=np.full((BW, K), -np.inf, np.float32),
+            W=W,
+        )
 
     def best(self, rows: np.ndarray) -> np.ndarray:
         """The B*W row of each request's best beam."""
@@ -264,15 +333,7 @@ def _beam_group(
     deadline rides along until all stop; its batch-mates keep their beams."""
     BW = cand_mask.shape[0]
     B = BW // W
-    total = np.full((B, W), -np.inf, np.float32)
-    total[:, 0] = 0.0  # only beam 0 is live at the start
-    beams = _Beams(
-        total=total.reshape(BW),
-        blocked=np.where(cand_mask, np.float32(0), np.float32(-np.inf)),
-        hist=np.full((BW, K), -1, np.int64),
-        hist_scores=np.full((BW, K), -np.inf, np.float32),
-        W=W,
-    )
+    beams = _Beams.start(cand_mask, K, W)
     out_order = np.full((B, K), -1, np.int64)
     out_scores = np.full((B, K), -np.inf, np.float32)
     early_at = np.full(B, -1, np.int64)

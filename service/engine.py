@@ -184,18 +184,44 @@ class Engine:
         self.config = config = config or EngineConfig()
         cfg: ModelConfig = bundle.model_config
         self.model_config = cfg
-        self.heads = cfg.omtp_heads
-        self.d_model = cfg.d_model
-        self.layers = cfg.dec_layers
+        self.heads, self.d_model, self.layers = cfg.omtp_heads, cfg.d_model, cfg.dec_layers
+        self._open_sessions()
+        buckets = sorted({b for b in config.candidate_buckets if b < cfg.max_candidates})
+        self.buckets = (*buckets, cfg.max_candidates)
+        self._read_graph_layout()
+        # the IO-binding path: OrtValues live on `device` (the decoder session's)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.decoder.get_providers() else "cpu"
+        self.io_binding = config.io_binding == "on" or (
+            config.io_binding == "auto" and self.device == "cuda"
+        )
+        if self.io_binding and not binding_internals(self.decoder):
+            log.warning("onnxruntime %s: no IO binding internals; IO binding off", ort.__version__)
+            self.io_binding = False
+        # read-only caches, filled on first use per batch size (warm-up fills them)
+        self._empty_past: dict[int, list[np.ndarray]] = {}
+        self._empty_device_past: dict[int, list[ort.OrtValue]] = {}
+        self._starts = [np.array([s], np.int64) for s in range(cfg.max_steps)]
+        self.device_starts = [self._to_device(s) for s in self._starts] if self.io_binding else []
+        log.info(
+            "engine %s: providers %s, precision %s, io binding %s, threads intra=%d inter=%d, "
+            "buckets %s",
+            bundle.version, self.providers, self.precision, self.io_binding,
+            config.intra_op_threads, config.inter_op_threads, self.buckets,
+        )  # fmt: skip
+
+    def _open_sessions(self) -> None:
+        """The three sessions on the configured device, in the precision it runs: fp16 on
+        CUDA when the bundle has it (precision auto), else fp32. A CUDA provider that
+        does not start is an error when device=cuda was asked for by name, else the CPU."""
+        bundle, config = self.bundle, self.config
         try:
             providers = providers_for(config.device)
         except NoCudaError as e:
             raise EngineError(str(e)) from e
         on_cuda = providers[0] != "CPUExecutionProvider"
-        if config.precision == "auto":
-            self.precision = "fp16" if on_cuda and "fp16" in bundle.precisions else "fp32"
-        else:
-            self.precision = config.precision
+        auto_fp16 = on_cuda and "fp16" in bundle.precisions
+        self.precision = ("fp16" if auto_fp16 else "fp32") if config.precision == "auto" else (
+            config.precision)  # fmt: skip
         opts = session_options(
             config.intra_op_threads, config.inter_op_threads, config.optimization
         )
@@ -219,45 +245,24 @@ class Engine:
         self.decoder = open_session(bundle, "decoder", self.precision, opts, providers)
         self._run_decoder = fast_run(self.decoder)
         self._run_encoder = fast_run(self._encoder)
-        buckets = sorted({b for b in config.candidate_buckets if b < cfg.max_candidates})
-        self.buckets = (*buckets, cfg.max_candidates)
+
+    def _read_graph_layout(self) -> None:
+        """The encoder's and decoder's input/output names, from the manifest: what the
+        decoder takes from the encoder, and whether the encoder also runs the BOS pass
+        (FIRST_SCORES + first.*: first_pass bundles; older bundles' encoders do not)."""
+        bundle, cfg = self.bundle, self.model_config
         self.past_names = past_names(self.layers)
-        self._cross_names = cross_names(self.layers)
-        # what the decoder takes from the encoder; a first_pass bundle's encoder also
-        # returns the BOS pass (FIRST_SCORES + first.*), older bundles' do not
-        self._carried = ["z", "bos", *self._cross_names]
+        self._carried = ["z", "bos", *cross_names(self.layers)]
         self._encoder_outputs = list(bundle.graph("encoder", self.precision).outputs)
         self._first_names = first_names(self.layers)
         self.first_pass = FIRST_SCORES in self._encoder_outputs
-        if self.first_pass and self._encoder_outputs != [
-            *self._carried,
-            FIRST_SCORES,
-            *self._first_names,
-        ]:
+        folded = [*self._carried, FIRST_SCORES, *self._first_names]
+        if self.first_pass and self._encoder_outputs != folded:
             raise BundleError(f"encoder outputs {self._encoder_outputs}: not a known layout")
         self.decoder_outputs = list(bundle.graph("decoder", self.precision).outputs)
-        # the IO-binding path: OrtValues live on `device` (the decoder session's)
-        self.device = "cuda" if "CUDAExecutionProvider" in self.decoder.get_providers() else "cpu"
-        self.io_binding = config.io_binding == "on" or (
-            config.io_binding == "auto" and self.device == "cuda"
-        )
-        if self.io_binding and not binding_internals(self.decoder):
-            log.warning("onnxruntime %s: no IO binding internals; IO binding off", ort.__version__)
-            self.io_binding = False
         kv_type = next(i.type for i in self.decoder.get_inputs() if i.name == "z")
         self._kv_dtype = NP_DTYPES[kv_type]
         self._head_dim = cfg.d_model // cfg.n_attn_heads
-        # read-only caches, filled on first use per batch size (warm-up fills them)
-        self._empty_past: dict[int, list[np.ndarray]] = {}
-        self._empty_device_past: dict[int, list[ort.OrtValue]] = {}
-        self._starts = [np.array([s], np.int64) for s in range(cfg.max_steps)]
-        self.device_starts = [self._to_device(s) for s in self._starts] if self.io_binding else []
-        log.info(
-            "engine %s: providers %s, precision %s, io binding %s, threads intra=%d inter=%d, "
-            "buckets %s",
-            bundle.version, self.providers, self.precision, self.io_binding,
-            config.intra_op_threads, config.inter_op_threads, self.buckets,
-        )  # fmt: skip
 
     @property
     def version(self) -> str:
@@ -334,20 +339,30 @@ class Engine:
         )
         todo = [(b, rows) for b, rows in todo if len(rows)]
         if todo:
-            t0 = time.perf_counter()
-            parts = [(requests[b].items, rows) for b, rows in todo]
-            emb = self.embed_items(
-                np.concatenate([it.item_id[rows] for it, rows in parts if it is not None]),
-                np.concatenate([it.item_cat[rows] for it, rows in parts if it is not None]),
-                np.concatenate([it.item_dense[rows] for it, rows in parts if it is not None]),
-            )
-            at = 0
-            for b, rows in todo:
-                batch.static[b, rows] = emb[at : at + len(rows)]
-                batch.embedded[b] = emb[at : at + len(rows)]
-                at += len(rows)
-            batch.embed_s = time.perf_counter() - t0
+            self._embed_missing(requests, batch, todo)
         return batch
+
+    def _embed_missing(
+        self,
+        requests: Sequence[RerankRequest],
+        batch: PaddedBatch,
+        todo: list[tuple[int, np.ndarray]],
+    ) -> None:
+        """The item tower over every (request, candidate rows) in todo, in one run; the rows
+        go into batch.static and, for the cache write-back, batch.embedded."""
+        t0 = time.perf_counter()
+        parts = [(requests[b].items, rows) for b, rows in todo]
+        emb = self.embed_items(
+            np.concatenate([it.item_id[rows] for it, rows in parts if it is not None]),
+            np.concatenate([it.item_cat[rows] for it, rows in parts if it is not None]),
+            np.concatenate([it.item_dense[rows] for it, rows in parts if it is not None]),
+        )
+        at = 0
+        for b, rows in todo:
+            batch.static[b, rows] = emb[at : at + len(rows)]
+            batch.embedded[b] = emb[at : at + len(rows)]
+            at += len(rows)
+        batch.embed_s = time.perf_counter() - t0
 
     # ---- stage: encode -----------------------------------------------------------------
 
@@ -507,22 +522,7 @@ class Engine:
         p = p if beam == 1 else 1
         t2 = time.perf_counter()
         timings = StageTimings(embed_s=batch.embed_s, encode_s=t1 - t0, decode_s=t2 - t1)
-        valid = valid_lists(dec.order, dec.scores, batch.m, batch.k)
-        results = []
-        for b in range(len(requests)):
-            kb = int(batch.k[b])
-            results.append(
-                RerankResult(
-                    order=dec.order[b, :kb].copy(),
-                    scores=dec.scores[b, :kb].copy(),
-                    passes=int(dec.row_passes[b]),
-                    completed_early=bool(dec.early_at[b] >= 0),
-                    timings=timings,
-                    embedded=batch.embedded[b],
-                    valid=bool(valid[b]),
-                )
-            )
-        return results
+        return _results(batch, dec, timings)
 
     # ---- warm-up -----------------------------------------------------------------------
 
@@ -558,6 +558,25 @@ class Engine:
         seconds = time.perf_counter() - t0
         log.info("engine %s warmed up in %.2f s (buckets %s)", self.version, seconds, self.buckets)
         return seconds
+
+
+def _results(batch: PaddedBatch, dec: Decoded, timings: StageTimings) -> list[RerankResult]:
+    """Each request's list (its first min(k, m) slots), passes and validity."""
+    valid = valid_lists(dec.order, dec.scores, batch.m, batch.k)
+    results = []
+    for b, kb in enumerate(batch.k.tolist()):
+        results.append(
+            RerankResult(
+                order=dec.order[b, :kb].copy(),
+                scores=dec.scores[b, :kb].copy(),
+                passes=int(dec.row_passes[b]),
+                completed_early=bool(dec.early_at[b] >= 0),
+                timings=timings,
+                embedded=batch.embedded[b],
+                valid=bool(valid[b]),
+            )
+        )
+    return results
 
 
 def open_engine(bundle_dir: str, config: EngineConfig | None = None) -> Engine:

@@ -38,4 +38,5 @@ def test_decode_benchmark_short(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert set(r["p50_ms"]) == set(r["p90_ms"]) == set(VARIANTS)
         assert all(v > 0 for v in r["p50_ms"].values())
     assert "RANDOM weights" in figures["setup"]["nar"]
-    assert text.count("(target <= 1.5x)") == 3
+    assert text.count("(goal <= 1.5x)") == 3
+    assert all("target_met" in r for r in rows)

@@ -21,6 +21,7 @@ from contract.bundle import BundleError, load_bundle, sha256_file
 from export.verify import ParityConfig, run_parity
 from model.decode import beam_decode, greedy_decode
 from model.network import GenReranker
+from service.decoding import _take
 from service.engine import (
     Engine,
     EngineConfig,
@@ -438,3 +439,39 @@ def test_extreme_user_features_give_an_invalid_result_not_a_repeated_item(
         sane, huge = engine.rerank([request(0.0), request(3e38)], beam=beam)
         assert sane.valid and len(set(sane.order.tolist())) == 10
         assert not huge.valid, (beam, huge.order, huge.scores)
+
+
+def _take_in_turn(head: np.ndarray, blocked: np.ndarray, c: int) -> tuple[np.ndarray, ...]:
+    """The reference: head j, in turn, takes argmax over what is still available."""
+    blocked, B = blocked.copy(), len(head)
+    order, scores = np.empty((B, c), np.int64), np.empty((B, c), np.float32)
+    for j in range(c):
+        s = head[:, j] + blocked
+        order[:, j] = s.argmax(axis=1)
+        scores[:, j] = s[np.arange(B), order[:, j]]
+        blocked[np.arange(B), order[:, j]] = -np.inf
+    return order, scores, blocked
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_heads_pick_in_turn_when_they_share_a_favourite(seed: int) -> None:
+    """service/decoding.py's one-shot pick per pass equals heads taking turns: shared
+    favourites (identical heads), ties (rounded scores), rows that run out."""
+    rng = np.random.default_rng(seed)
+    B, n, M = 6, 4, 9
+    head = np.round(rng.standard_normal((B, n, M)), 1).astype(np.float32)  # ties
+    head[0] = head[0, 0]  # four heads with one favourite
+    head[1, 1] = head[1, 0]  # two of them
+    blocked = np.where(rng.random((B, M)) < 0.3, -np.inf, 0).astype(np.float32)
+    blocked[2, 2:] = -np.inf  # two candidates left for four heads
+    blocked[3] = -np.inf  # nothing left
+    for c in range(1, n + 1):
+        want_order, want_scores, want_blocked = _take_in_turn(head, blocked, c)
+        order, scores = np.zeros((B, c + 1), np.int64), np.zeros((B, c + 1), np.float32)
+        got_blocked = blocked.copy()
+        picks = _take(head, got_blocked, order, scores, 1, c, np.arange(B)[:, None])
+        np.testing.assert_array_equal(order[:, 1:], picks)
+        np.testing.assert_array_equal(scores[:, 1:], want_scores)
+        np.testing.assert_array_equal(got_blocked, want_blocked)
+        live = np.isfinite(want_scores)  # a head with nothing left: any blocked pick, -inf
+        np.testing.assert_array_equal(picks[live], want_order[live])

@@ -56,6 +56,7 @@ def test_bundle_files_manifest_and_latest(tiny_bundle: tuple[Path, GenReranker])
     dec = manifest["graphs"]["fp32"]["decoder"]
     outputs = {o["name"]: o for o in dec["outputs"]}
     assert outputs["head_scores"]["shape"] == ["batch", 3, "candidates"]
+    assert manifest["exporter"]["fused_ops"] is True  # the default: com.microsoft kernels
     assert outputs["present.1.value"]["shape"] == ["batch", 2, "past_plus_steps", 8]
     inputs = {i["name"]: i for i in dec["inputs"]}
     assert inputs["past_key_values.0.key"]["shape"] == ["batch", 2, "past", 8]
@@ -124,12 +125,13 @@ def test_version_is_a_content_hash(tmp_path: Path) -> None:
     assert not list((tmp_path / "art").glob(".tmp-*"))
 
 
-def test_dynamic_axes_first_pass_and_later_passes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused_ops", [False, True])
+def test_dynamic_axes_first_pass_and_later_passes(tmp_path: Path, fused_ops: bool) -> None:
     """decoder.onnx at shapes it was not traced with: P = 0, T = 1, B = 1, odd M."""
     torch.manual_seed(0)
     model = GenReranker(CFG).eval()
     path = tmp_path / "decoder.onnx"
-    export_graph("decoder", model, "fp32", path, 20, {})
+    export_graph("decoder", model, "fp32", path, 20, {}, fused_ops=fused_ops)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     from tests.support.inputs import make_inputs
 
@@ -153,6 +155,36 @@ def test_dynamic_axes_first_pass_and_later_passes(tmp_path: Path) -> None:
             head, *onnx_past = sess.run(None, feeds)
             np.testing.assert_allclose(head, ref[:, -1].numpy(), atol=1e-5)
             assert onnx_past[0].shape == (B, 2, start + tokens.shape[1], 8)
+
+
+@pytest.mark.parametrize("graph", ["encoder", "decoder"])
+def test_fused_graphs_compute_what_the_plain_ones_do(tmp_path: Path, graph: str) -> None:
+    """export/fused.py: onnxruntime's fused attention and residual LayerNorm kernels give
+    the plain graph's outputs (the encoder's folded BOS pass included) in fewer nodes."""
+    torch.manual_seed(0)
+    model = GenReranker(CFG).eval()
+    plain = export_graph(graph, model, "fp32", tmp_path / "p.onnx", 20, {}, fused_ops=False)
+    fused = export_graph(graph, model, "fp32", tmp_path / "f.onnx", 20, {}, fused_ops=True)
+    ops = [n.op_type for n in fused.graph.node]
+    assert {"MultiHeadAttention", "SkipLayerNormalization"} <= set(ops)
+    assert len(ops) < 0.7 * len(plain.graph.node), (len(ops), len(plain.graph.node))
+    assert [i.name for i in fused.graph.input] == [i.name for i in plain.graph.input]
+    assert [o.name for o in fused.graph.output] == [o.name for o in plain.graph.output]
+    args = example_inputs(model, "fp32")[graph]
+    feeds = {i.name: a.numpy() for i, a in zip(plain.graph.input, args, strict=True)}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    runs = [
+        ort.InferenceSession(str(tmp_path / f), opts, providers=["CPUExecutionProvider"]).run(
+            None, feeds
+        )
+        for f in ("p.onnx", "f.onnx")
+    ]
+    for name, a, b in zip([o.name for o in plain.graph.output], *runs, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5, err_msg=name)
+    # the fp16 (GPU) graphs keep the plain ops
+    half = graph_module(graph, model, "fp16", fused_ops=True)
+    assert not getattr(half, "fused_ops", True)
 
 
 def test_shape_folding_keeps_the_math(tmp_path: Path) -> None:
