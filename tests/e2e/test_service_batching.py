@@ -92,8 +92,10 @@ def test_queued_requests_run_batched_by_candidate_bucket_with_the_same_lists(
             metrics = c.get("/metrics").text
     finally:
         srv.stop()
-    # m = 8 and 3 share bucket 8 (one call); 17 and 64 each have their own bucket
-    assert gate.sizes == [1, 2, 1, 1]
+    # m = 8 and 3 share bucket 8 (one call); 17 and 64 each have their own bucket. The
+    # four queued requests are sent from threads, so their order (and with it which call
+    # runs first, earliest deadline first) is not fixed
+    assert gate.sizes[0] == 1 and sorted(gate.sizes[1:]) == [1, 1, 2]
     for b, a in zip(batched, alone, strict=True):
         assert not b["degraded"]
         assert [i["item_id"] for i in b["items"]] == [i["item_id"] for i in a["items"]]
