@@ -184,7 +184,7 @@ def _assemble(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> Reranke
         reader,
         cache,
         runtime.metrics,
-        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000),
+        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000, s.inline_batch),
         policy,
     )
     reranker.start()

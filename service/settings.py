@@ -158,6 +158,15 @@ class Settings(BaseSettings):
         description="When the engine was busy until less than this ago, wait up to this "
         "long to batch more requests (an idle engine never waits); 0 = never wait.",
     )
+    inline_batch: int = Field(
+        default=2,
+        ge=0,
+        le=1024,
+        description="A batch of at most this many requests runs on the event loop's thread, "
+        "not the engine thread (0 = never): on a worker's one core the hand-over to the "
+        "engine thread and back costs more than a small batch's engine call; bigger batches "
+        "(load) run in the engine thread while the loop keeps reading and shedding.",
+    )
     max_queue: int = Field(
         default=64,
         ge=0,
