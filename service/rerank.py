@@ -390,8 +390,10 @@ class Reranker:
         if not todo:
             return {}
         try:
+            t0 = time.perf_counter()
             parts = [self.reader.hashed(j.parsed, rows) for j, rows in todo]
             emb = self.engine.embed_items(*(np.concatenate(x) for x in zip(*parts, strict=True)))
+            self.cache.tower(time.perf_counter() - t0, len(emb))
         except Exception:  # an item-tower failure degrades these requests, never a 500
             log.exception("item tower failed: requests %s", [j.request_id for j, _ in todo])
             return {}

@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(
         default=2.0, gt=0, description="Seconds an open breaker waits before one half-open probe."
     )
+    redis_read: Literal["measured", "always"] = Field(
+        default="measured",
+        description="When a request's L1 misses are read from Redis: measured (when the rows "
+        "a read is expected to find would cost the item tower more than the read's measured "
+        "round trip; one request in 16 that would skip reads anyway, so both stay "
+        "measured) or always.",
+    )
     writeback_queue: int = Field(
         default=1024,
         ge=1,
