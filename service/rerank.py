@@ -279,7 +279,9 @@ class Reranker:
                 continue
             jobs, waiting = live, self.queue.qsize()
             try:
-                if len(jobs) <= self.config.inline_batch:
+                # inline only while no request waits on Redis: a loop held by the engine
+                # does not read the reply, and the read's deadline would fire first
+                if len(jobs) <= self.config.inline_batch and self.active == self.pending:
                     # A small batch runs right here, on the event loop's thread. The
                     # service has one core: the engine thread never runs beside the loop,
                     # only in turn with it, and each batch handed over costs two thread
@@ -288,7 +290,8 @@ class Reranker:
                     # another process's time slice, longer than a small batch's engine
                     # call. The loop's other work waits for it, as it would for the core.
                     # Bigger batches (load) still go to the thread, so that the loop keeps
-                    # reading, and shedding at the door, while they run.
+                    # reading, and shedding at the door, while they run, and so does any
+                    # batch while a request's Redis read is in flight.
                     results = self._run(jobs, waiting)
                 else:
                     results = await self._thread.run(self._run, jobs, waiting)

@@ -172,7 +172,8 @@ class Settings(BaseSettings):
         description="A batch of at most this many requests runs on the event loop's thread, "
         "not the engine thread (0 = never): on a worker's one core the hand-over to the "
         "engine thread and back costs more than a small batch's engine call; bigger batches "
-        "(load) run in the engine thread while the loop keeps reading and shedding.",
+        "(load), and any batch while a Redis read is in flight, run in the engine thread "
+        "while the loop keeps reading and shedding.",
     )
     max_queue: int = Field(
         default=64,

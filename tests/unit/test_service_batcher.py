@@ -153,6 +153,40 @@ def test_a_small_batch_runs_on_the_event_loops_thread_a_bigger_one_in_the_engine
         assert out is not None and not out.degraded and out.item_ids == best_first(parsed(seed))
 
 
+def test_no_batch_runs_on_the_loops_thread_while_a_redis_read_is_in_flight() -> None:
+    """A request alone would run inline, but another request's cache lookup (its Redis
+    read) is still waiting: the batch goes to the engine thread, so the loop stays free
+    to read that reply before the read's deadline."""
+
+    async def main(engine: FakeEngine) -> list[Outcome | None]:
+        reranker = make_reranker(engine, inline_batch=2)
+        lookup, reply = reranker.cache.lookup, asyncio.Event()
+
+        async def slow_for_r99(ids: Any, budget_left_s: float, request_id: str = "") -> Any:
+            if request_id == "r99":
+                await reply.wait()  # a Redis read in flight
+            return await lookup(ids, budget_left_s, request_id)
+
+        reranker.cache.lookup = slow_for_r99  # type: ignore[method-assign]
+        reranker.start()
+        try:
+            far = time.perf_counter() + 30
+            waiting = asyncio.ensure_future(reranker.rerank(parsed(99), far, "r99"))
+            await asyncio.sleep(0.01)  # r99 is in its lookup
+            alone = await reranker.rerank(parsed(1), far, "r1")
+            reply.set()
+            return [alone, await waiting]
+        finally:
+            await reranker.close()
+
+    engine = FakeEngine()
+    outs = run(main(engine))
+    assert engine.threads[0] == "engine"  # r1, while r99's read was in flight
+    assert engine.threads[1] == threading.current_thread().name  # r99 then alone: inline
+    for seed, out in zip([1, 99], outs, strict=True):
+        assert out is not None and not out.degraded and out.item_ids == best_first(parsed(seed))
+
+
 def queued_behind_a_busy_engine(
     engine: FakeEngine, requests: list[Parsed], deadlines: list[float] | None = None
 ) -> list[Outcome | None]:
