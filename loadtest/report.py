@@ -62,7 +62,9 @@ def server_metrics(before_text: str, after_text: str) -> dict[str, Any]:
     asked = sum(lookups.get("l1", {}).values())  # every candidate is looked up in L1 first
     hit_ratio, served_from = {}, {}
     for tier, results in sorted(lookups.items()):
-        n = sum(results.values())
+        # of the lookups that reached the tier: a Redis read skipped (not worth its round
+        # trip) is not a lookup of L2; those rows went on to the item tower
+        n = sum(v for r, v in results.items() if r != "skipped")
         hit_ratio[tier] = results.get("hit", 0.0) / n if n else math.nan
         served_from[tier] = results.get("hit", 0.0) / asked if asked else math.nan
 
@@ -303,12 +305,17 @@ def summary(setup: dict[str, Any], stats: dict[str, ClientStats], server: dict[s
     ]
     for tier, results in sorted(server["lookups"].items()):
         lines.append(
-            f"| {tier} | {int(sum(results.values()))} | "
+            f"| {tier} | {int(sum(v for r, v in results.items() if r != 'skipped'))} | "
             f"{_pct(server['hit_ratio'][tier])} | {_pct(server['served_from'][tier])} |"
         )
     shares = [v for v in server["served_from"].values() if not math.isnan(v)]
     if shares:
         lines.append(f"| none | | | {_pct(max(0.0, 1.0 - sum(shares)))} |")
+    skipped = server["lookups"].get("l2", {}).get("skipped", 0.0)
+    if skipped:
+        lines += ["", f"Redis reads skipped as not worth their round trip "
+                  f"(RERANK_REDIS_READ=measured): {int(skipped)} L1 misses went straight to "
+                  f"the item tower."]  # fmt: skip
     stages = server.get("stages_ms", {})
     if stages:
         lines += ["", "Server stages, ms (rerank_stage_duration_seconds):", "",

@@ -259,6 +259,57 @@ class CircuitBreaker:
             self.opened_count += 1
 
 
+class ReadGate:
+    """Whether a request's Redis read is worth its round trip, measured against what a
+    hit saves: the item tower's work. A read pays when the rows it is expected to
+    find (its misses x the share of asked rows recent reads found) would cost the item
+    tower more than the read costs the request (the recent wall time of one MGET: the
+    round trip, the wake-ups of Redis and of the event loop, the decode):
+
+        found_share x misses x tower_s_per_row >= read_s
+
+    With one replica whose L1 holds the catalogue's head, Redis holds little that L1 does
+    not (its misses are mostly items nobody computed yet) and the read is skipped; after a
+    restart, or beside other replicas that wrote back what L1 lacks, it finds rows and is
+    made. A skipped request's misses go to the item tower, whose results are written back
+    as ever (SET NX), and one request in `probe_every` that would skip reads anyway, so
+    found_share and read_s stay measured. Until both costs are measured, every request
+    reads. Event loop only, except `tower` (the item tower's thread; a plain float)."""
+
+    def __init__(self, probe_every: int = 16, weight: float = 0.1) -> None:
+        self.probe_every, self.weight = probe_every, weight
+        self.found_share = 1.0  # of the rows asked, found (smoothed); 1 until measured
+        self.read_s: float | None = None  # wall time of one read (smoothed)
+        self.row_s: float | None = None  # item tower time per row (smoothed)
+        self._skipped = 0  # reads skipped since the last one made
+
+    def ask(self, misses: int) -> bool:
+        """Read Redis for `misses` rows?"""
+        if self.read_s is None or self.row_s is None:
+            return True
+        if self.found_share * misses * self.row_s >= self.read_s:
+            return True
+        self._skipped += 1
+        if self._skipped >= self.probe_every:
+            self._skipped = 0
+            return True
+        return False
+
+    def read(self, seconds: float, asked: int, found: int) -> None:
+        """A read that answered: its wall time, rows asked and found."""
+        w = self.weight
+        self.read_s = seconds if self.read_s is None else self.read_s + w * (seconds - self.read_s)
+        if asked:
+            self.found_share += w * (found / asked - self.found_share)
+
+    def tower(self, seconds: float, rows: int) -> None:
+        """An item-tower run of `rows` rows that took `seconds`."""
+        if rows > 0:
+            per_row = seconds / rows
+            old = self.row_s
+            self.row_s = per_row if old is None else old + self.weight * (per_row - old)
+
+
 @dataclass
 class Lookup:
     """The cache's answer for one request's candidates."""
@@ -524,11 +575,14 @@ def _log_crash(task: asyncio.Task[None]) -> None:
 class EmbeddingCache:
     """L1 then L2 for a request's candidates; `store` puts L3's results back."""
 
-    def __init__(self, l1: L1Cache, l2: RedisL2 | None, metrics: Metrics) -> None:
-        self.l1, self.l2, self.metrics = l1, l2, metrics
+    def __init__(
+        self, l1: L1Cache, l2: RedisL2 | None, metrics: Metrics, gate: ReadGate | None = None
+    ) -> None:
+        """gate: when Redis is read (None: for every request with L1 misses)."""
+        self.l1, self.l2, self.metrics, self.gate = l1, l2, metrics, gate
         lookups = metrics.lookups
         self._count = {(t, r): lookups.labels(t, r) for t in ("l1", "l2") for r in
-                       ("hit", "miss", "error")}  # fmt: skip
+                       ("hit", "miss", "error", "skipped")}  # fmt: skip
 
     @property
     def breaker_state(self) -> str:
@@ -546,12 +600,18 @@ class EmbeddingCache:
             self._count["l1", "miss"].inc(n_miss)
         if not n_miss or self.l2 is None:
             return Lookup(static, missing, False)
+        gate = self.gate
+        if gate is not None and not gate.ask(n_miss):  # not worth its round trip
+            self._count["l2", "skipped"].inc(n_miss)
+            return Lookup(static, missing, False)
         rows = np.flatnonzero(missing).tolist()
         want = [ids[i] for i in rows]
+        t0 = time.perf_counter()
         values = await self.l2.mget(want, budget_left_s, request_id)
         if values is None:
             self._count["l2", "error"].inc(n_miss)
             return Lookup(static, missing, True)
+        read_s = time.perf_counter() - t0
         usable, block = self.l2.decode_many(values)  # (found, d) float32
         found_at = [rows[j] for j in usable]
         found_ids = [want[j] for j in usable]
@@ -574,7 +634,14 @@ class EmbeddingCache:
                                 "read as misses", request_id, unfit)  # fmt: skip
         if n_miss - len(found_ids):
             self._count["l2", "miss"].inc(n_miss - len(found_ids))
+        if gate is not None:
+            gate.read(read_s, n_miss, len(found_ids))
         return Lookup(static, missing, False)
+
+    def tower(self, seconds: float, rows: int) -> None:
+        """The item tower computed `rows` rows in `seconds` (what a Redis hit saves)."""
+        if self.gate is not None:
+            self.gate.tower(seconds, rows)
 
     def store(self, ids: list[int], rows: np.ndarray, write_back: bool = True) -> None:
         """L3 results: into L1 now, into Redis from the write-back queue (`write_back`)."""

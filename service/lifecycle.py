@@ -48,7 +48,14 @@ from contract.limits import limits_misfit
 from service.admin import start_admin
 from service.admission import Admission
 from service.api import Limits, RequestReader
-from service.cache import CircuitBreaker, EmbeddingCache, L1Cache, RedisConfig, RedisL2
+from service.cache import (
+    CircuitBreaker,
+    EmbeddingCache,
+    L1Cache,
+    ReadGate,
+    RedisConfig,
+    RedisL2,
+)
 from service.engine import Engine, EngineConfig, open_engine
 from service.metrics import Metrics
 from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
@@ -184,7 +191,7 @@ def _assemble(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> Reranke
         reader,
         cache,
         runtime.metrics,
-        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000),
+        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000, s.inline_batch),
         policy,
     )
     reranker.start()
@@ -361,7 +368,8 @@ def _build_cache(runtime: Runtime, engine: Engine) -> EmbeddingCache:
                              s.writeback_queue, s.redis_cluster, s.writeback_ttl_s)  # fmt: skip
         l2 = RedisL2(config, engine.version, engine.d_model, breaker, metrics)
         l2.start()
-    return EmbeddingCache(l1, l2, metrics)
+    gate = ReadGate() if l2 is not None and s.redis_read == "measured" else None
+    return EmbeddingCache(l1, l2, metrics, gate)
 
 
 def _warm_sizes(s: Settings) -> list[int]:

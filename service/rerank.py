@@ -7,7 +7,10 @@
 The engine runs in one worker thread, fed by one owned batcher task: whatever requests
 queued while the engine was busy go in together (at most max_batch; no waiting when the
 engine is idle), one item-tower run for all their cache misses, one encode, one decode
-loop. The event loop keeps accepting, parsing and looking up meanwhile. Each request
+loop. The event loop keeps accepting, parsing and looking up meanwhile. A batch of at
+most `inline_batch` requests (low load) runs on the event loop's thread instead: on the
+one core a worker has, the hand-over to the engine thread and back costs more than it
+saves (Reranker._batches). Each request
 keeps its own deadline inside the batch (the engine completes only the rows that would
 overrun). Whatever goes wrong after validation, the client gets
 the upstream order, marked degraded with the reason, never an error.
@@ -52,6 +55,9 @@ class BatchConfig:
     # when the engine was busy until just now (a batch ended less than this ago), wait
     # up to this long for more requests before the next call; an idle engine never waits
     max_wait_s: float = 0.0
+    # a batch of at most this many requests runs on the event loop's own thread, not the
+    # engine thread (0: never): see Reranker._batches
+    inline_batch: int = 0
 
 
 @dataclass
@@ -273,7 +279,22 @@ class Reranker:
                 continue
             jobs, waiting = live, self.queue.qsize()
             try:
-                results = await self._thread.run(self._run, jobs, waiting)
+                # inline only while no request waits on Redis: a loop held by the engine
+                # does not read the reply, and the read's deadline would fire first
+                if len(jobs) <= self.config.inline_batch and self.active == self.pending:
+                    # A small batch runs right here, on the event loop's thread. The
+                    # service has one core: the engine thread never runs beside the loop,
+                    # only in turn with it, and each batch handed over costs two thread
+                    # wake-ups (the engine thread's, then the loop's for the result) and a
+                    # GIL hand-off each way; on a busy core each wake-up can wait out
+                    # another process's time slice, longer than a small batch's engine
+                    # call. The loop's other work waits for it, as it would for the core.
+                    # Bigger batches (load) still go to the thread, so that the loop keeps
+                    # reading, and shedding at the door, while they run, and so does any
+                    # batch while a request's Redis read is in flight.
+                    results = self._run(jobs, waiting)
+                else:
+                    results = await self._thread.run(self._run, jobs, waiting)
             except asyncio.CancelledError:  # closed mid-batch: nobody will read its result
                 for job in jobs:
                     if not job.done.done():
@@ -288,8 +309,8 @@ class Reranker:
                     job.done.set_result(done)
 
     def _run(self, jobs: list[_Job], waiting: int) -> list[_Done]:
-        """In the engine thread: one item-tower run for every miss, then one engine call
-        per candidate bucket (`_groups`, `_decode`)."""
+        """In the engine thread (or the loop's, for a small batch): one item-tower run for
+        every miss, then one engine call per candidate bucket (`_groups`, `_decode`)."""
         start = time.perf_counter()
         queue_s = [start - j.submitted for j in jobs]
         out: list[_Done | None] = [None] * len(jobs)
@@ -372,8 +393,10 @@ class Reranker:
         if not todo:
             return {}
         try:
+            t0 = time.perf_counter()
             parts = [self.reader.hashed(j.parsed, rows) for j, rows in todo]
             emb = self.engine.embed_items(*(np.concatenate(x) for x in zip(*parts, strict=True)))
+            self.cache.tower(time.perf_counter() - t0, len(emb))
         except Exception:  # an item-tower failure degrades these requests, never a 500
             log.exception("item tower failed: requests %s", [j.request_id for j, _ in todo])
             return {}

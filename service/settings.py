@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(
         default=2.0, gt=0, description="Seconds an open breaker waits before one half-open probe."
     )
+    redis_read: Literal["measured", "always"] = Field(
+        default="measured",
+        description="When a request's L1 misses are read from Redis: measured (when the rows "
+        "a read is expected to find would cost the item tower more than the read's measured "
+        "round trip; one request in 16 that would skip reads anyway, so both stay "
+        "measured) or always.",
+    )
     writeback_queue: int = Field(
         default=1024,
         ge=1,
@@ -157,6 +164,16 @@ class Settings(BaseSettings):
         le=50,
         description="When the engine was busy until less than this ago, wait up to this "
         "long to batch more requests (an idle engine never waits); 0 = never wait.",
+    )
+    inline_batch: int = Field(
+        default=2,
+        ge=0,
+        le=1024,
+        description="A batch of at most this many requests runs on the event loop's thread, "
+        "not the engine thread (0 = never): on a worker's one core the hand-over to the "
+        "engine thread and back costs more than a small batch's engine call; bigger batches "
+        "(load), and any batch while a Redis read is in flight, run in the engine thread "
+        "while the loop keeps reading and shedding.",
     )
     max_queue: int = Field(
         default=64,

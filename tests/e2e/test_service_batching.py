@@ -56,6 +56,10 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
 
 def start(bundle: Path, **overrides: Any) -> ServerThread:
     overrides.setdefault("decode_policy", "fixed")
+    # every engine call in the engine thread: a call held at the gate on the event loop's
+    # thread (a small batch's, RERANK_INLINE_BATCH) would hold the loop too, and nothing
+    # could queue behind it
+    overrides.setdefault("inline_batch", 0)
     settings = Settings(bundle=bundle, default_budget_ms=60_000, warmup=False, **overrides)
     return ServerThread(settings).start()
 

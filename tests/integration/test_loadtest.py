@@ -495,3 +495,13 @@ def test_a_child_that_exits_is_reported_with_its_log(tmp_path: Path) -> None:
     with pytest.raises(LoadTestError, match="no bundle here"):  # not a wait for the timeout
         wait_ready("http://127.0.0.1:9", child, timeout_s=60)
     child.stop()  # already gone: nothing to do
+
+
+def test_skipped_redis_reads_are_not_l2_lookups() -> None:
+    """L1 misses whose Redis read was skipped (not worth its round trip) went to the item
+    tower: L2's hit ratio is over the reads made, and the report counts the skips."""
+    skipped = AFTER + _lookups({("l2", "skipped"): 40}).split("\n", 1)[1]
+    server = report.server_metrics(BEFORE, skipped)
+    assert server["lookups"]["l2"] == {"hit": 50, "miss": 50, "skipped": 40}
+    assert server["hit_ratio"]["l2"] == pytest.approx(0.5)
+    assert server["served_from"]["l2"] == pytest.approx(0.05)

@@ -48,6 +48,9 @@ def served(
         warmup=False,
         default_budget_ms=30_000,  # a busy test machine must not degrade the lists
         decode_policy="fixed",
+        # every lookup with misses reads Redis: these tests count its hits and its errors
+        # (whether a read pays is measured, and tested, on its own below)
+        redis_read="always",
     )
     srv = ServerThread(settings).start()
     with httpx.Client(base_url=srv.url, timeout=30) as client:
@@ -528,3 +531,48 @@ def test_an_mget_starts_no_task(redis_process: RedisProcess) -> None:
             await l2.client.aclose()
 
     assert asyncio.run(tasks_per_mget()) == 0
+
+
+def test_a_read_that_does_not_pay_is_skipped_and_one_that_does_is_made(
+    redis_process: RedisProcess,
+) -> None:
+    """The cache with its read gate, on a real Redis: while reads find nothing and the
+    item tower is cheap, a lookup with misses sends no MGET (counted `skipped`, the rows
+    left to the tower, no Redis error); published rows, found by a probe, open the gate
+    again and are read."""
+    from service.cache import EmbeddingCache, L1Cache, ReadGate
+    from service.metrics import Metrics
+
+    dim, r = 4, redis.Redis.from_url(redis_process.url)
+    calls = lambda: int(r.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))  # noqa: E731
+
+    async def main() -> tuple[list[int], list[bool]]:
+        l2 = _l2(redis_process.url, "gate", dim)
+        gate = ReadGate(probe_every=4)
+        cache = EmbeddingCache(L1Cache(0, dim), l2, Metrics(), gate)  # L1 off: every id misses
+        try:
+            sent, missing = [], []
+            lookup = await cache.lookup([1, 2, 3], 1.0)  # nothing measured: read, nothing found
+            sent.append(calls())
+            cache.tower(1e-6, rows=3)  # a tower far cheaper than any round trip
+            for _ in range(3):
+                lookup = await cache.lookup([1, 2, 3], 1.0)  # skipped
+                sent.append(calls())
+            for i in (1, 2, 3):  # now published
+                r.set(f"gate:emb:v1:{i}", np.full(dim, i, "<f2").tobytes())
+            lookup = await cache.lookup([1, 2, 3], 1.0)  # the probe: found, read
+            sent.append(calls())
+            missing.append(bool(lookup.missing.any()))
+            gate.tower(1.0, rows=1)  # the tower is dear after all: every read pays
+            lookup = await cache.lookup([1, 2, 3], 1.0)
+            sent.append(calls())
+            missing.append(bool(lookup.missing.any()))
+            return sent, missing
+        finally:
+            await l2.close()
+
+    base = calls()
+    sent, missing = asyncio.run(main())
+    assert [n - base for n in sent] == [1, 1, 1, 1, 2, 3]
+    assert missing == [False, False]
+    r.close()

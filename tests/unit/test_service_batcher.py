@@ -33,6 +33,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.threads: list[str] = []  # the thread each call ran in
         self.hold = False
         self.entered, self.release = threading.Event(), threading.Event()
         self.fail = False
@@ -41,6 +42,7 @@ class FakeEngine:
         self, requests: Sequence[RerankRequest], items_per_pass: int = 1, beam: int = 1
     ) -> list[RerankResult]:
         self.sizes.append(len(requests))
+        self.threads.append(threading.current_thread().name)
         if self.hold:
             self.entered.set()
             assert self.release.wait(30)
@@ -82,14 +84,16 @@ def best_first(p: Parsed) -> list[int]:
     return p.item_ids[np.argsort(-p.upstream_score, kind="stable")[: p.k]].tolist()
 
 
-def make_reranker(engine: FakeEngine, max_batch: int = 8, max_queue: int = 16) -> Reranker:
+def make_reranker(
+    engine: FakeEngine, max_batch: int = 8, max_queue: int = 16, inline_batch: int = 0
+) -> Reranker:
     metrics = Metrics()
     return Reranker(
         engine,  # type: ignore[arg-type]  # the fake has the methods the batcher calls
         RequestReader(TINY_SCHEMA, Limits(max_candidates=32, max_k=8)),
         EmbeddingCache(L1Cache(1 << 20, D), None, metrics),
         metrics,
-        BatchConfig(max_batch=max_batch, max_queue=max_queue),
+        BatchConfig(max_batch=max_batch, max_queue=max_queue, inline_batch=inline_batch),
         fixed(DecodeLevel(1), budget_s=1.0),
     )
 
@@ -119,6 +123,68 @@ def test_an_idle_engine_takes_a_request_alone_and_each_gets_its_own_list() -> No
 
     for i, out in enumerate(run(main())):
         assert out is not None and not out.degraded and out.item_ids == best_first(parsed(i))
+
+
+def test_a_small_batch_runs_on_the_event_loops_thread_a_bigger_one_in_the_engine_thread() -> None:
+    """inline_batch 2: a request alone, and two that queued together, run on the loop's
+    own thread (no hand-over to the engine thread and back); three together go to the
+    engine thread (the loop stays free while a bigger batch runs)."""
+
+    async def main(engine: FakeEngine) -> list[Outcome | None]:
+        reranker = make_reranker(engine, inline_batch=2)
+        reranker.start()
+        try:
+            far = time.perf_counter() + 30
+            outs: list[Outcome | None] = []
+            for n in (1, 2, 3):  # gathered: all queue before the batcher's next turn
+                group = [parsed(10 * n + i) for i in range(n)]
+                outs += await asyncio.gather(*(reranker.rerank(p, far) for p in group))
+            return outs
+        finally:
+            await reranker.close()
+
+    engine = FakeEngine()
+    loop_thread = threading.current_thread().name  # asyncio.run's loop runs in this one
+    outs = run(main(engine))
+    assert engine.sizes == [1, 2, 3]
+    assert engine.threads == [loop_thread, loop_thread, "engine"]
+    seeds = [10, 20, 21, 30, 31, 32]
+    for seed, out in zip(seeds, outs, strict=True):  # inline or not, each its own list
+        assert out is not None and not out.degraded and out.item_ids == best_first(parsed(seed))
+
+
+def test_no_batch_runs_on_the_loops_thread_while_a_redis_read_is_in_flight() -> None:
+    """A request alone would run inline, but another request's cache lookup (its Redis
+    read) is still waiting: the batch goes to the engine thread, so the loop stays free
+    to read that reply before the read's deadline."""
+
+    async def main(engine: FakeEngine) -> list[Outcome | None]:
+        reranker = make_reranker(engine, inline_batch=2)
+        lookup, reply = reranker.cache.lookup, asyncio.Event()
+
+        async def slow_for_r99(ids: Any, budget_left_s: float, request_id: str = "") -> Any:
+            if request_id == "r99":
+                await reply.wait()  # a Redis read in flight
+            return await lookup(ids, budget_left_s, request_id)
+
+        reranker.cache.lookup = slow_for_r99  # type: ignore[method-assign]
+        reranker.start()
+        try:
+            far = time.perf_counter() + 30
+            waiting = asyncio.ensure_future(reranker.rerank(parsed(99), far, "r99"))
+            await asyncio.sleep(0.01)  # r99 is in its lookup
+            alone = await reranker.rerank(parsed(1), far, "r1")
+            reply.set()
+            return [alone, await waiting]
+        finally:
+            await reranker.close()
+
+    engine = FakeEngine()
+    outs = run(main(engine))
+    assert engine.threads[0] == "engine"  # r1, while r99's read was in flight
+    assert engine.threads[1] == threading.current_thread().name  # r99 then alone: inline
+    for seed, out in zip([1, 99], outs, strict=True):
+        assert out is not None and not out.degraded and out.item_ids == best_first(parsed(seed))
 
 
 def queued_behind_a_busy_engine(

@@ -195,3 +195,23 @@ def test_a_lost_probe_does_not_hold_the_breaker_forever() -> None:
     assert b.allow()  # the probe never reports back (cancelled)
     clock.now = 2.0
     assert b.allow() and b.state == "half_open"
+
+
+def test_the_read_gate_reads_until_measured_then_only_when_a_read_pays() -> None:
+    """found share x misses x tower time per row against the read's own time: a read that
+    finds little, for few misses, of a cheap tower, is skipped, bar one probe in
+    probe_every; many misses, or reads that find rows, open it again."""
+    from service.cache import ReadGate
+
+    gate = ReadGate(probe_every=4, weight=1.0)  # weight 1: each measurement replaces
+    assert gate.ask(1)  # nothing measured: read
+    gate.read(0.001, asked=10, found=0)  # 1 ms, nothing found
+    assert gate.ask(1)  # the tower's cost not measured yet: read
+    gate.tower(0.0001, rows=4)  # 25 us per row
+    assert gate.found_share == 0.0
+    assert [gate.ask(10) for _ in range(8)] == [False, False, False, True] * 2  # probes
+    gate.read(0.001, asked=10, found=10)  # a probe found every row (a cold L1, say)
+    assert gate.ask(41)  # 40 rows x 25 us = 1 ms: the line
+    assert not gate.ask(39)
+    gate.read(0.0001, asked=10, found=5)  # Redis answers in 0.1 ms, finds half
+    assert gate.ask(9) and not gate.ask(7)  # 0.5 x 8 x 25 us = 0.1 ms: the line
