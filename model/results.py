@@ -32,7 +32,16 @@ import numpy as np
 
 from contract.config import ModelConfig
 from model.checkpoint import load_checkpoint
-from model.estimators import examination_propensities, kendall_tau, list_ips
+from model.estimators import (
+    LIST_ESTIMATORS,
+    examination_propensities,
+    fit_cascade,
+    kendall_tau,
+    list_estimators,
+    list_ips,
+    load_cascade,
+    save_cascade,
+)
 from model.evaluate import (
     ListPolicy,
     decode_latency_ms,
@@ -189,6 +198,7 @@ def run_world(
         log.info("%s: trained %s in %.0f s", tag, run.name, res.seconds)
 
     models = {name: load_checkpoint(path)[0] for name, path in checkpoints.items()}
+    orders: dict[str, np.ndarray] = {}  # first row label of each decode -> (B, k) order
     metrics_by_key: dict[tuple[Any, ...], dict[str, float]] = {}
     util_by_key: dict[tuple[Any, ...], np.ndarray] = {}
     out_rows: dict[str, dict[str, float]] = {}
@@ -211,10 +221,13 @@ def run_world(
             m["passes"] = float(passes)
             m["decode_ms"] = decode_latency_ms(r, test_b, model_cfg.schema, rc.k, rc.latency_reps)
             metrics_by_key[key], util_by_key[key] = m, util
+            orders[row.label] = order
         out_rows[row.label] = metrics_by_key[key]
         utility[row.label] = [round(float(x), 5) for x in util_by_key[key]]
     room = headroom(world, test_b)
-    gold = logged_vs_gold(world, test_b, exam=exam)
+    gold_orders: dict[str, np.ndarray] = {}
+    gold = logged_vs_gold(world, test_b, exam=exam, orders_out=gold_orders)
+    save_orders(out / "worlds" / f"{tag}.orders.npz", test_b, orders, gold_orders)
     return {
         "seed": seed,
         "strength": strength,
@@ -229,6 +242,106 @@ def run_world(
             "generate": gen_seconds,
             "train": train_seconds,
             "total": time.perf_counter() - t0,
+        },
+    }
+
+
+def save_orders(
+    path: Path, test_b: Any, orders: dict[str, np.ndarray], gold: dict[str, np.ndarray]
+) -> None:
+    """A world's lists on its test requests, so that an offline estimator can be scored
+    again without retraining (`python -m model estimators`): each decode's (B, k) candidate
+    indices under the first row label that uses it, and the logged-vs-gold check's orders
+    of the exposed items. One .npz of int arrays and a JSON string (nothing pickled)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"row{i}": o.astype(np.int16) for i, o in enumerate(orders.values())}
+    arrays |= {f"gold{i}": o.astype(np.int16) for i, o in enumerate(gold.values())}
+    meta = json.dumps({"rows": list(orders), "gold": list(gold)})
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, meta_json=np.array(meta), request_id=test_b.request_id, **arrays)
+    tmp.replace(path)
+
+
+def load_orders(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """save_orders' file: request ids, {row label: order}, {gold order name: order}."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta_json"]))
+        rows = {lab: z[f"row{i}"].astype(np.int64) for i, lab in enumerate(meta["rows"])}
+        gold = {name: z[f"gold{i}"].astype(np.int64) for i, name in enumerate(meta["gold"])}
+        return z["request_id"], rows, gold
+
+
+def _tau_table(
+    worlds: list[tuple[dict[str, float], dict[str, dict[str, float]]]], metrics: list[str]
+) -> dict[str, float]:
+    """Kendall τ of each metric with true utility over (row, world) pairs, and the mean
+    within-world τ; worlds = per world, {row: {metric: value, "utility": value}}."""
+    out: dict[str, float] = {}
+    for metric in metrics:
+        xs: list[float] = []
+        ys: list[float] = []
+        within = []
+        for _, rows in worlds:
+            x = [r[metric] for r in rows.values()]
+            y = [r["utility"] for r in rows.values()]
+            if len(x) > 2 and np.all(np.isfinite(x)):
+                within.append(kendall_tau(np.array(x), np.array(y)))
+            xs += x
+            ys += y
+        ok = np.isfinite(xs)
+        out[metric] = kendall_tau(np.array(xs)[ok], np.array(ys)[ok]) if ok.sum() > 2 else np.nan
+        out[f"{metric} (within world)"] = float(np.mean(within)) if within else float("nan")
+        out["pairs"] = float(len(xs))
+    return out
+
+
+def estimator_table(out: Path, strength: str = "default") -> dict[str, Any]:
+    """Score every saved world's rows again with the offline estimators, without
+    retraining: the rows' lists (save_orders), the world's logs and its true utilities.
+    Returns {"agreement": τ table, "logged_vs_gold": {order: {metric: mean}}, "worlds"}."""
+    from model.log_io import read_logs
+
+    per_world: list[tuple[dict[str, float], dict[str, dict[str, float]]]] = []
+    gold_rows: dict[str, dict[str, list[float]]] = {}
+    tags = []
+    for path in sorted((out / "worlds").glob("*.json")):
+        saved = json.loads(path.read_text())["world"]
+        orders_path = path.with_suffix(".orders.npz")
+        if saved["strength"] != strength or not orders_path.exists():
+            continue
+        tag = path.stem
+        tags.append(tag)
+        request_id, orders, gold = load_orders(orders_path)
+        train_b = read_logs(out / "data" / tag / "train.parquet")
+        test_b = read_logs(out / "data" / tag / "test.parquet").take(slice(0, len(request_id)))
+        if not np.array_equal(test_b.request_id, request_id):
+            raise ValueError(f"{orders_path}: its lists are not of {tag}'s test requests")
+        cascade_path = path.with_suffix(".cascade.npz")
+        if cascade_path.exists():
+            cascade = load_cascade(cascade_path)
+        else:
+            cascade = fit_cascade(train_b)
+            save_cascade(cascade, cascade_path)
+        scorers = list_estimators(test_b, np.asarray(saved["exam_propensity"]), cascade)
+        rows = {}
+        for label, order in orders.items():
+            m = {k: float(v) for k, v in saved["rows"][label].items()}
+            m |= {name: float(np.mean(f(order))) for name, f in scorers.items()}
+            rows[label] = m
+        per_world.append((saved, rows))
+        for name, order in gold.items():
+            g = gold_rows.setdefault(name, {})
+            vals = dict(saved["logged_vs_gold"][name])
+            vals |= {n: float(np.mean(f(order))) for n, f in scorers.items()}
+            for k, v in vals.items():
+                g.setdefault(k, []).append(v)
+    names = [*LIST_ESTIMATORS, "list_ips", "ips", "ndcg@10", "auc"]
+    return {
+        "worlds": tags,
+        "agreement": _tau_table(per_world, names),
+        "logged_vs_gold": {
+            o: {k: float(np.mean(v)) for k, v in g.items()} for o, g in gold_rows.items()
         },
     }
 
