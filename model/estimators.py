@@ -363,14 +363,17 @@ def cascade_dr(
     mu_min: float = MU_MIN,
     max_weight: float | None = None,
     dm: bool = True,
+    propensity: bool = True,
 ) -> np.ndarray:
     """(B,) doubly robust utility of new lists (B, k): the cascade model's direct estimate
     plus, for every logged exposed item the new list shows, its residual in the logged
     list (U_j − Q̂_j(logged prefix)) carried to its new slot by the model's ratio
     Q̂_j(new prefix) / Q̂_j(logged prefix) and weighted by 1 / μ_j (the logging policy's
-    exposure propensity, floored at mu_min; 1 without the column). The ratio is list
-    aware: an item moved below two of its own category loses what satiation takes, one
-    moved below a complement gains. dm=False drops the direct term and the residual's
+    exposure propensity, floored at mu_min; 1 without the column, or with
+    propensity=False: for new orders of each request's EXPOSED items, which depend on
+    what the logger showed). The ratio is list aware: an item moved below two of its own
+    category loses what satiation takes, one moved below a complement gains. The weights
+    ratio / μ are capped at max_weight. dm=False drops the direct term and the residual's
     prediction (a list-aware IPS)."""
     wc, wl, wv = model.weights
     pn = model.slot_probs(batch, order)
@@ -381,7 +384,7 @@ def cascade_dr(
     shown = (new >= 0) & (batch.exposed >= 0)
     q_moved = np.take_along_axis(q_new, np.maximum(new, 0), 1)
     rho = np.where(shown, q_moved / np.maximum(q_log, 1e-9), 0.0)
-    if batch.has_propensity:
+    if propensity and batch.has_propensity:
         mu = np.take_along_axis(np.asarray(batch.propensity), np.maximum(batch.exposed, 0), 1)
         mu = np.maximum(np.nan_to_num(mu, nan=1.0), mu_min)
     else:
@@ -422,4 +425,17 @@ def list_estimators(
         "cascade_dr": lambda o: cascade_dr(model, test, o, max_weight=DR_MAX_WEIGHT),
         "cascade_dm": lambda o: cascade_dm(model, test, o),
         "list_ips": lambda o: list_ips(test, o, exam),
+    }
+
+
+def rerank_estimators(
+    test: ListBatch, model: CascadeModel
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """list_estimators' cascade ones for new orders of each request's EXPOSED items
+    (logged-vs-gold): no exposure propensity, the lists depend on what the logger showed."""
+    return {
+        "cascade_dr": lambda o: cascade_dr(
+            model, test, o, max_weight=DR_MAX_WEIGHT, propensity=False
+        ),
+        "cascade_dm": lambda o: cascade_dm(model, test, o),
     }

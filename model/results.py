@@ -40,6 +40,7 @@ from model.estimators import (
     list_estimators,
     list_ips,
     load_cascade,
+    rerank_estimators,
     save_cascade,
 )
 from model.evaluate import (
@@ -52,6 +53,7 @@ from model.evaluate import (
 )
 from model.stats import holm, pooled
 from model.tables import (
+    AGREEMENT_METRICS,
     CLAIMS,
     EXTRA_METRICS,
     GREF,
@@ -296,53 +298,69 @@ def _tau_table(
     return out
 
 
+def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
+    """The list-level estimates (model.estimators.LIST_ESTIMATORS) of a saved world's rows
+    and logged-vs-gold orders, from its saved lists (save_orders) and its logs alone: the
+    cascade model is fitted on the training logs (and kept as worlds/<tag>.cascade.npz).
+    {"rows": {label: {name: estimate}}, "gold": {order: {name: estimate}}}; every row label
+    of the world gets the estimates of its decode."""
+    from model.log_io import read_logs
+
+    request_id, orders, gold = load_orders(out / "worlds" / f"{tag}.orders.npz")
+    data = out / "data" / tag
+    test_b = read_logs(data / "test.parquet").take(slice(0, len(request_id)))
+    if not np.array_equal(test_b.request_id, request_id):
+        raise ValueError(f"{tag}: the saved lists are not of its test requests")
+    cascade_path = out / "worlds" / f"{tag}.cascade.npz"
+    if cascade_path.exists():
+        cascade = load_cascade(cascade_path)
+    else:
+        cascade = fit_cascade(read_logs(data / "train.parquet"))
+        save_cascade(cascade, cascade_path)
+    scorers = list_estimators(test_b, np.asarray(world["exam_propensity"]), cascade)
+    by_key = {
+        _decode_key(r): {n: float(np.mean(f(orders[r.label]))) for n, f in scorers.items()}
+        for r in ROWS
+        if r.label in orders
+    }
+    rows = {r.label: by_key[_decode_key(r)] for r in ROWS if r.label in world["rows"]}
+    rerank = rerank_estimators(test_b, cascade)
+    return {
+        "rows": rows,
+        "gold": {
+            name: {n: float(np.mean(f(order))) for n, f in rerank.items()}
+            for name, order in gold.items()
+        },
+    }
+
+
+def with_list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
+    """The world with list_estimates merged into its rows and logged-vs-gold orders."""
+    est = list_estimates(out, tag, world)
+    for label, vals in est["rows"].items():
+        world["rows"][label] |= vals
+    for name, vals in est["gold"].items():
+        world["logged_vs_gold"][name] |= vals
+    return world
+
+
 def estimator_table(out: Path, strength: str = "default") -> dict[str, Any]:
     """Score every saved world's rows again with the offline estimators, without
     retraining: the rows' lists (save_orders), the world's logs and its true utilities.
-    Returns {"agreement": τ table, "logged_vs_gold": {order: {metric: mean}}, "worlds"}."""
-    from model.log_io import read_logs
-
-    per_world: list[tuple[dict[str, float], dict[str, dict[str, float]]]] = []
-    gold_rows: dict[str, dict[str, list[float]]] = {}
-    tags = []
+    Returns {"worlds", "agreement": τ table, "logged_vs_gold": {order: {metric: mean}}}."""
+    worlds = []
     for path in sorted((out / "worlds").glob("*.json")):
         saved = json.loads(path.read_text())["world"]
-        orders_path = path.with_suffix(".orders.npz")
-        if saved["strength"] != strength or not orders_path.exists():
-            continue
-        tag = path.stem
-        tags.append(tag)
-        request_id, orders, gold = load_orders(orders_path)
-        train_b = read_logs(out / "data" / tag / "train.parquet")
-        test_b = read_logs(out / "data" / tag / "test.parquet").take(slice(0, len(request_id)))
-        if not np.array_equal(test_b.request_id, request_id):
-            raise ValueError(f"{orders_path}: its lists are not of {tag}'s test requests")
-        cascade_path = path.with_suffix(".cascade.npz")
-        if cascade_path.exists():
-            cascade = load_cascade(cascade_path)
-        else:
-            cascade = fit_cascade(train_b)
-            save_cascade(cascade, cascade_path)
-        scorers = list_estimators(test_b, np.asarray(saved["exam_propensity"]), cascade)
-        rows = {}
-        for label, order in orders.items():
-            m = {k: float(v) for k, v in saved["rows"][label].items()}
-            m |= {name: float(np.mean(f(order))) for name, f in scorers.items()}
-            rows[label] = m
-        per_world.append((saved, rows))
-        for name, order in gold.items():
-            g = gold_rows.setdefault(name, {})
-            vals = dict(saved["logged_vs_gold"][name])
-            vals |= {n: float(np.mean(f(order))) for n, f in scorers.items()}
-            for k, v in vals.items():
-                g.setdefault(k, []).append(v)
-    names = [*LIST_ESTIMATORS, "list_ips", "ips", "ndcg@10", "auc"]
+        if saved["strength"] == strength and path.with_suffix(".orders.npz").exists():
+            worlds.append(with_list_estimates(out, path.stem, saved))
+    gold = {
+        o: {m: float(np.mean([w["logged_vs_gold"][o][m] for w in worlds])) for m in v}
+        for o, v in (worlds[0]["logged_vs_gold"].items() if worlds else ())
+    }
     return {
-        "worlds": tags,
-        "agreement": _tau_table(per_world, names),
-        "logged_vs_gold": {
-            o: {k: float(np.mean(v)) for k, v in g.items()} for o, g in gold_rows.items()
-        },
+        "worlds": [w["seed"] for w in worlds],
+        "agreement": agreement(worlds),
+        "logged_vs_gold": gold,
     }
 
 
@@ -413,10 +431,10 @@ def agreement(worlds: list[dict[str, Any]]) -> dict[str, float]:
             seen.add(_decode_key(row))
             labels.append(row.label)
     out = {}
-    for metric in ("list_ips", "ips", "ndcg@10", "auc"):
+    for metric in AGREEMENT_METRICS:
         xs, ys, within = [], [], []
         for w in worlds:
-            have = [lab for lab in labels if lab in w["rows"]]
+            have = [lab for lab in labels if metric in w["rows"].get(lab, {})]
             x = [w["rows"][lab][metric] for lab in have]
             y = [w["rows"][lab]["utility"] for lab in have]
             if len(have) > 2 and np.all(np.isfinite(x)):
@@ -450,6 +468,10 @@ def _world_key(rc: ResultsConfig, seed: int, strength: str) -> str:
     return json.dumps({"seed": seed, "strength": strength, **settings}, sort_keys=True)
 
 
+def _has_list_estimates(world: dict[str, Any]) -> bool:
+    return all(n in r for r in world["rows"].values() for n in LIST_ESTIMATORS)
+
+
 def cached_world(
     rc: ResultsConfig, seed: int, strength: str, out: Path, progress: bool
 ) -> dict[str, Any]:
@@ -462,9 +484,16 @@ def cached_world(
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             log.info("%s: reusing %s", tag, path)
-            return dict(saved["world"])
+            world = dict(saved["world"])
+            if _has_list_estimates(world):
+                return world
+            world = with_list_estimates(out, tag, world)  # saved before the estimators
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "world": world}))
+            tmp.replace(path)
+            return world
         log.info("%s: %s was made with other settings: recomputing", tag, path)
-    world = run_world(rc, seed, strength, out, progress)
+    world = with_list_estimates(out, tag, run_world(rc, seed, strength, out, progress))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "world": world}))
