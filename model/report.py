@@ -13,7 +13,7 @@ from model.tables import AGREEMENT_METRICS, GREF, ROWS, STRENGTHS, TABLES
 matplotlib.use("Agg")  # no screen: files only
 import matplotlib.pyplot as plt
 
-COLUMNS = ("utility", "cascade_dr", "list_ips", "ips", "ndcg@10", "auc", "passes", "decode_ms")
+COLUMNS = ("utility", "cascade_dm", "list_ips", "ips", "ndcg@10", "auc", "passes", "decode_ms")
 WORLDS = {"heldout": "held-out", "dev": "development"}
 
 
@@ -48,12 +48,13 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         "  model (the gold), mean ± sample std across worlds.",
         "- `share`: share of the headroom captured, (U − U_upstream) / (U_searched −",
         "  U_upstream), pooled over worlds.",
-        "- `cascade_dr`: doubly robust estimate of the generated list's utility from the logs",
+        "- `cascade_dm`: direct-method estimate of the generated list's utility from the logs",
         "  alone: a cascade click model of the displayed prefix fitted on the training logs",
         "  (category satiation and complements, abandonment, like / long view after a click)",
-        "  as the direct method, plus each shown logged item's residual carried to its new",
-        "  slot by the model's ratio and weighted by the logging policy's exposure propensity",
-        "  (`cascade_dm`: the direct method alone, in results.json).",
+        "  gives each slot's expected feedback value given the items above it. Its doubly",
+        "  robust variant (`cascade_dr`, in results.json) adds each shown logged item's",
+        "  residual, carried to its new slot by the model's ratio and weighted by the logging",
+        "  policy's exposure propensity.",
         "- `list_ips`: item-level IPS estimate of the generated list's utility from the logs",
         "  alone (examination propensities harvested from the training logs, the logging",
         "  policy's exposure propensities); `ips`: position-based IPS of reranking the exposed",
@@ -174,15 +175,16 @@ def _agreement_lines(summary: dict[str, Any]) -> list[str]:
         "## What the offline metrics reward",
         "",
         "The exposed items of each world's test requests in three orders, scored by NDCG@10 on",
-        "the logged clicks, by the position-based IPS utility, by the cascade model's doubly",
-        "robust utility (no exposure propensity: the same items) and by true utility (mean",
-        "over worlds). The clicks were drawn under the logging order's position bias.",
+        "the logged clicks, by the position-based IPS utility, by the cascade model (direct",
+        "and doubly robust; no exposure propensity: the same items) and by true utility",
+        "(mean over worlds). The clicks were drawn under the logging order's position bias.",
         "",
         "| order of the exposed items | ndcg@10 (logged clicks) | IPS utility "
-        "| cascade DR utility | true utility |",
-        "|---|---|---|---|---|",
+        "| cascade DM | cascade DR | true utility |",
+        "|---|---|---|---|---|---|",
         *[
             f"| {k} | {v['ndcg@10']:.4f} | {v.get('ips', float('nan')):.4f} "
+            f"| {v.get('cascade_dm', float('nan')):.4f} "
             f"| {v.get('cascade_dr', float('nan')):.4f} | {v['utility']:.4f} |"
             for k, v in gold.items()
         ],
