@@ -1,4 +1,5 @@
-"""Debiased offline estimates of a ranking's utility from logged feedback (numpy only).
+"""Debiased offline estimates of a ranking's utility from logged feedback (numpy; the
+cascade model is fitted with torch, imported when used).
 
 Logged NDCG rewards putting the items the logging policy's users clicked where the
 logging policy put them: the clicks were drawn under its position bias. The estimators
@@ -18,8 +19,21 @@ here correct for that bias with propensities learned from the logs themselves:
   (`list_ips`). Without the column this estimator is off (NaN).
 
 Both are unbiased only under the PBM; the user model of the simulated world has
-satiation, complements and abandonment, so what these estimators can and cannot rank is
-checked against the gold (results: logged-vs-gold and Kendall τ with true utility).
+satiation, complements and abandonment, which they cannot credit. The list-aware ones:
+
+- A cascade click model of the displayed prefix fitted on the training logs
+  (`fit_cascade`): each slot's click probability is examination × effective relevance,
+  where relevance reads the upstream score, the item's dense features, its category and
+  the user's features, drops with every earlier item of the same category (satiation, per
+  user) and rises after a complementary category (a learned category × category matrix);
+  the user goes on past a slot with a probability that falls after a poor item
+  (abandonment); like and long view follow a click. `cascade_dm` scores a new list by its
+  expected feedback value under the model (the direct method); `cascade_dr` adds the
+  shown logged items' residuals, carried to their new slots by the model's ratio and
+  weighted by the exposure propensity (doubly robust).
+
+What each can and cannot rank is checked against the gold (results: logged-vs-gold and
+Kendall τ with true utility; `python -m model estimators` rescores saved lists).
 """
 
 from __future__ import annotations
