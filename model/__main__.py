@@ -129,6 +129,14 @@ def _logged_vs_gold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimators(args: argparse.Namespace) -> int:
+    from model.results import estimator_table
+
+    table = estimator_table(Path(args.out))
+    print(json.dumps(table, indent=1))
+    return 0
+
+
 def _convert_avito(args: argparse.Namespace) -> int:
     from model.avito import convert_avito
 
@@ -230,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--split", default="test", choices=["train", "valid", "test"])
     v.add_argument("--requests", type=int, default=5000)
     v.set_defaults(fn=_logged_vs_gold)
+
+    e = sub.add_parser(
+        "estimators",
+        help="score the saved worlds' rows again with the offline estimators (Kendall τ with "
+        "true utility, logged-vs-gold) without retraining",
+    )
+    e.add_argument("--out", default="results", help="a `results` directory with worlds/")
+    e.set_defaults(fn=_estimators)
 
     a = sub.add_parser("convert-avito", help="Avito Context Ad Clicks TSVs -> our log schema")
     a.add_argument("--search-stream", required=True)

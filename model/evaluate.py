@@ -222,7 +222,11 @@ GOLD_ORDERS = ("logging order", "best under the true user model", "true relevanc
 
 
 def logged_vs_gold(
-    world: World, batch: ListBatch, beam: int = 8, exam: np.ndarray | None = None
+    world: World,
+    batch: ListBatch,
+    beam: int = 8,
+    exam: np.ndarray | None = None,
+    orders_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """What the logged metrics reward in this world: three orders of each request's
     EXPOSED items (the same items the logged metrics rerank), each with its NDCG@10 on the
@@ -235,7 +239,8 @@ def logged_vs_gold(
     that moves a clicked item down loses logged NDCG even when the list is better for the
     user: the second row's NDCG says how far the logged metric and the gold disagree.
     Each order also gets the position-based IPS utility (model.estimators.rerank_ips, with
-    the slots' examination propensities `exam`, None = harvested from `batch`)."""
+    the slots' examination propensities `exam`, None = harvested from `batch`).
+    orders_out, when given, receives each order as (B, K) candidate indices."""
     from model.best_lists import search_best_lists
     from model.estimators import examination_propensities, rerank_ips
     from model.user_model import relevance, true_utility
@@ -263,6 +268,8 @@ def logged_vs_gold(
         lists = np.where(order >= 0, np.take_along_axis(items, np.maximum(order, 0), 1), -1)
         slot = np.maximum(order, 0)
         cand_order = np.where(order >= 0, np.take_along_axis(batch.exposed, slot, 1), -1)
+        if orders_out is not None:
+            orders_out[name] = cand_order
         out[name] = {
             "ndcg@10": float(list_metrics(labels, (10,))["ndcg@10"]),
             "ips": float(rerank_ips(batch, cand_order, exam).mean()),

@@ -32,7 +32,17 @@ import numpy as np
 
 from contract.config import ModelConfig
 from model.checkpoint import load_checkpoint
-from model.estimators import examination_propensities, kendall_tau, list_ips
+from model.estimators import (
+    LIST_ESTIMATORS,
+    examination_propensities,
+    fit_cascade,
+    kendall_tau,
+    list_estimators,
+    list_ips,
+    load_cascade,
+    rerank_estimators,
+    save_cascade,
+)
 from model.evaluate import (
     ListPolicy,
     decode_latency_ms,
@@ -43,6 +53,7 @@ from model.evaluate import (
 )
 from model.stats import holm, pooled
 from model.tables import (
+    AGREEMENT_METRICS,
     CLAIMS,
     EXTRA_METRICS,
     GREF,
@@ -189,6 +200,7 @@ def run_world(
         log.info("%s: trained %s in %.0f s", tag, run.name, res.seconds)
 
     models = {name: load_checkpoint(path)[0] for name, path in checkpoints.items()}
+    orders: dict[str, np.ndarray] = {}  # first row label of each decode -> (B, k) order
     metrics_by_key: dict[tuple[Any, ...], dict[str, float]] = {}
     util_by_key: dict[tuple[Any, ...], np.ndarray] = {}
     out_rows: dict[str, dict[str, float]] = {}
@@ -211,10 +223,13 @@ def run_world(
             m["passes"] = float(passes)
             m["decode_ms"] = decode_latency_ms(r, test_b, model_cfg.schema, rc.k, rc.latency_reps)
             metrics_by_key[key], util_by_key[key] = m, util
+            orders[row.label] = order
         out_rows[row.label] = metrics_by_key[key]
         utility[row.label] = [round(float(x), 5) for x in util_by_key[key]]
     room = headroom(world, test_b)
-    gold = logged_vs_gold(world, test_b, exam=exam)
+    gold_orders: dict[str, np.ndarray] = {}
+    gold = logged_vs_gold(world, test_b, exam=exam, orders_out=gold_orders)
+    save_orders(out / "worlds" / f"{tag}.orders.npz", test_b, orders, gold_orders)
     return {
         "seed": seed,
         "strength": strength,
@@ -230,6 +245,122 @@ def run_world(
             "train": train_seconds,
             "total": time.perf_counter() - t0,
         },
+    }
+
+
+def save_orders(
+    path: Path, test_b: Any, orders: dict[str, np.ndarray], gold: dict[str, np.ndarray]
+) -> None:
+    """A world's lists on its test requests, so that an offline estimator can be scored
+    again without retraining (`python -m model estimators`): each decode's (B, k) candidate
+    indices under the first row label that uses it, and the logged-vs-gold check's orders
+    of the exposed items. One .npz of int arrays and a JSON string (nothing pickled)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"row{i}": o.astype(np.int16) for i, o in enumerate(orders.values())}
+    arrays |= {f"gold{i}": o.astype(np.int16) for i, o in enumerate(gold.values())}
+    meta = json.dumps({"rows": list(orders), "gold": list(gold)})
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, meta_json=np.array(meta), request_id=test_b.request_id, **arrays)
+    tmp.replace(path)
+
+
+def load_orders(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """save_orders' file: request ids, {row label: order}, {gold order name: order}."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta_json"]))
+        rows = {lab: z[f"row{i}"].astype(np.int64) for i, lab in enumerate(meta["rows"])}
+        gold = {name: z[f"gold{i}"].astype(np.int64) for i, name in enumerate(meta["gold"])}
+        return z["request_id"], rows, gold
+
+
+def _tau_table(
+    worlds: list[tuple[dict[str, float], dict[str, dict[str, float]]]], metrics: list[str]
+) -> dict[str, float]:
+    """Kendall τ of each metric with true utility over (row, world) pairs, and the mean
+    within-world τ; worlds = per world, {row: {metric: value, "utility": value}}."""
+    out: dict[str, float] = {}
+    for metric in metrics:
+        xs: list[float] = []
+        ys: list[float] = []
+        within = []
+        for _, rows in worlds:
+            x = [r[metric] for r in rows.values()]
+            y = [r["utility"] for r in rows.values()]
+            if len(x) > 2 and np.all(np.isfinite(x)):
+                within.append(kendall_tau(np.array(x), np.array(y)))
+            xs += x
+            ys += y
+        ok = np.isfinite(xs)
+        out[metric] = kendall_tau(np.array(xs)[ok], np.array(ys)[ok]) if ok.sum() > 2 else np.nan
+        out[f"{metric} (within world)"] = float(np.mean(within)) if within else float("nan")
+        out["pairs"] = float(len(xs))
+    return out
+
+
+def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
+    """The list-level estimates (model.estimators.LIST_ESTIMATORS) of a saved world's rows
+    and logged-vs-gold orders, from its saved lists (save_orders) and its logs alone: the
+    cascade model is fitted on the training logs (and kept as worlds/<tag>.cascade.npz).
+    {"rows": {label: {name: estimate}}, "gold": {order: {name: estimate}}}; every row label
+    of the world gets the estimates of its decode."""
+    from model.log_io import read_logs
+
+    request_id, orders, gold = load_orders(out / "worlds" / f"{tag}.orders.npz")
+    data = out / "data" / tag
+    test_b = read_logs(data / "test.parquet").take(slice(0, len(request_id)))
+    if not np.array_equal(test_b.request_id, request_id):
+        raise ValueError(f"{tag}: the saved lists are not of its test requests")
+    cascade_path = out / "worlds" / f"{tag}.cascade.npz"
+    if cascade_path.exists():
+        cascade = load_cascade(cascade_path)
+    else:
+        cascade = fit_cascade(read_logs(data / "train.parquet"))
+        save_cascade(cascade, cascade_path)
+    scorers = list_estimators(test_b, np.asarray(world["exam_propensity"]), cascade)
+    by_key = {
+        _decode_key(r): {n: float(np.mean(f(orders[r.label]))) for n, f in scorers.items()}
+        for r in ROWS
+        if r.label in orders
+    }
+    rows = {r.label: by_key[_decode_key(r)] for r in ROWS if r.label in world["rows"]}
+    rerank = rerank_estimators(test_b, cascade)
+    return {
+        "rows": rows,
+        "gold": {
+            name: {n: float(np.mean(f(order))) for n, f in rerank.items()}
+            for name, order in gold.items()
+        },
+    }
+
+
+def with_list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
+    """The world with list_estimates merged into its rows and logged-vs-gold orders."""
+    est = list_estimates(out, tag, world)
+    for label, vals in est["rows"].items():
+        world["rows"][label] |= vals
+    for name, vals in est["gold"].items():
+        world["logged_vs_gold"][name] |= vals
+    return world
+
+
+def estimator_table(out: Path, strength: str = "default") -> dict[str, Any]:
+    """Score every saved world's rows again with the offline estimators, without
+    retraining: the rows' lists (save_orders), the world's logs and its true utilities.
+    Returns {"worlds", "agreement": τ table, "logged_vs_gold": {order: {metric: mean}}}."""
+    worlds = []
+    for path in sorted((out / "worlds").glob("*.json")):
+        saved = json.loads(path.read_text())["world"]
+        if saved["strength"] == strength and path.with_suffix(".orders.npz").exists():
+            worlds.append(with_list_estimates(out, path.stem, saved))
+    gold = {
+        o: {m: float(np.mean([w["logged_vs_gold"][o][m] for w in worlds])) for m in v}
+        for o, v in (worlds[0]["logged_vs_gold"].items() if worlds else ())
+    }
+    return {
+        "worlds": [w["seed"] for w in worlds],
+        "agreement": agreement(worlds),
+        "logged_vs_gold": gold,
     }
 
 
@@ -300,10 +431,10 @@ def agreement(worlds: list[dict[str, Any]]) -> dict[str, float]:
             seen.add(_decode_key(row))
             labels.append(row.label)
     out = {}
-    for metric in ("list_ips", "ips", "ndcg@10", "auc"):
+    for metric in AGREEMENT_METRICS:
         xs, ys, within = [], [], []
         for w in worlds:
-            have = [lab for lab in labels if lab in w["rows"]]
+            have = [lab for lab in labels if metric in w["rows"].get(lab, {})]
             x = [w["rows"][lab][metric] for lab in have]
             y = [w["rows"][lab]["utility"] for lab in have]
             if len(have) > 2 and np.all(np.isfinite(x)):
@@ -337,6 +468,10 @@ def _world_key(rc: ResultsConfig, seed: int, strength: str) -> str:
     return json.dumps({"seed": seed, "strength": strength, **settings}, sort_keys=True)
 
 
+def _has_list_estimates(world: dict[str, Any]) -> bool:
+    return all(n in r for r in world["rows"].values() for n in LIST_ESTIMATORS)
+
+
 def cached_world(
     rc: ResultsConfig, seed: int, strength: str, out: Path, progress: bool
 ) -> dict[str, Any]:
@@ -349,9 +484,16 @@ def cached_world(
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             log.info("%s: reusing %s", tag, path)
-            return dict(saved["world"])
+            world = dict(saved["world"])
+            if _has_list_estimates(world):
+                return world
+            world = with_list_estimates(out, tag, world)  # saved before the estimators
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "world": world}))
+            tmp.replace(path)
+            return world
         log.info("%s: %s was made with other settings: recomputing", tag, path)
-    world = run_world(rc, seed, strength, out, progress)
+    world = with_list_estimates(out, tag, run_world(rc, seed, strength, out, progress))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "world": world}))

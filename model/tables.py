@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.estimators import LIST_ESTIMATORS
+
 
 @dataclass(frozen=True)
 class Run:
@@ -128,8 +130,11 @@ CLAIMS = (
 
 # utility, logged metrics, the debiased estimates, decode cost
 METRICS = (
-    "utility", "list_ips", "ips", "ndcg@10", "auc", "map@10", "clicks@10", "passes", "decode_ms",
+    "utility", "cascade_dm", "cascade_dr", "list_ips", "ips", "ndcg@10", "auc", "map@10",
+    "clicks@10", "passes", "decode_ms",
 )  # fmt: skip
+# the offline metrics whose Kendall τ with true utility results reports
+AGREEMENT_METRICS = (*LIST_ESTIMATORS, "list_ips", "ips", "ndcg@10", "auc")
 EXTRA_METRICS = tuple(f"{m}@{c}" for m in ("ndcg", "map", "clicks") for c in (1, 3, 5))
 
 # list-effect strengths of the sensitivity worlds: WorldConfig overrides

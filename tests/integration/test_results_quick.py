@@ -99,8 +99,29 @@ def test_results_are_consistent(quick_results: Path) -> None:
     gold = summary["logged_vs_gold"]
     assert gold["best under the true user model"]["utility"] > gold["logging order"]["utility"]
     assert "What the offline metrics reward" in (quick_results / "results.md").read_text()
-    for metric in ("list_ips", "ips", "ndcg@10"):
+    for metric in ("cascade_dm", "cascade_dr", "list_ips", "ips", "ndcg@10"):
         assert -1.0 <= summary["agreement"][metric] <= 1.0
+    for order in gold.values():
+        assert np.isfinite(order["cascade_dm"]) and np.isfinite(order["cascade_dr"])
+
+
+def test_the_estimators_command_rescores_the_saved_lists(quick_results: Path) -> None:
+    """`python -m model estimators` scores the saved worlds' lists again, without
+    retraining, to the figures the results run reported."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "model", "estimators", "--out", str(quick_results)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(proc.stdout)
+    summary = _summary(quick_results)
+    for metric in ("cascade_dm", "cascade_dr", "list_ips", "ndcg@10"):
+        assert table["agreement"][metric] == pytest.approx(summary["agreement"][metric])
+    for order, vals in summary["logged_vs_gold"].items():
+        assert table["logged_vs_gold"][order]["cascade_dm"] == pytest.approx(vals["cascade_dm"])
+    assert sorted(p.name for p in (quick_results / "worlds").glob("*.orders.npz"))
 
 
 def test_checkpoints_are_safetensors(quick_results: Path) -> None:
