@@ -274,30 +274,6 @@ def load_orders(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str
         return z["request_id"], rows, gold
 
 
-def _tau_table(
-    worlds: list[tuple[dict[str, float], dict[str, dict[str, float]]]], metrics: list[str]
-) -> dict[str, float]:
-    """Kendall τ of each metric with true utility over (row, world) pairs, and the mean
-    within-world τ; worlds = per world, {row: {metric: value, "utility": value}}."""
-    out: dict[str, float] = {}
-    for metric in metrics:
-        xs: list[float] = []
-        ys: list[float] = []
-        within = []
-        for _, rows in worlds:
-            x = [r[metric] for r in rows.values()]
-            y = [r["utility"] for r in rows.values()]
-            if len(x) > 2 and np.all(np.isfinite(x)):
-                within.append(kendall_tau(np.array(x), np.array(y)))
-            xs += x
-            ys += y
-        ok = np.isfinite(xs)
-        out[metric] = kendall_tau(np.array(xs)[ok], np.array(ys)[ok]) if ok.sum() > 2 else np.nan
-        out[f"{metric} (within world)"] = float(np.mean(within)) if within else float("nan")
-        out["pairs"] = float(len(xs))
-    return out
-
-
 def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
     """The list-level estimates (model.estimators.LIST_ESTIMATORS) of a saved world's rows
     and logged-vs-gold orders, from its saved lists (save_orders) and its logs alone: the

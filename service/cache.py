@@ -297,17 +297,18 @@ class ReadGate:
 
     def read(self, seconds: float, asked: int, found: int) -> None:
         """A read that answered: its wall time, rows asked and found."""
-        w = self.weight
-        self.read_s = seconds if self.read_s is None else self.read_s + w * (seconds - self.read_s)
+        self.read_s = self._smooth(self.read_s, seconds)
         if asked:
-            self.found_share += w * (found / asked - self.found_share)
+            self.found_share = self._smooth(self.found_share, found / asked)
 
     def tower(self, seconds: float, rows: int) -> None:
         """An item-tower run of `rows` rows that took `seconds`."""
         if rows > 0:
-            per_row = seconds / rows
-            old = self.row_s
-            self.row_s = per_row if old is None else old + self.weight * (per_row - old)
+            self.row_s = self._smooth(self.row_s, seconds / rows)
+
+    def _smooth(self, old: float | None, new: float) -> float:
+        """The moving average's next value (the first sample as it is)."""
+        return new if old is None else old + self.weight * (new - old)
 
 
 @dataclass
