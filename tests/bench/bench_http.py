@@ -107,6 +107,22 @@ TARGETS = ("plain", "echo", "service")
 BOUND_TARGETS = ("plain", "service")  # the latency-bound search (phase 3)
 
 
+@dataclass(frozen=True)
+class HttpPlan:
+    """What one run measures: the command line's options."""
+
+    duration_s: float = 10.0  # seconds per target in phases 1 and 2
+    warmup_s: float = 2.0  # discarded first
+    concurrency: int = 32  # closed-loop connections
+    rounds: int = 2  # alternating closed-loop rounds
+    load_fraction: float = 0.5  # phase 2's rate / the service's phase-1 maximum
+    client: str = "raw"  # "raw" or "httpx"
+    client_check: bool = True  # the echo once more with the other client
+    bound_trials: int = 6  # phase 3: bisection trials per target
+    bound_duration_s: float = 3.0  # phase 3: seconds per trial
+    bound_p99_ms: float = 10.0  # phase 3: the p99 bound
+
+
 @dataclass
 class Bound:
     """Phase 3 for one target: every trial (rate, served p99 in ms, passed), and the
@@ -124,11 +140,11 @@ class Bound:
 @dataclass
 class Report:
     bundle: str
+    plan: HttpPlan = field(default_factory=HttpPlan)
     closed: dict[str, PhaseResult] = field(default_factory=dict)
     client_check: PhaseResult | None = None
     open: dict[str, PhaseResult] = field(default_factory=dict)
     bound: dict[str, Bound] = field(default_factory=dict)
-    bound_p99_ms: float = 10.0
     server_p99_s: float = np.nan
     server_p50_s: float = np.nan
     setup: str = ""
@@ -136,6 +152,90 @@ class Report:
     def results(self) -> list[PhaseResult]:
         rows = [*self.closed.values(), *self.open.values()]
         return rows + ([self.client_check] if self.client_check else [])
+
+
+class Targets:
+    """The run's servers and its load process: one measured phase against a target at a
+    time, every server checked alive before each."""
+
+    def __init__(self, servers: dict[str, Server], load: LoadProcess, plan: HttpPlan):
+        self.servers, self.load, self.plan = servers, load, plan
+
+    def check_alive(self) -> None:
+        for s in self.servers.values():
+            s.check_alive()
+
+    def measure(self, target: str, mode: str, seconds: float, warm: float,
+                **kw: Any) -> PhaseResult:  # fmt: skip
+        """One window against `target`; the service's histograms are scraped over it unless
+        told otherwise."""
+        self.check_alive()
+        s = self.servers[target]
+        kw.setdefault("scrape", target == "service")
+        kw.setdefault("client", self.plan.client)
+        phase = Phase(target, s.port, s.proc.pid, mode, seconds, warm, self.plan.concurrency,
+                      **kw)  # fmt: skip
+        return self.load.run(phase)
+
+
+def start_targets(stack: ExitStack, bundle: Path, workdir: Path, cpus: set[int] | None,
+                  service_env: dict[str, str] | None) -> dict[str, Server]:  # fmt: skip
+    """plain, echo and service, ready; each stopped when `stack` closes, whatever happens."""
+    servers: dict[str, Server] = {}
+
+    @stack.callback
+    def _stop_servers() -> None:
+        for s in servers.values():
+            s.stop()
+
+    servers["plain"] = start_plain(workdir, cpus)
+    servers["echo"] = start_echo(workdir, cpus, bundle)
+    servers["service"] = start_service(bundle, workdir, cpus, service_env)
+    for s in servers.values():
+        s.wait_ready()
+    return servers
+
+
+def closed_phase(t: Targets, rep: Report) -> None:
+    """Phase 1: closed loop, the targets alternating in rounds (and the client check)."""
+    plan = t.plan
+    parts: dict[str, list[PhaseResult]] = {name: [] for name in TARGETS}
+    block = plan.duration_s / plan.rounds
+    for r in range(plan.rounds):
+        for name in parts:
+            warm = plan.warmup_s if r == 0 else min(plan.warmup_s, 0.5)
+            parts[name].append(t.measure(name, "closed", block, warm))
+    rep.closed = {name: merge_results(p) for name, p in parts.items()}
+    if plan.client_check:
+        other = "httpx" if plan.client == "raw" else "raw"
+        rep.client_check = t.measure("echo", "closed", block, min(plan.warmup_s, 1.0),
+                                     client=other)  # fmt: skip
+
+
+def open_phase(t: Targets, rep: Report) -> None:
+    """Phase 2: open loop at a fraction of the service's maximum, every target; the
+    service's server-side quantiles over its window."""
+    rate = max(1.0, t.plan.load_fraction * rep.closed["service"].throughput)
+    for name in TARGETS:
+        r = t.measure(name, "open", t.plan.duration_s, 1.0, rate=rate)
+        rep.open[name] = r
+        if name == "service":
+            rep.server_p99_s = window_quantile(0.99, *r.metrics)
+            rep.server_p50_s = window_quantile(0.50, *r.metrics)
+
+
+def bound_phase(t: Targets, rep: Report) -> None:
+    """Phase 3: the latency-bound throughput, Poisson arrivals, bisection per target."""
+    plan = t.plan
+    for name in BOUND_TARGETS:
+
+        def trial(rate: float, seed: int, name: str = name) -> PhaseResult:
+            return t.measure(name, "open", plan.bound_duration_s, 0.5, rate=rate,
+                             poisson=True, seed=seed, scrape=False)  # fmt: skip
+
+        ceiling = 1.1 * rep.closed[name].throughput
+        rep.bound[name] = latency_bound(trial, ceiling, plan.bound_trials, plan.bound_p99_ms,
+                                        name)  # fmt: skip
 
 
 def latency_bound(trial: Callable[[float, int], PhaseResult], ceiling: float, trials: int,
@@ -158,27 +258,13 @@ def latency_bound(trial: Callable[[float, int], PhaseResult], ceiling: float, tr
     return bound
 
 
-def run(
-    bundle: Path | None = None,
-    duration_s: float = 10.0,
-    warmup_s: float = 2.0,
-    concurrency: int = 32,
-    rounds: int = 2,
-    load_fraction: float = 0.5,
-    client: str = "raw",
-    client_check: bool = True,
-    pin: bool = True,
-    m: int = 30,
-    k: int = 10,
-    service_env: dict[str, str] | None = None,
-    bound_trials: int = 6,
-    bound_duration_s: float = 3.0,
-    bound_p99_ms: float = 10.0,
-    string_ids: bool = False,
-) -> tuple[str, Report]:
+def run(bundle: Path | None = None, plan: HttpPlan | None = None, pin: bool = True,
+        m: int = 30, k: int = 10, service_env: dict[str, str] | None = None,
+        string_ids: bool = False) -> tuple[str, Report]:  # fmt: skip
     """The three phases against the targets; (the printed table, the numbers).
     service_env: RERANK_* settings of the service (default: its defaults); string_ids:
     every id of the bodies a string (string_bodies)."""
+    plan = plan or HttpPlan()
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gref-bench-")))
         path, how = resolve_bundle(bundle, workdir)
@@ -186,74 +272,25 @@ def run(
         bodies = build_bodies(manifest, m, k)
         bodies = string_bodies(bodies) if string_ids else bodies
         place = bench_placement(pin)
-        server_cpus, client_cpus = place.service, place.load
-        report = Report(bundle=f"{manifest['version']} ({how}: {path})",
-                        bound_p99_ms=bound_p99_ms)  # fmt: skip
+        report = Report(bundle=f"{manifest['version']} ({how}: {path})", plan=plan)
         size = np.mean([len(b) for b in bodies]) / 1024
         report.setup = (f"m = {m}, k = {k}, {len(bodies)} distinct bodies of ~{size:.1f} KiB "
                         f"({'string' if string_ids else 'integer'} ids); "
-                        f"client: {client} on {client_loop_name()}; nproc {os.cpu_count()}; "
+                        f"client: {plan.client} on {client_loop_name()}; nproc {os.cpu_count()}; "
                         f"{place.text}; service settings: {service_env or 'defaults'}")  # fmt: skip
-
-        servers: dict[str, Server] = {}
-
-        @stack.callback
-        def _stop_servers() -> None:  # every server started, whatever happens
-            for s in servers.values():
-                s.stop()
-
-        servers["plain"] = start_plain(workdir, server_cpus)
-        servers["echo"] = start_echo(workdir, server_cpus, path)
-        servers["service"] = start_service(path, workdir, server_cpus, service_env)
-        for s in servers.values():
-            s.wait_ready()
-        load = LoadProcess(bodies, client_cpus)
+        servers = start_targets(stack, path, workdir, place.service, service_env)
+        load = LoadProcess(bodies, place.load)
         stack.callback(load.stop)
-
-        def phase(target: str, mode: str, seconds: float, warm: float, **kw: Any) -> Phase:
-            for other in servers.values():
-                other.check_alive()
-            s = servers[target]
-            kw.setdefault("scrape", target == "service")  # its histograms over the window
-            return Phase(target, s.port, s.proc.pid, mode, seconds, warm, concurrency, **kw)
-
-        # phase 1: closed loop, targets alternating in rounds
-        parts: dict[str, list[PhaseResult]] = {t: [] for t in TARGETS}
-        block = duration_s / rounds
-        for r in range(rounds):
-            for target in parts:
-                warm = warmup_s if r == 0 else min(warmup_s, 0.5)
-                parts[target].append(load.run(phase(target, "closed", block, warm, client=client)))
-        report.closed = {t: merge_results(p) for t, p in parts.items()}
-        if client_check:
-            other = "httpx" if client == "raw" else "raw"
-            report.client_check = load.run(phase("echo", "closed", block, min(warmup_s, 1.0),
-                                                 client=other))  # fmt: skip
-
-        # phase 2: open loop at a fraction of the service's maximum, every target
-        rate = max(1.0, load_fraction * report.closed["service"].throughput)
-        for target in TARGETS:
-            r = load.run(phase(target, "open", duration_s, 1.0, rate=rate, client=client))
-            report.open[target] = r
-            if target == "service":
-                report.server_p99_s = window_quantile(0.99, *r.metrics)
-                report.server_p50_s = window_quantile(0.50, *r.metrics)
-
-        # phase 3: the latency-bound throughput, Poisson arrivals, bisection per target
-        for target in BOUND_TARGETS:
-
-            def trial(rate: float, seed: int, target: str = target) -> PhaseResult:
-                ph = phase(target, "open", bound_duration_s, 0.5, rate=rate, client=client,
-                           poisson=True, seed=seed, scrape=False)  # fmt: skip
-                return load.run(ph)
-
-            ceiling = 1.1 * report.closed[target].throughput
-            report.bound[target] = latency_bound(trial, ceiling, bound_trials, bound_p99_ms,
-                                                 target)  # fmt: skip
-        phase("echo", "closed", 0, 0)  # every server still up at the end
-        return table(report, duration_s, warmup_s, concurrency, rounds, load_fraction,
-                     bound_duration_s), report  # fmt: skip
+        targets = Targets(servers, load, plan)
+        closed_phase(targets, report)
+        open_phase(targets, report)
+        bound_phase(targets, report)
+        targets.check_alive()  # every server still up at the end
+        return table(report), report
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
+
+
+# ---------------------------------------------------------------- the table
 
 
 def _us(cpu_s: float, r: PhaseResult) -> float:
@@ -270,34 +307,35 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else np.nan
 
 
-def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rounds: int,
-          load_fraction: float, bound_duration_s: float = 3.0) -> str:  # fmt: skip
-    svc, echo, plain = rep.closed["service"], rep.closed["echo"], rep.closed["plain"]
+def _closed_lines(rep: Report) -> list[str]:
+    plan = rep.plan
     lines = [
-        f"HTTP benchmark: bundle {rep.bundle}",
-        f"  {rep.setup}",
-        "",
-        f"phase 1: closed loop, {concurrency} keep-alive connections, {warmup_s:g} s warm-up, "
-        f"{duration_s:g} s per target in {rounds} alternating rounds; times in ms (client side)",
+        f"phase 1: closed loop, {plan.concurrency} keep-alive connections, "
+        f"{plan.warmup_s:g} s warm-up, {plan.duration_s:g} s per target in {plan.rounds} "
+        "alternating rounds; times in ms (client side)",
         "",
         "| target  | client | max answers/s |    p50 |    p99 | degraded | errors "
         "| server CPU | us/req | batch | client CPU | us/req |",
         "|:--------|:-------|--------------:|-------:|-------:|---------:|-------:"
         "|-----:|-------:|------:|-----:|-------:|",
     ]
-    closed = [plain, echo, svc] + ([rep.client_check] if rep.client_check else [])
-    for r in closed:
+    closed = [rep.closed[name] for name in ("plain", "echo", "service")]
+    for r in closed + ([rep.client_check] if rep.client_check else []):
         label = r.phase.target + (" *" if r is rep.client_check else "")
         lines.append(
             f"| {label:<7} | {r.phase.client:<6} | {r.throughput:13.0f} | {r.pct_ms(50):6.2f} "
             f"| {r.pct_ms(99):6.2f} | {r.degraded:8d} | {r.errors:6d} | {_server(r)} "
             f"| {r.client_cpu_s / r.window_s:4.0%} | {_us(r.client_cpu_s, r):6.0f} |"
         )
+    return lines
+
+
+def _open_lines(rep: Report) -> list[str]:
     rate = rep.open["service"].phase.rate
-    lines += [
-        "",
-        f"phase 2: open loop at {rate:.0f} req/s ({load_fraction:.0%} of the service's maximum) "
-        f"for {duration_s:g} s after 1 s unrecorded; latency from the scheduled send time, ms",
+    lines = [
+        f"phase 2: open loop at {rate:.0f} req/s ({rep.plan.load_fraction:.0%} of the service's "
+        f"maximum) for {rep.plan.duration_s:g} s after 1 s unrecorded; latency from the "
+        "scheduled send time, ms",
         "",
         "| target  | answers/s |    p50 |    p95 |    p99 | server p50 / p99 (histogram est.) "
         "| degraded | errors | late sends | server CPU | us/req | batch |",
@@ -313,12 +351,15 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
             f"| {r.pct_ms(99):6.2f} | {server:>33} | {r.degraded:8d} | {r.errors:6d} "
             f"| {r.late_starts:10d} | {_server(r)} |"
         )
-    lines += [
-        "",
-        f"phase 3: latency-bound throughput: Poisson arrivals, {bound_duration_s:g} s per trial "
-        f"after 0.5 s unrecorded, the rate bisected over (0, 1.1x the closed-loop maximum]; "
-        f"a trial passes when the p99 of the time to a model answer (degraded, error or none: "
-        f"never) is <= {rep.bound_p99_ms:g} ms",
+    return lines
+
+
+def _bound_lines(rep: Report) -> list[str]:
+    lines = [
+        f"phase 3: latency-bound throughput: Poisson arrivals, {rep.plan.bound_duration_s:g} s "
+        "per trial after 0.5 s unrecorded, the rate bisected over (0, 1.1x the closed-loop "
+        "maximum]; a trial passes when the p99 of the time to a model answer (degraded, error "
+        f"or none: never) is <= {rep.plan.bound_p99_ms:g} ms",
         "",
         "| target  | latency-bound req/s | trials: rate req/s -> served p99 ms |",
         "|:--------|--------------------:|:------------------------------------|",
@@ -326,35 +367,49 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
     for name, b in rep.bound.items():
         trials = ", ".join(f"{r:.0f} -> {p:.2f}{'' if ok else ' x'}" for r, p, ok in b.trials)
         lines.append(f"| {name:<7} | {b.rate:19.0f} | {trials} |")
+    return lines
+
+
+LEGEND = [
+    "answers/s: model answers (200, not degraded) per second; degraded: answers in "
+    "upstream order (budget spent or shed), not counted as throughput; p50/p99 over every "
+    "200 answer; open loop: the requests scheduled in the window, however late answered",
+    "server p50 / p99: estimated from rerank_request_duration_seconds' buckets (x1.5 "
+    "apart, linear inside one: within about a quarter of the true value), handler time "
+    "(not uvicorn or socket queueing)",
+    "server CPU: its share of its one core in the window; us/req: CPU per answer "
+    "(server, then client); batch: requests per engine call (the service's micro-batches)",
+    "plain: stock FastAPI + json.loads, the first k back (no model, no checks); echo: the "
+    "service's framework setup and request reader, the first k back (no model)",
+]
+
+
+def _goal_lines(rep: Report) -> list[str]:
+    svc, echo, plain = rep.closed["service"], rep.closed["echo"], rep.closed["plain"]
     ratio = _ratio(svc.throughput, plain.throughput)
     p99 = rep.open["service"].pct_ms(99)
     bound = _ratio(rep.bound["service"].rate, rep.bound["plain"].rate) if rep.bound else np.nan
-    lines += [
-        "",
-        "answers/s: model answers (200, not degraded) per second; degraded: answers in "
-        "upstream order (budget spent or shed), not counted as throughput; p50/p99 over every "
-        "200 answer; open loop: the requests scheduled in the window, however late answered",
-        "server p50 / p99: estimated from rerank_request_duration_seconds' buckets (x1.5 "
-        "apart, linear inside one: within about a quarter of the true value), handler time "
-        "(not uvicorn or socket queueing)",
-        "server CPU: its share of its one core in the window; us/req: CPU per answer "
-        "(server, then client); batch: requests per engine call (the service's micro-batches)",
-        "plain: stock FastAPI + json.loads, the first k back (no model, no checks); echo: the "
-        "service's framework setup and request reader, the first k back (no model)",
-        "",
+    fraction, bound_p99 = rep.plan.load_fraction, rep.plan.bound_p99_ms
+    return [
         "goals:",
         f"  service / plain throughput: {ratio:.2f} (goal >= 0.50): "
         f"{'met' if ratio >= 0.5 else 'MISSED'}; server CPU per answer: service "
         f"{_us(svc.server_cpu_s, svc):.0f} us, plain {_us(plain.server_cpu_s, plain):.0f} us, "
         f"echo {_us(echo.server_cpu_s, echo):.0f} us; service / echo throughput "
         f"{_ratio(svc.throughput, echo.throughput):.2f}",
-        f"  latency-bound throughput (p99 <= {rep.bound_p99_ms:g} ms), service / plain: "
+        f"  latency-bound throughput (p99 <= {bound_p99:g} ms), service / plain: "
         f"{bound:.2f} (goal >= 0.40): {'met' if bound >= 0.4 else 'MISSED'}",
-        f"  service p99 at {load_fraction:.0%} of its maximum: {p99:.2f} ms, "
+        f"  service p99 at {fraction:.0%} of its maximum: {p99:.2f} ms, "
         f"{p99 / rep.open['echo'].pct_ms(99):.1f}x the echo's, "
         f"{p99 / rep.open['plain'].pct_ms(99):.1f}x the plain floor's at the same rate "
         f"(goal <= 5 ms): {'met' if p99 <= 5 else 'MISSED'}",
     ]
+
+
+def _check_lines(rep: Report) -> list[str]:
+    """Whether the client could be the bottleneck, the client check, first errors."""
+    lines = []
+    plain, echo = rep.closed["plain"], rep.closed["echo"]
     plain_us = _us(plain.client_cpu_s, plain)
     if plain_us > 0:
         ceiling = 1e6 / plain_us
@@ -375,9 +430,16 @@ def table(rep: Report, duration_s: float, warmup_s: float, concurrency: int, rou
         )
     samples = {f"{r.phase.target}/{r.phase.mode}": r.error_sample for r in rep.results()
                if r.error_sample}  # fmt: skip
-    for where, sample in samples.items():
-        lines.append(f"  first error {where}: {sample}")
-    return "\n".join(lines)
+    lines += [f"  first error {where}: {sample}" for where, sample in samples.items()]
+    return lines
+
+
+def table(rep: Report) -> str:
+    """The printed report: setup, the three phases' tables, a legend, the goals."""
+    head = [f"HTTP benchmark: bundle {rep.bundle}", f"  {rep.setup}", ""]
+    parts = [_closed_lines(rep), _open_lines(rep), _bound_lines(rep), LEGEND]
+    body = [line for part in parts for line in [*part, ""]]
+    return "\n".join(head + body + _goal_lines(rep) + _check_lines(rep))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--string-ids", action="store_true",
                    help='every id a string: item n "sku-<n>", user n "u-<n>"')  # fmt: skip
     args = p.parse_args(argv)
-    text, _ = run(args.bundle, args.duration, args.warmup, args.concurrency, args.rounds,
-                  args.load, args.client, not args.no_client_check, not args.no_pin,
+    plan = HttpPlan(args.duration, args.warmup, args.concurrency, args.rounds, args.load,
+                    args.client, not args.no_client_check, args.bound_trials,
+                    args.bound_duration, args.bound_p99)  # fmt: skip
+    text, _ = run(args.bundle, plan, not args.no_pin,
                   service_env=dict(kv.split("=", 1) for kv in args.set),
-                  bound_trials=args.bound_trials, bound_duration_s=args.bound_duration,
-                  bound_p99_ms=args.bound_p99, string_ids=args.string_ids)  # fmt: skip
+                  string_ids=args.string_ids)  # fmt: skip
     print(text)
     return 0
 

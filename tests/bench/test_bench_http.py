@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bench.bench_http import BOUND_TARGETS, TARGETS, run
+from tests.bench.bench_http import BOUND_TARGETS, TARGETS, HttpPlan, run
 
 
 @pytest.mark.bench
 def test_http_benchmark_short() -> None:
-    text, report = run(duration_s=2.0, warmup_s=1.0, rounds=1, client_check=False,
-                       bound_trials=2, bound_duration_s=1.0)  # fmt: skip
+    plan = HttpPlan(duration_s=2.0, warmup_s=1.0, rounds=1, client_check=False,
+                    bound_trials=2, bound_duration_s=1.0)  # fmt: skip
+    text, report = run(plan=plan)
     print()
     print(text)
     assert set(report.closed) == set(report.open) == set(TARGETS)
