@@ -556,12 +556,37 @@ def _overload_timeline(res: ScheduleResult, rss: list[tuple[float, float]], seco
     return timeline, lines
 
 
-def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
+@dataclass
+class OverloadRun:
+    """What one overload schedule measured, before any figure is derived from it."""
+
+    res: ScheduleResult
+    segments: tuple[Segment, ...]
+    seconds: float  # the schedule's length
+    connections: int  # the sender's bound
+    peak: float  # the closed-loop maximum of model answers, the rates' base
+    peak_text: str
+    top: PhaseResult  # that closed-loop window
+    rss: list[tuple[float, float]]  # (seconds since the schedule was sent, MiB)
+    rss_before: float
+    rss_after: float  # nan when the process is gone
+    up: bool  # the process alive after the schedule
+    healthy: bool  # its /healthz answered 200 after
+    probe: list[tuple[float, float | None]]  # /healthz once a second, main port
+    admin_probe: list[tuple[float, float | None]]  # and the admin port
+    server_cpu_s: float
+    elapsed_s: float
+    others: str  # other processes on the machine during the run
+    client_share: float  # of its core, the sender's
+
+
+def _run_overload(b: Bench[LoadConfig]) -> OverloadRun:
+    """The closed-loop maximum, then base -> step -> base, open loop, with RSS sampled and
+    /healthz probed on both ports throughout."""
     cfg = b.cfg
     admin_port = free_port()
     b.start({"overload": {"RERANK_ADMIN_PORT": str(admin_port)}})
     server = b.servers["overload"]
-    admin_url = f"http://127.0.0.1:{admin_port}"
     top = b.closed_max("overload")
     peak, peak_text = model_max(top)  # degraded answers are no throughput
     base, step = cfg.step
@@ -570,7 +595,7 @@ def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
         Segment(f"{step:g}x", max(1.0, step * peak), 2.5 * cfg.duration_s),
         Segment(f"{base:.0%} again", max(1.0, base * peak), 2 * cfg.duration_s),
     )
-    rss: list[tuple[float, float]] = []  # (seconds since the schedule was sent, MiB)
+    rss: list[tuple[float, float]] = []
     rss_before = rss_mib(server.proc.pid)
 
     def sample() -> None:
@@ -580,12 +605,12 @@ def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
     job = b.schedule("overload", segments, grace_s=60.0)
     since = b.mark()
     server_cpu0 = process_cpu_s(server.proc.pid)
-    with HealthProbe(server.url) as probe, HealthProbe(admin_url) as admin_probe:
+    with HealthProbe(server.url) as probe, \
+            HealthProbe(f"http://127.0.0.1:{admin_port}") as admin_probe:  # fmt: skip
         res = run_schedule(b.load, job, sample)
     server_cpu = process_cpu_s(server.proc.pid) - server_cpu0
     elapsed = time.monotonic() - since.wall
     others = b.others_text(since)
-    client_share = res.client_cpu_s / elapsed
     time.sleep(1.0)
     up = server.proc.poll() is None
     rss_after = rss_mib(server.proc.pid) if up else np.nan
@@ -596,69 +621,126 @@ def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
         with suppress(httpx.HTTPError), httpx.Client(base_url=server.url, timeout=5) as client:
             healthy = client.get("/healthz").status_code == 200
     b.stop("overload")
+    return OverloadRun(res, segments, job.seconds, job.connections, peak, peak_text, top, rss,
+                       rss_before, rss_after, up, healthy, probe.samples, admin_probe.samples,
+                       server_cpu, elapsed, others, res.client_cpu_s / elapsed)  # fmt: skip
 
-    per_phase = [_overload_phase(res, j, seg, b.requests.k) for j, seg in enumerate(segments)]
-    rows = [_overload_row(phase) for phase in per_phase]
 
-    # recovery, against the phase before the step: end to end (client, by scheduled send:
-    # it includes the backlog the step left in the sender) and in the handler (timings)
+def _recovery(run: OverloadRun, first: dict[str, Any]) -> dict[str, Any]:
+    """After the drop, against the phase before the step (`first`): end to end (client, by
+    scheduled send: it includes the backlog the step left in the sender) and in the handler
+    (timings); the first second from which every 1 s bin stays within the bound."""
+    res, segments = run.res, run.segments
     drop = segments[0].seconds + segments[1].seconds
     half = (res.segment == len(segments) - 1) & res.answered
     half &= res.offset >= drop + segments[2].seconds / 2
-    first_p99, first_srv = per_phase[0]["p99_ms"], per_phase[0]["handler_p99_ms"]
-    bound, bound_srv = (max(2 * x, x + 5.0) for x in (first_p99, first_srv))
+    bound, bound_srv = (max(2 * x, x + 5.0) for x in (first["p99_ms"], first["handler_p99_ms"]))
     last_half_p99 = pct_ms(res.latency[half], 99)
     last_half_srv = percentile(res.handler_ms[half], 99)
-    recovered = bool(last_half_p99 <= bound)
-    recovered_srv = bool(last_half_srv <= bound_srv)
-    done = res.done  # answer times, s from the start (nan: none)
     before_drop = (res.offset < drop) & res.answered
-    drained = float(np.nanmax(done[before_drop]) - drop) if before_drop.any() else np.nan
+    drained = float(np.nanmax(res.done[before_drop]) - drop) if before_drop.any() else np.nan
     bins = np.floor(res.offset).astype(int)
     p99_by_s = {}
-    for sec in range(int(np.ceil(job.seconds))):
+    for sec in range(int(np.ceil(run.seconds))):
         ok = (bins == sec) & res.answered
         p99_by_s[sec] = pct_ms(res.latency[ok], 99) if ok.any() else np.nan
     after = [sec for sec in p99_by_s if sec >= drop]
     within = {sec for sec in after if p99_by_s[sec] <= bound}  # nan (none answered): out
     settled = [sec for n, sec in enumerate(after) if set(after[n:]) <= within]
-    recovered_at = settled[0] - drop if settled else None
+    return {
+        "bound": bound, "bound_srv": bound_srv, "last_half_p99": last_half_p99,
+        "last_half_srv": last_half_srv, "recovered": bool(last_half_p99 <= bound),
+        "recovered_srv": bool(last_half_srv <= bound_srv), "drained": drained,
+        "p99_by_s": p99_by_s, "recovered_at": settled[0] - drop if settled else None,
+    }  # fmt: skip
 
-    mem = np.array([m for _, m in rss]) if rss else np.array([rss_before])
-    step_t = (segments[0].seconds, drop)  # the step, s since the schedule was sent
+
+def _memory(run: OverloadRun) -> dict[str, Any]:
+    """RSS over the schedule: its maximum, and its growth from the step's first half to
+    its second (a leak grows; a bounded queue does not)."""
+    rss, segments = run.rss, run.segments
+    mem = np.array([m for _, m in rss]) if rss else np.array([run.rss_before])
+    step_t = (segments[0].seconds, segments[0].seconds + segments[1].seconds)
     half_t = step_t[0] + segments[1].seconds / 2
     growth = (np.mean([m for t, m in rss if half_t <= t <= step_t[1]] or [np.nan])
               - np.mean([m for t, m in rss if step_t[0] <= t < half_t] or [np.nan]))  # fmt: skip
     rss_max = float(mem.max())
-    bounded = rss_max <= 1.5 * rss_before
+    return {"max": rss_max, "growth": growth, "bounded": rss_max <= 1.5 * run.rss_before,
+            "step_t": step_t}  # fmt: skip
 
-    def probe_text(samples: list[tuple[float, float | None]]) -> str:
-        """The probes during the step: how many, failed, answered ones' latency."""
-        probes = [took for t, took in samples if step_t[0] <= t <= step_t[1]]
-        ms = np.array([took for took in probes if took is not None]) * 1e3
-        failed = sum(took is None for took in probes)
-        return (f"{len(probes)} probes, {failed} failed or over 5 s, answered ones p50 "
-                f"{percentile(ms, 50):.0f} ms, max {percentile(ms, 100):.0f} ms")  # fmt: skip
 
+def _probe_text(samples: list[tuple[float, float | None]], step_t: tuple[float, float]) -> str:
+    """The probes during the step: how many, failed, answered ones' latency."""
+    probes = [took for t, took in samples if step_t[0] <= t <= step_t[1]]
+    ms = np.array([took for took in probes if took is not None]) * 1e3
+    failed = sum(took is None for took in probes)
+    return (f"{len(probes)} probes, {failed} failed or over 5 s, answered ones p50 "
+            f"{percentile(ms, 50):.0f} ms, max {percentile(ms, 100):.0f} ms")  # fmt: skip
+
+
+def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
+    run = _run_overload(b)
+    res = run.res
+    per_phase = [_overload_phase(res, j, seg, b.requests.k) for j, seg in enumerate(run.segments)]
+    rec, mem = _recovery(run, per_phase[0]), _memory(run)
     # a 503 shed at the door (admission) is an answer: the client keeps its upstream order
     sent, answered = len(res.status), int((res.answered | (res.status == 503)).sum())
     errors = len(res.status) - answered
     unmarked = sum(p["unmarked"] for p in per_phase)
     short = sum(p["short_lists"] for p in per_phase)
-    lines = [
+    timeline, timeline_lines = _overload_timeline(res, run.rss, run.seconds)
+    head = _overload_head(b, run, per_phase)
+    goals = [
+        f"  stays up: process alive {run.up}, /healthz 200 after {run.healthy}: "
+        f"{verdict(run.up and run.healthy)}; /healthz once a second during the step: main "
+        f"port {_probe_text(run.probe, mem['step_t'])}; admin port "
+        f"{_probe_text(run.admin_probe, mem['step_t'])}",
+        f"  answers every request: {answered}/{sent} = {answered / max(1, sent):.4f}, errors + "
+        f"unanswered {errors} (goal 0): {verdict(errors == 0)}",
+        f"  degraded answers marked (degraded flag iff reason; k items each): "
+        f"{unmarked} unmarked, {short} short lists: {verdict(unmarked == 0 and short == 0)}",
+        *_recovery_goal_lines(run, per_phase[0], rec, mem),
+    ]
+    lines = [*head, *timeline_lines, "", "goals:", *goals]
+    if res.error_sample:
+        lines.append(f"  first error: {res.error_sample}")
+    figures = {
+        "max_rps": run.peak, "all_answers_rps": run.top.answered,
+        "max_degraded_share": run.top.degraded / max(1, len(run.top.latencies)),
+        "warm": b.warm_figures("overload"), "phases": per_phase, "sent": sent, "answered": answered,
+        "errors": errors, "unmarked": unmarked, "short_lists": short,
+        "peak_connections": res.peak_connections, "reconnects": res.reconnects,
+        "rss_mib": {"before": run.rss_before, "max": mem["max"], "after": run.rss_after,
+                    "step_growth": mem["growth"], "samples": run.rss},
+        "health_probes": run.probe, "admin_health_probes": run.admin_probe,
+        "p99_by_second_ms": rec["p99_by_s"], "recovered_after_drop_s": rec["recovered_at"],
+        "backlog_drained_after_drop_s": rec["drained"], "timeline": timeline,
+        "last_half_p99_ms": rec["last_half_p99"], "last_half_handler_p99_ms": rec["last_half_srv"],
+        "met": {"up": run.up and run.healthy, "all_answered": errors == 0,
+                "marked": unmarked == 0 and short == 0, "memory_bounded": mem["bounded"],
+                "recovered": rec["recovered"], "recovered_in_handler": rec["recovered_srv"]},
+    }  # fmt: skip
+    return "\n".join(lines), figures
+
+
+def _overload_head(b: Bench[LoadConfig], run: OverloadRun,
+                   per_phase: list[dict[str, Any]]) -> list[str]:  # fmt: skip
+    """The section's title, setup, per-phase table and the timeline's legend."""
+    res, cfg = run.res, b.cfg
+    return [
         f"== overload: shipped settings ({_shipped_text()}, policy "
         f"{shipped('decode_policy')}); one open-loop schedule",
         "",
-        f"closed-loop maximum ({cfg.concurrency} connections): {peak_text} = the rates' "
-        f"base; the sender opened at most {res.peak_connections} of {job.connections} connections "
-        f"({res.reconnects} sends retried on a connection the server had closed while idle); "
-        "latency from the scheduled send, ms (it includes waiting in the sender for a "
-        "connection); handler: handler time (timings.total_ms: from the rerank handler's "
-        "entry to the response body, not socket or uvicorn queueing)",
+        f"closed-loop maximum ({cfg.concurrency} connections): {run.peak_text} = the rates' "
+        f"base; the sender opened at most {res.peak_connections} of {run.connections} "
+        f"connections ({res.reconnects} sends retried on a connection the server had closed "
+        "while idle); latency from the scheduled send, ms (it includes waiting in the sender "
+        "for a connection); handler: handler time (timings.total_ms: from the rerank "
+        "handler's entry to the response body, not socket or uvicorn queueing)",
         f"  ({b.warm_text('overload')})",
-        f"  ({others}; the sender used {client_share:.0%} of its core; the server "
-        f"{server_cpu / elapsed:.0%} of its core, "
-        f"{server_cpu / max(1, int(res.answered.sum())) * 1e6:.0f} us per answer)",
+        f"  ({run.others}; the sender used {run.client_share:.0%} of its core; the server "
+        f"{run.server_cpu_s / run.elapsed_s:.0%} of its core, "
+        f"{run.server_cpu_s / max(1, int(res.answered.sum())) * 1e6:.0f} us per answer)",
         "",
         "| phase      | req/s  |    s |   sent | answered |"
         " errors | degraded (reason)            |      p50 |      p99 | handler p99 | late "
@@ -666,54 +748,32 @@ def bench_overload(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
         "|:-----------|-------:|-----:|-------:|---------:|"
         "-------:|:-----------------------------|---------:|---------:|------------:|-----:"
         "|-------:|",
-        *rows,
+        *[_overload_row(phase) for phase in per_phase],
         "",
         "timeline, 2 s bins: requests scheduled in the bin | 200 answers completed in the bin "
         "per second (by answer time) | of the requests scheduled in the bin: p99 ms (client), "
         "handler p99 ms, share degraded 'overload' | server RSS MiB (max in the bin)",
     ]
-    timeline, timeline_lines = _overload_timeline(res, rss, job.seconds)
-    lines += timeline_lines
-    rec_text = f"{recovered_at:.0f} s after the drop" if recovered_at is not None else "never"
-    lines += [
-        "",
-        "goals:",
-        f"  stays up: process alive {up}, /healthz 200 after {healthy}: "
-        f"{verdict(up and healthy)}; /healthz once a second during the step: main port "
-        f"{probe_text(probe.samples)}; admin port {probe_text(admin_probe.samples)}",
-        f"  answers every request: {answered}/{sent} = {answered / max(1, sent):.4f}, errors + "
-        f"unanswered {errors} (goal 0): {verdict(errors == 0)}",
-        f"  degraded answers marked (degraded flag iff reason; k items each): "
-        f"{unmarked} unmarked, {short} short lists: {verdict(unmarked == 0 and short == 0)}",
-        f"  memory bounded: RSS {rss_before:.0f} MiB before, max {rss_max:.0f} "
-        f"({rss_max / rss_before:.2f}x), {rss_after:.0f} after; 2nd half vs 1st half of the "
-        f"step {growth:+.1f} MiB (goal max <= 1.5x before): {verdict(bounded)}",
-        f"  recovers, end to end: p99 of the last phase's 2nd half {last_half_p99:.1f} ms vs "
-        f"{first_p99:.1f} ms before the step (bound max(2x, +5 ms) = {bound:.1f} ms): "
-        f"{_verdict_or_unknown(last_half_p99, recovered)}; 1 s bins within the bound from "
-        f"{rec_text}; the step's backlog answered {drained:.1f} s after the drop",
-        f"  recovers, in the handler: handler p99 {last_half_srv:.1f} ms vs {first_srv:.1f} ms "
-        f"(bound {bound_srv:.1f} ms): {_verdict_or_unknown(last_half_srv, recovered_srv)}",
+
+
+def _recovery_goal_lines(run: OverloadRun, first: dict[str, Any], rec: dict[str, Any],
+                         mem: dict[str, Any]) -> list[str]:  # fmt: skip
+    at = rec["recovered_at"]
+    rec_text = f"{at:.0f} s after the drop" if at is not None else "never"
+    before, rss_max = run.rss_before, mem["max"]
+    return [
+        f"  memory bounded: RSS {before:.0f} MiB before, max {rss_max:.0f} "
+        f"({rss_max / before:.2f}x), {run.rss_after:.0f} after; 2nd half vs 1st half of the "
+        f"step {mem['growth']:+.1f} MiB (goal max <= 1.5x before): {verdict(mem['bounded'])}",
+        f"  recovers, end to end: p99 of the last phase's 2nd half {rec['last_half_p99']:.1f} ms "
+        f"vs {first['p99_ms']:.1f} ms before the step (bound max(2x, +5 ms) = "
+        f"{rec['bound']:.1f} ms): {_verdict_or_unknown(rec['last_half_p99'], rec['recovered'])}"
+        f"; 1 s bins within the bound from {rec_text}; the step's backlog answered "
+        f"{rec['drained']:.1f} s after the drop",
+        f"  recovers, in the handler: handler p99 {rec['last_half_srv']:.1f} ms vs "
+        f"{first['handler_p99_ms']:.1f} ms (bound {rec['bound_srv']:.1f} ms): "
+        f"{_verdict_or_unknown(rec['last_half_srv'], rec['recovered_srv'])}",
     ]
-    if res.error_sample:
-        lines.append(f"  first error: {res.error_sample}")
-    figures = {
-        "max_rps": peak, "all_answers_rps": top.answered,
-        "max_degraded_share": top.degraded / max(1, len(top.latencies)),
-        "warm": b.warm_figures("overload"), "phases": per_phase, "sent": sent, "answered": answered,
-        "errors": errors, "unmarked": unmarked, "short_lists": short,
-        "peak_connections": res.peak_connections, "reconnects": res.reconnects,
-        "rss_mib": {"before": rss_before, "max": rss_max, "after": rss_after,
-                    "step_growth": growth, "samples": rss},
-        "health_probes": probe.samples, "admin_health_probes": admin_probe.samples,
-        "p99_by_second_ms": p99_by_s, "recovered_after_drop_s": recovered_at,
-        "backlog_drained_after_drop_s": drained, "timeline": timeline,
-        "last_half_p99_ms": last_half_p99, "last_half_handler_p99_ms": last_half_srv,
-        "met": {"up": up and healthy, "all_answered": errors == 0,
-                "marked": unmarked == 0 and short == 0, "memory_bounded": bounded,
-                "recovered": recovered, "recovered_in_handler": recovered_srv},
-    }  # fmt: skip
-    return "\n".join(lines), figures
 
 
 def run(cfg: LoadConfig) -> tuple[str, dict[str, Any]]:
