@@ -165,7 +165,22 @@ def _shares_text(shares: dict[str, float]) -> str:
 # ---------------------------------------------------------------- the run
 
 
-def bench_batching(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
+@dataclass
+class BatchingRun:
+    """What the batching section measured: both targets closed loop, the batched one open
+    loop at a fraction of its maximum."""
+
+    targets: tuple[str, ...]
+    closed: dict[str, PhaseResult]
+    closed_others: str  # other processes on the machine during the closed loop
+    rate: float  # the open loop's
+    svc: dict[str, Any]  # the open loop's figures
+    open_others: str
+    client_share: float  # of its core, the sender's in the open loop
+    res: ScheduleResult
+
+
+def _run_batching(b: Bench[LoadConfig]) -> BatchingRun:
     cfg = b.cfg
     common = {"RERANK_DECODE_POLICY": "fixed", "RERANK_DEFAULT_BUDGET_MS": "1000"}
     targets = {"batched": {**common, "RERANK_MAX_BATCH": str(cfg.max_batch)},
@@ -173,11 +188,11 @@ def bench_batching(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
     b.start(targets)
     since = b.mark()
     parts: dict[str, list[PhaseResult]] = {name: [] for name in targets}
-    rounds = 2
-    for r in range(rounds):
+    for r in range(BATCHING_ROUNDS):
         for name in parts:
             warm = cfg.warmup_s if r == 0 else min(cfg.warmup_s, 0.5)
-            parts[name].append(b.load.run(b.phase(name, "closed", cfg.duration_s / rounds, warm)))
+            block = cfg.duration_s / BATCHING_ROUNDS
+            parts[name].append(b.load.run(b.phase(name, "closed", block, warm)))
     closed = {name: merge_results(p) for name, p in parts.items()}
     rate = cfg.open_fraction * closed["batched"].throughput
     closed_others = b.others_text(since)
@@ -202,48 +217,21 @@ def bench_batching(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
            "errors": int((rec & ~res.answered).sum()), "late": int(res.late[rec].sum()),
            "reconnects": res.reconnects,
            "mean_batch": requests / calls if calls else np.nan}  # fmt: skip
-    ratio = closed["batched"].throughput / closed["one_per_call"].throughput
-    p99 = svc["p99_ms"]
+    return BatchingRun(tuple(targets), closed, closed_others, rate, svc, open_others,
+                       client_share, res)  # fmt: skip
 
+
+BATCHING_ROUNDS = 2  # alternating closed-loop rounds
+
+
+def bench_batching(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
+    cfg, run = b.cfg, _run_batching(b)
+    closed, svc = run.closed, run.svc
+    ratio = closed["batched"].throughput / closed["one_per_call"].throughput
+    p99, server_p99 = svc["p99_ms"], svc["server_p99_ms"]
     lines = [
-        "== micro-batching: RERANK_MAX_BATCH = "
-        f"{cfg.max_batch} vs 1, both RERANK_DECODE_POLICY=fixed (every head per pass), "
-        "budget 1 s",
-        "",
-        f"closed loop, {cfg.concurrency} connections, {cfg.warmup_s:g} s warm-up, "
-        f"{cfg.duration_s:g} s per target in {rounds} alternating rounds; ms, client side",
-        f"  ({b.warm_text(*targets)})",
-        "",
-        "| target       | max req/s | model's lists/s |    p50 |    p99 | degraded | errors "
-        "| server CPU | us/req | batch |",
-        "|:-------------|----------:|----------------:|-------:|-------:|---------:|-------:"
-        "|-----------:|-------:|------:|",
-    ]
-    for name, r in closed.items():
-        us = r.server_cpu_s / max(1, len(r.latencies)) * 1e6
-        lines.append(
-            f"| {name:<12} | {r.answered:9.0f} | {r.throughput:15.0f} "
-            f"| {r.pct_ms(50):6.2f} | {r.pct_ms(99):6.2f} | {r.degraded:8d} | {r.errors:6d} "
-            f"| {r.server_cpu_s / r.window_s:10.0%} | {us:6.0f} | {r.mean_batch:5.2f} |"
-        )
-    lines += [
-        f"  ({closed_others})",
-        "",
-        f"open loop, batched, at {rate:.0f} req/s ({cfg.open_fraction:.0%} of its maximum), "
-        f"{cfg.duration_s:g} s after 1 s unrecorded; answered/s: 200 answers completed in "
-        "the window, per second (by answer time); latency (requests scheduled in the "
-        "window) from the scheduled send, ms; server: rerank_request_duration_seconds over "
-        "the window",
-        "",
-        "| answered/s (by answer time) |    p50 |    p95 |    p99 | server p50 / p99 "
-        "| degraded | errors | late sends | batch |",
-        "|----------------------------:|-------:|-------:|-------:|-----------------:"
-        "|---------:|-------:|-----------:|------:|",
-        f"| {svc['answered_rps']:27.0f} | {svc['p50_ms']:6.2f} | {svc['p95_ms']:6.2f} "
-        f"| {p99:6.2f} | {f'{server_p50:.2f} / {server_p99:.2f}':>16} | {svc['degraded']:8d} "
-        f"| {svc['errors']:6d} | {svc['late']:10d} | {svc['mean_batch']:5.2f} |",
-        f"  ({open_others}; the sender used {client_share:.0%} of its core; "
-        f"{res.reconnects} sends retried on a connection the server had closed while idle)",
+        *_batching_closed_lines(b, run),
+        *_batching_open_lines(cfg, run),
         "",
         "goals:",
         f"  max throughput, batched / one per engine call at concurrency {cfg.concurrency}: "
@@ -255,8 +243,8 @@ def bench_batching(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
     for r in closed.values():
         if r.error_sample:
             lines.append(f"  first error {r.phase.target}/{r.phase.mode}: {r.error_sample}")
-    if res.error_sample:
-        lines.append(f"  first error batched/open: {res.error_sample}")
+    if run.res.error_sample:
+        lines.append(f"  first error batched/open: {run.res.error_sample}")
     figures = {
         "closed": {
             name: {"max_rps": r.answered, "model_lists_rps": r.throughput,
@@ -266,11 +254,61 @@ def bench_batching(b: Bench[LoadConfig]) -> tuple[str, dict[str, Any]]:
             for name, r in closed.items()
         },
         "open": svc,
-        "warm": b.warm_figures(*targets),
+        "warm": b.warm_figures(*run.targets),
         "throughput_ratio": ratio,
         "met": {"throughput_2x": ratio >= 2, "p99_10ms": p99 <= 10},
     }  # fmt: skip
     return "\n".join(lines), figures
+
+
+def _batching_closed_lines(b: Bench[LoadConfig], run: BatchingRun) -> list[str]:
+    cfg = b.cfg
+    lines = [
+        "== micro-batching: RERANK_MAX_BATCH = "
+        f"{cfg.max_batch} vs 1, both RERANK_DECODE_POLICY=fixed (every head per pass), "
+        "budget 1 s",
+        "",
+        f"closed loop, {cfg.concurrency} connections, {cfg.warmup_s:g} s warm-up, "
+        f"{cfg.duration_s:g} s per target in {BATCHING_ROUNDS} alternating rounds; ms, "
+        "client side",
+        f"  ({b.warm_text(*run.targets)})",
+        "",
+        "| target       | max req/s | model's lists/s |    p50 |    p99 | degraded | errors "
+        "| server CPU | us/req | batch |",
+        "|:-------------|----------:|----------------:|-------:|-------:|---------:|-------:"
+        "|-----------:|-------:|------:|",
+    ]
+    for name, r in run.closed.items():
+        us = r.server_cpu_s / max(1, len(r.latencies)) * 1e6
+        lines.append(
+            f"| {name:<12} | {r.answered:9.0f} | {r.throughput:15.0f} "
+            f"| {r.pct_ms(50):6.2f} | {r.pct_ms(99):6.2f} | {r.degraded:8d} | {r.errors:6d} "
+            f"| {r.server_cpu_s / r.window_s:10.0%} | {us:6.0f} | {r.mean_batch:5.2f} |"
+        )
+    return [*lines, f"  ({run.closed_others})"]
+
+
+def _batching_open_lines(cfg: LoadConfig, run: BatchingRun) -> list[str]:
+    svc = run.svc
+    server = f"{svc['server_p50_ms']:.2f} / {svc['server_p99_ms']:.2f}"
+    return [
+        "",
+        f"open loop, batched, at {run.rate:.0f} req/s ({cfg.open_fraction:.0%} of its "
+        f"maximum), {cfg.duration_s:g} s after 1 s unrecorded; answered/s: 200 answers "
+        "completed in the window, per second (by answer time); latency (requests scheduled "
+        "in the window) from the scheduled send, ms; server: rerank_request_duration_seconds "
+        "over the window",
+        "",
+        "| answered/s (by answer time) |    p50 |    p95 |    p99 | server p50 / p99 "
+        "| degraded | errors | late sends | batch |",
+        "|----------------------------:|-------:|-------:|-------:|-----------------:"
+        "|---------:|-------:|-----------:|------:|",
+        f"| {svc['answered_rps']:27.0f} | {svc['p50_ms']:6.2f} | {svc['p95_ms']:6.2f} "
+        f"| {svc['p99_ms']:6.2f} | {server:>16} | {svc['degraded']:8d} "
+        f"| {svc['errors']:6d} | {svc['late']:10d} | {svc['mean_batch']:5.2f} |",
+        f"  ({run.open_others}; the sender used {run.client_share:.0%} of its core; "
+        f"{run.res.reconnects} sends retried on a connection the server had closed while idle)",
+    ]
 
 
 @dataclass
