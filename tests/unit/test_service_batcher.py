@@ -236,6 +236,91 @@ def test_a_batch_runs_one_engine_call_per_candidate_bucket_earliest_deadline_fir
         assert out.item_ids == best_first(parsed(i, m=sizes[i]))
 
 
+class SecondCallGate:
+    """Wraps FakeEngine.rerank: its third call (a batch's second engine call, after one
+    request ran alone) calls `at_entry` first, then (`hold`) waits for `release`."""
+
+    def __init__(self, engine: FakeEngine, hold: bool, at_entry: Any = None) -> None:
+        self.engine, self.inner, self.hold, self.at_entry = engine, engine.rerank, hold, at_entry
+        self.entered, self.release = threading.Event(), threading.Event()
+        engine.rerank = self  # type: ignore[method-assign]
+
+    def __call__(self, requests: Sequence[RerankRequest], **kw: Any) -> list[RerankResult]:
+        if len(self.engine.sizes) == 2:
+            if self.at_entry is not None:
+                self.at_entry()
+            self.entered.set()
+            if self.hold:
+                assert self.release.wait(30)
+        return self.inner(requests, **kw)
+
+
+def test_each_engine_call_of_a_batch_is_answered_as_soon_as_it_is_done() -> None:
+    """Two buckets queued behind a busy engine run as two engine calls in the engine
+    thread: the first call's request (the earliest deadline) is answered while the
+    second call still runs, not once the whole batch is done."""
+    engine = FakeEngine()
+    gate = SecondCallGate(engine, hold=True)
+
+    async def main() -> list[Outcome | None]:
+        reranker = make_reranker(engine, max_batch=8)
+        reranker.start()
+        try:
+            now = time.perf_counter()
+            engine.hold = True
+            first = asyncio.ensure_future(reranker.rerank(parsed(0), now + 30))
+            await until(engine.entered.is_set)
+            engine.hold = False
+            tight = asyncio.ensure_future(reranker.rerank(parsed(1, m=20), now + 29))
+            other = asyncio.ensure_future(reranker.rerank(parsed(2, m=6), now + 30))
+            await until(lambda: reranker.queue.qsize() == 2)
+            engine.release.set()
+            await until(gate.entered.is_set)
+            await until(tight.done, timeout=5)  # while the second call is held
+            assert not other.done()
+            gate.release.set()
+            return list(await asyncio.gather(first, tight, other))
+        finally:
+            gate.release.set()
+            await reranker.close()
+
+    outs = run(main())
+    assert engine.sizes == [1, 1, 1]
+    for seed, m, out in zip([0, 1, 2], [6, 20, 6], outs, strict=True):
+        assert out is not None and not out.degraded
+        assert out.item_ids == best_first(parsed(seed, m=m))
+
+
+def test_an_inline_batch_answers_its_first_call_before_its_second_runs() -> None:
+    """Two requests of two buckets run inline as two engine calls: the loop takes a turn
+    between them, so the first call's request has its answer before the second call
+    takes the loop."""
+    engine = FakeEngine()
+    seen: list[bool] = []
+    tasks: list[asyncio.Future[Outcome | None]] = []
+    SecondCallGate(engine, hold=False, at_entry=lambda: seen.append(tasks[1].done()))
+
+    async def main() -> list[Outcome | None]:
+        reranker = make_reranker(engine, inline_batch=2)
+        reranker.start()
+        try:
+            now = time.perf_counter()
+            await reranker.rerank(parsed(0), now + 30)  # alone, inline
+            tasks.append(asyncio.ensure_future(reranker.rerank(parsed(2, m=6), now + 30)))
+            tasks.append(asyncio.ensure_future(reranker.rerank(parsed(1, m=20), now + 29)))
+            return list(await asyncio.gather(*tasks))
+        finally:
+            await reranker.close()
+
+    loop_thread = threading.current_thread().name
+    outs = run(main())
+    assert engine.sizes == [1, 1, 1] and set(engine.threads) == {loop_thread}
+    assert seen == [True]  # the earliest deadline's request answered before the 2nd call
+    for seed, m, out in zip([2, 1], [6, 20], outs, strict=True):
+        assert out is not None and not out.degraded
+        assert out.item_ids == best_first(parsed(seed, m=m))
+
+
 def test_past_max_queue_a_request_is_answered_at_once_in_upstream_order() -> None:
     engine = FakeEngine()
 
