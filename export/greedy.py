@@ -226,13 +226,11 @@ def greedy_graph(
     loop = g.op("Loop", ["passes", "", *state], outputs=len(state) + 2, body=body)
     loop_picks, loop_scores = loop[-2], loop[-1]  # (passes, B, 1, n)
     flat, flat1 = g.const(np.array([0, -1], np.int64)), g.const(np.array([0, 1, -1], np.int64))
-    outs = []
-    for first, scan in ((picks0, loop_picks), (scores0, loop_scores)):
+    for name, first, scan in zip(GREEDY_OUTPUTS, (picks0, scores0), (loop_picks, loop_scores),
+                                 strict=True):  # fmt: skip
         rows = g.op("Transpose", [scan], perm=[1, 2, 0, 3])[0]  # (B, 1, passes, n)
         both = g.op("Concat", [first, g.op("Reshape", [rows, flat1])[0]], axis=2)[0]
-        outs.append(g.op("Reshape", [both, flat])[0])
-    g.nodes.append(helper.make_node("Identity", [outs[0]], [GREEDY_OUTPUTS[0]]))
-    g.nodes.append(helper.make_node("Identity", [outs[1]], [GREEDY_OUTPUTS[1]]))
+        g.nodes.append(helper.make_node("Reshape", [both, flat], [name]))
     by_name = {i.name: i for i in encoder.graph.input}
     inputs = [by_name[name] for name in ENCODER_INPUTS]
     inputs.append(helper.make_tensor_value_info(GREEDY_INPUTS[-1], TensorProto.INT64, []))
