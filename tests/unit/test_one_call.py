@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 
 from contract.bundle import load_bundle
+from export.build import build_bundle
+from export.config import ExportConfig
 from model.decode import greedy_decode
 from model.network import GenReranker
 from service.engine import Engine, EngineConfig, EngineError, RerankRequest, open_engine
 from tests.support.bundle import BUNDLE_CFG as CFG
+from tests.support.bundle import make_checkpoint
 from tests.support.inputs import random_inputs, requests_of
 
 N = CFG.omtp_heads
@@ -161,3 +164,19 @@ def test_greedy_graph_is_checked_like_the_others(
     (dst / "greedy.onnx").write_bytes(bytes(data))
     with pytest.raises(Exception, match=r"greedy\.onnx: sha256 mismatch"):
         load_bundle(dst)
+
+
+def test_one_call_of_a_plain_ops_bundle(tmp_path: Path) -> None:
+    """greedy.onnx composed from the plain-op graphs (--no-fused-ops): the same lists."""
+    model = make_checkpoint(tmp_path / "ckpt", seed=3)
+    path = build_bundle(tmp_path / "ckpt", tmp_path / "artifacts",
+                        ExportConfig(label="plain", fused_ops=False))  # fmt: skip
+    engine = open_engine(str(path), EngineConfig(device="cpu"))
+    assert engine.one_call
+    ms, ks = [30, 12, 57], [10, 12, 25]
+    inp = random_inputs(ms, seed=5)
+    one, multi = _both(engine, requests_of(model, inp, ks))
+    ref = greedy_decode(model, inp, k=max(ks), items_per_pass=N).order
+    for b, (o, mc) in enumerate(zip(one, multi, strict=True)):
+        assert np.array_equal(o.order, mc.order) and np.array_equal(o.scores, mc.scores)
+        assert np.array_equal(o.order, ref[b, : min(ks[b], ms[b])].numpy())
