@@ -10,6 +10,8 @@ A bundle is a directory `artifacts/<version>/` written by `python -m export buil
                             first_scores (B, n, M), first.{i}.key / first.{i}.value
     decoder.onnx            one decode pass -> head_scores (B, n, M) at the last position,
                             present.{i}.key / present.{i}.value
+    greedy.onnx             optional (fp32): the whole greedy decode in one call, the
+                            encoder's inputs + passes () -> order, scores (B, (passes + 1) n)
     *.fp16.onnx             the same graphs in float16 (GPU path), when exported with --fp16
     item_embeddings.npy     (N, d) float32, item_ids.npy (N,) int64 id keys (contract.ids):
                             the item table, if given
@@ -45,6 +47,9 @@ SCHEMA_VERSION = 1  # bump when the manifest or a graph's inputs/outputs change 
 MANIFEST = "manifest.json"
 LATEST = "latest"  # artifacts/latest: a text file holding the newest version
 GRAPHS = ("item_tower", "encoder", "decoder")
+# graphs a bundle may have: greedy.onnx, the whole greedy decode in one call (fp32; older
+# bundles have none and decode with the encoder and decoder graphs)
+OPTIONAL_GRAPHS = ("greedy",)
 PRECISIONS = ("fp32", "fp16")
 ITEM_EMBEDDINGS = "item_embeddings.npy"
 ITEM_IDS = "item_ids.npy"
@@ -86,6 +91,9 @@ ITEM_TOWER_INPUTS = ["item_id", "item_cat", "item_dense"]
 ITEM_TOWER_OUTPUTS = ["static"]
 ENCODER_INPUTS = ["static", "upstream_score", "cand_mask", "user_id", "user_dense"]
 DECODER_FIXED_INPUTS = ["tokens", "start", "z", "bos", "cand_mask"]
+# greedy.onnx: the encoder's inputs and the decoder passes after the BOS pass, () int64
+GREEDY_INPUTS = [*ENCODER_INPUTS, "passes"]
+GREEDY_OUTPUTS = ["order", "scores"]  # (B, (passes + 1) * n) int64 / float32
 
 
 def encoder_outputs(layers: int, first_pass: bool = True) -> list[str]:
@@ -158,6 +166,9 @@ class Bundle:
         if precision not in self.graphs:
             raise BundleError(f"{self.path}: no {precision} graphs in this bundle")
         return self.graphs[precision][name]
+
+    def has_graph(self, name: str, precision: str = "fp32") -> bool:
+        return name in self.graphs.get(precision, {})
 
     def graph_bytes(self, name: str, precision: str = "fp32") -> bytes:
         return self.files[self.graph(name, precision).file]
@@ -282,16 +293,24 @@ def _graph_specs(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Gr
             if name not in graphs:
                 raise _fail(path, f"graphs.{precision} has no {name!r}")
             where = f"graphs.{precision}.{name}"
-            g = _object(path, where, graphs[name])
-            specs[precision][name] = GraphSpec(
-                name=name,
-                file=_name(path, f"{where}.file", g.get("file")),
-                inputs=_io_names(path, f"{where}.inputs", g.get("inputs")),
-                outputs=_io_names(path, f"{where}.outputs", g.get("outputs")),
-            )
+            specs[precision][name] = _graph_spec(path, where, name, graphs[name])
+        for name in OPTIONAL_GRAPHS:
+            if name in graphs:
+                where = f"graphs.{precision}.{name}"
+                specs[precision][name] = _graph_spec(path, where, name, graphs[name])
     if "fp32" not in specs:
         raise _fail(path, "no fp32 graphs")
     return specs
+
+
+def _graph_spec(path: Path, where: str, name: str, value: Any) -> GraphSpec:
+    g = _object(path, where, value)
+    return GraphSpec(
+        name=name,
+        file=_name(path, f"{where}.file", g.get("file")),
+        inputs=_io_names(path, f"{where}.inputs", g.get("inputs")),
+        outputs=_io_names(path, f"{where}.outputs", g.get("outputs")),
+    )
 
 
 def _io_names(path: Path, where: str, value: Any) -> tuple[str, ...]:

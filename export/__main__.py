@@ -21,6 +21,7 @@ def _build(args: argparse.Namespace) -> int:
         simplify=not args.no_simplify,
         first_pass=not args.no_first_pass,
         fused_ops=not args.no_fused_ops,
+        one_call=not args.no_one_call,
     )
     # --verify: `latest` names the new bundle only once its parity has passed
     path = build_bundle(args.checkpoint, args.out, ec, point_latest=not args.verify)
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-fused-ops",
         action="store_true",
         help="fp32 graphs with plain attention/LayerNorm ops (no com.microsoft kernels)",
+    )
+    b.add_argument(
+        "--no-one-call",
+        action="store_true",
+        help="no greedy.onnx (the whole greedy decode in one call): multi-call decoding only",
     )
     b.add_argument("--verify", action="store_true", help="run `verify` right after")
     b.set_defaults(fn=_build)

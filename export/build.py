@@ -49,6 +49,7 @@ from contract.features import hash_items
 from contract.ids import ID_KEY_NAME
 from export.config import ExportConfig
 from export.graphs import describe, export_graph, metadata_props
+from export.greedy import greedy_graph, loop_pass_graph
 from model.checkpoint import load_checkpoint, tensors_digest
 from model.network import GenReranker
 
@@ -72,6 +73,7 @@ def content_hash(weights: bytes, cfg: ModelConfig, export: ExportConfig) -> str:
         "simplify": export.simplify,
         "first_pass": export.first_pass,
         "fused_ops": export.fused_ops,
+        "one_call": export.one_call and export.first_pass,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:8]
@@ -149,7 +151,25 @@ def _graphs_manifest(
             onnx.checker.check_model(str(path), full_check=ec.check_full)
             graphs[precision][name] = {"file": path.name, **describe(proto)}
             log.info("exported %s (%s): %d bytes", path.name, precision, path.stat().st_size)
+    if ec.one_call and ec.first_pass:
+        graphs["fp32"]["greedy"] = _export_greedy(model, tmp, config_json, version, ec)
     return graphs
+
+
+def _export_greedy(
+    model: GenReranker, tmp: Path, config_json: str, version: str, ec: ExportConfig
+) -> dict[str, Any]:
+    """greedy.onnx from the fp32 encoder just written and a loop pass (export/greedy.py)."""
+    cfg = model.cfg
+    encoder = onnx.load(str(tmp / graph_file("encoder", "fp32")))
+    loop_pass = loop_pass_graph(model, ec.opset, ec.fused_ops)
+    proto = greedy_graph(encoder, loop_pass, cfg.omtp_heads, cfg.dec_layers)
+    onnx.helper.set_model_props(proto, metadata_props(config_json, "greedy", "fp32", version))
+    path = tmp / graph_file("greedy", "fp32")
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=ec.check_full)
+    log.info("exported %s (fp32): %d bytes", path.name, path.stat().st_size)
+    return {"file": path.name, **describe(proto)}
 
 
 def build_bundle(

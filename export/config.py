@@ -24,6 +24,9 @@ class ExportConfig:
     # fp32 encoder/decoder attention and residual LayerNorms as onnxruntime's fused
     # com.microsoft kernels (export/fused.py): about half the nodes per graph
     fused_ops: bool = True
+    # greedy.onnx (export/greedy.py): the whole fp32 greedy decode in one onnxruntime call,
+    # composed from the encoder (needs first_pass) and decoder graphs
+    one_call: bool = True
 
     def __post_init__(self) -> None:
         if self.opset < 17:

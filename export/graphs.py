@@ -157,14 +157,28 @@ def decode_pass(
     (B, T*n, d) x (B, d, M) product of the other steps) -> head scores (B, n, M) float32,
     present keys/values per layer (B, nh, P + T, hd). fused_ops: the blocks as
     export/fused.py writes them (onnxruntime's fused attention and LayerNorm kernels)."""
-    B, T = tokens.shape
-    P = past[0][0].shape[2]
-    x = embed_steps(m, tokens, start, z, bos)
+    return decode_blocks(m, embed_steps(m, tokens, start, z, bos), z, cand_mask, cross, past,
+                         fused_ops)  # fmt: skip
+
+
+def decode_blocks(
+    m: GenReranker,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    cand_mask: torch.Tensor,
+    cross: list[tuple[torch.Tensor, torch.Tensor]],
+    past: list[tuple[torch.Tensor, torch.Tensor]],
+    fused_ops: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """decode_pass after the embedding: x (B, T, d) the embedded steps -> head scores at
+    the last position (B, n, M) float32, present keys/values per layer (B, nh, P + T, hd)."""
     if fused_ops:
         scores, kv = fused.decode_blocks(m, x, z, cand_mask, cross, past)
         return _to(scores, torch.float32), kv
-    keys = torch.arange(P + T, device=tokens.device)
-    causal = keys[None, :] <= (P + torch.arange(T, device=tokens.device))[:, None]  # (T, P + T)
+    B, T = x.shape[:2]
+    P = past[0][0].shape[2]
+    keys = torch.arange(P + T, device=x.device)
+    causal = keys[None, :] <= (P + torch.arange(T, device=x.device))[:, None]  # (T, P + T)
     cand_visible = cand_mask[:, None, None, :]  # (B, 1, 1, M)
     present: list[torch.Tensor] = []
     for i, block in enumerate(m.dec_blocks):

@@ -7,7 +7,10 @@ batched by size:
 - lists: Engine.rerank == model.decode.greedy_decode, request by request, with
   items_per_pass cycling over {1, 2, n}. A mismatch is a TIE (not a failure) when, at the
   first differing slot, torch's scores of the two picks are within `tie_eps`;
-- every list is valid: min(k, m) distinct real candidates, never an index >= m.
+- every list is valid: min(k, m) distinct real candidates, never an index >= m;
+- bundles with greedy.onnx: every request once more at n items per pass through the
+  one-call decode (Engine.rerank one_call=True), its lists against torch's at n, counted
+  apart (one_call_*). The lists above take the multi-call path (one_call=False).
 The same `run_parity` backs the tests. fp16 is held to looser tolerances (see
 ParityConfig.for_precision): half precision has ~3 significant digits, so near-ties flip.
 """
@@ -30,7 +33,7 @@ from export.build import load_gen_reranker, write_manifest
 from model.decode import greedy_decode
 from model.network import GenReranker
 from model.tensors import Inputs
-from service.engine import Engine, EngineConfig, RerankRequest
+from service.engine import Engine, EngineConfig, RerankRequest, RerankResult
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,10 @@ class ParityReport:
     ties: int = 0
     failures: int = 0
     invalid: int = 0
+    one_call_requests: int = 0  # 0: no greedy.onnx in this bundle (precision)
+    one_call_equal: int = 0
+    one_call_ties: int = 0
+    one_call_failures: int = 0
     atol: float = 0.0
     tie_eps: float = 0.0
     min_agreement: float = 0.0
@@ -85,15 +92,25 @@ class ParityReport:
         return (self.lists_equal + self.ties) / max(self.requests, 1)
 
     @property
+    def one_call_agreement(self) -> float:
+        agreed = self.one_call_equal + self.one_call_ties
+        return agreed / self.one_call_requests if self.one_call_requests else 1.0
+
+    @property
     def passed(self) -> bool:
         scores_ok = max(self.item_tower_max_abs, self.head_max_abs_pass1,
                         self.head_max_abs_later) <= self.atol  # fmt: skip
-        return scores_ok and self.invalid == 0 and self.agreement >= self.min_agreement
+        agree = min(self.agreement, self.one_call_agreement) >= self.min_agreement
+        return scores_ok and self.invalid == 0 and agree
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["problems"] = d["problems"][:20]
-        return d | {"agreement": self.agreement, "passed": self.passed}
+        return d | {
+            "agreement": self.agreement,
+            "one_call_agreement": self.one_call_agreement,
+            "passed": self.passed,
+        }
 
     def summary(self) -> str:
         return "\n".join(
@@ -109,6 +126,9 @@ class ParityReport:
                 f"  lists        equal {self.lists_equal}, ties {self.ties} "
                 f"(|Δ| <= {self.tie_eps:g}), failures {self.failures}, invalid {self.invalid}"
                 f"  -> agreement {self.agreement:.4%} (need {self.min_agreement:.1%})",
+                f"  one call     equal {self.one_call_equal}, ties {self.one_call_ties}, "
+                f"failures {self.one_call_failures} of {self.one_call_requests} (n items "
+                "per pass; 0: no greedy.onnx)",
                 *(f"  ! {p}" for p in self.problems[:10]),
             ]
         )
@@ -256,30 +276,57 @@ def _run_parity(model: GenReranker, engine: Engine, pc: ParityConfig) -> ParityR
         report.item_tower_max_abs = max(report.item_tower_max_abs, tower)
         report.head_max_abs_pass1 = max(report.head_max_abs_pass1, pass1)
         report.head_max_abs_later = max(report.head_max_abs_later, later)
-        results = engine.rerank(grp.requests, items_per_pass=grp.p)
-        ref = greedy_decode(model, grp.inp, k=int(grp.k.max()), items_per_pass=grp.p).order
-        for b, res in enumerate(results):
-            m, k = grp.requests[b].m, int(grp.k[b])
-            want = ref[b, : min(k, m)].numpy()
-            problem = _valid(res.order, m, k)
-            if problem:
-                report.invalid += 1
-                report.problems.append(f"batch {gi} request {b}: {problem}")
-            elif np.array_equal(res.order, want):
-                report.lists_equal += 1
-            else:
-                t = int(np.flatnonzero(res.order != want)[0])
-                gap = _torch_gap(model, grp.inp, b, want, res.order, t, grp.p)
-                if abs(gap) <= pc.tie_eps:
-                    report.ties += 1
-                else:
-                    report.failures += 1
-                    report.problems.append(
-                        f"batch {gi} request {b} (m={m}, k={k}, p={grp.p}): slot {t}: "
-                        f"onnx {res.order.tolist()} vs torch {want.tolist()}, gap {gap:.2e}"
-                    )
+        results = engine.rerank(grp.requests, items_per_pass=grp.p, one_call=False)
+        counts = _compare(model, grp, results, grp.p, pc, report, f"batch {gi}")
+        report.lists_equal += counts[0]
+        report.ties += counts[1]
+        report.failures += counts[2]
+        if engine.one_call:
+            n = model.cfg.omtp_heads
+            results = engine.rerank(grp.requests, items_per_pass=n, one_call=True)
+            counts = _compare(model, grp, results, n, pc, report, f"one call, batch {gi}")
+            report.one_call_requests += len(results)
+            report.one_call_equal += counts[0]
+            report.one_call_ties += counts[1]
+            report.one_call_failures += counts[2]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _compare(
+    model: GenReranker,
+    grp: _Group,
+    results: list[RerankResult],
+    p: int,
+    pc: ParityConfig,
+    report: ParityReport,
+    where: str,
+) -> tuple[int, int, int]:
+    """The engine's lists against greedy_decode at p items per pass -> (equal, ties,
+    failures); invalid lists counted in report.invalid, problems appended to it."""
+    equal = ties = failures = 0
+    ref = greedy_decode(model, grp.inp, k=int(grp.k.max()), items_per_pass=p).order
+    for b, res in enumerate(results):
+        m, k = grp.requests[b].m, int(grp.k[b])
+        want = ref[b, : min(k, m)].numpy()
+        problem = _valid(res.order, m, k)
+        if problem:
+            report.invalid += 1
+            report.problems.append(f"{where} request {b}: {problem}")
+        elif np.array_equal(res.order, want):
+            equal += 1
+        else:
+            t = int(np.flatnonzero(res.order != want)[0])
+            gap = _torch_gap(model, grp.inp, b, want, res.order, t, p)
+            if abs(gap) <= pc.tie_eps:
+                ties += 1
+            else:
+                failures += 1
+                report.problems.append(
+                    f"{where} request {b} (m={m}, k={k}, p={p}): slot {t}: "
+                    f"onnx {res.order.tolist()} vs torch {want.tolist()}, gap {gap:.2e}"
+                )
+    return equal, ties, failures
 
 
 def verify_bundle(

@@ -10,6 +10,11 @@ Stages (each callable and timeable alone, infinity-style):
                (n items per pass) or beam loop over the passes of service/ort_sessions.py
                (host numpy KV, or IO binding with the KV on the device);
   post         per-request lists, scores, passes, timings.
+  one call     (bundles with greedy.onnx, fp32 on the host) encode + the whole greedy
+               decode at n items per pass in ONE onnxruntime call (export/greedy.py): no
+               Python between passes. Chosen per batch when its measured cost fits the
+               tightest remaining budget (`_one_call_fits`); otherwise the multi-call path
+               above, whose per-pass deadline step can end a list early.
 
 IO binding (EngineConfig.io_binding, default on with CUDA, off on CPU) gives the same
 lists bit for bit on CPU (tests/unit/test_engine_iobinding.py) but costs binding calls per
@@ -25,15 +30,17 @@ apart.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnxruntime as ort
 
 from contract.bundle import (
     FIRST_SCORES,
+    GREEDY_OUTPUTS,
     Bundle,
     BundleError,
     cross_names,
@@ -201,6 +208,11 @@ class Engine:
         self._empty_past: dict[int, list[np.ndarray]] = {}
         self._empty_device_past: dict[int, list[ort.OrtValue]] = {}
         self._starts = [np.array([s], np.int64) for s in range(cfg.max_steps)]
+        self._trips = [np.array(p, np.int64) for p in range(cfg.max_steps + 1)]
+        # the one-call graph's measured seconds per (batch, bucket, passes): its deadline rule
+        self._one_call_s: dict[tuple[int, int, int], float] = {}
+        self._one_call_bound: dict[tuple[int, int], list[float]] = {}
+        self._max_trips = -(-cfg.max_steps // self.heads)
         self.device_starts = [self._to_device(s) for s in self._starts] if self.io_binding else []
         log.info(
             "engine %s: providers %s, precision %s, io binding %s, threads intra=%d inter=%d, "
@@ -245,6 +257,16 @@ class Engine:
         self.decoder = open_session(bundle, "decoder", self.precision, opts, providers)
         self._run_decoder = fast_run(self.decoder)
         self._run_encoder = fast_run(self._encoder)
+        # the one-call greedy graph: fp32 bundles that have it, host path (IO binding off)
+        self._run_greedy = None
+        if bundle.has_graph("greedy", self.precision) and not self._binding_wanted():
+            greedy_session = open_session(bundle, "greedy", self.precision, opts, providers)
+            self._run_greedy = fast_run(greedy_session)
+
+    def _binding_wanted(self) -> bool:
+        c = self.config
+        on_cuda = "CUDAExecutionProvider" in self._encoder.get_providers()
+        return c.io_binding == "on" or (c.io_binding == "auto" and on_cuda)
 
     def _read_graph_layout(self) -> None:
         """The encoder's and decoder's input/output names, from the manifest: what the
@@ -488,6 +510,67 @@ class Engine:
 
         return beam(widen, enc.cand_mask, k, beam_width, deadlines, first_pass_s)
 
+    # ---- stage: decode in one call (greedy.onnx) -----------------------------------------
+
+    @property
+    def one_call(self) -> bool:
+        """Is the one-call greedy graph loaded (fp32 bundle with greedy.onnx, host path)?"""
+        return self._run_greedy is not None
+
+    def one_call_passes(self, K: int, items_per_pass: int) -> int:
+        """The decoder passes after the BOS pass that greedy.onnx runs for lists of length
+        K; 0 when it does not apply: no greedy graph, fewer than n items per pass, or
+        K <= n (the encoder call, with its folded BOS pass, is then the whole decode)."""
+        if self._run_greedy is None or items_per_pass != self.heads:
+            return 0
+        return max(-(-K // self.heads) - 1, 0)
+
+    def decode_one_call(self, batch: PaddedBatch, passes: int) -> Decoded:
+        """encode + the greedy decode at n items per pass, `passes` decoder passes after the
+        BOS one, in ONE onnxruntime call (greedy.onnx); the same lists as encode + decode
+        (tests/unit/test_one_call.py). No deadline step inside: the caller decides it fits
+        (`_one_call_fits`). Its time is recorded for that rule."""
+        B, M = batch.cand_mask.shape
+        feeds = {
+            "static": batch.static,
+            "upstream_score": batch.upstream_score,
+            "cand_mask": batch.cand_mask,
+            "user_id": batch.user_id,
+            "user_dense": batch.user_dense,
+            "passes": self._trips[passes],
+        }
+        t0 = time.perf_counter()
+        assert self._run_greedy is not None
+        order, scores = self._run_greedy(GREEDY_OUTPUTS, feeds)
+        self._record_one_call(B, M, passes, time.perf_counter() - t0)
+        K = int(batch.k.max())
+        order, scores = order[:, :K], scores[:, :K]
+        order[scores == -np.inf] = -1  # a request with fewer than K candidates ran out
+        run = passes + 1
+        row_passes = np.minimum(run, -(-batch.k // self.heads))
+        return Decoded(order, scores, run, np.full(B, -1, np.int64), row_passes)
+
+    def _record_one_call(self, B: int, M: int, passes: int, seconds: float) -> None:
+        """The measured cost of a one-call decode. bound[P]: the last measurement at P
+        passes, else the least measured at more passes (an overestimate: a decode of more
+        passes costs more), else inf (unknown)."""
+        self._one_call_s[(B, M, passes)] = seconds
+        bound = self._one_call_bound.setdefault((B, M), [math.inf] * (self._max_trips + 1))
+        for P in range(passes, -1, -1):
+            exact = self._one_call_s.get((B, M, P))
+            bound[P] = exact if exact is not None else min(bound[P], seconds)
+
+    def _one_call_fits(self, B: int, M: int, passes: int, deadlines: np.ndarray | None) -> bool:
+        """The one-call path's deadline rule: no deadline, or the call's measured cost at
+        this batch size, bucket and passes (_record_one_call; warm-up measures it) ends
+        before the earliest deadline of the batch. Unmeasured: False, the multi-call path,
+        whose per-pass deadline step completes a late list early instead."""
+        if deadlines is None:
+            return True
+        bound = self._one_call_bound.get((B, M))
+        cost = math.inf if bound is None else bound[passes]
+        return time.perf_counter() + cost <= float(deadlines.min())
+
     # ---- the whole request path --------------------------------------------------------
 
     def rerank(
@@ -497,11 +580,16 @@ class Engine:
         items_per_pass: int | None = None,
         deadline: float | None = None,
         beam: int = 1,
+        one_call: bool | None = None,
     ) -> list[RerankResult]:
         """Rerank a batch. items_per_pass: 1..n (default: the config's, else n).
         Deadlines are per request (RerankRequest.deadline); `deadline`, a
         time.perf_counter() value, caps them all. beam > 1: beam search (one item per pass,
-        head 0, as model.decode.beam_decode; its groups stop at their earliest deadline)."""
+        head 0, as model.decode.beam_decode; its groups stop at their earliest deadline).
+        Greedy at n items per pass decodes in one call (greedy.onnx) when the bundle has
+        it and its measured cost fits the earliest deadline (one_call None, the default;
+        True: whenever the graph applies, deadlines aside; False: never); else one
+        onnxruntime call per pass with the per-pass deadline step."""
         p = items_per_pass if items_per_pass is not None else self.config.default_items_per_pass
         p = self.heads if p is None else p
         if not 1 <= p <= self.heads:
@@ -513,18 +601,38 @@ class Engine:
         deadlines = np.array(
             [limit if r.deadline is None else min(r.deadline, limit) for r in requests]
         )
+        limits = deadlines if np.isfinite(deadlines).any() else None
+        passes = 0 if beam > 1 or one_call is False else self.one_call_passes(int(batch.k.max()), p)
+        if one_call and passes == 0 and self._run_greedy is None:
+            raise EngineError("one_call=True: this engine has no greedy.onnx (fp32, host path)")
+        B, M = batch.cand_mask.shape
         t0 = time.perf_counter()
+        if passes and (one_call or self._one_call_fits(B, M, passes, limits)):
+            dec = self.decode_one_call(batch, passes)  # encode + decode: decode_s holds both
+            timings = StageTimings(batch.embed_s, 0.0, time.perf_counter() - t0)
+            return _results(batch, dec, timings)
         # beam re-gathers its KV cache on the host every pass: it takes the host path
         enc = self.encode_on_device(batch) if self.io_binding and beam == 1 else self.encode(batch)
         t1 = time.perf_counter()
-        limits = deadlines if np.isfinite(deadlines).any() else None
         dec = self.decode(enc, batch.k, p, limits, t1 - t0, beam_width=beam)
-        p = p if beam == 1 else 1
         t2 = time.perf_counter()
         timings = StageTimings(embed_s=batch.embed_s, encode_s=t1 - t0, decode_s=t2 - t1)
         return _results(batch, dec, timings)
 
     # ---- warm-up -----------------------------------------------------------------------
+
+    def _warm_one_call(self, reqs: list[RerankRequest], k: int) -> None:
+        """Measure the one-call decode of this batch at 1, 2, 4, .. passes up to k's (twice
+        each: the second, warm, time is the one kept), for its deadline rule."""
+        if self._run_greedy is None:
+            return
+        top = self.one_call_passes(min(k, reqs[0].m, self.model_config.max_steps), self.heads)
+        trips = sorted({*(1 << i for i in range(top.bit_length())), top} - {0})
+        for P in trips:
+            kp = min((P + 1) * self.heads, self.model_config.max_steps)
+            batch = [replace(r, k=kp) for r in reqs]
+            for _ in range(2):
+                self.rerank(batch, items_per_pass=self.heads, one_call=True)
 
     def warmup(
         self,
@@ -553,6 +661,7 @@ class Engine:
                 ]
                 for p in items_per_pass:
                     self.rerank(reqs, items_per_pass=p)
+                self._warm_one_call(reqs, k)
                 if beam > 1:
                     self.rerank(reqs, beam=beam)
         seconds = time.perf_counter() - t0

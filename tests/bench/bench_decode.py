@@ -11,10 +11,15 @@ Both sides run the same way: onnxruntime on CPU with the engine's session option
 intra-op thread, sequential, full graph optimization), batch 1, k = 10, m in {30, 100, 200}
 padded to the engine's candidate bucket, static item embeddings given (the item tower is
 excluded on BOTH sides: the cache path).
-- gref n=4 / n=1: Engine.encode + Engine.decode (encoder.onnx once, with the first
+- gref n=4: the engine's n = 4 decode as it serves it without a deadline: with a bundle
+  that has greedy.onnx, Engine.decode_one_call (encoder, BOS pass, every decoder pass and
+  every pick in ONE onnxruntime call), else as n=4 multi;
+- gref n=4 multi / n=1: Engine.encode + Engine.decode (encoder.onnx once, with the first
   decoder pass folded in when the bundle has it; decoder.onnx once per later pass; the
-  numpy masking/argmax of each pass) on a batch prepared once, at items_per_pass 4 and 1;
-  the bundle's weights.
+  numpy masking/argmax of each pass: the path under a deadline the one call does not
+  fit), at items_per_pass 4 and 1;
+  all on a batch prepared once, with the bundle's weights; n=4 and n=4 multi give the
+  same lists (checked before timing).
 - NAR4Rec-like: model.baselines.NAR4Rec built from the bundle's ModelConfig (same d_model,
   attention heads, encoder layers, feature schema; its position decoder has
   min(2, dec_layers) blocks, as the class builds it) with RANDOM weights (decode time does
@@ -74,7 +79,7 @@ from service.settings import resolve_bundle_dir  # noqa: E402
 PAPER_MS = {"omtp": 12.97, "no_omtp": 24.29, "nar4rec": 12.67}
 TARGET = 1.5  # n = 4 decode / one-pass baseline, at most
 NAR_INPUTS = ["static", "upstream_score", "cand_mask", "user_id", "user_dense"]
-VARIANTS = ("gref_n4", "gref_n1", "nar")
+VARIANTS = ("gref_n4", "gref_n4_multi", "gref_n1", "nar")
 
 
 class StaticGiven(nn.Module):
@@ -231,13 +236,24 @@ def make_cell(
 
         return run
 
+    one_call_passes = engine.one_call_passes(k, 4)
+
+    def gref_n4() -> Any:
+        if not one_call_passes:
+            return engine.decode(engine.encode(batch), batch.k, 4)
+        return engine.decode_one_call(batch, one_call_passes)
+
     def nar_rerank() -> tuple[np.ndarray, np.ndarray]:
         scores = nar_run(["scores"], nar_feeds)[0][0]  # (k, bucket)
         return assign(scores, padding.copy())
 
-    runners = {"gref_n4": gref(4), "gref_n1": gref(1), "nar": nar_rerank}
-    passes = {"gref_n4": runners["gref_n4"]().passes, "gref_n1": runners["gref_n1"]().passes}
+    runners = {"gref_n4": gref_n4, "gref_n4_multi": gref(4), "gref_n1": gref(1),
+               "nar": nar_rerank}  # fmt: skip
+    passes = {v: runners[v]().passes for v in ("gref_n4", "gref_n4_multi", "gref_n1")}
     passes["nar"] = 1
+    one, multi = runners["gref_n4"](), runners["gref_n4_multi"]()
+    if not (np.array_equal(one.order, multi.order) and np.array_equal(one.scores, multi.scores)):
+        raise AssertionError(f"m={m}: one-call list {one.order} != multi-call {multi.order}")
     with torch.no_grad():
         ref = nar(*(torch.from_numpy(v) for v in nar_feeds.values()))[0].numpy()  # (k, bucket)
     got = nar_run(["scores"], nar_feeds)[0][0]
@@ -317,6 +333,7 @@ def run(
         "nar": f"RANDOM weights (timing only); d_model={cfg.d_model}, "
         f"{cfg.n_attn_heads} attention heads, enc_layers={cfg.enc_layers}, "
         f"position blocks={nar_blocks}, same feature schema",
+        "n4": "one call (greedy.onnx)" if engine.one_call else "multi-call (no greedy.onnx)",
     }
     return table(cells, what, reps, warmup, k), figures(cells, what, reps, warmup, k)
 
@@ -337,6 +354,7 @@ def figures(
                 "p90_ms": {v: pct(c.times[v], 90) for v in VARIANTS},
                 "cpu_p50_ms": cpu,
                 "n4_over_nar": p50["gref_n4"] / p50["nar"],
+                "cpu_multi_over_n4": cpu["gref_n4_multi"] / cpu["gref_n4"],
                 "n1_over_n4": p50["gref_n1"] / p50["gref_n4"],
                 "cpu_n4_over_nar": cpu["gref_n4"] / cpu["nar"],
                 "cpu_n1_over_n4": cpu["gref_n1"] / cpu["gref_n4"],
@@ -353,6 +371,7 @@ def figures(
             "reps": reps,
             "warmup": warmup,
             "item_tower": "excluded on both sides (static embeddings given)",
+            "n4_path": what["n4"],
             **what,
         },
         "paper_ms": PAPER_MS,
@@ -369,10 +388,11 @@ def table(cells: list[Cell], what: dict[str, str], reps: int, warmup: int, k: in
         f"  bundle: {what['bundle']}",
         f"  gref-serve: {what['gref']}",
         f"  NAR4Rec-like: {what['nar']}",
+        f"  n=4: {what['n4']}",
         "",
-        "|   m | bucket | passes n4/n1/NAR | n=4 p50 | n=4 p90 | n=1 p50 | n=1 p90 "
+        "|   m | bucket | passes n4/multi/n1/NAR | n=4 p50 | n=4 p90 | n=1 p50 | n=1 p90 "
         "| NAR p50 | NAR p90 | n4 / NAR | n1 / n4 |",
-        "|----:|-------:|-----------------:|--------:|--------:|--------:|--------:"
+        "|----:|-------:|-----------------------:|--------:|--------:|--------:|--------:"
         "|--------:|--------:|---------:|--------:|",
     ]
     verdicts = []
@@ -383,7 +403,7 @@ def table(cells: list[Cell], what: dict[str, str], reps: int, warmup: int, k: in
         n4_nar, n1_n4 = p50["gref_n4"] / p50["nar"], p50["gref_n1"] / p50["gref_n4"]
         cpu_n4_nar = pct(c.cpu["gref_n4"], 50) / pct(c.cpu["nar"], 50)
         lines.append(
-            f"| {c.m:3d} | {c.bucket:6d} | {passes:>16} | {p50['gref_n4']:7.3f} "
+            f"| {c.m:3d} | {c.bucket:6d} | {passes:>22} | {p50['gref_n4']:7.3f} "
             f"| {p90['gref_n4']:7.3f} | {p50['gref_n1']:7.3f} | {p90['gref_n1']:7.3f} "
             f"| {p50['nar']:7.3f} | {p90['nar']:7.3f} | {n4_nar:7.2f}x | {n1_n4:6.2f}x |"
         )
@@ -396,14 +416,18 @@ def table(cells: list[Cell], what: dict[str, str], reps: int, warmup: int, k: in
         "",
         "process CPU time, p50 (what the work costs, without the waits of a preempted call):",
         "",
-        "|   m | n=4 cpu | n=1 cpu | NAR cpu | n4 / NAR | n1 / n4 |",
-        "|----:|--------:|--------:|--------:|---------:|--------:|",
+        "|   m | n=4 cpu | n=4 multi cpu | n=1 cpu | NAR cpu | n4 / NAR | n4 multi / NAR "
+        "| n4 multi / n4 | n1 / n4 |",
+        "|----:|--------:|--------------:|--------:|--------:|---------:|---------------:"
+        "|--------------:|--------:|",
     ]
     for c in cells:
         cpu = {v: pct(c.cpu[v], 50) for v in VARIANTS}
+        n4, multi, nar = cpu["gref_n4"], cpu["gref_n4_multi"], cpu["nar"]
         lines.append(
-            f"| {c.m:3d} | {cpu['gref_n4']:7.3f} | {cpu['gref_n1']:7.3f} | {cpu['nar']:7.3f} "
-            f"| {cpu['gref_n4'] / cpu['nar']:7.2f}x | {cpu['gref_n1'] / cpu['gref_n4']:6.2f}x |"
+            f"| {c.m:3d} | {n4:7.3f} | {multi:13.3f} | {cpu['gref_n1']:7.3f} | {nar:7.3f} "
+            f"| {n4 / nar:7.2f}x | {multi / nar:13.2f}x | {multi / n4:12.2f}x "
+            f"| {cpu['gref_n1'] / n4:6.2f}x |"
         )
     paper = PAPER_MS
     lines += [

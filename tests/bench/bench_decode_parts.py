@@ -1,9 +1,10 @@
 """What each part of a batch-1 decode costs: the encoder call, one decoder pass, the Python
-between passes, encode + greedy decode, for two bundles of the same checkpoint (the fp32
-graphs with onnxruntime's fused kernels and with plain ops: `python -m export build
---no-fused-ops`), and the floor of any onnxruntime call (a 9-input identity graph).
+between passes, encode + greedy decode, and (bundles with greedy.onnx) the same decode in
+one call, for the bundle and, with --plain, a bundle of the same checkpoint with plain
+ops (`python -m export build --no-fused-ops`), and the floor of any onnxruntime call (a
+9-input identity graph).
 
-    python tests/bench/bench_decode_parts.py --bundle artifacts --plain PLAIN_BUNDLE_DIR
+    python tests/bench/bench_decode_parts.py --bundle artifacts [--plain PLAIN_BUNDLE_DIR]
 
 m = 30, k = 10, n = 4, one thread; every part of both bundles timed in turn, interleaved,
 1500 rounds after 100 warm-up; process CPU p50 and p25 in µs. Ratios, never asserted.
@@ -68,7 +69,7 @@ def parts(engine: Engine, m: int = 30, k: int = 10) -> dict[str, Callable[[], An
 
     recorder = type("Recorder", (), {"step": staticmethod(record)})()
     greedy(recorder, first_scores, batch.cand_mask, batch.k, 4, Deadlines(None, 0.0))
-    return {
+    fns: dict[str, Callable[[], Any]] = {
         "encoder call": lambda: engine.encode(batch),
         "decoder pass": lambda: engine.decode_pass(enc, tokens, first_kv),
         "Python between passes": lambda: greedy(
@@ -76,6 +77,10 @@ def parts(engine: Engine, m: int = 30, k: int = 10) -> dict[str, Callable[[], An
         ),
         "encode + decode": lambda: engine.decode(engine.encode(batch), batch.k, 4),
     }
+    if engine.one_call:  # greedy.onnx: encode + every pass + every pick in one call
+        trips = engine.one_call_passes(k, 4)
+        fns["one call (greedy.onnx)"] = lambda: engine.decode_one_call(batch, trips)
+    return fns
 
 
 def identity_call() -> Callable[[], Any]:
@@ -98,12 +103,13 @@ def identity_call() -> Callable[[], Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=ROOT / "artifacts", help="fused bundle")
-    p.add_argument("--plain", type=Path, required=True, help="the --no-fused-ops bundle")
+    p.add_argument("--plain", type=Path, help="a --no-fused-ops bundle, to time beside")
     p.add_argument("--rounds", type=int, default=1500)
     args = p.parse_args(argv)
     config = EngineConfig(device="cpu", intra_op_threads=1, inter_op_threads=1)
     fns: dict[str, Callable[[], Any]] = {}
-    for label, path in (("fused", args.bundle), ("plain", args.plain)):
+    bundles = [("fused", args.bundle)] + ([("plain", args.plain)] if args.plain else [])
+    for label, path in bundles:
         engine = open_engine(str(resolve_bundle_dir(path)), config)
         engine.warmup()
         fns |= {f"{label}: {name}": fn for name, fn in parts(engine).items()}

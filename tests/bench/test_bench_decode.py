@@ -34,9 +34,10 @@ def test_decode_benchmark_short(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert [r["m"] for r in rows] == [30, 100, 200]
     assert [r["bucket"] for r in rows] == [32, 128, 256]
     for r in rows:
-        assert r["passes"] == {"gref_n4": 3, "gref_n1": 10, "nar": 1}  # k = 10
+        assert r["passes"] == {"gref_n4": 3, "gref_n4_multi": 3, "gref_n1": 10, "nar": 1}
         assert set(r["p50_ms"]) == set(r["p90_ms"]) == set(VARIANTS)
         assert all(v > 0 for v in r["p50_ms"].values())
     assert "RANDOM weights" in figures["setup"]["nar"]
+    assert figures["setup"]["n4_path"] == "one call (greedy.onnx)"
     assert text.count("(goal <= 1.5x)") == 3
     assert all("target_met" in r for r in rows)

@@ -14,7 +14,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from contract.bundle import GRAPHS, LATEST, SCHEMA_VERSION, graph_file, load_bundle, sha256_file
+from contract.bundle import (
+    GRAPHS,
+    GREEDY_INPUTS,
+    GREEDY_OUTPUTS,
+    LATEST,
+    SCHEMA_VERSION,
+    graph_file,
+    load_bundle,
+    sha256_file,
+)
 from contract.config import ModelConfig
 from contract.features import hash_items
 from contract.ids import ID_KEY_NAME
@@ -48,8 +57,12 @@ def test_bundle_files_manifest_and_latest(tiny_bundle: tuple[Path, GenReranker])
     assert manifest["parity"] is None  # until `verify`
     assert manifest["item_table"]["count"] == N_ITEMS
     expected = {graph_file(g, p) for g in GRAPHS for p in ("fp32", "fp16")}
-    expected |= {"item_embeddings.npy", "item_ids.npy"}
+    expected |= {"item_embeddings.npy", "item_ids.npy", "greedy.onnx"}  # greedy: fp32 only
     assert set(manifest["files"]) == expected
+    greedy = manifest["graphs"]["fp32"]["greedy"]
+    assert [i["name"] for i in greedy["inputs"]] == GREEDY_INPUTS
+    assert [o["name"] for o in greedy["outputs"]] == GREEDY_OUTPUTS
+    assert "greedy" not in manifest["graphs"]["fp16"]
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(path / name)
         assert entry["size"] == (path / name).stat().st_size
