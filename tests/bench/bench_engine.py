@@ -45,7 +45,7 @@ from model.network import GenReranker  # noqa: E402
 from model.tensors import Inputs  # noqa: E402
 from service.engine import Engine, EngineConfig, RerankRequest, open_engine  # noqa: E402
 
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "default" / "aligned" / "best"
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "default" / "value" / "best"  # make checkpoint
 
 
 @dataclass(frozen=True)
