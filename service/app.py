@@ -24,7 +24,16 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from service.admission import ASKED, Admission, AdmissionConfig, Door, Message, Scope, Send
+from service.admission import (
+    ASKED,
+    UPLOADING,
+    Admission,
+    AdmissionConfig,
+    Door,
+    Message,
+    Scope,
+    Send,
+)
 from service.api import (
     ApiError,
     ErrorOut,
@@ -390,7 +399,7 @@ async def rerank(request: Request) -> Response:
             body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
             arrival = time.perf_counter()  # the budget runs from here: not a slow upload
             if admission is not None:
-                admission.begin()
+                admission.begin(UPLOADING not in request.scope)
                 working = True
             # once, and after the last await before reranker.rerank() counts the request
             # as active: a swap's retire of the old one then waits for it
