@@ -50,6 +50,8 @@ An admitted request whose body did not come in the read that brought its head (a
 upload, or a body that never finishes) gives its place back at once and holds none until
 its body has arrived: otherwise a burst of slow uploads fills the floor at low load and
 sheds what comes behind it, and a never-finishing body gets a 503 rather than its 408.
+Once its body is there it is asked again (`Admission.admit_arrived`): beyond the limit
+it gets the same 503, answered after its body was read.
 """
 
 from __future__ import annotations
@@ -123,6 +125,17 @@ class Admission:
         as it uploads, at any load: a burst of slow uploads fills the floor at once."""
         if self.arriving:
             self.arriving -= 1
+
+    def admit_arrived(self) -> bool:
+        """A request that gave its place back (`uploading`) has its body now: may it
+        work? It is judged as a new head would be, so that bodies which come apart from
+        their heads (a client that writes them separately, or a loaded one whose writes
+        split) never take more than the limit: past saturation that would admit without
+        bound, and the service would collapse exactly as with no door."""
+        if self.working + self.arriving < self.limit:
+            return True
+        self.shed += 1
+        return False
 
     def begin(self, held: bool = True) -> None:
         """A request's body has arrived: it is working from now on (`held`: it still held
