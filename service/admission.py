@@ -23,8 +23,8 @@ What "can start within its budget" means, measured rather than configured:
 - `lag`: how late the event loop runs a timer (a request waits about that long before
   the loop even looks at it).
 
-A new request is admitted while `working` (with those admitted whose bodies are still
-coming) `< max(floor, rate x (share x budget - lag))`
+A new request is admitted while `working` (with those admitted in the loop's current
+tick whose bodies have not been read yet) `< max(floor, rate x (share x budget - lag))`
 (Little's law: at `rate` answers per second, that many requests in the service wait at
 most `share x budget - lag` before they start, after the lag they waited to be seen).
 `share` leaves the rest of the budget to the request's own cache lookup and decode. The
@@ -40,10 +40,18 @@ Where the door stands: below the ASGI cycle. `DoorProtocol`, uvicorn's httptools
 protocol with one more step, decides on a request's parsed headers, in the parser's own
 callback, and writes the pre-encoded 503 to the socket: no request task, no ASGI
 messages, no framework (a shed costs the event loop the HTTP parse and one write). The
-body that follows is parsed and dropped on the connection, which stays open (keep-alive)
-unless the client sent `Expect: 100-continue` (its body may never come: closed). A
-pipelined request behind one still running is left to the ASGI gate in the app (its
-answer must not overtake the earlier one's), as is any server without this protocol.
+body that follows a shed head is parsed and dropped on the connection, which stays open
+(keep-alive) unless the client sent `Expect: 100-continue` (its body may never come:
+closed). A pipelined request behind one still running is left to the ASGI gate in the
+app (its answer must not overtake the earlier one's), as is any server without this
+protocol.
+
+An admitted request whose body did not come in the read that brought its head (a slow
+upload, or a body that never finishes) gives its place back at once and holds none until
+its body has arrived: otherwise a burst of slow uploads fills the floor at low load and
+sheds what comes behind it, and a never-finishing body gets a 503 rather than its 408.
+Once its body is there it is asked again (`Admission.admit_arrived`): beyond the limit
+it gets the same 503, answered after its body was read.
 """
 
 from __future__ import annotations
@@ -110,10 +118,30 @@ class Admission:
         self.shed += 1
         return False
 
-    def begin(self) -> None:
-        """A request's body has arrived: it is working from now on."""
-        self.working += 1
+    def uploading(self) -> None:
+        """An admitted request's body did not come with its head (a slow upload, or one
+        that never finishes): it gives its place back while the body arrives, and holds
+        none until it `begin`s. Counting it would shed the requests behind it for as long
+        as it uploads, at any load: a burst of slow uploads fills the floor at once."""
         if self.arriving:
+            self.arriving -= 1
+
+    def admit_arrived(self) -> bool:
+        """A request that gave its place back (`uploading`) has its body now: may it
+        work? It is judged as a new head would be, so that bodies which come apart from
+        their heads (a client that writes them separately, or a loaded one whose writes
+        split) never take more than the limit: past saturation that would admit without
+        bound, and the service would collapse exactly as with no door."""
+        if self.working + self.arriving < self.limit:
+            return True
+        self.shed += 1
+        return False
+
+    def begin(self, held: bool = True) -> None:
+        """A request's body has arrived: it is working from now on (`held`: it still held
+        its place as an arriving request, not given back by `uploading`)."""
+        self.working += 1
+        if held and self.arriving:
             self.arriving -= 1
         if self.working >= self.limit:
             self._at_limit = True
@@ -263,6 +291,7 @@ class _Answered:
 
 _ANSWERED: Any = _Answered()
 ASKED = "gref.door_asked"  # a scope key: the protocol's door has admitted this request
+UPLOADING = "gref.door_uploading"  # a scope key: its body came after its head's read
 
 
 class DoorProtocol(HttpToolsProtocol):
@@ -272,6 +301,24 @@ class DoorProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.door = find_door(self.app)
+        self.holding: Any = None  # the scope of a request admitted in this data_received
+
+    def data_received(self, data: bytes) -> None:
+        """The parse of `data`; then a request admitted in it whose body did not all come
+        with it gives its arriving place back (Admission.uploading): a slow or unfinished
+        upload must not shed the requests behind it while its body trickles in. Small
+        bodies come with their heads, so the requests of one stalled turn still hold
+        their places until their bodies are read."""
+        super().data_received(data)
+        held: Any = self.holding  # uvicorn's TypedDict scope has no key of ours
+        self.holding = None
+        if held is not None:
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete \
+                    and id(cycle.scope) == id(held):  # fmt: skip
+                held[UPLOADING] = True
+                assert self.door is not None
+                self.door.admission.uploading()
 
     def on_headers_complete(self) -> None:
         t0 = time.perf_counter()
@@ -286,6 +333,7 @@ class DoorProtocol(HttpToolsProtocol):
         if door.admission.admit():
             scope: Any = self.scope  # uvicorn's TypedDict has no key of ours
             scope[ASKED] = True  # the ASGI gate does not ask again
+            self.holding = scope
             super().on_headers_complete()
             return
         request_id = None

@@ -518,15 +518,22 @@ class RequestReader:
 
 def request_schema(reader: RequestReader | None) -> dict[str, Any]:
     """RerankIn's JSON schema (its `$defs` refer to #/components/schemas/) with the served
-    bundle's limits when `reader` is given: at most max_candidates candidates, k at most
-    max_k, and the feature names the bundle knows (categorical ones int64, dense ones
-    numbers in the float32 range), nothing else."""
+    bundle's limits when `reader` is given: at most max_candidates candidates, no two the
+    same, k at most max_k and at most the number of candidates, and the feature names
+    the bundle knows (categorical ones int64, dense ones numbers in the float32 range),
+    nothing else."""
     body = RerankIn.model_json_schema(ref_template="#/components/schemas/{model}")
     if reader is None:
         return body
     props, defs, lim = body["properties"], body["$defs"], reader.limits
     props["candidates"]["maxItems"] = lim.max_candidates
-    props["k"]["maximum"] = min(lim.max_k, lim.max_candidates)
+    props["k"]["maximum"] = k_max = min(lim.max_k, lim.max_candidates)
+    # duplicates are refused: identical candidates are (a weaker rule, but one a schema
+    # can state, and one that schema-driven generators then keep to)
+    props["candidates"]["uniqueItems"] = True
+    # k <= len(candidates), as the union over j of (k <= j and at least j candidates)
+    body["anyOf"] = [{"properties": {"k": {"maximum": j}, "candidates": {"minItems": j}}}
+                     for j in range(1, k_max + 1)]  # fmt: skip
     number = {"type": "number", **_F32_RANGE}
     categorical = {"type": "integer", "minimum": _INT64_MIN, "maximum": _INT64_MAX}
     item = {**dict.fromkeys(reader.cat_names, categorical), **dict.fromkeys(reader.dense_names,

@@ -24,7 +24,16 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from service.admission import ASKED, Admission, AdmissionConfig, Door, Message, Scope, Send
+from service.admission import (
+    ASKED,
+    UPLOADING,
+    Admission,
+    AdmissionConfig,
+    Door,
+    Message,
+    Scope,
+    Send,
+)
 from service.api import (
     ApiError,
     ErrorOut,
@@ -390,7 +399,14 @@ async def rerank(request: Request) -> Response:
             body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
             arrival = time.perf_counter()  # the budget runs from here: not a slow upload
             if admission is not None:
-                admission.begin()
+                held = UPLOADING not in request.scope
+                if not held and not admission.admit_arrived():  # asked again: module doc
+                    metrics.shed.inc()
+                    request.state.headers["Retry-After"] = str(s.retry_after_s)
+                    raise ApiError(503, "overloaded", "the service cannot start this request "
+                                   "within its budget; retry after Retry-After seconds, or "
+                                   "use the upstream order")  # fmt: skip
+                admission.begin(held)
                 working = True
             # once, and after the last await before reranker.rerank() counts the request
             # as active: a swap's retire of the old one then waits for it

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import signal
@@ -228,6 +229,31 @@ async def _retire(old: Reranker, timeout_s: float = RETIRE_S) -> None:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+    await anyio.to_thread.run_sync(trim_heap)  # off the loop: it walks every arena
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+    return getattr(libc, "malloc_trim", None)
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim); False where
+    there is no glibc. A retired engine's memory (onnxruntime's sessions and buffers,
+    numpy arrays, the decode state) is freed into malloc's arenas, fragmented among
+    what stays, and glibc returns little of it by itself: without this, RSS grew by
+    tens of MB with each of the first swaps (291 -> 337 MB over ten with the default
+    bundle) before it levelled off."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 def _retire_later(runtime: Runtime, old: Reranker) -> None:

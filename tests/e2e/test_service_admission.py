@@ -177,6 +177,26 @@ def test_the_budget_starts_when_the_body_has_arrived(
     assert after[late] - before.get(late, 0.0) == 0
 
 
+def test_slow_uploads_hold_no_place_at_the_door(server: ServerThread, client: httpx.Client) -> None:
+    """More slow uploads than the door's floor, their heads all in one tick (the door's
+    limit is the floor at low load): none is shed; the finished ones get the model's
+    list, the one whose body never finishes a 408, not a 503."""
+    body = orjson.dumps(make_request(np.random.default_rng(4), 20, 5))
+    n = 3 * FLOOR + 2
+    socks = [_connect(server) for _ in range(n + 1)]
+    try:
+        for sock in socks:  # every head (and a first piece of its body) at once
+            sock.sendall(_head(len(body)) + body[:50])
+        time.sleep(0.3)
+        for sock in socks[:n]:
+            sock.sendall(body[50:])
+        statuses = [_read_response(sock)[0] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert statuses == [200] * n + [408], statuses
+
+
 def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closes(
     server: ServerThread,
 ) -> None:

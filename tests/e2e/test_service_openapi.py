@@ -36,6 +36,10 @@ def test_the_body_schema_states_the_served_limits(server: ServerThread) -> None:
     assert body["properties"]["candidates"]["minItems"] == 1
     assert body["properties"]["candidates"]["maxItems"] == reader.limits.max_candidates
     assert body["properties"]["k"]["minimum"] == 1 and body["properties"]["k"]["maximum"] == 10
+    assert body["properties"]["candidates"]["uniqueItems"] is True
+    assert body["anyOf"] == [  # k <= len(candidates)
+        {"properties": {"k": {"maximum": j}, "candidates": {"minItems": j}}} for j in range(1, 11)
+    ]
     budget = body["properties"]["budget_ms"]["anyOf"][0]
     assert budget["minimum"] == 0 and budget["maximum"] == MAX_BUDGET_MS
     item_int, item_str = cand["properties"]["item_id"]["anyOf"]
@@ -55,15 +59,15 @@ def test_the_body_schema_states_the_served_limits(server: ServerThread) -> None:
 
 def test_schema_driven_requests_are_answered_within_the_schema(server: ServerThread) -> None:
     """Bodies schemathesis generates from the schema (positive mode). Some are refused
-    rightly (duplicate item ids, k > len(candidates): no JSON schema can say either), none
-    otherwise, none with a 5xx or an answer the schema does not describe."""
+    rightly (duplicate item ids: the schema says only that no two candidates are
+    identical), none otherwise (k <= len(candidates) is stated), none with a 5xx or an
+    answer the schema does not describe."""
     result = fuzz_rerank(server.url, examples=150)
     assert result.sent == 150
     assert result.server_errors == 0, result.statuses
     assert result.violations == []
-    # every refusal is one of the two no JSON schema can state (ids, string ones among them,
-    # make more duplicates: "0" twice, or "0" and 0); enough bodies reach the model
-    unstated = [r for r in result.refusals if ": duplicate of candidates[" not in r
-                and not r.startswith("k: k=")]  # fmt: skip
+    # every refusal is the one no JSON schema can state (a duplicate id in candidates that
+    # differ otherwise: "0" and 0, or the same id with another score); enough reach the model
+    unstated = [r for r in result.refusals if ": duplicate of candidates[" not in r]
     assert unstated == [], result.refusals
-    assert result.statuses[200] >= result.sent / 3, (result.statuses, result.refusals)
+    assert result.statuses[200] >= result.sent / 2, (result.statuses, result.refusals)

@@ -18,7 +18,7 @@ from schemathesis.checks import (
 )
 
 # the answer against the schema; not positive_data_acceptance: a schema cannot say that
-# item ids are unique within a request or that k <= len(candidates), so some schema-valid
+# item ids are unique within a request (only that candidates are), so some schema-valid
 # bodies are rightly 422s (FuzzResult.statuses counts them)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]  # fmt: skip

@@ -37,6 +37,22 @@ def test_the_floor_is_admitted_and_the_next_one_shed() -> None:
     assert a.admit()
 
 
+def test_uploads_hold_no_place_and_are_asked_again_once_their_bodies_arrived() -> None:
+    """Heads whose bodies come later give their places back (more of them than the limit
+    are admitted); once a body arrives, beyond the limit it is refused, not let in."""
+    a = Admission(CONFIG, Clock())
+    for _ in range(3 * CONFIG.floor):
+        assert a.admit()
+        a.uploading()
+    assert a.arriving == 0 and a.shed == 0
+    for _ in range(CONFIG.floor):
+        assert a.admit_arrived()
+        a.begin(held=False)
+    assert a.working == CONFIG.floor and not a.admit_arrived() and a.shed == 1
+    a.end()
+    assert a.admit_arrived()
+
+
 def test_a_saturated_window_sets_the_rate_to_what_was_served() -> None:
     """Sheds in a window: the answers of that window are what the service can do."""
     clock = Clock()
