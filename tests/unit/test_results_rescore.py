@@ -1,0 +1,27 @@
+"""`python -m model estimators` rewrites the report from saved worlds only (model.results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.results import ResultsConfig, rescore, run
+
+
+def test_reuse_only_never_trains(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="no saved world"):
+        run(ResultsConfig.quick(), tmp_path, progress=False, reuse_only=True)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_rescore_refuses_a_report_whose_worlds_are_not_saved(tmp_path: Path) -> None:
+    """A results.json whose worlds are missing is not rewritten by training them."""
+    from dataclasses import asdict
+
+    (tmp_path / "worlds").mkdir()
+    (tmp_path / "results.json").write_text(json.dumps({"config": asdict(ResultsConfig.quick())}))
+    with pytest.raises(RuntimeError, match="no saved world"):
+        rescore(tmp_path)
+    assert not (tmp_path / "runs").exists()
