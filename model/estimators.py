@@ -504,21 +504,38 @@ def load_cascade(path: str | Path) -> CascadeModel:
         return CascadeModel(params, z["vocab"], (w[0], w[1], w[2]), **items)
 
 
-# the list-level estimators beside list_ips, by name (results reports each)
-# cascade_dm leads: on the development worlds its Kendall τ with true utility over model
-# rows × worlds beats cascade_dr's (the residual term moves each world's level) and
-# list_ips'; DR_MAX_WEIGHT (cap of cascade_dr's ratio / μ) was chosen there too
-LIST_ESTIMATORS = ("cascade_dm", "cascade_dr")
-DR_MAX_WEIGHT = 2.0
+# the list-level estimators beside list_ips, by name (results reports each); the first
+# leads (results' main tables). `cascade_dm` / `cascade_dr` read the logged features only;
+# the `_items` ones add each item's offset from the training logs' clicks
+# (fit_item_offsets); `cascade_blend` is the item-aware direct method plus BLEND times the
+# item-aware doubly robust residual term (uncapped). Chosen on the development worlds.
+LIST_ESTIMATORS = (
+    "cascade_blend",
+    "cascade_dm_items",
+    "cascade_dr_items",
+    "cascade_dm",
+    "cascade_dr",
+)
+DR_MAX_WEIGHT = 2.0  # cap of cascade_dr's ratio / μ
+BLEND = 0.5  # weight of cascade_blend's residual term (0 = the direct method, 1 = DR)
+
+
+def _plain(model: CascadeModel) -> CascadeModel:
+    return replace(model, item_ids=None, item_offset=None)
 
 
 def list_estimators(
     test: ListBatch, exam: np.ndarray, model: CascadeModel
 ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """name -> (B, k) lists of `test`'s requests -> (B,) estimated utility."""
+    """name -> (B, k) lists of `test`'s requests -> (B,) estimated utility. `model` carries
+    the item offsets (fit_item_offsets) the `_items` estimators and cascade_blend read."""
+    plain = _plain(model)
     return {
-        "cascade_dm": lambda o: cascade_dm(model, test, o),
-        "cascade_dr": lambda o: cascade_dr(model, test, o, max_weight=DR_MAX_WEIGHT),
+        "cascade_blend": lambda o: cascade_dr(model, test, o, correction=BLEND),
+        "cascade_dm_items": lambda o: cascade_dm(model, test, o),
+        "cascade_dr_items": lambda o: cascade_dr(model, test, o),
+        "cascade_dm": lambda o: cascade_dm(plain, test, o),
+        "cascade_dr": lambda o: cascade_dr(plain, test, o, max_weight=DR_MAX_WEIGHT),
         "list_ips": lambda o: list_ips(test, o, exam),
     }
 
@@ -528,9 +545,13 @@ def rerank_estimators(
 ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """list_estimators' cascade ones for new orders of each request's EXPOSED items
     (logged-vs-gold): no exposure propensity, the lists depend on what the logger showed."""
+    plain = _plain(model)
     return {
+        "cascade_blend": lambda o: cascade_dr(model, test, o, correction=BLEND, propensity=False),
+        "cascade_dm_items": lambda o: cascade_dm(model, test, o),
+        "cascade_dr_items": lambda o: cascade_dr(model, test, o, propensity=False),
         "cascade_dr": lambda o: cascade_dr(
-            model, test, o, max_weight=DR_MAX_WEIGHT, propensity=False
+            plain, test, o, max_weight=DR_MAX_WEIGHT, propensity=False
         ),
-        "cascade_dm": lambda o: cascade_dm(model, test, o),
+        "cascade_dm": lambda o: cascade_dm(plain, test, o),
     }

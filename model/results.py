@@ -36,6 +36,7 @@ from model.estimators import (
     LIST_ESTIMATORS,
     examination_propensities,
     fit_cascade,
+    fit_item_offsets,
     kendall_tau,
     list_estimators,
     list_ips,
@@ -277,7 +278,8 @@ def load_orders(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str
 def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
     """The list-level estimates (model.estimators.LIST_ESTIMATORS) of a saved world's rows
     and logged-vs-gold orders, from its saved lists (save_orders) and its logs alone: the
-    cascade model is fitted on the training logs (and kept as worlds/<tag>.cascade.npz).
+    cascade model and its item offsets are fitted on the training logs (and kept as
+    worlds/<tag>.cascade.npz; one saved without the offsets gets them).
     {"rows": {label: {name: estimate}}, "gold": {order: {name: estimate}}}; every row label
     of the world gets the estimates of its decode."""
     from model.log_io import read_logs
@@ -288,10 +290,10 @@ def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]
     if not np.array_equal(test_b.request_id, request_id):
         raise ValueError(f"{tag}: the saved lists are not of its test requests")
     cascade_path = out / "worlds" / f"{tag}.cascade.npz"
-    if cascade_path.exists():
-        cascade = load_cascade(cascade_path)
-    else:
-        cascade = fit_cascade(read_logs(data / "train.parquet"))
+    cascade = load_cascade(cascade_path) if cascade_path.exists() else None
+    if cascade is None or cascade.item_ids is None:
+        train_b = read_logs(data / "train.parquet")
+        cascade = fit_item_offsets(cascade or fit_cascade(train_b), train_b)
         save_cascade(cascade, cascade_path)
     scorers = list_estimators(test_b, np.asarray(world["exam_propensity"]), cascade)
     by_key = {
