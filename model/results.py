@@ -350,8 +350,9 @@ def rescore(out: Path) -> dict[str, Any]:
     """`python -m model estimators`: the list-level estimates of every saved world (each
     strength) computed again from its saved lists and logs and saved with the world; then,
     when out/results.json exists, results.json, results.md and the plots are written again
-    from the saved worlds (nothing retrained: a world that is not saved with the same
-    settings is an error). Returns estimator_table's summary of the default worlds."""
+    from the saved worlds (nothing retrained: when a world of the report is not saved with
+    its settings, the report stays as it is and "not_rewritten" says why). Returns
+    estimator_table's summary of the default worlds."""
     default = []
     for path in sorted((out / "worlds").glob("*.json")):
         if not path.with_suffix(".orders.npz").exists():
@@ -368,8 +369,11 @@ def rescore(out: Path) -> dict[str, Any]:
     if summary_path.exists():
         cfg = json.loads(summary_path.read_text())["config"]
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        run(ResultsConfig(**cfg), out, progress=False, reuse_only=True)
-        table["rewrote"] = [str(summary_path), str(out / "results.md")]
+        try:
+            run(ResultsConfig(**cfg), out, progress=False, reuse_only=True)
+            table["rewrote"] = [str(summary_path), str(out / "results.md")]
+        except RuntimeError as e:
+            table["not_rewritten"] = str(e)
     return table
 
 
