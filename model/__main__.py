@@ -130,9 +130,9 @@ def _logged_vs_gold(args: argparse.Namespace) -> int:
 
 
 def _estimators(args: argparse.Namespace) -> int:
-    from model.results import estimator_table
+    from model.results import rescore
 
-    table = estimator_table(Path(args.out))
+    table = rescore(Path(args.out))
     print(json.dumps(table, indent=1))
     return 0
 
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser(
         "estimators",
         help="score the saved worlds' rows again with the offline estimators (Kendall τ with "
-        "true utility, logged-vs-gold) without retraining",
+        "true utility, logged-vs-gold) without retraining, and write results.json / "
+        "results.md again from the saved worlds",
     )
     e.add_argument("--out", default="results", help="a `results` directory with worlds/")
     e.set_defaults(fn=_estimators)

@@ -31,6 +31,11 @@ satiation, complements and abandonment, which they cannot credit. The list-aware
   expected feedback value under the model (the direct method); `cascade_dr` adds the
   shown logged items' residuals, carried to their new slots by the model's ratio and
   weighted by the exposure propensity (doubly robust).
+- Item offsets (`fit_item_offsets`): each item's relevance logit gets an offset from its
+  own clicks in the training logs against the model's expected clicks (Poisson-gamma
+  shrinkage towards its creator's offset), what the features and the upstream score do
+  not show; the `_items` estimators and `cascade_blend` (the direct method plus half the
+  doubly robust residual term) read them.
 
 What each can and cannot rank is checked against the gold (results: logged-vs-gold and
 Kendall τ with true utility; `python -m model estimators` rescores saved lists).
@@ -39,7 +44,7 @@ Kendall τ with true utility; `python -m model estimators` rescores saved lists)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +237,13 @@ class _Cascade:
             "lv_user_cat": z((n_user, n_cat)),
         }
 
-    def forward(self, user: Any, score: Any, dense: Any, cat: Any, pad: Any) -> dict[str, Any]:
+    def forward(
+        self, user: Any, score: Any, dense: Any, cat: Any, pad: Any, offset: Any = None
+    ) -> dict[str, Any]:
         """user (B, Fu), score (B, k), dense (B, k, Fd), cat (B, k) category indices, pad
-        (B, k) bool -> per slot: click probability, P(like | click), P(long view | click)."""
+        (B, k) bool, offset (B, k) added to each slot's relevance logit (the item's own
+        click history, `fit_item_offsets`; None = none) -> per slot: click probability,
+        P(like | click), P(long view | click)."""
         import torch
         import torch.nn.functional as F
 
@@ -259,6 +268,8 @@ class _Cascade:
         pair = (oh @ comp_m) @ oh.transpose(1, 2)  # [t, s]: complement of s's category to t's
         pair = pair * earlier
         z = base - sat * n_same + pair.amax(-1)
+        if offset is not None:
+            z = z + offset
         eff = torch.sigmoid(z) * valid
         cont_u = torch.sigmoid(p["cont0"] + user @ p["cont_user"])[:, None]
         cont = cont_u * (1.0 - torch.sigmoid(p["abandon"]) * (1.0 - eff))
@@ -280,6 +291,20 @@ class CascadeModel:
     params: dict[str, np.ndarray]
     vocab: np.ndarray
     weights: tuple[float, float, float]
+    # per-item relevance offsets from the training logs' clicks (`fit_item_offsets`):
+    # sorted item ids and their logit offsets; None = the model reads features only
+    item_ids: np.ndarray | None = None
+    item_offset: np.ndarray | None = None
+
+    def offsets(self, batch: ListBatch, order: np.ndarray) -> np.ndarray | None:
+        """(B, k) the item offset of each slot of lists (B, k) (0 for unknown items and
+        padding), None when the model has none."""
+        if self.item_ids is None or self.item_offset is None or len(self.item_ids) == 0:
+            return None
+        ids = np.take_along_axis(np.asarray(batch.item_id), np.maximum(order, 0), 1)
+        pos = np.minimum(np.searchsorted(self.item_ids, ids), len(self.item_ids) - 1)
+        hit = (self.item_ids[pos] == ids) & (order >= 0)
+        return np.where(hit, self.item_offset[pos], 0.0).astype(np.float32)
 
     def _torch(self, batch: ListBatch, order: np.ndarray) -> tuple[_Cascade, tuple[Any, ...]]:
         import torch
@@ -293,12 +318,14 @@ class CascadeModel:
             x["dense"].shape[-1],
             {k: torch.tensor(v, dtype=torch.float32) for k, v in self.params.items()},
         )
+        off = self.offsets(batch, order)
         args = (
             torch.tensor(np.asarray(batch.user_dense, np.float32)),
             torch.tensor(x["score"]),
             torch.tensor(x["dense"]),
             torch.tensor(cat),
             torch.tensor(x["pad"]),
+            None if off is None else torch.tensor(off),
         )
         return model, args
 
@@ -360,6 +387,49 @@ def fit_cascade(
     return CascadeModel(trained, vocab, (w_click, w_like, w_long_view))
 
 
+def fit_item_offsets(
+    model: CascadeModel,
+    batch: ListBatch,
+    prior: float = 5.0,
+    group: int | None = 1,
+    iters: int = 10,
+) -> CascadeModel:
+    """The model with a relevance-logit offset per item learned from the logs' clicks: what
+    the features and the upstream score do not show about an item (its own appeal, seen
+    again and again in the logs). The offsets solve O + prior = E(δ) + prior · e^δ per item
+    (O its logged clicks, E(δ) the model's expected clicks on the same logged slots with
+    the offsets in place; the Poisson-gamma posterior mean of the item's click-rate
+    multiplier with a prior worth `prior` clicks: an item seen rarely keeps about the
+    model's own estimate), by fixed-point steps. With `group` (a categorical column, the
+    creator in the simulated logs) an offset per group is fitted the same way and each
+    item's offset is shrunk towards its group's."""
+    shown = batch.exposed >= 0
+    ids = np.take_along_axis(np.asarray(batch.item_id), np.maximum(batch.exposed, 0), 1)[shown]
+    obs = np.asarray(batch.click, np.float64)[shown]
+    uniq, inv = np.unique(ids, return_inverse=True)
+    o = np.bincount(inv, obs, len(uniq))
+    cats = np.asarray(batch.item_cat)
+    grouped = group is not None and cats.ndim == 3 and cats.shape[-1] > group
+    ginv = np.zeros(len(uniq), np.int64)
+    if grouped:
+        g = np.take_along_axis(cats[..., group], np.maximum(batch.exposed, 0), 1)[shown]
+        gu, g_of = np.unique(g, return_inverse=True)
+        ginv[inv] = g_of  # an item's group (the last seen, if it varies)
+        go = np.bincount(ginv, o, len(gu))
+    g_off = np.zeros(int(ginv.max()) + 1 if len(uniq) else 1)
+    eta = np.zeros(len(uniq))  # the item's offset beyond its group's
+    for _ in range(iters):
+        fitted = replace(model, item_ids=uniq, item_offset=g_off[ginv] + eta)
+        e_slot = fitted.slot_probs(batch, batch.exposed)["click"][shown]
+        e = np.bincount(inv, e_slot, len(uniq))
+        if grouped:
+            ge = np.bincount(ginv, e, len(g_off))
+            g_off += np.log((go + prior) / (ge + prior * np.exp(g_off)))
+        eta += np.log((o + prior) / (e + prior * np.exp(eta)))
+    off = g_off[ginv] + eta
+    return replace(model, item_ids=uniq.astype(np.int64), item_offset=off.astype(np.float64))
+
+
 def cascade_dm(model: CascadeModel, batch: ListBatch, order: np.ndarray) -> np.ndarray:
     """(B,) direct-method utility of new lists (B, k) over all candidates: the cascade
     model's expected Σ_t P(click_t)·(w_click + w_like·P(like|click) + w_lv·P(lv|click)),
@@ -378,6 +448,8 @@ def cascade_dr(
     max_weight: float | None = None,
     dm: bool = True,
     propensity: bool = True,
+    correction: float = 1.0,
+    self_normalize: bool = False,
 ) -> np.ndarray:
     """(B,) doubly robust utility of new lists (B, k): the cascade model's direct estimate
     plus, for every logged exposed item the new list shows, its residual in the logged
@@ -388,7 +460,10 @@ def cascade_dr(
     what the logger showed). The ratio is list aware: an item moved below two of its own
     category loses what satiation takes, one moved below a complement gains. The weights
     ratio / μ are capped at max_weight. dm=False drops the direct term and the residual's
-    prediction (a list-aware IPS)."""
+    prediction (a list-aware IPS). correction scales the residual term (1 = DR, 0 = the
+    direct method, between: a blend). self_normalize divides the residual term by the
+    mean over the requests of Σ shown / μ per item the new list shows (its expectation
+    under the logging policy is 1: the SNIPS control variate)."""
     wc, wl, wv = model.weights
     pn = model.slot_probs(batch, order)
     pl = model.slot_probs(batch, batch.exposed)
@@ -409,12 +484,19 @@ def cascade_dr(
     u = feedback_utility(batch, wc, wl, wv)
     if not dm:
         return (np.where(shown, u * w, 0.0)).sum(1)
-    return q_new.sum(1) + (np.where(shown, (u - q_log) * w, 0.0)).sum(1)
+    resid = (np.where(shown, (u - q_log) * w, 0.0)).sum(1)
+    if self_normalize:
+        n_new = max(float((order >= 0).sum(1).mean()), 1e-9)
+        mass = float(np.where(shown, 1.0 / mu, 0.0).sum(1).mean()) / n_new
+        resid = resid / max(mass, 1e-9)
+    return q_new.sum(1) + correction * resid
 
 
 def save_cascade(model: CascadeModel, path: str | Path) -> None:
     """One .npz (nothing pickled)."""
     arrays = {f"p_{k}": v for k, v in model.params.items()}
+    if model.item_ids is not None and model.item_offset is not None:
+        arrays |= {"item_ids": model.item_ids, "item_offset": model.item_offset}
     with open(path, "wb") as f:
         np.savez(f, vocab=model.vocab, weights=np.array(model.weights), **arrays)
 
@@ -423,24 +505,47 @@ def load_cascade(path: str | Path) -> CascadeModel:
     with np.load(path, allow_pickle=False) as z:
         params = {k[2:]: z[k] for k in z.files if k.startswith("p_")}
         w = tuple(float(x) for x in z["weights"])
-        return CascadeModel(params, z["vocab"], (w[0], w[1], w[2]))
+        items = {k: z[k] for k in ("item_ids", "item_offset") if k in z.files}
+        return CascadeModel(params, z["vocab"], (w[0], w[1], w[2]), **items)
 
 
-# the list-level estimators beside list_ips, by name (results reports each)
-# cascade_dm leads: on the development worlds its Kendall τ with true utility over model
-# rows × worlds beats cascade_dr's (the residual term moves each world's level) and
-# list_ips'; DR_MAX_WEIGHT (cap of cascade_dr's ratio / μ) was chosen there too
-LIST_ESTIMATORS = ("cascade_dm", "cascade_dr")
-DR_MAX_WEIGHT = 2.0
+# the list-level estimators beside list_ips, by name (results reports each); the first
+# leads (results' main tables). `cascade_dm` / `cascade_dr` read the logged features only;
+# the `_items` ones add each item's offset from the training logs' clicks
+# (fit_item_offsets); `cascade_blend` is the item-aware direct method plus BLEND times the
+# item-aware doubly robust residual term (uncapped). BLEND and the offsets' prior were
+# chosen on development worlds 0-3 with hand-made lists (upstream, category caps and MMR,
+# quality, popularity, true relevance, reversed, random): there the direct method led
+# without the relevance oracles among the lists and the uncapped DR with them; the half
+# blend had the best mean τ over the two (0.79 with them, 0.86 without; 0.75 of the
+# residual: 0.80 and 0.83), and the item offsets helped every variant.
+LIST_ESTIMATORS = (
+    "cascade_blend",
+    "cascade_dm_items",
+    "cascade_dr_items",
+    "cascade_dm",
+    "cascade_dr",
+)
+DR_MAX_WEIGHT = 2.0  # cap of cascade_dr's ratio / μ
+BLEND = 0.5  # weight of cascade_blend's residual term (0 = the direct method, 1 = DR)
+
+
+def _plain(model: CascadeModel) -> CascadeModel:
+    return replace(model, item_ids=None, item_offset=None)
 
 
 def list_estimators(
     test: ListBatch, exam: np.ndarray, model: CascadeModel
 ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """name -> (B, k) lists of `test`'s requests -> (B,) estimated utility."""
+    """name -> (B, k) lists of `test`'s requests -> (B,) estimated utility. `model` carries
+    the item offsets (fit_item_offsets) the `_items` estimators and cascade_blend read."""
+    plain = _plain(model)
     return {
-        "cascade_dm": lambda o: cascade_dm(model, test, o),
-        "cascade_dr": lambda o: cascade_dr(model, test, o, max_weight=DR_MAX_WEIGHT),
+        "cascade_blend": lambda o: cascade_dr(model, test, o, correction=BLEND),
+        "cascade_dm_items": lambda o: cascade_dm(model, test, o),
+        "cascade_dr_items": lambda o: cascade_dr(model, test, o),
+        "cascade_dm": lambda o: cascade_dm(plain, test, o),
+        "cascade_dr": lambda o: cascade_dr(plain, test, o, max_weight=DR_MAX_WEIGHT),
         "list_ips": lambda o: list_ips(test, o, exam),
     }
 
@@ -450,9 +555,13 @@ def rerank_estimators(
 ) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """list_estimators' cascade ones for new orders of each request's EXPOSED items
     (logged-vs-gold): no exposure propensity, the lists depend on what the logger showed."""
+    plain = _plain(model)
     return {
+        "cascade_blend": lambda o: cascade_dr(model, test, o, correction=BLEND, propensity=False),
+        "cascade_dm_items": lambda o: cascade_dm(model, test, o),
+        "cascade_dr_items": lambda o: cascade_dr(model, test, o, propensity=False),
         "cascade_dr": lambda o: cascade_dr(
-            model, test, o, max_weight=DR_MAX_WEIGHT, propensity=False
+            plain, test, o, max_weight=DR_MAX_WEIGHT, propensity=False
         ),
-        "cascade_dm": lambda o: cascade_dm(model, test, o),
+        "cascade_dm": lambda o: cascade_dm(plain, test, o),
     }

@@ -8,12 +8,14 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from model.estimators import LIST_ESTIMATORS
 from model.tables import AGREEMENT_METRICS, GREF, ROWS, STRENGTHS, TABLES
 
 matplotlib.use("Agg")  # no screen: files only
 import matplotlib.pyplot as plt
 
-COLUMNS = ("utility", "cascade_dm", "list_ips", "ips", "ndcg@10", "auc", "passes", "decode_ms")
+LEAD = LIST_ESTIMATORS[0]  # the debiased list estimate the main tables show
+COLUMNS = ("utility", LEAD, "list_ips", "ips", "ndcg@10", "auc", "passes", "decode_ms")
 WORLDS = {"heldout": "held-out", "dev": "development"}
 
 
@@ -48,13 +50,16 @@ def write_markdown(summary: dict[str, Any], path: Path) -> None:
         "  model (the gold), mean ± sample std across worlds.",
         "- `share`: share of the headroom captured, (U − U_upstream) / (U_searched −",
         "  U_upstream), pooled over worlds.",
-        "- `cascade_dm`: direct-method estimate of the generated list's utility from the logs",
-        "  alone: a cascade click model of the displayed prefix fitted on the training logs",
+        f"- `{LEAD}`: the lead estimate of the generated list's utility from the logs alone.",
+        "  A cascade click model of the displayed prefix fitted on the training logs",
         "  (category satiation and complements, abandonment, like / long view after a click)",
-        "  gives each slot's expected feedback value given the items above it. Its doubly",
-        "  robust variant (`cascade_dr`, in results.json) adds each shown logged item's",
-        "  residual, carried to its new slot by the model's ratio and weighted by the logging",
-        "  policy's exposure propensity.",
+        "  gives each slot's expected feedback value given the items above it; each item's",
+        "  relevance gets an offset from its own clicks in the training logs (what the",
+        "  features do not show). `cascade_dm_items` is that direct method; `cascade_dr_items`",
+        "  adds each shown logged item's residual, carried to its new slot by the model's",
+        "  ratio and weighted by the logging policy's exposure propensity (doubly robust);",
+        "  `cascade_blend` adds half the residual term. `cascade_dm` / `cascade_dr`: the same",
+        "  without the item offsets (all in results.json and the τ table below).",
         "- `list_ips`: item-level IPS estimate of the generated list's utility from the logs",
         "  alone (examination propensities harvested from the training logs, the logging",
         "  policy's exposure propensities); `ips`: position-based IPS of reranking the exposed",
@@ -175,17 +180,18 @@ def _agreement_lines(summary: dict[str, Any]) -> list[str]:
         "## What the offline metrics reward",
         "",
         "The exposed items of each world's test requests in three orders, scored by NDCG@10 on",
-        "the logged clicks, by the position-based IPS utility, by the cascade model (direct",
-        "and doubly robust; no exposure propensity: the same items) and by true utility",
+        "the logged clicks, by the position-based IPS utility, by the cascade estimators (no",
+        "exposure propensity: the same items) and by true utility",
         "(mean over worlds). The clicks were drawn under the logging order's position bias.",
         "",
-        "| order of the exposed items | ndcg@10 (logged clicks) | IPS utility "
-        "| cascade DM | cascade DR | true utility |",
-        "|---|---|---|---|---|---|",
+        "| order of the exposed items | ndcg@10 (logged clicks) | IPS utility | "
+        + " | ".join(LIST_ESTIMATORS)
+        + " | true utility |",
+        "|---" * (len(LIST_ESTIMATORS) + 4) + "|",
         *[
-            f"| {k} | {v['ndcg@10']:.4f} | {v.get('ips', float('nan')):.4f} "
-            f"| {v.get('cascade_dm', float('nan')):.4f} "
-            f"| {v.get('cascade_dr', float('nan')):.4f} | {v['utility']:.4f} |"
+            f"| {k} | {v['ndcg@10']:.4f} | {v.get('ips', float('nan')):.4f} | "
+            + " | ".join(f"{v.get(n, float('nan')):.4f}" for n in LIST_ESTIMATORS)
+            + f" | {v['utility']:.4f} |"
             for k, v in gold.items()
         ],
         "",

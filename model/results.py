@@ -36,6 +36,7 @@ from model.estimators import (
     LIST_ESTIMATORS,
     examination_propensities,
     fit_cascade,
+    fit_item_offsets,
     kendall_tau,
     list_estimators,
     list_ips,
@@ -277,7 +278,8 @@ def load_orders(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str
 def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
     """The list-level estimates (model.estimators.LIST_ESTIMATORS) of a saved world's rows
     and logged-vs-gold orders, from its saved lists (save_orders) and its logs alone: the
-    cascade model is fitted on the training logs (and kept as worlds/<tag>.cascade.npz).
+    cascade model and its item offsets are fitted on the training logs (and kept as
+    worlds/<tag>.cascade.npz; one saved without the offsets gets them).
     {"rows": {label: {name: estimate}}, "gold": {order: {name: estimate}}}; every row label
     of the world gets the estimates of its decode."""
     from model.log_io import read_logs
@@ -288,10 +290,10 @@ def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]
     if not np.array_equal(test_b.request_id, request_id):
         raise ValueError(f"{tag}: the saved lists are not of its test requests")
     cascade_path = out / "worlds" / f"{tag}.cascade.npz"
-    if cascade_path.exists():
-        cascade = load_cascade(cascade_path)
-    else:
-        cascade = fit_cascade(read_logs(data / "train.parquet"))
+    cascade = load_cascade(cascade_path) if cascade_path.exists() else None
+    if cascade is None or cascade.item_ids is None:
+        train_b = read_logs(data / "train.parquet")
+        cascade = fit_item_offsets(cascade or fit_cascade(train_b), train_b)
         save_cascade(cascade, cascade_path)
     scorers = list_estimators(test_b, np.asarray(world["exam_propensity"]), cascade)
     by_key = {
@@ -329,6 +331,10 @@ def estimator_table(out: Path, strength: str = "default") -> dict[str, Any]:
         saved = json.loads(path.read_text())["world"]
         if saved["strength"] == strength and path.with_suffix(".orders.npz").exists():
             worlds.append(with_list_estimates(out, path.stem, saved))
+    return _estimator_summary(worlds)
+
+
+def _estimator_summary(worlds: list[dict[str, Any]]) -> dict[str, Any]:
     gold = {
         o: {m: float(np.mean([w["logged_vs_gold"][o][m] for w in worlds])) for m in v}
         for o, v in (worlds[0]["logged_vs_gold"].items() if worlds else ())
@@ -338,6 +344,37 @@ def estimator_table(out: Path, strength: str = "default") -> dict[str, Any]:
         "agreement": agreement(worlds),
         "logged_vs_gold": gold,
     }
+
+
+def rescore(out: Path) -> dict[str, Any]:
+    """`python -m model estimators`: the list-level estimates of every saved world (each
+    strength) computed again from its saved lists and logs and saved with the world; then,
+    when out/results.json exists, results.json, results.md and the plots are written again
+    from the saved worlds (nothing retrained: when a world of the report is not saved with
+    its settings, the report stays as it is and "not_rewritten" says why). Returns
+    estimator_table's summary of the default worlds."""
+    default = []
+    for path in sorted((out / "worlds").glob("*.json")):
+        if not path.with_suffix(".orders.npz").exists():
+            continue
+        saved = json.loads(path.read_text())
+        world = with_list_estimates(out, path.stem, saved["world"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": saved["key"], "world": world}))
+        tmp.replace(path)
+        if world["strength"] == "default":
+            default.append(world)
+    table = _estimator_summary(default)
+    summary_path = out / "results.json"
+    if summary_path.exists():
+        cfg = json.loads(summary_path.read_text())["config"]
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        try:
+            run(ResultsConfig(**cfg), out, progress=False, reuse_only=True)
+            table["rewrote"] = [str(summary_path), str(out / "results.md")]
+        except RuntimeError as e:
+            table["not_rewritten"] = str(e)
+    return table
 
 
 def aggregate(worlds: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -449,10 +486,16 @@ def _has_list_estimates(world: dict[str, Any]) -> bool:
 
 
 def cached_world(
-    rc: ResultsConfig, seed: int, strength: str, out: Path, progress: bool
+    rc: ResultsConfig,
+    seed: int,
+    strength: str,
+    out: Path,
+    progress: bool,
+    reuse_only: bool = False,
 ) -> dict[str, Any]:
     """run_world, saved as out/worlds/<tag>.json and reused by a later run with the same
-    settings (an interrupted `make results` picks up where it stopped)."""
+    settings (an interrupted `make results` picks up where it stopped). reuse_only: a
+    world that is not saved with these settings is an error (nothing is trained)."""
     tag = f"seed{seed}" if strength == "default" else f"seed{seed}-{strength}"
     path = out / "worlds" / f"{tag}.json"
     key = _world_key(rc, seed, strength)
@@ -468,7 +511,11 @@ def cached_world(
             tmp.write_text(json.dumps({"key": key, "world": world}))
             tmp.replace(path)
             return world
+        if reuse_only:
+            raise RuntimeError(f"{tag}: {path} was made with other settings")
         log.info("%s: %s was made with other settings: recomputing", tag, path)
+    if reuse_only:
+        raise RuntimeError(f"{tag}: no saved world in {path.parent} (`python -m model results`)")
     world = with_list_estimates(out, tag, run_world(rc, seed, strength, out, progress))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -477,16 +524,18 @@ def cached_world(
     return world
 
 
-def run(rc: ResultsConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def run(
+    rc: ResultsConfig, out: str | Path, progress: bool = True, reuse_only: bool = False
+) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     by_strength: dict[str, list[dict[str, Any]]] = {"default": []}
     for i, seed in enumerate(rc.seeds):
-        by_strength["default"].append(cached_world(rc, seed, "default", out, progress))
+        by_strength["default"].append(cached_world(rc, seed, "default", out, progress, reuse_only))
         for strength in rc.strengths if i < rc.sensitivity_seeds else ():
             by_strength.setdefault(strength, []).append(
-                cached_world(rc, seed, strength, out, progress)
+                cached_world(rc, seed, strength, out, progress, reuse_only)
             )
     worlds = by_strength["default"]
     summary = {

@@ -130,7 +130,7 @@ CLAIMS = (
 
 # utility, logged metrics, the debiased estimates, decode cost
 METRICS = (
-    "utility", "cascade_dm", "cascade_dr", "list_ips", "ips", "ndcg@10", "auc", "map@10",
+    "utility", *LIST_ESTIMATORS, "list_ips", "ips", "ndcg@10", "auc", "map@10",
     "clicks@10", "passes", "decode_ms",
 )  # fmt: skip
 # the offline metrics whose Kendall τ with true utility results reports

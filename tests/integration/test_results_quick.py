@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.estimators import LIST_ESTIMATORS
 from model.tables import GREF, GREF_PAPER, METRICS, ROWS, UPSTREAM, competitors
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,13 @@ def test_results_are_consistent(quick_results: Path) -> None:
 
 def test_the_estimators_command_rescores_the_saved_lists(quick_results: Path) -> None:
     """`python -m model estimators` scores the saved worlds' lists again, without
-    retraining, to the figures the results run reported."""
+    retraining, to the figures the results run reported, and writes results.json and
+    results.md again from the saved worlds (a stale report is replaced)."""
+    before = _summary(quick_results)
+    stale = dict(before, agreement={})
+    (quick_results / "results.json").write_text(json.dumps(stale))
+    (quick_results / "results.md").write_text("stale\n")
+    runs = sorted(p.stat().st_mtime for p in (quick_results / "runs").rglob("*.safetensors"))
     proc = subprocess.run(
         [sys.executable, "-m", "model", "estimators", "--out", str(quick_results)],
         capture_output=True,
@@ -117,11 +124,19 @@ def test_the_estimators_command_rescores_the_saved_lists(quick_results: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(proc.stdout)
     summary = _summary(quick_results)
-    for metric in ("cascade_dm", "cascade_dr", "list_ips", "ndcg@10"):
-        assert table["agreement"][metric] == pytest.approx(summary["agreement"][metric])
-    for order, vals in summary["logged_vs_gold"].items():
-        assert table["logged_vs_gold"][order]["cascade_dm"] == pytest.approx(vals["cascade_dm"])
+    for metric in (*LIST_ESTIMATORS, "list_ips", "ndcg@10"):
+        assert table["agreement"][metric] == pytest.approx(before["agreement"][metric])
+        assert summary["agreement"][metric] == pytest.approx(before["agreement"][metric])
+    for order, vals in before["logged_vs_gold"].items():
+        for name in LIST_ESTIMATORS:
+            assert table["logged_vs_gold"][order][name] == pytest.approx(vals[name])
+    assert summary["models"][GREF]["utility"] == before["models"][GREF]["utility"]
+    md = (quick_results / "results.md").read_text()
+    assert "What the offline metrics reward" in md and "Table 1" in md
     assert sorted(p.name for p in (quick_results / "worlds").glob("*.orders.npz"))
+    # nothing retrained
+    after = sorted(p.stat().st_mtime for p in (quick_results / "runs").rglob("*.safetensors"))
+    assert after == runs
 
 
 def test_checkpoints_are_safetensors(quick_results: Path) -> None:
