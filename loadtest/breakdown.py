@@ -8,8 +8,8 @@ size. The load generator sees each answer's timings, so it keeps them here (no l
 this module: the tests import it) and the report reads the JSON it writes at the end.
 
 A `budget` answer is put down to the stage that took the largest part of its time:
-    queue   waiting for the engine (a busy engine, the earlier engine calls of its batch)
-    cache   the embedding lookup: L1, the Redis MGET, and the item tower for its misses
+    queue   waiting for the engine (batching, a busy engine)
+    cache   the embedding lookup: L1, the Redis MGET, and the item tower for the misses
     model   encode + decode
     other   the rest of the time from the body's arrival to the answer (parsing, the
             event loop's other work, writing the answer)

@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,8 +258,7 @@ class Reranker:
         return out
 
     async def _batches(self) -> None:
-        """The owned loop: take what is queued (>= 1 job), run it in the engine thread (or
-        inline), each engine call's requests answered as soon as that call is done."""
+        """The owned loop: take what is queued (>= 1 job), run it in the engine thread."""
         loop, wait, last_end = asyncio.get_running_loop(), self.config.max_wait_s, -1e9
         while True:
             jobs = [await self.queue.get()]
@@ -292,14 +291,10 @@ class Reranker:
                     # call. The loop's other work waits for it, as it would for the core.
                     # Bigger batches (load) still go to the thread, so that the loop keeps
                     # reading, and shedding at the door, while they run, and so does any
-                    # batch while a request's Redis read is in flight. Between two engine
-                    # calls of the batch the loop takes a turn: the first call's requests
-                    # are answered before the second runs.
-                    for step in self._run(jobs, waiting):
-                        _settle_jobs(step)
-                        await asyncio.sleep(0)
+                    # batch while a request's Redis read is in flight.
+                    results = self._run(jobs, waiting)
                 else:
-                    await self._thread.run(self._run_all, jobs, waiting, loop)
+                    results = await self._thread.run(self._run, jobs, waiting)
             except asyncio.CancelledError:  # closed mid-batch: nobody will read its result
                 for job in jobs:
                     if not job.done.done():
@@ -307,65 +302,41 @@ class Reranker:
                 raise
             except Exception:  # never leave a request waiting forever
                 log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
-            for job in jobs:  # any the batch did not answer (a failure on the way)
-                if not job.done.done():
-                    job.done.set_result(_Done(None, "model", 0.0, 0.0, None))
+                results = [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]
             last_end = loop.time()
-            # the answered requests' tasks were woken before this one: they respond before
-            # the next batch takes the loop (an inline batch would hold it otherwise)
-            await asyncio.sleep(0)
+            for job, done in zip(jobs, results, strict=True):
+                if not job.done.done():
+                    job.done.set_result(done)
 
-    def _run_all(self, jobs: list[_Job], waiting: int, loop: asyncio.AbstractEventLoop) -> None:
-        """In the engine thread: the batch, each engine call's results handed to the loop
-        as soon as that call is done (a tight request in the first call does not wait for
-        the batch's other calls)."""
-        for step in self._run(jobs, waiting):
-            loop.call_soon_threadsafe(_settle_jobs, step)
-
-    def _run(self, jobs: list[_Job], waiting: int) -> Iterator[list[tuple[_Job, _Done]]]:
-        """In the engine thread (or the loop's, for a small batch): one engine call per
-        candidate bucket, earliest deadline first (`_groups`, `_decode`), each preceded by
-        the item-tower run for its own requests' misses; yields each call's requests with
-        their results (first those already past their deadline). A request's queue time
-        runs until its own call starts (the batch's earlier calls are a wait for the
-        engine too); its cache time includes its call's item-tower run only."""
+    def _run(self, jobs: list[_Job], waiting: int) -> list[_Done]:
+        """In the engine thread (or the loop's, for a small batch): one item-tower run for
+        every miss, then one engine call per candidate bucket (`_groups`, `_decode`)."""
         start = time.perf_counter()
-        first: list[tuple[_Job, _Done]] = []
-        run = []
+        queue_s = [start - j.submitted for j in jobs]
+        out: list[_Done | None] = [None] * len(jobs)
         for i, j in enumerate(jobs):
             j.started = True
             if start >= j.deadline or j.done.done():  # expired (or gone) on the way here
-                first.append((j, _Done(None, "budget", start - j.submitted, 0.0, None)))
-            else:
-                run.append(i)
-        if first:
-            yield first
+                out[i] = _Done(None, "budget", queue_s[i], 0.0, None)
+        embedded = self._embed([j for i, j in enumerate(jobs) if out[i] is None])
+        embed_s = time.perf_counter() - start
+        for i, j in enumerate(jobs):
+            if out[i] is None and j.missing.any() and id(j) not in embedded:
+                out[i] = _Done(None, "cache", queue_s[i], embed_s, None)
+        run = [i for i in range(len(jobs)) if out[i] is None]
         for group in self._groups(jobs, run):
-            t0 = time.perf_counter()
-            queue_s = [t0 - j.submitted for j in jobs]
-            step: list[tuple[_Job, _Done]] = []
-            embedded = self._embed([jobs[i] for i in group])
-            embed_s = time.perf_counter() - t0
-            ready = []
-            for i in group:
-                j = jobs[i]
-                if j.missing.any() and id(j) not in embedded:
-                    step.append((j, _Done(None, "cache", queue_s[i], embed_s, None)))
-                else:
-                    ready.append(i)
-            results, reason = self._decode(jobs, ready, waiting, queue_s) if ready else ([], None)
-            for i, result in zip(ready, results, strict=True):
-                j = jobs[i]
+            results, reason = self._decode(jobs, group, waiting, queue_s)
+            for i, result in zip(group, results, strict=True):
                 if result is not None and not result.valid:
                     problem_log.warning(
                         "request %s: the model's scores were not finite (extreme feature "
                         "values?): upstream order",
-                        j.request_id,
+                        jobs[i].request_id,
                     )
-                    step.append((j, _Done(None, "model", queue_s[i], embed_s, None)))
+                    out[i] = _Done(None, "model", queue_s[i], embed_s, None)  # nothing cached
                     continue
-                step.append((j, _Done(result, reason, queue_s[i], embed_s, embedded.get(id(j)))))
-            yield step
+                out[i] = _Done(result, reason, queue_s[i], embed_s, embedded.get(id(jobs[i])))
+        return [o if o is not None else _Done(None, "model", 0.0, 0.0, None) for o in out]
 
     def _groups(self, jobs: list[_Job], run: list[int]) -> list[list[int]]:
         """The jobs `run` as engine calls, one per candidate bucket, earliest deadline
@@ -501,14 +472,6 @@ class EngineThread:
 
     def stop(self) -> None:
         self._queue.put(None)
-
-
-def _settle_jobs(step: list[tuple[_Job, _Done]]) -> None:
-    """On the loop: the results of one engine call to its requests (a request that
-    expired or whose client left meanwhile has its answer already)."""
-    for job, done in step:
-        if not job.done.done():
-            job.done.set_result(done)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
