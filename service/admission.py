@@ -50,8 +50,8 @@ An admitted request whose body did not come in the read that brought its head (a
 upload, or a body that never finishes) gives its place back at once and holds none until
 its body has arrived: otherwise a burst of slow uploads fills the floor at low load and
 sheds what comes behind it, and a never-finishing body gets a 503 rather than its 408.
-Once its body is there it is asked again (`Admission.admit_arrived`): beyond the limit
-it gets the same 503, answered after its body was read.
+Once its body is there it is asked again (`Admission.admit`, as a new head would be):
+beyond the limit it gets the same 503, answered after its body was read.
 """
 
 from __future__ import annotations
@@ -121,27 +121,19 @@ class Admission:
     def uploading(self) -> None:
         """An admitted request's body did not come with its head (a slow upload, or one
         that never finishes): it gives its place back while the body arrives, and holds
-        none until it `begin`s. Counting it would shed the requests behind it for as long
-        as it uploads, at any load: a burst of slow uploads fills the floor at once."""
+        none until its body is there; then it is asked again (`admit`, as a new head is, so
+        that bodies which come apart from their heads, from a client that writes them
+        separately or a loaded one whose writes split, never take more than the limit:
+        past saturation that would admit without bound) before it `begin`s. Counting it
+        while it uploads would shed the requests behind it, at any load: a burst of slow
+        uploads fills the floor at once."""
         if self.arriving:
             self.arriving -= 1
 
-    def admit_arrived(self) -> bool:
-        """A request that gave its place back (`uploading`) has its body now: may it
-        work? It is judged as a new head would be, so that bodies which come apart from
-        their heads (a client that writes them separately, or a loaded one whose writes
-        split) never take more than the limit: past saturation that would admit without
-        bound, and the service would collapse exactly as with no door."""
-        if self.working + self.arriving < self.limit:
-            return True
-        self.shed += 1
-        return False
-
-    def begin(self, held: bool = True) -> None:
-        """A request's body has arrived: it is working from now on (`held`: it still held
-        its place as an arriving request, not given back by `uploading`)."""
+    def begin(self) -> None:
+        """A request's body has arrived: it is working from now on."""
         self.working += 1
-        if held and self.arriving:
+        if self.arriving:
             self.arriving -= 1
         if self.working >= self.limit:
             self._at_limit = True

@@ -399,14 +399,14 @@ async def rerank(request: Request) -> Response:
             body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
             arrival = time.perf_counter()  # the budget runs from here: not a slow upload
             if admission is not None:
-                held = UPLOADING not in request.scope
-                if not held and not admission.admit_arrived():  # asked again: module doc
+                # a body that came after its head's read is asked again: module doc
+                if UPLOADING in request.scope and not admission.admit():
                     metrics.shed.inc()
                     request.state.headers["Retry-After"] = str(s.retry_after_s)
                     raise ApiError(503, "overloaded", "the service cannot start this request "
                                    "within its budget; retry after Retry-After seconds, or "
                                    "use the upstream order")  # fmt: skip
-                admission.begin(held)
+                admission.begin()
                 working = True
             # once, and after the last await before reranker.rerank() counts the request
             # as active: a swap's retire of the old one then waits for it

@@ -46,11 +46,11 @@ def test_uploads_hold_no_place_and_are_asked_again_once_their_bodies_arrived() -
         a.uploading()
     assert a.arriving == 0 and a.shed == 0
     for _ in range(CONFIG.floor):
-        assert a.admit_arrived()
-        a.begin(held=False)
-    assert a.working == CONFIG.floor and not a.admit_arrived() and a.shed == 1
+        assert a.admit()
+        a.begin()
+    assert a.working == CONFIG.floor and not a.admit() and a.shed == 1
     a.end()
-    assert a.admit_arrived()
+    assert a.admit()
 
 
 def test_a_saturated_window_sets_the_rate_to_what_was_served() -> None:
