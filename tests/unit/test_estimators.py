@@ -23,21 +23,30 @@ def _pbm_logs(n: int, p: np.ndarray, r: np.ndarray, seed: int = 0) -> ListBatch:
     K, M = p.size, r.size
     exposed = np.argsort(rng.random((n, M))[:, :K] + 0.0, axis=1)  # a permutation of 0..K-1
     click = (rng.random((n, K)) < p[None, :] * r[exposed]).astype(np.float32)
+    return _logs(np.tile(np.arange(M), (n, 1)), exposed, click)
+
+
+def _logs(item_id: np.ndarray, exposed: np.ndarray, click: np.ndarray, width: int = 0,
+          propensity: np.ndarray | None = None) -> ListBatch:  # fmt: skip
+    """Logs of these candidates, exposures and clicks, every other field neutral: one
+    user, `width` all-zero user and item features of each kind, no likes or long views."""
+    (n, M), K = item_id.shape, exposed.shape[1]
     zeros = np.zeros((n, K), np.float32)
     return ListBatch(
         request_id=np.arange(n),
         ts=np.arange(n),
         user_id=np.zeros(n, np.int64),
-        user_dense=np.zeros((n, 0), np.float32),
-        item_id=np.tile(np.arange(M), (n, 1)),
-        item_cat=np.zeros((n, M, 0), np.int64),
-        item_dense=np.zeros((n, M, 0), np.float32),
+        user_dense=np.zeros((n, width), np.float32),
+        item_id=item_id,
+        item_cat=np.zeros((n, M, width), np.int64),
+        item_dense=np.zeros((n, M, width), np.float32),
         upstream_score=np.zeros((n, M), np.float32),
         cand_mask=np.ones((n, M), bool),
         exposed=exposed,
         click=click,
         like=zeros,
         long_view=zeros,
+        propensity=propensity,
     )
 
 
@@ -187,23 +196,7 @@ def _appeal_logs(n: int, seed: int = 0) -> tuple[ListBatch, np.ndarray, np.ndarr
     shown = np.take_along_axis(item_id, exposed, 1)
     prob = exam[None, :] / (1.0 + np.exp(1.5 - appeal[shown]))
     click = (rng.random((n, K)) < prob).astype(np.float32)
-    zeros = np.zeros((n, K), np.float32)
-    logs = ListBatch(
-        request_id=np.arange(n),
-        ts=np.arange(n),
-        user_id=np.zeros(n, np.int64),
-        user_dense=np.zeros((n, 1), np.float32),
-        item_id=item_id,
-        item_cat=np.zeros((n, M, 1), np.int64),
-        item_dense=np.zeros((n, M, 1), np.float32),
-        upstream_score=np.zeros((n, M), np.float32),
-        cand_mask=np.ones((n, M), bool),
-        exposed=exposed,
-        click=click,
-        like=zeros,
-        long_view=zeros,
-        propensity=np.full((n, M), K / M, np.float32),
-    )
+    logs = _logs(item_id, exposed, click, 1, np.full((n, M), K / M, np.float32))
     return logs, appeal, exam
 
 
