@@ -246,10 +246,14 @@ def _model_info(stack: Stack) -> dict[str, float]:
 
 async def slow_uploads(stack: Stack, rec: Record, plan: Plan, bodies: Bodies) -> None:
     """Clients that upload their body slowly (a tenth every 0.1 s) and clients whose body
-    never finishes: first alone (so rerank_late_responses_total counts only them), then
-    beside the steady load."""
+    never finishes: first alone, all at once (so rerank_late_responses_total counts only
+    them), then beside the steady load, their starts spread over a second. (Fifty bodies
+    completing in the same millisecond on top of the load would be a burst past what can
+    start within the budget, which the door rightly answers 503: the 3x step tests
+    bursts; this tests uploads.)"""
 
-    async def upload(body: bytes, finish: bool) -> str:
+    async def upload(body: bytes, finish: bool, start_s: float = 0.0) -> str:
+        await asyncio.sleep(start_s)
         reader, writer = await asyncio.open_connection(HOST, stack.port)
         raw = (f"POST /v1/rerank HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json"
                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
@@ -266,21 +270,22 @@ async def slow_uploads(stack: Stack, rec: Record, plan: Plan, bodies: Bodies) ->
         writer.close()
         return status
 
-    async def uploaders() -> tuple[list[str], list[str]]:
+    async def uploaders(spread_s: float) -> tuple[list[str], list[str]]:
         body, n = bodies.catalogue_body(), plan.slow_clients
-        out = await asyncio.gather(*(upload(body, True) for _ in range(n)),
-                                   *(upload(body, False) for _ in range(n)))  # fmt: skip
+        starts = [spread_s * i / n for i in range(n)]
+        out = await asyncio.gather(*(upload(body, True, s) for s in starts),
+                                   *(upload(body, False, s) for s in starts))  # fmt: skip
         return list(out[:n]), list(out[n:])
 
     late0 = stack.counter("rerank_late_responses_total")
     rec.event(f"alone: {plan.slow_clients} slow uploaders, {plan.slow_clients} never finishing")
-    slow, never = await uploaders()
+    slow, never = await uploaders(0.0)
     late = stack.counter("rerank_late_responses_total") - late0
     load = Load(stack.port, rec)
     task = await _in_background(load, plan, 2 * plan.phase_s, bodies)
     await asyncio.sleep(1)
     rec.event("the same beside the steady load")
-    slow2, never2 = await uploaders()
+    slow2, never2 = await uploaders(1.0)
     await task
     load.close()
     _no_failures(rec)
