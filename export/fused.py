@@ -109,6 +109,28 @@ class _MaskedAttention(torch.autograd.Function):
         return _typed(out, q, [None, None, nh * hd])
 
 
+class _Attention(torch.autograd.Function):
+    """x (B, S, d), w (d, 3d), bias (3d,), mask (B, S) bool (True = may attend) -> (B, S, d):
+    the encoder's self-attention with its q/k/v projection inside one
+    `com.microsoft.Attention` kernel (where MultiHeadAttention takes a MatMul and a Split
+    before it)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
+        nh: int, hd: int,
+    ) -> torch.Tensor:  # fmt: skip
+        q, k, v = (x @ w).chunk(3, dim=-1)
+        out: torch.Tensor = _MaskedAttention.forward(ctx, q, k, v, bias, mask, nh, hd)
+        return out
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, w: Any, bias: Any, mask: Any, nh: int, hd: int) -> Any:
+        mask_i32 = g.op("Cast", mask, to_i=_INT32)  # a raw (B, S) mask: 1 = attend
+        out = g.op(f"{MS_DOMAIN}::Attention", x, w, bias, mask_i32, num_heads_i=nh)
+        return _typed(out, x, [None, None, nh * hd])
+
+
 def _is_none(x: Any) -> bool:
     return bool(x.node().mustBeNone()) if hasattr(x, "node") else x is None
 
@@ -206,11 +228,8 @@ def encode(model: GenReranker, static: torch.Tensor, inp: Any) -> tuple[torch.Te
     blocks = _enc_blocks(model)
     h = blocks[0].ln_1(x)
     for i, block in enumerate(blocks):
-        q, k, v = _mm(h, block.attn.qkv).chunk(3, dim=-1)  # (B, 1 + M, d) each
-        nh = block.attn.nh
-        a = _MaskedAttention.apply(
-            q, k, v, block.attn.qkv.bias, visible, nh, model.cfg.d_model // nh
-        )
+        qkv, nh = block.attn.qkv, block.attn.nh
+        a = _Attention.apply(h, qkv.weight.t(), qkv.bias, visible, nh, model.cfg.d_model // nh)
         h, x = skip_ln(x, _mm(a, block.attn.proj), block.ln_2, block.attn.proj.bias)
         mlp = block.mlp
         m = _mm(_mlp_act(mlp, h), mlp.proj)
@@ -259,10 +278,17 @@ def decode_blocks(
     cand_mask: torch.Tensor,
     cross: list[tuple[torch.Tensor, torch.Tensor]],
     past: list[tuple[torch.Tensor, torch.Tensor]],
+    steps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The decoder blocks, dec_ln and the OMTP heads at the last position, fused: x (B, T, d)
-    the embedded steps -> head scores (B, n, M), present KV per layer (B, nh, P + T, hd)."""
-    h = _dec_blocks(model)[0].ln_1(x)
+    the embedded steps, or with steps (T, d) the items whose step embeddings the first
+    LayerNorm adds (one SkipLayerNormalization for the Add and the LayerNorm) -> head
+    scores (B, n, M), present KV per layer (B, nh, P + T, hd)."""
+    ln_1 = _dec_blocks(model)[0].ln_1
+    if steps is None:
+        h = ln_1(x)
+    else:
+        h, x = skip_ln(x, steps, ln_1, torch.zeros_like(ln_1.bias))
     present: list[torch.Tensor] = []
     for i, block in enumerate(_dec_blocks(model)):
         attn = block.attn

@@ -280,8 +280,8 @@ class LoopPassGraph(nn.Module):
         # the index broadcast by adding zeros: two nodes, where expand(-1, -1, d) traces to 7
         index = tokens + torch.zeros(1, 1, z.shape[-1], dtype=torch.long)
         items = z.gather(1, index)  # (B, n, d)
-        x = items + self.steps[it]  # (n, d): step_emb at this pass's positions
-        scores, present = decode_blocks(m, x, z, cand_mask, cross, past, self.fused_ops)
+        steps = self.steps[it]  # (n, d): step_emb at this pass's positions
+        scores, present = decode_blocks(m, items, z, cand_mask, cross, past, self.fused_ops, steps)
         return scores, *present
 
 
