@@ -224,7 +224,7 @@ def encode(model: GenReranker, static: torch.Tensor, inp: Any) -> tuple[torch.Te
     x = static + pos + lc.score(inp.upstream_score.unsqueeze(-1))  # (B, M, d)
     user = model.user_tower(inp.user_id, inp.user_dense)  # (B, d)
     x = torch.cat([user.unsqueeze(1), x], dim=1)  # (B, 1 + M, d)
-    visible = nn.functional.pad(inp.cand_mask, (1, 0), value=True)  # (B, 1 + M): the user
+    visible = nn.functional.pad(inp.cand_mask, (1, 0), value=True)  # (B, 1 + M), user first
     blocks = _enc_blocks(model)
     h = blocks[0].ln_1(x)
     for i, block in enumerate(blocks):
