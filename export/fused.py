@@ -313,8 +313,8 @@ def first_pass(
     softmax of one score is 1), so no attention op runs. bos (B, d) -> head scores
     (B, n, M), present KV per layer (B, nh, 1, hd)."""
     B, d = bos.shape
-    x = (bos + model.step_emb.weight[0])[:, None, :]  # (B, 1, d)
-    h = _dec_blocks(model)[0].ln_1(x)
+    ln_1 = _dec_blocks(model)[0].ln_1  # BOS + its step embedding inside the LayerNorm
+    h, x = skip_ln(bos[:, None, :], model.step_emb.weight[:1], ln_1, torch.zeros_like(ln_1.bias))
     present: list[torch.Tensor] = []
     for i, block in enumerate(_dec_blocks(model)):
         qkv, nh = block.attn.qkv, block.attn.nh
