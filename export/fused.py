@@ -83,16 +83,20 @@ class _SelfAttention(torch.autograd.Function):
 
 
 class _MaskedAttention(torch.autograd.Function):
-    """q (B, T, d = nh * hd) biased; key/value (B, nh, S, hd) precomputed; mask (B, S) bool, True =
+    """q (B, T, d = nh * hd) unbiased, bias (3d,) (None: no bias); key/value (B, nh, S, hd)
+    precomputed (their part of bias zero) or (B, S, d) unbiased; mask (B, S) bool, True =
     may attend -> (B, T, d). The decoder's cross-attention to z (keys/values from the
-    encoder) and, with k/v (B, S, d) and bias, the encoder's self-attention."""
+    encoder, the query's bias inside the op) and, with k/v (B, S, d), the encoder's
+    self-attention."""
 
     @staticmethod
     def forward(
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
         mask: torch.Tensor, nh: int, hd: int,
     ) -> torch.Tensor:  # fmt: skip
-        if bias is not None:
+        if bias is not None and k.dim() == 4:  # precomputed key/value: the query's bias
+            q = q + bias.chunk(3)[0]
+        elif bias is not None:
             bq, bk, bv = bias.chunk(3)
             q, k, v = q + bq, split_heads(k + bk, nh), split_heads(v + bv, nh)
         return merge_heads(attend(split_heads(q, nh), k, v, mask[:, None, None, :]))
@@ -103,6 +107,28 @@ class _MaskedAttention(torch.autograd.Function):
         bias = _none(g) if bias is None or _is_none(bias) else bias
         out = g.op(f"{MS_DOMAIN}::MultiHeadAttention", q, k, v, bias, mask_i32, num_heads_i=nh)
         return _typed(out, q, [None, None, nh * hd])
+
+
+class _Attention(torch.autograd.Function):
+    """x (B, S, d), w (d, 3d), bias (3d,), mask (B, S) bool (True = may attend) -> (B, S, d):
+    the encoder's self-attention with its q/k/v projection inside one
+    `com.microsoft.Attention` kernel (where MultiHeadAttention takes a MatMul and a Split
+    before it)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
+        nh: int, hd: int,
+    ) -> torch.Tensor:  # fmt: skip
+        q, k, v = (x @ w).chunk(3, dim=-1)
+        out: torch.Tensor = _MaskedAttention.forward(ctx, q, k, v, bias, mask, nh, hd)
+        return out
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, w: Any, bias: Any, mask: Any, nh: int, hd: int) -> Any:
+        mask_i32 = g.op("Cast", mask, to_i=_INT32)  # a raw (B, S) mask: 1 = attend
+        out = g.op(f"{MS_DOMAIN}::Attention", x, w, bias, mask_i32, num_heads_i=nh)
+        return _typed(out, x, [None, None, nh * hd])
 
 
 def _is_none(x: Any) -> bool:
@@ -128,6 +154,29 @@ class _SkipLN(torch.autograd.Function):
         return _typed(y, x, [None, None, d]), _typed(s, x, [None, None, d])
 
 
+class _BiasGelu(torch.autograd.Function):
+    """GELU (tanh) of x + bias: onnxruntime's FastGelu with its bias input, one kernel
+    (onnxruntime fuses Add + Gelu this way in the main graph, not inside a Loop body)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x + bias, approximate="tanh")
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, bias: Any) -> Any:
+        return _typed(g.op(f"{MS_DOMAIN}::FastGelu", x, bias), x, x.type().sizes())
+
+
+def _mlp_act(mlp: Any, h: torch.Tensor) -> torch.Tensor:
+    """mlp.act(mlp.fc(h)): one FastGelu with the bias when the activation is the tanh GELU."""
+    act = mlp.act
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        out: torch.Tensor = _BiasGelu.apply(_mm(h, mlp.fc), mlp.fc.bias)
+        return out
+    fallback: torch.Tensor = act(mlp.fc(h))
+    return fallback
+
+
 def skip_ln(
     x: torch.Tensor, skip: torch.Tensor, ln: nn.LayerNorm, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,25 +200,39 @@ def _mm(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return x @ linear.weight.t()
 
 
+class _FirstRows(torch.autograd.Function):
+    """weight[:M] for like (B, M, ...): a Shape and a Slice (the tracer's shape arithmetic
+    for the same slice leaves eight nodes after onnxruntime's own passes)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return weight[: like.shape[1]]
+
+    @staticmethod
+    def symbolic(g: Any, weight: Any, like: Any) -> Any:
+        rows = g.op("Shape", like, start_i=1, end_i=2)
+        zero = g.op("Constant", value_t=torch.tensor([0], dtype=torch.long))
+        out = g.op("Slice", weight, zero, rows, zero)
+        return _typed(out, weight, [None, weight.type().sizes()[1]])
+
+
 def encode(model: GenReranker, static: torch.Tensor, inp: Any) -> tuple[torch.Tensor, ...]:
     """GenReranker.encode with fused blocks -> z (B, M, d), bos (B, d), cross keys/values
     per decoder layer (B, nh, M, hd)."""
-    B = static.shape[0]
-    x = model.list_context(static, inp.upstream_score)  # (B, M, d)
+    lc = model.list_context  # its forward, the position rows taken in two nodes, not eight
+    pos = _FirstRows.apply(lc.pos_emb.weight, static)  # (M, d)
+    x = static + pos + lc.score(inp.upstream_score.unsqueeze(-1))  # (B, M, d)
     user = model.user_tower(inp.user_id, inp.user_dense)  # (B, d)
     x = torch.cat([user.unsqueeze(1), x], dim=1)  # (B, 1 + M, d)
-    visible = torch.cat([inp.cand_mask.new_ones(B, 1), inp.cand_mask], dim=1)  # (B, 1 + M)
+    visible = nn.functional.pad(inp.cand_mask, (1, 0), value=True)  # (B, 1 + M), user first
     blocks = _enc_blocks(model)
     h = blocks[0].ln_1(x)
     for i, block in enumerate(blocks):
-        q, k, v = _mm(h, block.attn.qkv).chunk(3, dim=-1)  # (B, 1 + M, d) each
-        nh = block.attn.nh
-        a = _MaskedAttention.apply(
-            q, k, v, block.attn.qkv.bias, visible, nh, model.cfg.d_model // nh
-        )
+        qkv, nh = block.attn.qkv, block.attn.nh
+        a = _Attention.apply(h, qkv.weight.t(), qkv.bias, visible, nh, model.cfg.d_model // nh)
         h, x = skip_ln(x, _mm(a, block.attn.proj), block.ln_2, block.attn.proj.bias)
         mlp = block.mlp
-        m = _mm(mlp.act(mlp.fc(h)), mlp.proj)
+        m = _mm(_mlp_act(mlp, h), mlp.proj)
         nxt = blocks[i + 1].ln_1 if i + 1 < len(blocks) else model.enc_ln
         h, x = skip_ln(x, m, nxt, mlp.proj.bias)
     z = h[:, 1:]  # (B, M, d): enc_ln(x) of the candidates
@@ -193,9 +256,10 @@ def _after_self_attention(
     attn, cr, mlp = block.attn, block.cross, block.mlp
     h, x = skip_ln(x, _mm(a, attn.proj), block.ln_2, attn.proj.bias)
     hd = model.cfg.d_model // cr.nh
-    c = _MaskedAttention.apply(cr.q(h), cross[0], cross[1], None, cand_mask, cr.nh, hd)
+    q_bias = torch.cat([cr.q.bias, cr.q.bias.new_zeros(2 * cr.q.bias.shape[0])])  # (3d,)
+    c = _MaskedAttention.apply(_mm(h, cr.q), cross[0], cross[1], q_bias, cand_mask, cr.nh, hd)
     h, x = skip_ln(x, _mm(c, cr.proj), block.ln_3, cr.proj.bias)
-    m = _mm(mlp.act(mlp.fc(h)), mlp.proj)
+    m = _mm(_mlp_act(mlp, h), mlp.proj)
     nxt = blocks[i + 1].ln_1 if i + 1 < len(blocks) else model.dec_ln
     return skip_ln(x, m, nxt, mlp.proj.bias)
 
@@ -214,14 +278,22 @@ def decode_blocks(
     cand_mask: torch.Tensor,
     cross: list[tuple[torch.Tensor, torch.Tensor]],
     past: list[tuple[torch.Tensor, torch.Tensor]],
+    steps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The decoder blocks, dec_ln and the OMTP heads at the last position, fused: x (B, T, d)
-    the embedded steps -> head scores (B, n, M), present KV per layer (B, nh, P + T, hd)."""
-    h = _dec_blocks(model)[0].ln_1(x)
+    the embedded steps, or with steps (T, d) the items whose step embeddings the first
+    LayerNorm adds (one SkipLayerNormalization for the Add and the LayerNorm) -> head
+    scores (B, n, M), present KV per layer (B, nh, P + T, hd)."""
+    ln_1 = _dec_blocks(model)[0].ln_1
+    if steps is None:
+        h = ln_1(x)
+    else:
+        h, x = skip_ln(x, steps, ln_1, torch.zeros_like(ln_1.bias))
     present: list[torch.Tensor] = []
     for i, block in enumerate(_dec_blocks(model)):
         attn = block.attn
-        q, k, v = _mm(h, attn.qkv).chunk(3, dim=-1)  # (B, T, d) each
+        # split by a constant size: one Split node (chunk traces to three Slices here)
+        q, k, v = _mm(h, attn.qkv).split(model.cfg.d_model, dim=-1)  # (B, T, d) each
         nh, hd = attn.nh, model.cfg.d_model // attn.nh
         a, pk, pv = _SelfAttention.apply(q, k, v, attn.qkv.bias, *past[i], nh, hd)
         present += [pk, pv]
@@ -241,8 +313,8 @@ def first_pass(
     softmax of one score is 1), so no attention op runs. bos (B, d) -> head scores
     (B, n, M), present KV per layer (B, nh, 1, hd)."""
     B, d = bos.shape
-    x = (bos + model.step_emb.weight[0])[:, None, :]  # (B, 1, d)
-    h = _dec_blocks(model)[0].ln_1(x)
+    ln_1 = _dec_blocks(model)[0].ln_1  # BOS + its step embedding inside the LayerNorm
+    h, x = skip_ln(bos[:, None, :], model.step_emb.weight[:1], ln_1, torch.zeros_like(ln_1.bias))
     present: list[torch.Tensor] = []
     for i, block in enumerate(_dec_blocks(model)):
         qkv, nh = block.attn.qkv, block.attn.nh

@@ -129,16 +129,24 @@ class EncoderGraph(nn.Module):
         return (*outs, scores, *present)
 
 
-def embed_steps(
+def step_inputs(
     m: GenReranker, tokens: torch.Tensor, start: torch.Tensor, z: torch.Tensor, bos: torch.Tensor
-) -> torch.Tensor:
-    """The decoder's input steps, as GenReranker.decode embeds them: tokens (B, T) at
-    absolute positions start + t (BOS = -1 at position 0) -> x (B, T, d)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's input steps, as GenReranker.decode embeds them, before the step
+    embedding is added: tokens (B, T) at absolute positions start + t (BOS = -1 at position
+    0) -> (the items or BOS (B, T, d), their step embeddings (T, d))."""
     T = tokens.shape[1]
     pos = start + torch.arange(T, device=tokens.device)  # (T,) absolute step positions
     items = z.gather(1, tokens.clamp(min=0).unsqueeze(-1).expand(-1, -1, z.shape[-1]))
-    x = torch.where((pos == 0)[:, None], bos[:, None, :], items)  # (B, T, d)
-    return x + m.step_emb(pos)
+    return torch.where((pos == 0)[:, None], bos[:, None, :], items), m.step_emb(pos)
+
+
+def embed_steps(
+    m: GenReranker, tokens: torch.Tensor, start: torch.Tensor, z: torch.Tensor, bos: torch.Tensor
+) -> torch.Tensor:
+    """step_inputs summed: x (B, T, d)."""
+    x, steps = step_inputs(m, tokens, start, z, bos)
+    return x + steps
 
 
 def decode_pass(
@@ -157,8 +165,8 @@ def decode_pass(
     (B, T*n, d) x (B, d, M) product of the other steps) -> head scores (B, n, M) float32,
     present keys/values per layer (B, nh, P + T, hd). fused_ops: the blocks as
     export/fused.py writes them (onnxruntime's fused attention and LayerNorm kernels)."""
-    return decode_blocks(m, embed_steps(m, tokens, start, z, bos), z, cand_mask, cross, past,
-                         fused_ops)  # fmt: skip
+    x, steps = step_inputs(m, tokens, start, z, bos)
+    return decode_blocks(m, x, z, cand_mask, cross, past, fused_ops, steps)
 
 
 def decode_blocks(
@@ -169,12 +177,17 @@ def decode_blocks(
     cross: list[tuple[torch.Tensor, torch.Tensor]],
     past: list[tuple[torch.Tensor, torch.Tensor]],
     fused_ops: bool = False,
+    steps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """decode_pass after the embedding: x (B, T, d) the embedded steps -> head scores at
-    the last position (B, n, M) float32, present keys/values per layer (B, nh, P + T, hd)."""
+    """decode_pass after the embedding: x (B, T, d) the embedded steps, or with steps
+    (T, d) the items whose step embeddings are still to be added (the fused graphs add
+    them in the first LayerNorm's kernel) -> head scores at the last position (B, n, M)
+    float32, present keys/values per layer (B, nh, P + T, hd)."""
     if fused_ops:
-        scores, kv = fused.decode_blocks(m, x, z, cand_mask, cross, past)
+        scores, kv = fused.decode_blocks(m, x, z, cand_mask, cross, past, steps)
         return _to(scores, torch.float32), kv
+    if steps is not None:
+        x = x + steps
     B, T = x.shape[:2]
     P = past[0][0].shape[2]
     keys = torch.arange(P + T, device=x.device)

@@ -7,10 +7,11 @@ arithmetic folds away; the same float ops on every value it computes):
 
     encoder nodes              -> z, bos, cross.*, first_scores, first.* (the BOS pass)
     pick(first_scores)         -> the first n items, the blocked mask
-    Loop(passes):              one decoder pass per iteration, the carried state being
-      loop pass nodes            the last picks (the pass's tokens), the start position,
-      pick(head_scores)          the blocked mask and the KV cache (past -> present)
-    Concat                     -> order (B, (passes + 1) * n), scores (B, (passes + 1) * n)
+    Loop(passes):              one decoder pass per iteration (its step embeddings
+      loop pass nodes            chosen by the iteration number), the carried state being
+      pick(head_scores)          the last picks (the pass's tokens), the blocked mask, the
+                                 KV cache (past -> present) and the picks and scores so far
+    Reshape                    -> order (B, (passes + 1) * n), scores (B, (passes + 1) * n)
 
 `pick` is service/decoding.py's greedy pick written as graph nodes: head j, in turn, takes
 its best candidate not blocked (padding, chosen by an earlier pass or an earlier head of
@@ -77,12 +78,16 @@ class _Nodes:
         return self.op("Constant", [], value=numpy_helper.from_array(value))[0]
 
 
-def _pick(g: _Nodes, head: str, blocked: str, n: int) -> tuple[str, str, str, str]:
-    """head (B, n, M) float32, blocked (B, 1, M) float32 (0 = available, -inf = not)
-    -> tokens (B, n) int64 (the picks), the picks (B, 1, n), their scores (B, 1, n)
-    float32, the blocked mask after them. Head j in turn: s = head_j + blocked; TopK(1)
-    gives numpy's argmax (the first index among ties, the first NaN if any) and s there;
-    then blocked[pick] = -inf (the outer scope's NEG_INF, (B, 1, 1))."""
+def _pick(
+    g: _Nodes, head: str, blocked: str, n: int, done: tuple[str, str] | None
+) -> tuple[str, str, str, str]:
+    """head (B, n, M) float32, blocked (B, 1, M) float32 (0 = available, -inf = not),
+    done: the picks and scores of the earlier passes (B, S, 1) each, or None
+    -> tokens (B, n, 1) int64 (this pass's picks), the picks so far (B, S + n, 1), their
+    scores (B, S + n, 1) float32, the blocked mask after them. Head j in turn:
+    s = head_j + blocked; TopK(1) gives numpy's argmax (the first index among ties, the
+    first NaN if any) and s there; then blocked[pick] = -inf (the outer scope's NEG_INF,
+    (B, 1, 1))."""
     split = g.op("Split", [head], outputs=n, axis=1, num_outputs=n)  # (B, 1, M) each
     one = g.const(np.array([1], np.int64))
     picks, scores = [], []
@@ -92,9 +97,11 @@ def _pick(g: _Nodes, head: str, blocked: str, n: int) -> tuple[str, str, str, st
         scores.append(score)
         picks.append(pick)
         blocked = g.op("ScatterElements", [blocked, pick, NEG_INF], axis=2)[0]
-    picks_b1n = g.op("Concat", picks, axis=2)[0]
-    tokens = g.op("Reshape", [picks_b1n, g.const(np.array([0, n], np.int64))])[0]
-    return tokens, picks_b1n, g.op("Concat", scores, axis=2)[0], blocked
+    tokens = g.op("Concat", picks, axis=1)[0]  # (B, n, 1): the next pass's gather index
+    if done is None:
+        return tokens, tokens, g.op("Concat", scores, axis=1)[0], blocked
+    order = g.op("Concat", [done[0], tokens], axis=1)[0]
+    return tokens, order, g.op("Concat", [done[1], *scores], axis=1)[0], blocked
 
 
 def _rename(graph: onnx.GraphProto, mapping: dict[str, str], prefix: str) -> None:
@@ -115,36 +122,37 @@ def _rename(graph: onnx.GraphProto, mapping: dict[str, str], prefix: str) -> Non
 
 def _loop_body(loop_pass: onnx.ModelProto, n: int, layers: int) -> onnx.GraphProto:
     """One decoder pass (loop_pass_graph) and its pick, as a Loop body: (iteration, cond,
-    tokens, start, blocked, past...) -> (cond, tokens, start + n, blocked, present...,
-    picks (B, 1, n), scores (B, 1, n))."""
+    tokens, blocked, past..., order, scores) -> (cond, tokens, blocked, present...,
+    order, scores), order and scores (B, S, 1) growing by n a pass (no scan outputs: the
+    Loop's last state is the decode, read without a Transpose per output)."""
     dec = onnx.GraphProto()
     dec.CopyFrom(loop_pass.graph)
-    carried = ["tokens", "start", *past_names(layers)]
+    carried = ["iter", "tokens", *past_names(layers)]
     mapping = {name: f"loop/{name}" for name in carried}
     mapping |= {name: name for name in (*_OUTER, *cross_names(layers))}  # outer scope
     _rename(dec, mapping, "pass/")
     g = _Nodes("loop/")
     g.nodes.extend(dec.node)
     head = "pass/head_scores"
-    tokens, picks, scores, blocked = _pick(g, head, "loop/blocked", n)
-    start = g.op("Add", ["loop/start", g.const(np.array([n], np.int64))])[0]
-    cond = g.op("Identity", ["loop/cond"])[0]
+    done = ("loop/order", "loop/scores")
+    tokens, order, scores, blocked = _pick(g, head, "loop/blocked", n, done)
+    cond = "loop/cond"  # passed through: an Identity would be one more kernel a pass
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
         helper.make_tensor_value_info("loop/iter", i64, []),
         helper.make_tensor_value_info("loop/cond", TensorProto.BOOL, []),
         helper.make_tensor_value_info("loop/tokens", i64, None),
-        helper.make_tensor_value_info("loop/start", i64, None),
         helper.make_tensor_value_info("loop/blocked", f32, None),
         *(helper.make_tensor_value_info(mapping[p], f32, None) for p in past_names(layers)),
+        helper.make_tensor_value_info("loop/order", i64, None),
+        helper.make_tensor_value_info("loop/scores", f32, None),
     ]
     outputs = [
         helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
         helper.make_tensor_value_info(tokens, i64, None),
-        helper.make_tensor_value_info(start, i64, None),
         helper.make_tensor_value_info(blocked, f32, None),
         *(helper.make_tensor_value_info(f"pass/{p}", f32, None) for p in present_names(layers)),
-        helper.make_tensor_value_info(picks, i64, None),
+        helper.make_tensor_value_info(order, i64, None),
         helper.make_tensor_value_info(scores, f32, None),
     ]
     return helper.make_graph(g.nodes, "greedy_pass", inputs, outputs, list(dec.initializer))
@@ -218,19 +226,15 @@ def greedy_graph(
         helper.make_node("ConstantOfShape", [b11], [NEG_INF],
                          value=numpy_helper.from_array(np.array([-np.inf], np.float32)))
     )  # fmt: skip
-    tokens, picks0, scores0, blocked = _pick(g, FIRST_SCORES, blocked, n)
+    tokens, order, scores, blocked = _pick(g, FIRST_SCORES, blocked, n, None)
     body = _loop_body(loop_pass, n, layers)
     hoisted, hoisted_inits = _hoist(body)
     g.nodes.extend(hoisted)
-    state = [tokens, g.const(np.array([1], np.int64)), blocked, *first_names(layers)]
-    loop = g.op("Loop", ["passes", "", *state], outputs=len(state) + 2, body=body)
-    loop_picks, loop_scores = loop[-2], loop[-1]  # (passes, B, 1, n)
-    flat, flat1 = g.const(np.array([0, -1], np.int64)), g.const(np.array([0, 1, -1], np.int64))
-    for name, first, scan in zip(GREEDY_OUTPUTS, (picks0, scores0), (loop_picks, loop_scores),
-                                 strict=True):  # fmt: skip
-        rows = g.op("Transpose", [scan], perm=[1, 2, 0, 3])[0]  # (B, 1, passes, n)
-        both = g.op("Concat", [first, g.op("Reshape", [rows, flat1])[0]], axis=2)[0]
-        g.nodes.append(helper.make_node("Reshape", [both, flat], [name]))
+    state = [tokens, blocked, *first_names(layers), order, scores]
+    loop = g.op("Loop", ["passes", "", *state], outputs=len(state), body=body)
+    flat = g.const(np.array([0, -1], np.int64))
+    for name, last in zip(GREEDY_OUTPUTS, loop[-2:], strict=True):  # (B, slots, 1)
+        g.nodes.append(helper.make_node("Reshape", [last, flat], [name]))
     by_name = {i.name: i for i in encoder.graph.input}
     inputs = [by_name[name] for name in ENCODER_INPUTS]
     inputs.append(helper.make_tensor_value_info(GREEDY_INPUTS[-1], TensorProto.INT64, []))
@@ -246,40 +250,48 @@ def greedy_graph(
 
 
 class LoopPassGraph(nn.Module):
-    """A decode pass inside the loop: tokens (B, n) int64 (the previous pass's picks, all
-    real candidates), start (1,) int64 (>= 1: never the BOS position), z (B, M, d),
-    cand_mask (B, M), cross.{i}.key/value, past_key_values.{i}.key/value -> head_scores
-    (B, n, M), present.{i}.key/value. export.graphs.decode_pass at T = n without its BOS
-    select (torch.where(pos == 0, bos, items): items at every position >= 1), so the
-    same values."""
+    """A decode pass inside the loop: tokens (B, n, 1) int64 (the previous pass's picks, all
+    real candidates), iter () int64 (the Loop's iteration: pass iter + 1, its steps at
+    positions 1 + iter * n .. (iter + 1) * n), z (B, M, d), cand_mask (B, M),
+    cross.{i}.key/value, past_key_values.{i}.key/value -> head_scores (B, n, M),
+    present.{i}.key/value. export.graphs.decode_pass at T = n without its BOS select
+    (torch.where(pos == 0, bos, items): items at every position >= 1), so the same values;
+    the step embeddings of a pass are one row of a (passes, n, d) copy of step_emb (one
+    Gather by the iteration, where positions from a carried start cost three nodes)."""
 
     def __init__(self, model: GenReranker, fused_ops: bool) -> None:
         super().__init__()
         self.model, self.fused_ops = model, fused_ops
         self.layers, self.n = model.cfg.dec_layers, model.cfg.omtp_heads
+        passes = (model.cfg.max_steps - 1) // self.n  # the passes whose steps all fit
+        if passes < 1:
+            raise ValueError(f"greedy.onnx needs max_steps > n ({model.cfg.max_steps} <= {self.n})")
+        rows = model.step_emb.weight.detach()[1 : 1 + passes * self.n]
+        self.steps: torch.Tensor
+        self.register_buffer("steps", rows.reshape(passes, self.n, -1).clone())
 
     def forward(
-        self, tokens: torch.Tensor, start: torch.Tensor, z: torch.Tensor,
+        self, tokens: torch.Tensor, it: torch.Tensor, z: torch.Tensor,
         cand_mask: torch.Tensor, *kv: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         L, m = self.layers, self.model
         cross = [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
         past = [(kv[2 * L + 2 * i], kv[2 * L + 2 * i + 1]) for i in range(L)]
-        pos = start + torch.arange(self.n)  # (n,) absolute step positions
         # the index broadcast by adding zeros: two nodes, where expand(-1, -1, d) traces to 7
-        index = tokens.unsqueeze(-1) + torch.zeros(1, 1, z.shape[-1], dtype=torch.long)
+        index = tokens + torch.zeros(1, 1, z.shape[-1], dtype=torch.long)
         items = z.gather(1, index)  # (B, n, d)
-        x = items + m.step_emb(pos)
-        scores, present = decode_blocks(m, x, z, cand_mask, cross, past, self.fused_ops)
+        steps = self.steps[it]  # (n, d): step_emb at this pass's positions
+        scores, present = decode_blocks(m, items, z, cand_mask, cross, past, self.fused_ops, steps)
         return scores, *present
 
 
 def loop_pass_graph(model: GenReranker, opset: int, fused_ops: bool) -> onnx.ModelProto:
     """LoopPassGraph traced (dynamo=False, as export/graphs.py) and simplified, fp32."""
     L, n = model.cfg.dec_layers, model.cfg.omtp_heads
-    tokens, start, z, _bos, mask, *kv = example_inputs(model, "fp32")["decoder"]
-    tokens = torch.arange(n).repeat(z.shape[0], 1) % z.shape[1]  # (B, n) real candidates
-    inputs = ["tokens", "start", "z", "cand_mask", *cross_names(L), *past_names(L)]
+    _tokens, _start, z, _bos, mask, *kv = example_inputs(model, "fp32")["decoder"]
+    tokens = (torch.arange(n).repeat(z.shape[0], 1) % z.shape[1])[..., None]  # (B, n, 1)
+    it = torch.tensor(1, dtype=torch.long)  # the second loop pass
+    inputs = ["tokens", "iter", "z", "cand_mask", *cross_names(L), *past_names(L)]
     outputs = decoder_outputs(L)
     bm, kv_m = {0: "batch", 1: "candidates"}, {0: "batch", 2: "candidates"}
     axes: dict[str, dict[int, str]] = {"tokens": {0: "batch"}, "z": bm, "cand_mask": bm}
@@ -292,7 +304,7 @@ def loop_pass_graph(model: GenReranker, opset: int, fused_ops: bool) -> onnx.Mod
         warnings.simplefilter("ignore")  # TracerWarnings: see export/graphs.py
         path = Path(tmp) / "loop_pass.onnx"
         torch.onnx.export(
-            module, (tokens, start, z, mask, *kv), str(path), input_names=inputs,
+            module, (tokens, it, z, mask, *kv), str(path), input_names=inputs,
             output_names=outputs, dynamic_axes=axes, opset_version=opset,
             do_constant_folding=True, dynamo=False, custom_opsets={MS_DOMAIN: 1},
         )  # fmt: skip
