@@ -2,8 +2,8 @@
 costs (decoder passes, engine decode time).
 
     python -m model results --worlds dev --strengths '' --runs gref_value --out results/dev-ladder
-    python tests/bench/ladder_quality.py --results results/dev-ladder [--bundle artifacts]
-                                         [--reps 100] [--json PATH]
+    python tests/bench/ladder_quality.py --results results/dev-ladder [--bundle artifacts
+                                         [--data data/default]] [--reps 100] [--json PATH]
 
 Quality, on the development worlds only (model.results.DEV_SEEDS; a held-out seed is
 refused: this chooses a setting): each world's `gref_value` run (pre-train + value, the
@@ -17,13 +17,17 @@ each level against greedy n = 1 paired per request, pooled over the worlds
 (model.stats.pooled: the mean of the worlds' mean differences and its standard error; 95%
 interval = diff +- 1.96 SE).
 
+With --data (the `model generate` data the --bundle's model was trained on, a development
+world's): the same comparison through the engine's own decode (service/decoding.py, the
+bundle's item tower and greedy.onnx), paired against n = 1 on that world's test requests.
+
 Cost, on the served bundle: the engine as the service runs it (onnxruntime, one intra-op
 thread), one request of m = 30, 100, 200 candidates (random static embeddings: the cache
 path), k = 10, Engine.rerank at each level without a deadline (so n = 4 decodes in one
 greedy.onnx call when the bundle has it, as served), round-robin over levels per
 repetition, each timed call right after an untimed one of the same level; p50 / p90 wall ms
-of the engine call (encode + decode). Run it under /work/bin/quiet-style isolation (nothing
-else on the cores) for figures worth comparing.
+of the engine call (encode + decode). Nothing else should run on the
+cores meanwhile for figures worth comparing.
 """
 
 from __future__ import annotations
