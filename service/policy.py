@@ -1,13 +1,22 @@
-"""Load-adaptive decoding (design §8, the "dynamic beam serving" idea).
+"""Decode policies: fixed (the default) and load-adaptive (design §8, the "dynamic beam
+serving" idea).
 
-The decode policy picks, before every engine call, how the batch is decoded: a ladder of
-levels from the most quality to the fastest, e.g.
+`fixed` always decodes at one level: greedy, the settings' items per pass (default every
+head, one greedy.onnx call). It is the default because, measured on the development worlds
+for the default recipe (tests/bench/ladder_quality.py; docs/operations.md, "Decode
+policy"), the slower levels buy no true utility: beam search lost 1-2% against greedy
+n = 1 and n = 1 did not beat n = 4, while they cost 1.7-5x the engine time, which a tight
+request arriving meanwhile waits for (an engine call cannot be interrupted).
+
+`adaptive` (RERANK_DECODE_POLICY=adaptive) is for a model whose slower levels do measure
+better. It picks, before every engine call, how the batch is decoded: a ladder of levels
+from the slowest to the fastest, e.g. with RERANK_BEAM=3
 
     beam 3 (one item per pass)  ->  greedy n = 1  ->  n = 2 per pass  ->  n = 4 per pass
 
 It reads the recent load — an exponentially weighted average of what a request spent
 waiting for the engine plus the engine call itself, and the queue depth — and steps one
-level faster when that nears the budget, one level slower (more quality) only after the
+level faster when that nears the budget, one level slower only after the
 load has stayed low for a while (hysteresis, so it does not flap). A shed request (queue
 full, or its budget spent waiting) is pressure too. Past the fastest level
 the batcher sheds to the upstream order (reason `overload`) before the queue grows
@@ -18,8 +27,6 @@ one engine call at each level (per size of the largest candidate list in the cal
 call whose tightest request could not finish at the load's level takes the first faster
 level that fits, for that call only. A request with a 10 ms budget then gets a full list
 from a faster level, not a slow level's list completed early at its deadline.
-
-`fixed` mode always decodes at one level (the settings' items per pass and beam width).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ class DecodeLevel:
 
 
 def ladder(heads: int, max_beam: int) -> tuple[DecodeLevel, ...]:
-    """Quality first: beam (if > 1), then greedy 1, 2, 4 .. heads items per pass."""
+    """Slowest first: beam (if > 1), then greedy 1, 2, 4 .. heads items per pass."""
     levels = [DecodeLevel(1, max_beam)] if max_beam > 1 else []
     p = 1
     while p < heads:
@@ -121,7 +128,7 @@ class DecodePolicy:
         """A request's budget ran out after it waited `waited_s` in the service (Redis,
         queue): pressure, unless that wait was short against the default budget: then the
         client's own budget was tiny, and one client's tiny budgets must not take the
-        quality levels from everyone else's requests."""
+        slower levels from everyone else's requests."""
         if waited_s >= self.config.low * self.config.budget_s:
             self.pressure()
 

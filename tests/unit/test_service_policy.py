@@ -129,3 +129,15 @@ def test_the_fastest_level_is_the_floor_of_a_tight_budget() -> None:
     for lv in p.levels:
         p.observe(queue_s=0.0, engine_s=0.004, level=lv, m=30)
     assert p.choose(0, budget_left_s=0.001, m=30).name == "n4"
+
+
+def test_the_default_settings_decode_at_one_level_every_head_per_pass() -> None:
+    """The default policy is fixed greedy n = heads; adaptive from beam by setting only."""
+    from service.lifecycle import decode_policy
+    from service.settings import Settings
+
+    assert [lv.name for lv in decode_policy(Settings(), heads=4).levels] == ["n4"]
+    adaptive = decode_policy(Settings(decode_policy="adaptive"), heads=4)
+    assert [lv.name for lv in adaptive.levels] == ["n1", "n2", "n4"]
+    with_beam = decode_policy(Settings(decode_policy="adaptive", beam=3), heads=4)
+    assert [lv.name for lv in with_beam.levels] == ["beam3", "n1", "n2", "n4"]
