@@ -30,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from service.api import Parsed, RequestReader, finite
+from service.api import Parsed, finite
 from service.cache import EmbeddingCache
 from service.engine import Engine, RerankRequest, RerankResult
 from service.logs import RateLimit
 from service.metrics import Metrics
 from service.policy import DecodePolicy
+from service.request_reader import RequestReader
 from service.tasks import stop
 
 log = logging.getLogger(__name__)
