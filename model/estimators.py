@@ -39,6 +39,10 @@ satiation, complements and abandonment, which they cannot credit. The list-aware
 
 What each can and cannot rank is checked against the gold (results: logged-vs-gold and
 Kendall τ with true utility; `python -m model estimators` rescores saved lists).
+
+One idea, kept in one module at its size: the offline estimates of a list's utility from
+the logs, the position-based ones and the cascade model's, which share their propensities,
+their slot bookkeeping and the one table of names (LIST_ESTIMATORS) that results reads.
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ validation split, model.train), then evaluate every row on the same test request
 Sensitivity worlds repeat the comparison of GReF and PRM on U with the list effects
 (satiation, complements) switched off and doubled (tables.STRENGTHS).
 Writes results.json (per-request utilities included), results.md and PNG plots.
+
+One idea, kept in one module at its size: the results run, from the worlds to the numbers
+of its tables (run, cache and rescore the worlds; aggregate, compare, agreement,
+sensitivity). The tables' definitions are in model/tables.py, their rendering in
+model/report.py.
 """
 
 from __future__ import annotations
