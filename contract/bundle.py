@@ -240,6 +240,26 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> ModelConfig:
                                     complete=True)  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise _fail(path, f"model_config: {e}") from e
+    _check_hashing(path, manifest, cfg)
+    _graph_specs(path, manifest)
+    for name, entry in _object(path, "files", manifest["files"]).items():
+        entry = _object(path, f"files.{name}", entry)
+        sha = entry.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise _fail(path, f"files.{name}.sha256: {_show(sha)}, want 64 hex digits")
+        if entry.get("size") is not None:
+            _whole(path, f"files.{name}.size", entry["size"])
+    _check_item_table_entry(path, manifest, cfg)
+    for precision, report in _object(path, "parity", manifest.get("parity") or {}).items():
+        passed = _object(path, f"parity.{precision}", report).get("passed")
+        if not isinstance(passed, bool):
+            raise _fail(path, f"parity.{precision}.passed: {_show(passed)}, want true or false")
+    return cfg
+
+
+def _check_hashing(path: Path, manifest: dict[str, Any], cfg: ModelConfig) -> None:
+    """The id hash the model was trained with is this service's, and the manifest's
+    `hashing` (when present) agrees with it."""
     schema = cfg.schema
     if schema.hash_name not in KNOWN_HASHES:
         raise _fail(path, f"model_config.schema.hash_name {schema.hash_name!r}: unknown id hash "
@@ -255,14 +275,11 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> ModelConfig:
         if hashing.get("id_keys", ID_KEY_NAME) != ID_KEY_NAME:
             raise _fail(path, f"hashing.id_keys {_show(hashing['id_keys'])}: unknown id key "
                               f"rule (this service keys ids by {ID_KEY_NAME!r})")  # fmt: skip
-    _graph_specs(path, manifest)
-    for name, entry in _object(path, "files", manifest["files"]).items():
-        entry = _object(path, f"files.{name}", entry)
-        sha = entry.get("sha256")
-        if not isinstance(sha, str) or len(sha) != 64:
-            raise _fail(path, f"files.{name}.sha256: {_show(sha)}, want 64 hex digits")
-        if entry.get("size") is not None:
-            _whole(path, f"files.{name}.size", entry["size"])
+
+
+def _check_item_table_entry(path: Path, manifest: dict[str, Any], cfg: ModelConfig) -> None:
+    """The `item_table` entry (when the bundle ships one) names its files, a known dtype and
+    the model's width."""
     table = _object(path, "item_table", manifest.get("item_table") or {})
     if table.get("embeddings"):
         _name(path, "item_table.embeddings", table["embeddings"])
@@ -275,11 +292,6 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> ModelConfig:
         if table.get("dim", cfg.d_model) != cfg.d_model:
             raise _fail(path, f"item_table.dim {_show(table['dim'])} != model_config.d_model "
                               f"{cfg.d_model}")  # fmt: skip
-    for precision, report in _object(path, "parity", manifest.get("parity") or {}).items():
-        passed = _object(path, f"parity.{precision}", report).get("passed")
-        if not isinstance(passed, bool):
-            raise _fail(path, f"parity.{precision}.passed: {_show(passed)}, want true or false")
-    return cfg
 
 
 def _graph_specs(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, GraphSpec]]:

@@ -195,75 +195,16 @@ def build_bundle(
     tmp.mkdir()
     try:
         graphs = _graphs_manifest(model, cfg, ec, tmp, version)
-        item_table: dict[str, Any]
-        if ec.items_path:
-            tower = tmp / graph_file("item_tower", "fp32")
-            ids, emb = embed_item_table(tower, cfg, ec.items_path, ec.item_batch)
-            np.save(tmp / ITEM_EMBEDDINGS, emb, allow_pickle=False)
-            np.save(tmp / ITEM_IDS, ids, allow_pickle=False)
-            item_table = {
-                "embeddings": ITEM_EMBEDDINGS,
-                "ids": ITEM_IDS,
-                "count": len(ids),
-                "dim": cfg.d_model,
-                "dtype": "float32",
-                "source": str(ec.items_path),
-            }
-        else:
-            item_table = {
-                "embeddings": None,
-                "ids": None,
-                "count": 0,
-                "skipped": "no --items given: no item table in this bundle",
-            }
+        item_table = _item_table(tmp, cfg, ec)
         files = {
             p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
             for p in sorted(tmp.iterdir())
         }
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "version": version,
-            "label": label,
-            "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "git": git_commit(),
-            "model_config": cfg.to_dict(),
-            "model": {
-                "kind": ckpt_config["kind"],
-                "heads": cfg.omtp_heads,
-                "enc_layers": cfg.enc_layers,
-                "dec_layers": cfg.dec_layers,
-                "d_model": cfg.d_model,
-                "n_attn_heads": cfg.n_attn_heads,
-                "max_candidates": cfg.max_candidates,
-                "max_steps": cfg.max_steps,
-            },
-            "hashing": {
-                "name": cfg.schema.hash_name,
-                "salt": cfg.schema.hash_salt,
-                "id_keys": ID_KEY_NAME,
-            },
-            "opset": ec.opset,
-            "exporter": {
-                "name": "torch.onnx.export (TorchScript tracer, dynamo=False)",
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                # fp32 encoder/decoder on onnxruntime's com.microsoft contrib kernels
-                "fused_ops": ec.fused_ops,
-            },
-            "notes": NOTES,
-            "graphs": graphs,
-            "item_table": item_table,
-            "files": files,
-            "source": {
-                "checkpoint": str(ckpt.resolve()),
-                "weights_sha256": hashlib.sha256(weights).hexdigest(),
-            },
-            "training": {
-                "meta": ckpt_config.get("meta", {}),
-                "train_config": ckpt_config.get("train_config", {}),
-            },
-            "parity": None,  # filled by `python -m export verify`
-        }
+        manifest = _manifest(
+            version=version, label=label, created=created, cfg=cfg, ec=ec, ckpt=ckpt,
+            ckpt_config=ckpt_config, weights=weights, graphs=graphs, item_table=item_table,
+            files=files,
+        )  # fmt: skip
         write_manifest(tmp, manifest)
         final = out / version
         if final.exists():
@@ -276,6 +217,91 @@ def build_bundle(
         write_latest(out, version)
     log.info("bundle %s written to %s", version, final)
     return final
+
+
+def _item_table(tmp: Path, cfg: ModelConfig, ec: ExportConfig) -> dict[str, Any]:
+    """The item table's embeddings (the bundle's item tower over --items), written into
+    `tmp`, and its manifest entry; without --items, an entry that says there is none."""
+    if ec.items_path:
+        tower = tmp / graph_file("item_tower", "fp32")
+        ids, emb = embed_item_table(tower, cfg, ec.items_path, ec.item_batch)
+        np.save(tmp / ITEM_EMBEDDINGS, emb, allow_pickle=False)
+        np.save(tmp / ITEM_IDS, ids, allow_pickle=False)
+        return {
+            "embeddings": ITEM_EMBEDDINGS,
+            "ids": ITEM_IDS,
+            "count": len(ids),
+            "dim": cfg.d_model,
+            "dtype": "float32",
+            "source": str(ec.items_path),
+        }
+    return {
+        "embeddings": None,
+        "ids": None,
+        "count": 0,
+        "skipped": "no --items given: no item table in this bundle",
+    }
+
+
+def _manifest(
+    *,
+    version: str,
+    label: str,
+    created: datetime,
+    cfg: ModelConfig,
+    ec: ExportConfig,
+    ckpt: Path,
+    ckpt_config: dict[str, Any],
+    weights: bytes,
+    graphs: dict[str, Any],
+    item_table: dict[str, Any],
+    files: dict[str, Any],
+) -> dict[str, Any]:
+    """The bundle's manifest.json (contract/bundle.py reads it), parity not yet recorded."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "version": version,
+        "label": label,
+        "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "git": git_commit(),
+        "model_config": cfg.to_dict(),
+        "model": {
+            "kind": ckpt_config["kind"],
+            "heads": cfg.omtp_heads,
+            "enc_layers": cfg.enc_layers,
+            "dec_layers": cfg.dec_layers,
+            "d_model": cfg.d_model,
+            "n_attn_heads": cfg.n_attn_heads,
+            "max_candidates": cfg.max_candidates,
+            "max_steps": cfg.max_steps,
+        },
+        "hashing": {
+            "name": cfg.schema.hash_name,
+            "salt": cfg.schema.hash_salt,
+            "id_keys": ID_KEY_NAME,
+        },
+        "opset": ec.opset,
+        "exporter": {
+            "name": "torch.onnx.export (TorchScript tracer, dynamo=False)",
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            # fp32 encoder/decoder on onnxruntime's com.microsoft contrib kernels
+            "fused_ops": ec.fused_ops,
+        },
+        "notes": NOTES,
+        "graphs": graphs,
+        "item_table": item_table,
+        "files": files,
+        "source": {
+            "checkpoint": str(ckpt.resolve()),
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        },
+        "training": {
+            "meta": ckpt_config.get("meta", {}),
+            "train_config": ckpt_config.get("train_config", {}),
+        },
+        "parity": None,  # filled by `python -m export verify`
+    }
 
 
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:

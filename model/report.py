@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from model.estimators import LIST_ESTIMATORS
+from model.cascade import LIST_ESTIMATORS
 from model.tables import AGREEMENT_METRICS, GREF, ROWS, STRENGTHS, TABLES
 
 matplotlib.use("Agg")  # no screen: files only

@@ -8,14 +8,20 @@ propensities), train every run on the train split (each stage selects its epoch 
 validation split, model.train), then evaluate every row on the same test requests:
 - true utility of the generated top-k under the simulator's user model (the gold), kept
   per request so that two rows can be compared request by request (model.stats);
-- the debiased estimates from the logs alone (model.estimators): item-level IPS of the
-  generated lists ("list_ips") and position-based IPS of reranking the exposed items
-  ("ips"), with examination propensities harvested from the training logs;
+- the debiased estimates from the logs alone (model.estimators, model.cascade): item-level
+  IPS of the generated lists ("list_ips") and position-based IPS of reranking the exposed
+  items ("ips"), with examination propensities harvested from the training logs, and the
+  cascade model's list estimates;
 - logged AUC and NDCG / MAP / clicks @ {1, 3, 5, 10} of reranking the logged exposures;
 - decoder passes and decode latency (batch 1, one thread, same process, same run).
 Sensitivity worlds repeat the comparison of GReF and PRM on U with the list effects
 (satiation, complements) switched off and doubled (tables.STRENGTHS).
 Writes results.json (per-request utilities included), results.md and PNG plots.
+
+One idea, kept in one module at its size: the results run, from the worlds to the numbers
+of its tables (run, cache and rescore the worlds; aggregate, compare, agreement,
+sensitivity). The tables' definitions are in model/tables.py, their rendering in
+model/report.py.
 """
 
 from __future__ import annotations
@@ -31,18 +37,20 @@ from typing import Any
 import numpy as np
 
 from contract.config import ModelConfig
-from model.checkpoint import load_checkpoint
-from model.estimators import (
+from model.cascade import (
     LIST_ESTIMATORS,
-    examination_propensities,
     fit_cascade,
     fit_item_offsets,
-    kendall_tau,
     list_estimators,
-    list_ips,
     load_cascade,
     rerank_estimators,
     save_cascade,
+)
+from model.checkpoint import load_checkpoint
+from model.estimators import (
+    examination_propensities,
+    kendall_tau,
+    list_ips,
 )
 from model.evaluate import (
     ListPolicy,
@@ -276,7 +284,7 @@ def load_orders(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str
 
 
 def list_estimates(out: Path, tag: str, world: dict[str, Any]) -> dict[str, Any]:
-    """The list-level estimates (model.estimators.LIST_ESTIMATORS) of a saved world's rows
+    """The list-level estimates (model.cascade.LIST_ESTIMATORS) of a saved world's rows
     and logged-vs-gold orders, from its saved lists (save_orders) and its logs alone: the
     cascade model and its item offsets are fitted on the training logs (and kept as
     worlds/<tag>.cascade.npz; one saved without the offsets gets them).

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.estimators import LIST_ESTIMATORS
+from model.cascade import LIST_ESTIMATORS
 
 
 @dataclass(frozen=True)

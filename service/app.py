@@ -6,6 +6,10 @@ drain); routes are thin and get it through a typed dependency.
 routes nothing here yet) and again once a shutdown drain begins.
 /healthz, /readyz and /metrics are also served on the admin port (service/admin.py), off
 the event loop, so that probes and scrapes are answered under overload.
+
+One idea, kept in one module at its size: the service's HTTP face (the app and its door,
+the rerank route from the body's bytes to the response, the probes); what they serve
+lives in lifecycle.py, rerank.py and request_reader.py.
 """
 
 from __future__ import annotations
@@ -378,11 +382,23 @@ def _failed(request: Request, metrics: Metrics, entry: float, request_id: str) -
     return json_response(error.body(), error.status, request.state.headers)
 
 
+def _begin(request: Request, runtime: Runtime, admission: Admission) -> None:
+    """The request starts its work (admission.begin); a body that came after its head's
+    read is asked again first (module doc), and a 503 "overloaded" when it is shed."""
+    if UPLOADING in request.scope and not admission.admit():
+        runtime.metrics.shed.inc()
+        request.state.headers["Retry-After"] = str(runtime.settings.retry_after_s)
+        raise ApiError(503, "overloaded", "the service cannot start this request within its "
+                       "budget; retry after Retry-After seconds, or use the upstream "
+                       "order")  # fmt: skip
+    admission.begin()
+
+
 async def rerank(request: Request) -> Response:
     """POST /v1/rerank: the top k of the candidates, best first (RERANK_DESCRIPTION is
-    its OpenAPI text). One function of about 45 lines on purpose: the in-flight gauge and
-    the admission's begin / end bracket the whole request, from the body read to the
-    answer, and every stage in between is a call of its own."""
+    its OpenAPI text). One function on purpose: the in-flight gauge and the admission's
+    begin / end bracket the whole request, from the body read to the answer, and every
+    stage in between is a call of its own."""
     entry = time.perf_counter()
     runtime: Runtime = request.app.state.runtime  # no Depends: the hot path skips DI
     metrics, s, admission = runtime.metrics, runtime.settings, runtime.admission
@@ -399,14 +415,7 @@ async def rerank(request: Request) -> Response:
             body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
             arrival = time.perf_counter()  # the budget runs from here: not a slow upload
             if admission is not None:
-                # a body that came after its head's read is asked again: module doc
-                if UPLOADING in request.scope and not admission.admit():
-                    metrics.shed.inc()
-                    request.state.headers["Retry-After"] = str(s.retry_after_s)
-                    raise ApiError(503, "overloaded", "the service cannot start this request "
-                                   "within its budget; retry after Retry-After seconds, or "
-                                   "use the upstream order")  # fmt: skip
-                admission.begin()
+                _begin(request, runtime, admission)
                 working = True
             # once, and after the last await before reranker.rerank() counts the request
             # as active: a swap's retire of the old one then waits for it

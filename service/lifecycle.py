@@ -20,6 +20,10 @@ answered for `drain_s` seconds, then uvicorn's handler runs its graceful shutdow
 listener closes, in-flight requests finish, the lifespan's shutdown). A second SIGTERM
 stops at once; SIGINT (Ctrl-C) is uvicorn's own graceful stop, without a drain. Every
 uvicorn worker runs the lifespan, so each drains.
+
+One idea, kept in one module at its size: the served bundle's life, from the first open
+to the last close (open, assemble the reranker and its cache, warm, watch and swap,
+retire, drain). The routes that read the runtime are in app.py and routing.py.
 """
 
 from __future__ import annotations
@@ -48,18 +52,13 @@ from contract.features import FeatureSchema
 from contract.limits import limits_misfit
 from service.admin import start_admin
 from service.admission import Admission
-from service.api import Limits, RequestReader
-from service.cache import (
-    CircuitBreaker,
-    EmbeddingCache,
-    L1Cache,
-    ReadGate,
-    RedisConfig,
-    RedisL2,
-)
+from service.api import Limits
+from service.cache import EmbeddingCache, L1Cache, ReadGate
 from service.engine import Engine, EngineConfig, open_engine
 from service.metrics import Metrics
 from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
+from service.redis_l2 import CircuitBreaker, RedisConfig, RedisL2
+from service.request_reader import RequestReader
 from service.rerank import BatchConfig, Reranker
 from service.settings import Settings, resolve_bundle_dir, serving_choices
 from service.tasks import stop

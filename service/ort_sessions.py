@@ -32,7 +32,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from contract.bundle import Bundle, BundleError
 
 if TYPE_CHECKING:
-    from service.engine import DeviceBatch, EncodedBatch, Engine
+    from service.engine import Engine
+    from service.engine_types import DeviceBatch, EncodedBatch
 
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

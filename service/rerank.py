@@ -14,6 +14,9 @@ saves (Reranker._batches). Each request
 keeps its own deadline inside the batch (the engine completes only the rows that would
 overrun). Whatever goes wrong after validation, the client gets
 the upstream order, marked degraded with the reason, never an error.
+
+One idea, kept in one module at its size: a request's way from its checked arrays to its
+outcome, with the micro-batcher and the engine thread that carry it there.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from service.api import Parsed, RequestReader, finite
-from service.cache import EmbeddingCache
+from service.api import Parsed, finite
+from service.cache import EmbeddingCache, Lookup
 from service.engine import Engine, RerankRequest, RerankResult
 from service.logs import RateLimit
 from service.metrics import Metrics
 from service.policy import DecodePolicy
+from service.request_reader import RequestReader
 from service.tasks import stop
 
 log = logging.getLogger(__name__)
@@ -179,6 +183,8 @@ class Reranker:
         request_id: str,
         gone: Callable[[], Awaitable[Any]] | None,
     ) -> Outcome | None:
+        """Shed before the lookup, look the candidates up (L1, L2), shed again when the
+        lookup spent the budget or the queue grew meanwhile, wait for the engine, answer."""
         if self.closed:  # retired under a request that outlived the retire's wait
             return upstream(p, "model")
         if time.perf_counter() >= deadline:
@@ -191,14 +197,36 @@ class Reranker:
         lookup = await self.cache.lookup(ids, deadline - t0, request_id)
         cache_s = time.perf_counter() - t0
         if time.perf_counter() >= deadline or self.pending > self.config.max_queue:
-            expired = time.perf_counter() >= deadline
-            out = upstream(p, "budget" if expired else "overload")
-            out.cache_s, out.looked_up = cache_s, True
-            if expired:
-                self.policy.late(cache_s)
-            else:
-                self.policy.pressure()
-            return out
+            return self._shed_after_lookup(p, deadline, cache_s)
+        done = await self._engine_answer(p, lookup, deadline, request_id, gone, cache_s)
+        if not isinstance(done, _Done):  # answered while it queued, or its client went away
+            return done
+        return self._answer(p, ids, lookup, done, cache_s)
+
+    def _shed_after_lookup(self, p: Parsed, deadline: float, cache_s: float) -> Outcome:
+        """The upstream order for a request whose lookup ran past its deadline ("budget")
+        or left it behind too long a queue ("overload"); the policy hears which."""
+        expired = time.perf_counter() >= deadline
+        out = upstream(p, "budget" if expired else "overload")
+        out.cache_s, out.looked_up = cache_s, True
+        if expired:
+            self.policy.late(cache_s)
+        else:
+            self.policy.pressure()
+        return out
+
+    async def _engine_answer(
+        self,
+        p: Parsed,
+        lookup: Lookup,
+        deadline: float,
+        request_id: str,
+        gone: Callable[[], Awaitable[Any]] | None,
+        cache_s: float,
+    ) -> _Done | Outcome | None:
+        """Queue the request for the batcher and wait for its engine answer (_Done); the
+        upstream order (an Outcome) when its deadline passes while it queues, None when
+        its client hangs up first."""
         job = _Job(p, lookup.static, lookup.missing, deadline, time.perf_counter(),
                    asyncio.get_running_loop().create_future(), request_id)  # fmt: skip
         self.pending += 1
@@ -215,7 +243,7 @@ class Reranker:
         try:
             self.queue.put_nowait(job)
             try:
-                done = await job.done
+                return await job.done
             except asyncio.CancelledError:
                 if not job.done.cancelled() or _cancelling():
                     raise  # this task itself is being cancelled
@@ -233,6 +261,12 @@ class Reranker:
                 starter.cancel()
             for w in watch:
                 w.cancel()
+
+    def _answer(
+        self, p: Parsed, ids: list[int], lookup: Lookup, done: _Done, cache_s: float
+    ) -> Outcome:
+        """The engine's answer as an Outcome; the rows the item tower computed go to the
+        cache (L1, and Redis unless the lookup's Redis read failed)."""
         if done.embedded is not None:
             rows = np.flatnonzero(lookup.missing)
             # after a failed Redis read these items may well be in Redis (published from
@@ -258,55 +292,66 @@ class Reranker:
         return out
 
     async def _batches(self) -> None:
-        """The owned loop: take what is queued (>= 1 job), run it in the engine thread."""
-        loop, wait, last_end = asyncio.get_running_loop(), self.config.max_wait_s, -1e9
+        """The owned loop: take what is queued (>= 1 job), run it in the engine thread
+        (or inline, `_run_batch`), hand each job its result."""
+        loop, last_end = asyncio.get_running_loop(), -1e9
         while True:
-            jobs = [await self.queue.get()]
-            if (
-                wait > 0
-                and loop.time() - last_end < wait
-                and self.queue.qsize() + 1 < self.config.max_batch
-            ):
-                await asyncio.sleep(wait)  # busy: a bigger batch costs less CPU per request
-            while len(jobs) < self.config.max_batch and not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
-            live = [j for j in jobs if not j.done.done()]  # not expired, client not gone
-            if len(live) < len(jobs):
-                gone = sum(j.gone for j in jobs)
-                if gone:
-                    self.metrics.dropped.inc(gone)
-            if not live:
+            jobs = await self._next_batch(loop, last_end)
+            if not jobs:
                 continue
-            jobs, waiting = live, self.queue.qsize()
-            try:
-                # inline only while no request waits on Redis: a loop held by the engine
-                # does not read the reply, and the read's deadline would fire first
-                if len(jobs) <= self.config.inline_batch and self.active == self.pending:
-                    # A small batch runs right here, on the event loop's thread. The
-                    # service has one core: the engine thread never runs beside the loop,
-                    # only in turn with it, and each batch handed over costs two thread
-                    # wake-ups (the engine thread's, then the loop's for the result) and a
-                    # GIL hand-off each way; on a busy core each wake-up can wait out
-                    # another process's time slice, longer than a small batch's engine
-                    # call. The loop's other work waits for it, as it would for the core.
-                    # Bigger batches (load) still go to the thread, so that the loop keeps
-                    # reading, and shedding at the door, while they run, and so does any
-                    # batch while a request's Redis read is in flight.
-                    results = self._run(jobs, waiting)
-                else:
-                    results = await self._thread.run(self._run, jobs, waiting)
-            except asyncio.CancelledError:  # closed mid-batch: nobody will read its result
-                for job in jobs:
-                    if not job.done.done():
-                        job.done.set_result(_Done(None, "model", 0.0, 0.0, None))
-                raise
-            except Exception:  # never leave a request waiting forever
-                log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
-                results = [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]
+            results = await self._run_batch(jobs, self.queue.qsize())
             last_end = loop.time()
             for job, done in zip(jobs, results, strict=True):
                 if not job.done.done():
                     job.done.set_result(done)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop, last_end: float) -> list[_Job]:
+        """The next batch's live jobs (not expired, client not gone; the gone ones
+        counted): at least one taken, then whatever queued, at most max_batch. When the
+        engine was busy until just now (its last batch ended at `last_end`, loop time, less
+        than max_wait_s ago), it waits max_wait_s first for more: a bigger batch costs less
+        CPU per request."""
+        wait = self.config.max_wait_s
+        jobs = [await self.queue.get()]
+        busy = loop.time() - last_end < wait
+        if wait > 0 and busy and self.queue.qsize() + 1 < self.config.max_batch:
+            await asyncio.sleep(wait)
+        while len(jobs) < self.config.max_batch and not self.queue.empty():
+            jobs.append(self.queue.get_nowait())
+        live = [j for j in jobs if not j.done.done()]
+        if len(live) < len(jobs):
+            gone = sum(j.gone for j in jobs)
+            if gone:
+                self.metrics.dropped.inc(gone)
+        return live
+
+    async def _run_batch(self, jobs: list[_Job], waiting: int) -> list[_Done]:
+        """One batch's results; a failed batch answers each job "model" (never a request
+        left waiting); a cancelled one (the reranker closed) answers them, then raises."""
+        try:
+            # inline only while no request waits on Redis: a loop held by the engine
+            # does not read the reply, and the read's deadline would fire first
+            if len(jobs) <= self.config.inline_batch and self.active == self.pending:
+                # A small batch runs right here, on the event loop's thread. The
+                # service has one core: the engine thread never runs beside the loop,
+                # only in turn with it, and each batch handed over costs two thread
+                # wake-ups (the engine thread's, then the loop's for the result) and a
+                # GIL hand-off each way; on a busy core each wake-up can wait out
+                # another process's time slice, longer than a small batch's engine
+                # call. The loop's other work waits for it, as it would for the core.
+                # Bigger batches (load) still go to the thread, so that the loop keeps
+                # reading, and shedding at the door, while they run, and so does any
+                # batch while a request's Redis read is in flight.
+                return self._run(jobs, waiting)
+            return await self._thread.run(self._run, jobs, waiting)
+        except asyncio.CancelledError:  # closed mid-batch: nobody will read its result
+            for job in jobs:
+                if not job.done.done():
+                    job.done.set_result(_Done(None, "model", 0.0, 0.0, None))
+            raise
+        except Exception:  # never leave a request waiting forever
+            log.exception("engine batch failed: requests %s", [j.request_id for j in jobs])
+            return [_Done(None, "model", 0.0, 0.0, None) for _ in jobs]
 
     def _run(self, jobs: list[_Job], waiting: int) -> list[_Done]:
         """In the engine thread (or the loop's, for a small batch): one item-tower run for

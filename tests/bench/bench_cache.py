@@ -38,15 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.redis_server import RedisProcess, find_redis_server  # noqa: E402
-from service.cache import (  # noqa: E402
-    CircuitBreaker,
-    EmbeddingCache,
-    L1Cache,
-    RedisConfig,
-    RedisL2,
-    pack_set_nx,
-)
+from service.cache import EmbeddingCache, L1Cache  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
+from service.redis_l2 import CircuitBreaker, RedisConfig, RedisL2, pack_set_nx  # noqa: E402
 
 N_ITEMS = 20_000
 PREFIX, VERSION = "bench", "v1"

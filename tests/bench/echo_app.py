@@ -20,8 +20,9 @@ from fastapi.responses import Response
 
 from contract.bundle import read_manifest
 from contract.features import FeatureSchema
-from service.api import ApiError, Limits, RequestReader
+from service.api import ApiError, Limits
 from service.app import SERVER_TIMING, header, new_request_id
+from service.request_reader import RequestReader
 from service.routing import DirectRoute, make_app
 from service.settings import Settings, resolve_bundle_dir
 

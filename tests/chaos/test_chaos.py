@@ -1,5 +1,5 @@
 """The fault suite (`make chaos`, marker `chaos`, not in the default run): every scenario
-of tests/chaos/scenarios.py against the default bundle with Redis and a real Prometheus,
+of tests/support/chaos/scenarios.py against the default bundle with Redis and a real Prometheus,
 on loopback, bounded in time (about 10 minutes); report.md and a PNG per scenario in
 loadtest/reports/chaos-<time>/. Fails when any scenario's acceptance fails, naming it."""
 
@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.chaos.run import ROOT, run_suite
-from tests.chaos.scenarios import SCENARIOS, Plan
+from tests.support.chaos.run import ROOT, run_suite
+from tests.support.chaos.scenarios import SCENARIOS, Plan
 from tests.support.fuzz import fuzz_rerank
 from tests.support.prometheus import find_prometheus
 from tests.support.server import ServerThread, wait_ready

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from model.network import GenReranker
-from tests.chaos.run import run_suite
-from tests.chaos.scenarios import Plan
+from tests.support.chaos.run import run_suite
+from tests.support.chaos.scenarios import Plan
 from tests.support.prometheus import find_prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

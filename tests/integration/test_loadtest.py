@@ -32,8 +32,9 @@ from loadtest.traffic import (
     check_response,
 )
 from model.network import GenReranker
-from service.api import ApiError, Limits, RequestReader, parse_body
+from service.api import ApiError, Limits, parse_body
 from service.metrics import Metrics
+from service.request_reader import RequestReader
 
 ROOT = Path(__file__).resolve().parents[2]
 

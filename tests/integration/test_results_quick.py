@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.estimators import LIST_ESTIMATORS
+from model.cascade import LIST_ESTIMATORS
 from model.tables import GREF, GREF_PAPER, METRICS, ROWS, UPSTREAM, competitors
 
 pytestmark = pytest.mark.slow

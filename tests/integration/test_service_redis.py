@@ -237,7 +237,7 @@ def test_readyz_sees_a_redis_that_lost_the_published_embeddings(
 ) -> None:
     """Redis restarted empty (here: flushed): redis_published turns false within the
     meta key's re-check, and true again once the bundle is published again."""
-    from service.cache import META_CHECK_S
+    from service.redis_l2 import META_CHECK_S
 
     client, server, path = served
 
@@ -288,8 +288,8 @@ def test_a_write_back_never_replaces_a_published_embedding(
 
 
 def test_write_backs_set_only_new_keys_and_expire(redis_process: RedisProcess) -> None:
-    from service.cache import CircuitBreaker, RedisConfig, RedisL2
     from service.metrics import Metrics
+    from service.redis_l2 import CircuitBreaker, RedisConfig, RedisL2
 
     r = redis.Redis.from_url(redis_process.url)
     r.set("nx:emb:v1:1", b"published")
@@ -370,8 +370,8 @@ def test_published_embeddings_of_another_dim_switch_l2_off(
 def test_the_l2_client_parses_replies_in_c(redis_process: RedisProcess) -> None:
     """hiredis is a dependency and redis-py picks it: an MGET's reply is parsed in C, not
     in Python on the event loop (which made Redis slower than no Redis at all)."""
-    from service.cache import CircuitBreaker, RedisConfig, RedisL2
     from service.metrics import Metrics
+    from service.redis_l2 import CircuitBreaker, RedisConfig, RedisL2
 
     async def parser_of_a_read() -> str:
         l2 = RedisL2(RedisConfig(redis_process.url, "hp", 0.5, 16), "v1", 4,
@@ -392,8 +392,8 @@ def test_the_l2_client_parses_replies_in_c(redis_process: RedisProcess) -> None:
 
 
 def _l2(url: str, prefix: str, dim: int, ttl_s: int = 0) -> Any:
-    from service.cache import CircuitBreaker, RedisConfig, RedisL2
     from service.metrics import Metrics
+    from service.redis_l2 import CircuitBreaker, RedisConfig, RedisL2
 
     config = RedisConfig(url, prefix, 0.5, 64, writeback_ttl_s=ttl_s)
     return RedisL2(config, "v1", dim, CircuitBreaker(100, 1.0), Metrics())
@@ -405,7 +405,7 @@ def test_packed_mget_and_set_nx_are_the_commands_redis_py_sends(
     """The hand-packed MGET reads what redis-py's mget reads (any int64 id, a non-ASCII
     prefix, missing keys), and the packed SET NX pipeline writes what redis-py's
     set(nx=True, ex=ttl) would: new keys with the expiry, existing ones untouched."""
-    from service.cache import pack_mget, pack_set_nx
+    from service.redis_l2 import pack_mget, pack_set_nx
 
     assert pack_mget(b"p:", [1, -2]) == b"*3\r\n$4\r\nMGET\r\n$3\r\np:1\r\n$4\r\np:-2\r\n"
     one = np.array([[1.0, 2.0]], "<f2")
@@ -465,7 +465,7 @@ def test_an_exchange_cut_short_leaves_no_reply_behind(redis_process: RedisProces
     """A pipeline answered with an error halfway (Redis out of memory) and an MGET that
     timed out (Redis hung) close their connection: the next call on the pool reads its
     own replies, not the ones left on the wire."""
-    from service.cache import pack_set_nx
+    from service.redis_l2 import pack_set_nx
 
     r = redis.Redis.from_url(redis_process.url)
     dim = 2

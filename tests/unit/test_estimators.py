@@ -1,4 +1,5 @@
-"""Debiased offline estimators (model.estimators) and paired statistics (model.stats)."""
+"""Debiased offline estimators (model.estimators, model.cascade) and paired statistics
+(model.stats)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def test_the_cascade_estimators_credit_satiation_a_position_based_one_cannot() -
     and the interleaved order puts them last), well short of the true gain."""
     from dataclasses import replace
 
-    from model.estimators import cascade_dm, cascade_dr, fit_cascade
+    from model.cascade import cascade_dm, cascade_dr, fit_cascade
     from model.simulated_logs import generate_logs
     from model.user_model import true_utility
     from tests.support.simulated import SMALL
@@ -204,7 +205,7 @@ def test_item_offsets_learn_what_no_feature_shows() -> None:
     """Items differ only by an appeal the features do not carry: the cascade model alone
     scores every list alike; with the item offsets from the training logs' clicks it
     credits a list of the most appealing candidates with about the true gain."""
-    from model.estimators import (
+    from model.cascade import (
         cascade_dm,
         fit_cascade,
         fit_item_offsets,
@@ -247,7 +248,7 @@ def test_dr_blend_and_self_normalisation() -> None:
     """correction = 0 is the direct method, 1 doubly robust, between a blend; the
     self-normalised residual term does not move when every exposure propensity is off by
     the same factor (the plain one scales with it)."""
-    from model.estimators import cascade_dm, cascade_dr, fit_cascade
+    from model.cascade import cascade_dm, cascade_dr, fit_cascade
 
     logs, appeal, _ = _appeal_logs(4_000, seed=1)
     model = fit_cascade(logs, w_like=0.0, w_long_view=0.0, steps=60)

@@ -7,9 +7,10 @@
 - `export/` imports `service` only in its parity module (export/verify.py).
 - `model/` has no import circle (imports inside functions count: a circle broken only by
   a late import is still one).
-- No test module imports another: what tests share lives in tests/support/; no benchmark
-  script imports another, and `loadtest/` (the load generator they share) needs neither
-  the tests nor the offline code.
+- No test module imports another: what tests share lives in tests/support/ (the chaos
+  suite's stack and scenarios included); no benchmark script imports another, and
+  `loadtest/` (the load generator they share) needs neither the tests nor the offline
+  code.
 """
 
 from __future__ import annotations
@@ -160,6 +161,33 @@ def test_no_test_module_imports_another() -> None:
         if any(part.startswith("test_") or part == "conftest" for part in m.split("."))
     }
     assert not bad, f"test modules imported as a library: {sorted(bad)}"
+
+
+def shares_outside_support(module: str, imported: str) -> bool:
+    """`module` (under tests/) imports `imported` from the tests, and not from
+    tests/support/: allowed only for a benchmark's own test (test_bench_x -> bench_x)."""
+    if imported in ("tests", "tests.support") or imported.startswith("tests.support."):
+        return False
+    package, _, stem = module.rpartition(".")
+    own = f"{package}.{stem.removeprefix('test_')}"
+    return not (package == "tests.bench" and (imported == own or imported.startswith(own + ".")))
+
+
+def test_shared_test_code_lives_in_support() -> None:
+    """What more than one test module uses (the chaos suite's stack and scenarios too) is
+    in tests/support/; a module elsewhere in tests/ imports only from there, or is the
+    benchmark that its own test_bench_x.py runs."""
+    assert shares_outside_support("tests.chaos.test_chaos", "tests.chaos.harness")
+    assert not shares_outside_support("tests.chaos.test_chaos", "tests.support.chaos.run")
+    assert not shares_outside_support("tests.bench.test_bench_x", "tests.bench.bench_x")
+    assert shares_outside_support("tests.bench.test_bench_x", "tests.bench.bench_y")
+    bad = {
+        (module_name(path), m)
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for m in project_imports(path, "tests")
+        if shares_outside_support(module_name(path), m)
+    }
+    assert not bad, f"test code shared from outside tests/support/: {sorted(bad)}"
 
 
 def test_loadtest_needs_neither_the_tests_nor_the_offline_code() -> None:

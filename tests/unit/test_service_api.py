@@ -11,7 +11,8 @@ import pytest
 
 from contract.features import hash_ids, hash_items
 from contract.ids import id_key
-from service.api import ApiError, Limits, Parsed, RequestReader, RerankIn, parse_body
+from service.api import ApiError, Limits, Parsed, RerankIn, parse_body
+from service.request_reader import RequestReader
 from tests.support.bodies import make_request
 from tests.support.tiny import TINY_SCHEMA as SCHEMA
 
@@ -263,16 +264,16 @@ def test_an_integral_json_number_is_an_integer_as_the_schema_says() -> None:
 def test_a_long_string_id_is_refused_before_the_memoised_keys_see_it() -> None:
     """The key functions keep each id they were asked about: only bounded ones reach them,
     so bodies of long junk ids cannot fill memory."""
-    from service import api
+    from service.request_reader import _item_key, _string_user_key
 
     long_id = "x" * 100_000
     for body in (
         {"user": {"id": 1}, "candidates": [{"item_id": long_id, "score": 1}], "k": 1},
         {"user": {"id": long_id}, "candidates": [{"item_id": 1, "score": 1}], "k": 1},
     ):
-        before = api._item_key.cache_info().currsize + api._string_user_key.cache_info().currsize
+        before = _item_key.cache_info().currsize + _string_user_key.cache_info().currsize
         with pytest.raises(ApiError) as e:
             READER.read_json(json.dumps(body).encode())
         assert e.value.message == "100000 characters, at most 128"
-        after = api._item_key.cache_info().currsize + api._string_user_key.cache_info().currsize
+        after = _item_key.cache_info().currsize + _string_user_key.cache_info().currsize
         assert after == before

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.api import Limits, Parsed, RequestReader
+from service.api import Limits, Parsed
 from service.cache import EmbeddingCache, L1Cache
 from service.engine import RerankRequest, RerankResult, StageTimings
 from service.metrics import Metrics
 from service.policy import DecodeLevel, fixed
+from service.request_reader import RequestReader
 from service.rerank import BatchConfig, Outcome, Reranker
 from tests.support.tiny import TINY_SCHEMA
 

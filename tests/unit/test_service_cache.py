@@ -1,4 +1,5 @@
-"""service/cache.py without Redis: the bytes-bounded LRU and the breaker's states."""
+"""service/cache.py and service/redis_l2.py without Redis: the bytes-bounded LRU and the
+breaker's states."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from service.cache import CircuitBreaker, L1Cache
+from service.cache import L1Cache
+from service.redis_l2 import CircuitBreaker
 
 
 def test_l1_is_bounded_in_bytes_and_evicts_the_least_recent() -> None:

@@ -37,7 +37,7 @@ from tests.support.bundle import copy_version, point_latest
 from tests.support.prometheus import PrometheusProcess, find_prometheus
 
 log = logging.getLogger("chaos")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HOST = "127.0.0.1"
 
 

@@ -1,5 +1,5 @@
 """Run fault scenarios against one stack and write the report: `run_suite(...)`. Also a
-command: `python -m tests.chaos.run [--bundle artifacts] [--only NAME ...]` (what
+command: `python -m tests.support.chaos.run [--bundle artifacts] [--only NAME ...]` (what
 `make chaos` runs through pytest)."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from service.settings import serving_choices
-from tests.chaos.harness import Bodies, Record, Stack, StackConfig
-from tests.chaos.report import write
-from tests.chaos.scenarios import SCENARIOS, Plan
+from tests.support.chaos.harness import Bodies, Record, Stack, StackConfig
+from tests.support.chaos.report import write
+from tests.support.chaos.scenarios import SCENARIOS, Plan
 
 log = logging.getLogger("chaos")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def run_suite(bundle: Path, out: Path, plan: Plan, names: list[str],
@@ -98,7 +98,7 @@ def _git() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.chaos.run", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.support.chaos.run", description=__doc__)
     parser.add_argument("--bundle", type=Path, default=ROOT / "artifacts")
     parser.add_argument(
         "--out",

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from tests.chaos.harness import Record, p99_ms
+from tests.support.chaos.harness import Record, p99_ms
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -10,7 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from tests.chaos.harness import (
+from tests.support.bundle import point_latest
+from tests.support.chaos.harness import (
     HOST,
     Bodies,
     Load,
@@ -20,7 +21,6 @@ from tests.chaos.harness import (
     failures,
     p99_ms,
 )
-from tests.support.bundle import point_latest
 
 
 @dataclass(frozen=True)
