@@ -63,10 +63,19 @@ NOTES = (
 )
 
 
+# The layout of the graphs this exporter writes. A bundle's version hashes the weights and
+# the export settings, not the graphs' bytes (a re-export must give the same version), so
+# an exporter that writes other graphs for the same weights and settings bumps this and
+# gets a new version. tests/unit/test_export.py pins the tiny bundle's graph structure to
+# it: a graph change without a bump fails there.
+GRAPH_REVISION = 2
+
+
 def content_hash(weights: bytes, cfg: ModelConfig, export: ExportConfig) -> str:
     """weights: tensors_digest of the checkpoint."""
     h = hashlib.sha256(weights)
     settings = {
+        "graph_revision": GRAPH_REVISION,
         "model_config": cfg.to_dict(),
         "opset": export.opset,
         "fp16": export.fp16,

@@ -250,3 +250,44 @@ def test_cli_build_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 0
     printed = capsys.readouterr().out
     assert "parity fp32: PASSED" in printed and "head scores" in printed
+
+
+# The structure of the tiny bundle's graphs (nodes, their attributes, inputs and outputs;
+# no weights) at the exporter's GRAPH_REVISION. When the exporter's graphs change, bump
+# export.build.GRAPH_REVISION (bundles then get a new version) and record the new digest.
+GRAPH_STRUCTURE = {2: "c7f6a00cc0377082"}
+
+
+def graph_structure_digest(path: Path) -> str:
+    """sha256 over every graph of a bundle: each node's op, domain, attributes (a tensor
+    attribute by its type and shape), input and output names; the graphs' inputs and
+    outputs. Initializer values are left out: weights change the version on their own."""
+    import hashlib
+
+    def attr(a: onnx.AttributeProto) -> str:
+        if a.type == onnx.AttributeProto.GRAPH:
+            return f"{a.name}={body(a.g)}"
+        if a.type == onnx.AttributeProto.TENSOR:
+            return f"{a.name}=tensor{a.t.data_type}{list(a.t.dims)}"
+        return f"{a.name}={onnx.helper.get_attribute_value(a)!r}"
+
+    def body(g: onnx.GraphProto) -> str:
+        nodes = [f"{n.domain}:{n.op_type}({','.join(n.input)})->({','.join(n.output)})"
+                 f"[{';'.join(attr(a) for a in n.attribute)}]" for n in g.node]  # fmt: skip
+        io = [v.name for v in g.input] + ["->"] + [v.name for v in g.output]
+        return "|".join(io + nodes)
+
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.onnx")):
+        h.update(f.name.encode() + body(onnx.load(str(f)).graph).encode())
+    return h.hexdigest()[:16]
+
+
+def test_graph_changes_bump_the_graph_revision(tiny_bundle: tuple[Path, GenReranker]) -> None:
+    from export.build import GRAPH_REVISION
+
+    path, _ = tiny_bundle
+    digest = graph_structure_digest(path)
+    assert GRAPH_STRUCTURE.get(GRAPH_REVISION) == digest, (
+        f"the exporter's graphs are {digest} at GRAPH_REVISION {GRAPH_REVISION}: a change "
+        "to the graphs bumps export.build.GRAPH_REVISION and records the digest here")
