@@ -290,4 +290,5 @@ def test_graph_changes_bump_the_graph_revision(tiny_bundle: tuple[Path, GenReran
     digest = graph_structure_digest(path)
     assert GRAPH_STRUCTURE.get(GRAPH_REVISION) == digest, (
         f"the exporter's graphs are {digest} at GRAPH_REVISION {GRAPH_REVISION}: a change "
-        "to the graphs bumps export.build.GRAPH_REVISION and records the digest here")
+        "to the graphs bumps export.build.GRAPH_REVISION and records the digest here"
+    )
