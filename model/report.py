@@ -210,6 +210,22 @@ def _agreement_lines(summary: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def write_estimator_report(table: dict[str, Any], path: Path) -> None:
+    """estimators.md: the offline metrics against true utility on the saved default-strength
+    worlds (`python -m model estimators`), written whether or not the whole report could be
+    written again, so the estimators' agreement is readable as soon as those worlds are."""
+    worlds = ", ".join(str(w) for w in table["worlds"])
+    lines = [
+        "# Offline estimators against true utility",
+        "",
+        f"Saved worlds (default list-effect strength): {worlds}. Written by "
+        "`python -m model estimators --out DIR` from each world's saved lists and logs.",
+        "",
+        *_agreement_lines(table),
+    ]
+    path.write_text("\n".join(lines))
+
+
 def _headroom_lines(summary: dict[str, Any]) -> list[str]:
     room = summary["headroom"]
     names = ("logged", "upstream", "pointwise_relevance", "pointwise_value", "searched")

@@ -359,7 +359,8 @@ def rescore(out: Path) -> dict[str, Any]:
     strength) computed again from its saved lists and logs and saved with the world; then,
     when out/results.json exists, results.json, results.md and the plots are written again
     from the saved worlds (nothing retrained: when a world of the report is not saved with
-    its settings, the report stays as it is and "not_rewritten" says why). Returns
+    its settings, the report stays as it is and "not_rewritten" says why). The default
+    worlds' estimator table is written to estimators.md / estimators.json either way. Returns
     estimator_table's summary of the default worlds."""
     default = []
     for path in sorted((out / "worlds").glob("*.json")):
@@ -373,6 +374,11 @@ def rescore(out: Path) -> dict[str, Any]:
         if world["strength"] == "default":
             default.append(world)
     table = _estimator_summary(default)
+    if default:
+        from model.report import write_estimator_report
+
+        write_estimator_report(table, out / "estimators.md")
+        (out / "estimators.json").write_text(json.dumps(table, indent=1))
     summary_path = out / "results.json"
     if summary_path.exists():
         cfg = json.loads(summary_path.read_text())["config"]

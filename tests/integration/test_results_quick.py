@@ -133,6 +133,9 @@ def test_the_estimators_command_rescores_the_saved_lists(quick_results: Path) ->
     assert summary["models"][GREF]["utility"] == before["models"][GREF]["utility"]
     md = (quick_results / "results.md").read_text()
     assert "What the offline metrics reward" in md and "Table 1" in md
+    est = (quick_results / "estimators.md").read_text()
+    assert "Kendall τ" in est and str(table["worlds"][0]) in est
+    assert json.loads((quick_results / "estimators.json").read_text())["worlds"] == table["worlds"]
     assert sorted(p.name for p in (quick_results / "worlds").glob("*.orders.npz"))
     # nothing retrained
     after = sorted(p.stat().st_mtime for p in (quick_results / "runs").rglob("*.safetensors"))
