@@ -17,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import numpy as np
@@ -329,6 +332,23 @@ def _admission(s: Settings, metrics: Metrics) -> Admission:
     return admission
 
 
+@asynccontextmanager
+async def _serving(app: FastAPI) -> AsyncIterator[None]:
+    """The lifespan (service/lifecycle.py) under the settings' GIL switch interval: the
+    event loop and the engine thread take turns with the GIL, and at Python's 5 ms a
+    loop that wakes while the engine runs Python (numpy between onnxruntime calls) may
+    wait that long. The interval is the process's: set at start, restored at shutdown."""
+    interval_ms = app.state.runtime.settings.switch_interval_ms
+    before = sys.getswitchinterval()
+    if interval_ms > 0:
+        sys.setswitchinterval(interval_ms / 1000)
+    try:
+        async with lifespan(app):
+            yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, configured by `settings` (default: Settings() from the environment)."""
     settings = settings if settings is not None else Settings()
@@ -341,7 +361,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="gref-serve",
         version="0.1.0",
         description="Generative reranking (GReF) of upstream candidate lists.",
-        lifespan=lifespan,
+        lifespan=_serving,
     )
     app.state.runtime = runtime
     app.door = _door(runtime) if runtime.admission is not None else None

@@ -191,7 +191,7 @@ def _assemble(runtime: Runtime, engine: Engine, policy: DecodePolicy) -> Reranke
         reader,
         cache,
         runtime.metrics,
-        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000, s.inline_batch),
+        BatchConfig(s.max_batch, s.max_queue, s.max_wait_ms / 1000, s.inline_batch, s.engine_nice),
         policy,
     )
     reranker.start()

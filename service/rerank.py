@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -62,6 +63,8 @@ class BatchConfig:
     # a batch of at most this many requests runs on the event loop's own thread, not the
     # engine thread (0: never): see Reranker._batches
     inline_batch: int = 0
+    # nice increment of the engine thread (0: the process's): see EngineThread
+    engine_nice: int = 0
 
 
 @dataclass
@@ -143,7 +146,7 @@ class Reranker:
         self._l3 = {r: metrics.lookups.labels("l3", r) for r in ("hit", "error")}
 
     def start(self) -> None:
-        self._thread = EngineThread()
+        self._thread = EngineThread(self.config.engine_nice)
         self._task = asyncio.create_task(self._batches(), name="engine-batcher")
         self._task.add_done_callback(_log_crash)
 
@@ -492,12 +495,21 @@ def _cancelling() -> bool:
 class EngineThread:
     """The one thread the engine runs in. A plain queue in, call_soon_threadsafe out: a
     fraction of the CPU of anyio.to_thread.run_sync's hop, which a batch of one pays per
-    request."""
+    request.
 
-    def __init__(self) -> None:
+    `nice` > 0 lowers this thread's own scheduling priority (Linux: a thread's nice is
+    its own; raising it needs no privilege). The worker has one core: the event loop and
+    this thread share it, and with equal weights a loop that wakes (a connection to shed,
+    a result to hand back) may wait out the engine's slice first."""
+
+    def __init__(self, nice: int = 0) -> None:
+        self.nice = nice
+        self.native_id: int | None = None  # the kernel's id of the thread, once started
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._started = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="engine", daemon=True)
         self._thread.start()
+        self._started.wait()
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -506,6 +518,14 @@ class EngineThread:
         return future
 
     def _serve(self) -> None:
+        self.native_id = tid = threading.get_native_id()
+        if self.nice > 0:
+            try:  # PRIO_PROCESS with a thread id: that thread alone (Linux)
+                base = os.getpriority(os.PRIO_PROCESS, tid)
+                os.setpriority(os.PRIO_PROCESS, tid, min(base + self.nice, 19))
+            except OSError as e:  # not Linux, or a sandbox that refuses it: run as is
+                log.warning("engine thread priority not lowered (nice %d): %s", self.nice, e)
+        self._started.set()
         while (item := self._queue.get()) is not None:
             loop, future, fn, args = item
             try:

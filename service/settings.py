@@ -177,6 +177,24 @@ class Settings(BaseSettings):
         "(load), and any batch while a Redis read is in flight, run in the engine thread "
         "while the loop keeps reading and shedding.",
     )
+    engine_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Nice increment of the engine thread (the thread's own, Linux): on a "
+        "worker's one core, a positive value lets the event loop preempt a running engine "
+        "batch when it wakes (a connection to shed, a result handed back) instead of "
+        "waiting out the engine's time slice; 0 = the process's priority.",
+    )
+    switch_interval_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="CPython's GIL switch interval while the service runs, ms "
+        "(sys.setswitchinterval; restored at shutdown): how long the event loop waits for "
+        "the GIL while the engine thread runs Python between onnxruntime calls, and the "
+        "other way round; 0 = Python's own (5 ms).",
+    )
     max_queue: int = Field(
         default=64,
         ge=0,
