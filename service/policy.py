@@ -3,7 +3,7 @@ serving" idea).
 
 `fixed` always decodes at one level: greedy, the settings' items per pass (default every
 head, one greedy.onnx call). It is the default because, measured on the development worlds
-for the default recipe (tests/bench/ladder_quality.py; docs/operations.md, "Decode
+for the default recipe (tests/bench/bench_ladder_quality.py; docs/operations.md, "Decode
 policy"), the slower levels buy no true utility: beam search lost 1-2% against greedy
 n = 1 and n = 1 did not beat n = 4, while they cost 1.7-5x the engine time, which a tight
 request arriving meanwhile waits for (an engine call cannot be interrupted).

@@ -1,4 +1,4 @@
-"""tests/bench/ladder_quality.py: the engine-time table on a tiny random bundle (every
+"""tests/bench/bench_ladder_quality.py: the engine-time table on a tiny random bundle (every
 level, every m), and its refusal to tune on a held-out world."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from export.build import build_bundle
 from export.config import ExportConfig
-from tests.bench.ladder_quality import LEVELS, main
+from tests.bench.bench_ladder_quality import LEVELS, main
 from tests.support.bundle import make_checkpoint
 from tests.support.tiny import tiny_config
 

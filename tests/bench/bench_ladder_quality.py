@@ -2,7 +2,7 @@
 costs (decoder passes, engine decode time).
 
     python -m model results --worlds dev --strengths '' --runs gref_value --out results/dev-ladder
-    python tests/bench/ladder_quality.py --results results/dev-ladder [--bundle artifacts
+    python tests/bench/bench_ladder_quality.py --results results/dev-ladder [--bundle artifacts
                                          [--data data/default]] [--reps 100] [--json PATH]
 
 Quality, on the development worlds only (model.results.DEV_SEEDS; a held-out seed is
