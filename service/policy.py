@@ -2,11 +2,11 @@
 serving" idea).
 
 `fixed` always decodes at one level: greedy, the settings' items per pass (default every
-head, one greedy.onnx call). It is the default because, measured on the development worlds
-for the default recipe (tests/bench/bench_ladder_quality.py; docs/operations.md, "Decode
-policy"), the slower levels buy no true utility: beam search lost 1-2% against greedy
-n = 1 and n = 1 did not beat n = 4, while they cost 1.7-5x the engine time, which a tight
-request arriving meanwhile waits for (an engine call cannot be interrupted).
+head, one greedy.onnx call). It is the default because, for the default recipe on the
+development worlds, the slower levels buy no true utility while they cost several times
+the engine time, which a tight request arriving meanwhile waits for (an engine call cannot
+be interrupted); the figures and their command are in docs/operations.md ("Decode
+policy") and tests/bench/bench_ladder_quality.py measures them again.
 
 `adaptive` (RERANK_DECODE_POLICY=adaptive) is for a model whose slower levels do measure
 better. It picks, before every engine call, how the batch is decoded: a ladder of levels
