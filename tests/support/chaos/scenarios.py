@@ -246,11 +246,12 @@ def _model_info(stack: Stack) -> dict[str, float]:
 
 async def slow_uploads(stack: Stack, rec: Record, plan: Plan, bodies: Bodies) -> None:
     """Clients that upload their body slowly (a tenth every 0.1 s) and clients whose body
-    never finishes: first alone, all at once (so rerank_late_responses_total counts only
-    them), then beside the steady load, their starts spread over a second. (Fifty bodies
-    completing in the same millisecond on top of the load would be a burst past what can
-    start within the budget, which the door rightly answers 503: the 3x step tests
-    bursts; this tests uploads.)"""
+    never finishing: first alone (so rerank_late_responses_total counts only them), then
+    beside the steady load; each time their starts spread over a second. (Each upload
+    takes a second, twenty budgets: counted from the head, every one would be late. Fifty
+    bodies completing in the same millisecond would instead be a burst past what can start
+    within the budget, late or answered 503 by the door: the 3x step tests bursts, this
+    tests uploads.)"""
 
     async def upload(body: bytes, finish: bool, start_s: float = 0.0) -> str:
         await asyncio.sleep(start_s)
@@ -279,7 +280,7 @@ async def slow_uploads(stack: Stack, rec: Record, plan: Plan, bodies: Bodies) ->
 
     late0 = stack.counter("rerank_late_responses_total")
     rec.event(f"alone: {plan.slow_clients} slow uploaders, {plan.slow_clients} never finishing")
-    slow, never = await uploaders(0.0)
+    slow, never = await uploaders(1.0)
     late = stack.counter("rerank_late_responses_total") - late0
     load = Load(stack.port, rec)
     task = await _in_background(load, plan, 2 * plan.phase_s, bodies)
