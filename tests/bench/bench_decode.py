@@ -70,11 +70,11 @@ from model.tensors import Inputs  # noqa: E402
 from service.engine import (  # noqa: E402
     Engine,
     EngineConfig,
-    RerankRequest,
     open_engine,
 )
 from service.ort_sessions import OPT_LEVELS, fast_run  # noqa: E402
 from service.settings import resolve_bundle_dir  # noqa: E402
+from tests.support.inputs import synthetic_request  # noqa: E402
 
 PAPER_MS = {"omtp": 12.97, "no_omtp": 24.29, "nar4rec": 12.67}
 TARGET = 1.5  # n = 4 decode / one-pass baseline, at most
@@ -211,13 +211,7 @@ def make_cell(
     variant. The exported baseline is checked against its torch module first."""
     cfg = engine.model_config
     rng = np.random.default_rng(m)
-    request = RerankRequest(
-        upstream_score=np.sort(rng.standard_normal(m)).astype(np.float32)[::-1].copy(),
-        user_id=int(rng.integers(1, cfg.schema.user_id_buckets)),
-        user_dense=rng.standard_normal(len(cfg.schema.user_dense)).astype(np.float32),
-        k=k,
-        static=rng.standard_normal((m, cfg.d_model)).astype(np.float32),
-    )
+    request = synthetic_request(cfg, m, k, rng)
     batch = engine.prepare([request])  # (1, bucket, d): the engine's padding and mask
     bucket = int(batch.static.shape[1])
     nar_feeds = {

@@ -47,6 +47,7 @@ from service.engine import (  # noqa: E402
     open_engine,
 )
 from service.settings import resolve_bundle_dir  # noqa: E402
+from tests.support.inputs import synthetic_request  # noqa: E402
 
 NOT_MEASURED = "GPU: not measured (no CUDA execution provider)"
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -79,16 +80,7 @@ def has_cuda() -> bool:
 
 def make_requests(engine: Engine, B: int, m: int, k: int, seed: int) -> list[RerankRequest]:
     cfg, rng = engine.model_config, np.random.default_rng(seed)
-    return [
-        RerankRequest(
-            upstream_score=np.sort(rng.standard_normal(m)).astype(np.float32)[::-1].copy(),
-            user_id=int(rng.integers(1, cfg.schema.user_id_buckets)),
-            user_dense=rng.standard_normal(len(cfg.schema.user_dense)).astype(np.float32),
-            k=k,
-            static=rng.standard_normal((m, cfg.d_model)).astype(np.float32),
-        )
-        for _ in range(B)
-    ]
+    return [synthetic_request(cfg, m, k, rng) for _ in range(B)]
 
 
 def measure(

@@ -60,6 +60,7 @@ from model.user_model import true_utility  # noqa: E402
 from model.world import World, WorldConfig  # noqa: E402
 from service.engine import EngineConfig, RerankRequest, open_engine  # noqa: E402
 from service.settings import resolve_bundle_dir  # noqa: E402
+from tests.support.inputs import synthetic_request  # noqa: E402
 
 RUN = "gref_value"
 # (name, items per pass, beam width), most quality first, as service/policy.ladder orders them
@@ -170,13 +171,7 @@ def cost(bundle: Path, ms: tuple[int, ...], k: int, reps: int, warmup: int) -> d
     calls = {}
     for m in ms:
         rng = np.random.default_rng(m)
-        req = RerankRequest(
-            upstream_score=np.sort(rng.standard_normal(m)).astype(np.float32)[::-1].copy(),
-            user_id=int(rng.integers(1, cfg.schema.user_id_buckets)),
-            user_dense=rng.standard_normal(len(cfg.schema.user_dense)).astype(np.float32),
-            k=k,
-            static=rng.standard_normal((m, cfg.d_model)).astype(np.float32),
-        )
+        req = synthetic_request(cfg, m, k, rng)
         for name, p, w in LEVELS:
             calls[(m, name)] = lambda r=req, p=p, w=w: engine.rerank([r], items_per_pass=p, beam=w)
     for fn in calls.values():

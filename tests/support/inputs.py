@@ -74,6 +74,18 @@ def random_inputs(ms: list[int], seed: int = 0) -> Inputs:
     )
 
 
+def synthetic_request(cfg: ModelConfig, m: int, k: int, rng: np.random.Generator) -> RerankRequest:
+    """A request of m candidates with a descending upstream score and random static
+    embeddings (the cache's role): what the engine benchmarks time."""
+    return RerankRequest(
+        upstream_score=np.sort(rng.standard_normal(m)).astype(np.float32)[::-1].copy(),
+        user_id=int(rng.integers(1, cfg.schema.user_id_buckets)),
+        user_dense=rng.standard_normal(len(cfg.schema.user_dense)).astype(np.float32),
+        k=k,
+        static=rng.standard_normal((m, cfg.d_model)).astype(np.float32),
+    )
+
+
 def requests_of(
     model: GenReranker, inp: Inputs, ks: list[int], static: bool = True
 ) -> list[RerankRequest]:
