@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from model.network import GenReranker
 from service.policy import DecodeLevel, DecodePolicy, PolicyConfig, fixed, ladder
 
 BUDGET = 0.010  # 10 ms
@@ -131,13 +134,17 @@ def test_the_fastest_level_is_the_floor_of_a_tight_budget() -> None:
     assert p.choose(0, budget_left_s=0.001, m=30).name == "n4"
 
 
-def test_the_default_settings_decode_at_one_level_every_head_per_pass() -> None:
-    """The default policy is fixed greedy n = heads; adaptive from beam by setting only."""
+def test_the_default_settings_decode_at_one_level_every_head_per_pass(
+    tiny_bundle: tuple[Path, GenReranker],
+) -> None:
+    """The default policy is fixed greedy n = heads; adaptive from beam by setting only.
+    (Settings need a bundle to exist: the tiny one, not whatever artifacts/ holds.)"""
     from service.lifecycle import decode_policy
     from service.settings import Settings
 
-    assert [lv.name for lv in decode_policy(Settings(), heads=4).levels] == ["n4"]
-    adaptive = decode_policy(Settings(decode_policy="adaptive"), heads=4)
+    bundle = tiny_bundle[0]
+    assert [lv.name for lv in decode_policy(Settings(bundle=bundle), heads=4).levels] == ["n4"]
+    adaptive = decode_policy(Settings(bundle=bundle, decode_policy="adaptive"), heads=4)
     assert [lv.name for lv in adaptive.levels] == ["n1", "n2", "n4"]
-    with_beam = decode_policy(Settings(decode_policy="adaptive", beam=3), heads=4)
+    with_beam = decode_policy(Settings(bundle=bundle, decode_policy="adaptive", beam=3), heads=4)
     assert [lv.name for lv in with_beam.levels] == ["beam3", "n1", "n2", "n4"]
