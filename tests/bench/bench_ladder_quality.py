@@ -48,7 +48,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from contract.config import ModelConfig  # noqa: E402
-from contract.features import HashedItems  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.evaluate import ListPolicy, generate_lists, item_ids_of  # noqa: E402
 from model.log_io import read_logs  # noqa: E402
@@ -58,9 +57,9 @@ from model.tables import STRENGTHS  # noqa: E402
 from model.tensors import to_inputs  # noqa: E402
 from model.user_model import true_utility  # noqa: E402
 from model.world import World, WorldConfig  # noqa: E402
-from service.engine import EngineConfig, RerankRequest, open_engine  # noqa: E402
+from service.engine import EngineConfig, open_engine  # noqa: E402
 from service.settings import resolve_bundle_dir  # noqa: E402
-from tests.support.inputs import synthetic_request  # noqa: E402
+from tests.support.inputs import requests_of, synthetic_request  # noqa: E402
 
 RUN = "gref_value"
 # (name, items per pass, beam width), most quality first, as service/policy.ladder orders them
@@ -126,21 +125,7 @@ def serving_quality(bundle: Path, data: Path, n: int, k: int) -> dict[str, Any]:
         raise SystemExit(f"{data}: world seed {world.seed} is held out")
     test_b = read_logs(data / "test.parquet").take(slice(0, n))
     inp = to_inputs(test_b, engine.model_config.schema)
-    reqs = []
-    for b in range(len(test_b)):
-        m = int(inp.cand_mask[b].sum())
-        items = HashedItems(
-            inp.item_id[b, :m].numpy(), inp.item_cat[b, :m].numpy(), inp.item_dense[b, :m].numpy()
-        )
-        reqs.append(
-            RerankRequest(
-                upstream_score=inp.upstream_score[b, :m].numpy(),
-                user_id=int(inp.user_id[b]),
-                user_dense=inp.user_dense[b].numpy(),
-                k=k,
-                items=items,
-            )
-        )
+    reqs = requests_of(None, inp, [k] * len(test_b), static=False)
     util: dict[str, np.ndarray] = {}
     passes: dict[str, float] = {}
     for name, p, w in LEVELS:

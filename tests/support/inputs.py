@@ -87,12 +87,16 @@ def synthetic_request(cfg: ModelConfig, m: int, k: int, rng: np.random.Generator
 
 
 def requests_of(
-    model: GenReranker, inp: Inputs, ks: list[int], static: bool = True
+    model: GenReranker | None, inp: Inputs, ks: list[int], static: bool = True
 ) -> list[RerankRequest]:
-    """One RerankRequest per row, with item features; static embeddings from torch's item
-    tower (the cache's role) unless static=False (the engine embeds every candidate)."""
-    with torch.no_grad():
-        emb = model.embed_items(inp).numpy()  # (B, M, d)
+    """One RerankRequest per row, with item features; static embeddings from the model's
+    torch item tower (the cache's role) unless static=False (the engine embeds every
+    candidate; no model needed)."""
+    emb = None
+    if static:
+        assert model is not None, "static embeddings come from the model's item tower"
+        with torch.no_grad():
+            emb = model.embed_items(inp).numpy()  # (B, M, d)
     out = []
     for b, k in enumerate(ks):
         m = int(inp.cand_mask[b].sum())
@@ -105,7 +109,7 @@ def requests_of(
                 user_id=int(inp.user_id[b]),
                 user_dense=inp.user_dense[b].numpy(),
                 k=k,
-                static=emb[b, :m] if static else None,
+                static=None if emb is None else emb[b, :m],
                 items=items,
             )
         )
